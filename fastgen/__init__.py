@@ -1,0 +1,41 @@
+"""fastgen: fused kernels for generative and vision models behind drop-in PyTorch modules.
+
+Public API
+----------
+* ``fastgen.ops``: functional ops, each with a plain-PyTorch ``<op>_ref`` next to it.
+* ``fastgen.diffusion``: noise schedules and samplers built on the fused sampling steps.
+* ``fastgen.use_backend`` / ``FASTGEN_BACKEND``: force a backend (cuda / triton / cpp / torch).
+* ``python -m fastgen.info``: what is built and usable here; ``python -m fastgen.bench``: benchmarks.
+"""
+
+from fastgen import _ext  # noqa: F401  (warns once if the extension is missing)
+from fastgen._backend import BACKEND_ORDER, BackendUnavailableError, registered_ops, use_backend
+
+__version__ = "0.1.0"
+
+from fastgen import ops  # noqa: E402
+from fastgen import diffusion  # noqa: E402
+from fastgen.ops.diffusion_step import (  # noqa: E402
+    ddim_step,
+    ddpm_step,
+    dpm_solver_2m_step,
+    euler_ancestral_step,
+    euler_step,
+    sampler_step,
+)
+
+__all__ = [
+    "BACKEND_ORDER",
+    "BackendUnavailableError",
+    "__version__",
+    "ddim_step",
+    "ddpm_step",
+    "diffusion",
+    "dpm_solver_2m_step",
+    "euler_ancestral_step",
+    "euler_step",
+    "ops",
+    "registered_ops",
+    "sampler_step",
+    "use_backend",
+]

@@ -1,0 +1,276 @@
+"""The backend registry: which of cuda / triton / cpp / torch serves a call.
+
+Backends are data. Every op owns an :class:`Op`; each implementation registers a :class:`Backend` that
+declares the devices and dtypes it supports, whether it is usable on this machine at all
+(``available() -> list[str]`` of reasons it is not), and per-call limits (``check(call) -> list[str]``).
+Dispatch picks the first backend, in the fixed priority order ``cuda, triton, cpp, torch``, whose
+``why_not(call)`` is empty.
+
+Forcing a backend
+-----------------
+* ``FASTGEN_BACKEND=triton`` (any of cuda / triton / cpp / torch) forces one backend for every op;
+  ``FASTGEN_BACKEND=diffusion_step:cpp,attention:torch`` forces per op. Read at call time.
+* ``with fastgen.use_backend("cpp"):`` does the same inside a block (takes precedence over the
+  environment). ``use_backend("cpp", op="diffusion_step")`` limits it to one op.
+
+A forced backend that cannot serve the call raises :class:`BackendUnavailableError` listing every
+reason; nothing falls back silently when a specific backend was asked for.
+
+The Triton interpreter (``TRITON_INTERPRET=1``) runs Triton kernels on CPU tensors. It is a testing
+tool, so the triton backend takes CPU tensors only when it is forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+BACKEND_ORDER: tuple[str, ...] = ("cuda", "triton", "cpp", "torch")
+ENV_VAR = "FASTGEN_BACKEND"
+
+_forced: contextvars.ContextVar[dict[str | None, str] | None] = contextvars.ContextVar(
+    "fastgen_forced_backend", default=None
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced (env var or ``use_backend``) but cannot serve this call."""
+
+
+@dataclass
+class Call:
+    """What dispatch needs to know about one call: device, dtype and op-specific facts (``extra``)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.extra[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.extra.get(key, default)
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: Callable[..., Any]
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    available: Callable[[], list[str]] = lambda: []
+    check: Callable[[Call], list[str]] | None = None
+    forced_only_devices: tuple[str, ...] = ()
+    note: str = ""
+
+    def why_not(self, call: Call, forced: bool = False) -> list[str]:
+        reasons = list(self.available())
+        devices = self.devices + (self.forced_only_devices if forced else ())
+        if call.device.type not in devices:
+            if call.device.type in self.forced_only_devices:
+                reasons.append(
+                    f"device {call.device.type!r} is served by {self.name} only when forced "
+                    f"({ENV_VAR}={self.name} or fastgen.use_backend({self.name!r}))"
+                )
+            else:
+                reasons.append(f"device {call.device.type!r} not supported (supports {list(devices)})")
+        if call.dtype not in self.dtypes:
+            names = [str(d).replace("torch.", "") for d in self.dtypes]
+            reasons.append(f"dtype {str(call.dtype).replace('torch.', '')} not supported (supports {names})")
+        if self.check is not None and not reasons:
+            reasons.extend(self.check(call))
+        return reasons
+
+
+class Op:
+    """One op's backends. ``op.dispatch(call)`` returns the backend that serves ``call``."""
+
+    def __init__(self, name: str, doc: str = ""):
+        self.name = name
+        self.doc = doc
+        self.backends: dict[str, Backend] = {}
+
+    def register(
+        self,
+        name: str,
+        *,
+        devices: tuple[str, ...],
+        dtypes: tuple[torch.dtype, ...],
+        available: Callable[[], list[str]] | None = None,
+        check: Callable[[Call], list[str]] | None = None,
+        forced_only_devices: tuple[str, ...] = (),
+        note: str = "",
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        if name not in BACKEND_ORDER:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_ORDER}")
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.backends[name] = Backend(
+                name=name,
+                fn=fn,
+                devices=devices,
+                dtypes=dtypes,
+                available=available or (lambda: []),
+                check=check,
+                forced_only_devices=forced_only_devices,
+                note=note,
+            )
+            return fn
+
+        return deco
+
+    def ordered(self) -> list[Backend]:
+        return [self.backends[n] for n in BACKEND_ORDER if n in self.backends]
+
+    def why_not(self, backend: str, call: Call, forced: bool = False) -> list[str]:
+        if backend not in self.backends:
+            return [f"op {self.name!r} has no {backend} implementation (has {list(self.backends)})"]
+        return self.backends[backend].why_not(call, forced=forced)
+
+    def forced_backend(self) -> str | None:
+        return forced_backend(self.name)
+
+    def dispatch(self, call: Call) -> Backend:
+        forced = self.forced_backend()
+        if forced is not None:
+            reasons = self.why_not(forced, call, forced=True)
+            if reasons:
+                raise BackendUnavailableError(
+                    f"fastgen.{self.name}: backend {forced!r} was forced but cannot serve this call "
+                    f"(device={call.device.type}, dtype={str(call.dtype).replace('torch.', '')}):\n  - "
+                    + "\n  - ".join(reasons)
+                )
+            return self.backends[forced]
+        refusals = []
+        for backend in self.ordered():
+            reasons = backend.why_not(call)
+            if not reasons:
+                return backend
+            refusals.append(f"{backend.name}: " + "; ".join(reasons))
+        raise BackendUnavailableError(
+            f"fastgen.{self.name}: no backend can serve this call:\n  - " + "\n  - ".join(refusals)
+        )
+
+    def report(self, call: Call) -> dict[str, list[str]]:
+        """backend name -> reasons it would refuse ``call`` (empty list: it can serve)."""
+        return {b.name: b.why_not(call) for b in self.ordered()}
+
+
+_REGISTRY: dict[str, Op] = {}
+
+
+def get_op(name: str, doc: str = "") -> Op:
+    """The registry entry for ``name``, created on first use."""
+    if name not in _REGISTRY:
+        _REGISTRY[name] = Op(name, doc)
+    return _REGISTRY[name]
+
+
+def registered_ops() -> dict[str, Op]:
+    return dict(_REGISTRY)
+
+
+def _parse_env(value: str) -> dict[str | None, str]:
+    out: dict[str | None, str] = {}
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        op, _, backend = part.rpartition(":")
+        backend = backend.strip().lower()
+        if backend not in BACKEND_ORDER:
+            raise BackendUnavailableError(
+                f"{ENV_VAR}={value!r}: unknown backend {backend!r}; expected one of {list(BACKEND_ORDER)}"
+            )
+        out[op.strip() or None] = backend
+    return out
+
+
+def forced_backend(op: str) -> str | None:
+    """The backend forced for ``op`` by ``use_backend`` or ``FASTGEN_BACKEND``, or None."""
+    ctx = _forced.get()
+    if ctx is not None:
+        if op in ctx:
+            return ctx[op]
+        if None in ctx:
+            return ctx[None]
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        parsed = _parse_env(env)
+        return parsed.get(op, parsed.get(None))
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(backend: str, op: str | None = None) -> Iterator[None]:
+    """Force ``backend`` for every op (or only ``op``) inside the block."""
+    if backend not in BACKEND_ORDER:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKEND_ORDER)}")
+    current = dict(_forced.get() or {})
+    current[op] = backend
+    token = _forced.set(current)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+# ---- availability probes shared by all ops -------------------------------------------------------
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> list[str]:
+    err = _triton_import_error()
+    if err:
+        return [err]
+    if not torch.cuda.is_available() and not triton_interpret():
+        return ["no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU for testing)"]
+    return []
+
+
+def triton_check_device(call: Call) -> list[str]:
+    """Under the interpreter Triton runs CPU tensors; on a GPU it runs CUDA tensors only."""
+    if call.device.type == "cpu" and not triton_interpret():
+        return ["CPU tensors need TRITON_INTERPRET=1"]
+    if call.device.type == "cuda" and triton_interpret():
+        return ["TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only"]
+    return []
+
+
+def cpp_available() -> list[str]:
+    from fastgen import _ext
+
+    return [] if _ext.C is not None else [f"fastgen._C is not built ({_ext.load_error()})"]
+
+
+def cuda_available() -> list[str]:
+    from fastgen import _ext
+
+    reasons = []
+    if _ext.C is None:
+        reasons.append(f"fastgen._C is not built ({_ext.load_error()})")
+    elif not _ext.C.has_cuda():
+        reasons.append("fastgen._C was built without CUDA sources (CPU-only torch at build time)")
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA device")
+    return reasons

@@ -1,0 +1,33 @@
+"""Functional ops. One file per op; each has a plain-PyTorch ``*_ref`` next to its kernels."""
+
+from fastgen.ops.diffusion_step import (
+    counter_normal,
+    counter_normal_ref,
+    ddim_step,
+    ddim_step_ref,
+    ddpm_step,
+    ddpm_step_ref,
+    dpm_solver_2m_step,
+    dpm_solver_2m_step_ref,
+    euler_ancestral_step,
+    euler_ancestral_step_ref,
+    euler_step,
+    euler_step_ref,
+    sampler_step,
+)
+
+__all__ = [
+    "counter_normal",
+    "counter_normal_ref",
+    "ddim_step",
+    "ddim_step_ref",
+    "ddpm_step",
+    "ddpm_step_ref",
+    "dpm_solver_2m_step",
+    "dpm_solver_2m_step_ref",
+    "euler_ancestral_step",
+    "euler_ancestral_step_ref",
+    "euler_step",
+    "euler_step_ref",
+    "sampler_step",
+]
