@@ -171,12 +171,15 @@ def _conversion(pred: str, k: Any, a: Any, s: Any) -> dict[int, Any]:
 
 
 def _pack(values: dict[int, Any], like: torch.Tensor) -> torch.Tensor:
-    """Stack the coefficient dict into a float32 (..., 16) tensor on ``like``'s device."""
+    """Stack the coefficient dict into a float64 (..., 16) tensor on ``like``'s device.
+
+    ``sampler_step`` casts to float32 for float32/16/bf16 samples (the kernels' coefficient type).
+    """
     shape = torch.broadcast_shapes(*[v.shape for v in values.values() if isinstance(v, torch.Tensor)])
     out = like.new_zeros((*shape, NUM_COEFFS), dtype=torch.float64)
     for idx, v in values.items():
         out[..., idx] = v
-    return out.to(torch.float32)
+    return out
 
 
 def ddpm_coeffs(
@@ -718,7 +721,7 @@ def sampler_step(
         model_output: (batch, C', *spatial), or (2*batch, C', ...) = [cond; uncond] when
             ``guidance_scale`` is given without ``uncond_output``. C' = 2*channels with
             ``learned_variance`` ([eps; v], GLIDE/ADM), else channels.
-        coeffs: float32 (16,) on x_t's device, from ``ddpm_coeffs`` / ``ddim_coeffs`` / ... .
+        coeffs: (16,) float64 or float32 on x_t's device, from ``ddpm_coeffs`` / ``ddim_coeffs`` / ... .
         guidance_rescale: phi in [0, 1] of Lin et al. 2023, std ratio per sample (needs guidance).
         clip_sample: static clip of x0 to [-clip_sample, clip_sample].
         dynamic_threshold: ratio p or (p, max_value): s = clamp(quantile_p(|x0|), 1, max_value) per
@@ -742,11 +745,14 @@ def sampler_step(
         raise _err(f"clip_sample must be > 0, got {clip_sample}")
     p = _prepare(x_t, model_output, uncond_output=uncond_output, guidance_scale=guidance_scale,
                  learned_variance=learned_variance, noise=noise, needs_noise=needs_noise, prev_x0=prev_x0)  # fmt: skip
-    if coeffs.shape != (NUM_COEFFS,) or coeffs.dtype != torch.float32 or coeffs.device != x_t.device:
+    if coeffs.shape != (NUM_COEFFS,) or coeffs.dtype not in (torch.float32, torch.float64) or (
+        coeffs.device != x_t.device
+    ):
         raise _err(
-            f"coeffs must be float32 ({NUM_COEFFS},) on {x_t.device}, got {coeffs.dtype} "
+            f"coeffs must be float32/float64 ({NUM_COEFFS},) on {x_t.device}, got {coeffs.dtype} "
             f"{tuple(coeffs.shape)} on {coeffs.device}"
         )
+    coeffs = coeffs.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
     if p.noise_mode == 2 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, no device sync
     seed = int(seed or 0) & 0xFFFFFFFFFFFFFFFF
@@ -932,7 +938,7 @@ def counter_normal(
     """Standard normal noise of ``shape = (batch, ...)`` from the counter-based generator, on the fused
     kernels' backend: element i of sample b depends only on (seed, sample_offset + b, step, i)."""
     x = torch.zeros(shape, device=device, dtype=dtype)
-    coeffs = torch.zeros(NUM_COEFFS, device=device, dtype=torch.float32)
+    coeffs = torch.zeros(NUM_COEFFS, device=device, dtype=torch.float64)
     coeffs[SIGMA] = 1.0
     coeffs[NOISE_MASK] = 1.0
     coeffs[RNG_STEP] = float(step)
