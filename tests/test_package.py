@@ -1,0 +1,104 @@
+"""Package plumbing: the backend registry, forcing, `fastgen.info`, import without the extension."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastgen
+from fastgen._backend import BackendUnavailableError, Call, Op, forced_backend, use_backend
+
+
+def make_op():
+    op = Op("toy", "a toy op")
+    op.register("torch", devices=("cpu", "cuda"), dtypes=(torch.float32, torch.float64))(lambda: "torch")
+    op.register(
+        "cpp",
+        devices=("cpu",),
+        dtypes=(torch.float32,),
+        check=lambda call: ["n too large"] if call.get("n", 0) > 10 else [],
+    )(lambda: "cpp")
+    op.register("cuda", devices=("cuda",), dtypes=(torch.float32,), available=lambda: ["no GPU here"])(
+        lambda: "cuda"
+    )
+    return op
+
+
+def test_dispatch_priority_limits_and_reasons():
+    op = make_op()
+    cpu = torch.device("cpu")
+    assert [b.name for b in op.ordered()] == ["cuda", "cpp", "torch"]
+    assert op.dispatch(Call(cpu, torch.float32, {"n": 3})).name == "cpp"
+    assert op.dispatch(Call(cpu, torch.float32, {"n": 11})).name == "torch"
+    assert op.dispatch(Call(cpu, torch.float64, {})).name == "torch"
+    report = op.report(Call(cpu, torch.float64, {}))
+    assert report["torch"] == []
+    assert any("dtype float64 not supported" in r for r in report["cpp"])
+    assert "no GPU here" in report["cuda"]
+    with pytest.raises(BackendUnavailableError, match="no backend can serve"):
+        op.dispatch(Call(cpu, torch.int8, {}))
+
+
+def test_forcing_by_context_and_env(monkeypatch):
+    op = make_op()
+    call = Call(torch.device("cpu"), torch.float32, {"n": 3})
+    with use_backend("torch"):
+        assert op.dispatch(call).name == "torch"
+        with use_backend("cpp", op="toy"):
+            assert op.dispatch(call).name == "cpp"
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="no GPU here"):
+        op.dispatch(call)
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="has no triton implementation"):
+        op.dispatch(call)
+    monkeypatch.setenv("FASTGEN_BACKEND", "other:cpp,toy:torch")
+    assert forced_backend("toy") == "torch" and forced_backend("other") == "cpp"
+    assert forced_backend("third") is None
+    monkeypatch.setenv("FASTGEN_BACKEND", "cpp")
+    with pytest.raises(BackendUnavailableError, match="n too large"):
+        op.dispatch(Call(torch.device("cpu"), torch.float32, {"n": 50}))
+    with pytest.raises(ValueError, match="unknown backend"):
+        with use_backend("numpy"):
+            pass
+
+
+def test_info_lists_every_op_and_backend():
+    from fastgen.info import report
+
+    text = report()
+    assert "op diffusion_step" in text
+    for name in ("cuda", "triton", "cpp", "torch"):
+        assert f"    {name}" in text
+    assert torch.__version__ in text
+
+
+def test_import_without_extension_warns_once_and_serves():
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["fastgen._C"] = None  # as if the extension was never built
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import fastgen
+            import fastgen.ops
+        msgs = [str(x.message) for x in w if "fastgen._C" in str(x.message)]
+        assert len(msgs) == 1, msgs
+        import torch
+        from fastgen.ops import diffusion_step as D
+        abar = torch.linspace(0.99, 0.1, 10, dtype=torch.float64)
+        out, _ = D.ddim_step(torch.randn(2, 3), torch.randn(2, 3), abar, 5, 4)
+        assert D.OP.dispatch(D.Call(torch.device("cpu"), torch.float32, {})).name == "torch"
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTGEN_BACKEND", "TRITON_INTERPRET")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("ok")
+
+
+def test_public_api():
+    for name in fastgen.__all__:
+        assert hasattr(fastgen, name), name
