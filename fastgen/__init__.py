@@ -13,9 +13,11 @@ from fastgen._backend import BACKEND_ORDER, BackendUnavailableError, registered_
 
 __version__ = "0.1.0"
 
-from fastgen import ops  # noqa: E402
-from fastgen import diffusion  # noqa: E402
-from fastgen.ops.diffusion_step import (  # noqa: E402
+from fastgen import (
+    diffusion,
+    ops,
+)
+from fastgen.ops.diffusion_step import (
     ddim_step,
     ddpm_step,
     dpm_solver_2m_step,

@@ -228,7 +228,7 @@ def use_backend(backend: str, op: str | None = None) -> Iterator[None]:
 @functools.cache
 def _triton_import_error() -> str | None:
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the machine
         return f"triton is not importable ({type(e).__name__}: {e})"

@@ -50,7 +50,9 @@ def report() -> str:
         ext += " with CUDA sources" if _ext.C.has_cuda() else " (C++ CPU only)"
     lines.append(f"  {'fastgen._C':<20} {ext}")
     forced = os.environ.get(_backend.ENV_VAR)
-    lines.append(f"  {_backend.ENV_VAR:<20} {forced or '(not set: automatic, ' + ' > '.join(_backend.BACKEND_ORDER) + ')'}")
+    lines.append(
+        f"  {_backend.ENV_VAR:<20} {forced or '(not set: automatic, ' + ' > '.join(_backend.BACKEND_ORDER) + ')'}"
+    )
     lines.append(f"  {'TRITON_INTERPRET':<20} {os.environ.get('TRITON_INTERPRET', '(not set)')}")
     lines.append("")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -484,7 +484,9 @@ OP.register(
 )(_step_triton)
 OP.register("cpp", devices=("cpu",), dtypes=KERNEL_DTYPES, available=_backend.cpp_available,
             check=_check_sizes, note="C++ at::parallel_for")(_step_cpp)  # fmt: skip
-OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64))(_step_torch)
+OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64))(
+    _step_torch
+)
 
 
 # ---- torch.library registration: one custom op, traced by torch.compile without graph breaks --------
@@ -542,7 +544,11 @@ def _norm_pred(prediction_type: str) -> str:
 
 
 def _check_schedule(alphas_cumprod: torch.Tensor, x: torch.Tensor) -> None:
-    if not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.ndim != 1 or alphas_cumprod.numel() == 0:
+    if (
+        not isinstance(alphas_cumprod, torch.Tensor)
+        or alphas_cumprod.ndim != 1
+        or alphas_cumprod.numel() == 0
+    ):
         raise _err("alphas_cumprod must be a non-empty 1-D tensor")
     if not alphas_cumprod.is_floating_point():
         raise _err(f"alphas_cumprod must be floating point, got {alphas_cumprod.dtype}")
@@ -554,7 +560,9 @@ def _check_t(name: str, t: Any, size: int, allow_minus_one: bool, device: torch.
     lo = -1 if allow_minus_one else 0
     if isinstance(t, torch.Tensor):
         if t.numel() != 1 or t.is_floating_point() or t.is_complex():
-            raise _err(f"{name} must be an int or a one-element integer tensor, got {tuple(t.shape)} {t.dtype}")
+            raise _err(
+                f"{name} must be an int or a one-element integer tensor, got {tuple(t.shape)} {t.dtype}"
+            )
         t = t.reshape(())
         if t.device.type == "cpu":
             t = int(t)
@@ -626,7 +634,9 @@ def _prepare(
         b,
         *x_t.shape[2:],
     ):
-        raise _err(f"uncond_output has shape {tuple(uncond_output.shape)}, expected ({b}, >= {c}, ...) like x_t")
+        raise _err(
+            f"uncond_output has shape {tuple(uncond_output.shape)}, expected ({b}, >= {c}, ...) like x_t"
+        )
     if uncond_output is not None and uncond_output.shape[1] not in (c, c_out):
         raise _err(f"uncond_output has {uncond_output.shape[1]} channels, expected {c} or {c_out}")
     for name, t in (("noise", noise), ("prev_x0", prev_x0)):
@@ -662,7 +672,7 @@ def _quantile_rows(a: torch.Tensor, q: float) -> torch.Tensor:
     """
     n = a.shape[1]
     rank = torch.tensor(q, dtype=torch.float32) * (n - 1)
-    lo, hi = int(math.floor(rank)), int(math.ceil(rank))
+    lo, hi = math.floor(rank), math.ceil(rank)
     weight = float(rank - lo)
     v_lo = a.kthvalue(lo + 1, dim=1).values
     if hi == lo:
@@ -745,8 +755,10 @@ def sampler_step(
         raise _err(f"clip_sample must be > 0, got {clip_sample}")
     p = _prepare(x_t, model_output, uncond_output=uncond_output, guidance_scale=guidance_scale,
                  learned_variance=learned_variance, noise=noise, needs_noise=needs_noise, prev_x0=prev_x0)  # fmt: skip
-    if coeffs.shape != (NUM_COEFFS,) or coeffs.dtype not in (torch.float32, torch.float64) or (
-        coeffs.device != x_t.device
+    if (
+        coeffs.shape != (NUM_COEFFS,)
+        or coeffs.dtype not in (torch.float32, torch.float64)
+        or (coeffs.device != x_t.device)
     ):
         raise _err(
             f"coeffs must be float32/float64 ({NUM_COEFFS},) on {x_t.device}, got {coeffs.dtype} "
@@ -878,7 +890,9 @@ def euler_step(x_t, model_output, alphas_cumprod, t, t_prev, *, prediction_type=
     ``x / sqrt(sigma^2 + 1)`` (see ``euler_model_input_scale``). ``t_prev = -1`` ends at sigma = 0.
     Returns (x_prev, pred_x0).
     """
-    return _euler(False, x_t, model_output, alphas_cumprod, t, t_prev, None, prediction_type, clip_sample, kwargs)
+    return _euler(
+        False, x_t, model_output, alphas_cumprod, t, t_prev, None, prediction_type, clip_sample, kwargs
+    )
 
 
 def euler_ancestral_step(x_t, model_output, alphas_cumprod, t, t_prev, *, noise=None, prediction_type="epsilon",
@@ -886,7 +900,9 @@ def euler_ancestral_step(x_t, model_output, alphas_cumprod, t, t_prev, *, noise=
     """Euler ancestral step: deterministic move to sigma_down, then noise of std sigma_up, with
     sigma_up = sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2), sigma_down = sqrt(sigma'^2 - sigma_up^2).
     """
-    return _euler(True, x_t, model_output, alphas_cumprod, t, t_prev, noise, prediction_type, clip_sample, kwargs)
+    return _euler(
+        True, x_t, model_output, alphas_cumprod, t, t_prev, noise, prediction_type, clip_sample, kwargs
+    )
 
 
 def euler_model_input_scale(alphas_cumprod: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
@@ -924,7 +940,9 @@ def dpm_solver_2m_step(
         t_last = _check_t("t_last", t_last, size, False, x_t.device)
     coeffs = _cached(("dpm2m", pred, t, t_prev, t_last), alphas_cumprod,
                      lambda: dpm_solver_2m_coeffs(alphas_cumprod, t, t_prev, t_last, pred))  # fmt: skip
-    return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, prev_x0=prev_x0, **_common(kwargs))
+    return sampler_step(
+        x_t, model_output, coeffs, clip_sample=clip_sample, prev_x0=prev_x0, **_common(kwargs)
+    )
 
 
 def counter_normal(
@@ -944,7 +962,9 @@ def counter_normal(
     coeffs[RNG_STEP] = float(step)
     if not 0 <= step < 2**24:
         raise _err(f"step must be in [0, 2^24), got {step}")
-    out, _ = sampler_step(x, x, coeffs, needs_noise=True, seed=seed, sample_offset=sample_offset, return_x0=False)
+    out, _ = sampler_step(
+        x, x, coeffs, needs_noise=True, seed=seed, sample_offset=sample_offset, return_x0=False
+    )
     return out
 
 
@@ -1011,7 +1031,9 @@ def ddim_step_ref(x_t, model_output, alphas_cumprod, t, t_prev, eta=0.0, noise=N
     """DDIM in plain PyTorch (Song et al. 2021, eq. 12), int timesteps."""
     dt = compute_dtype
     x = x_t.to(dt)
-    m, _ = _guided_ref(model_output, uncond_output, guidance_scale, guidance_rescale, x.shape[0], x.shape[1], dt)
+    m, _ = _guided_ref(
+        model_output, uncond_output, guidance_scale, guidance_rescale, x.shape[0], x.shape[1], dt
+    )
     a_t, a_p = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
     x0, eps = _x0_eps_ref(x, m, a_t, prediction_type)
     x0, eps = _clip_ref(x, x0, a_t, clip_sample, dynamic_threshold, eps)
@@ -1057,7 +1079,9 @@ def euler_step_ref(x_t, model_output, alphas_cumprod, t, t_prev, *, prediction_t
     """Euler / Euler-ancestral in sigma space, as k-diffusion and the diffusers Euler schedulers."""
     dt = compute_dtype
     x = x_t.to(dt)
-    m, _ = _guided_ref(model_output, uncond_output, guidance_scale, guidance_rescale, x.shape[0], x.shape[1], dt)
+    m, _ = _guided_ref(
+        model_output, uncond_output, guidance_scale, guidance_rescale, x.shape[0], x.shape[1], dt
+    )
     a_t = _abar(alphas_cumprod, t)
     sigma = math.sqrt((1 - a_t) / a_t)
     sigma_next = math.sqrt((1 - _abar(alphas_cumprod, t_prev)) / _abar(alphas_cumprod, t_prev))
@@ -1089,7 +1113,9 @@ def dpm_solver_2m_step_ref(x_t, model_output, alphas_cumprod, t, t_prev, *, prev
     """DPM-Solver++(2M), midpoint form (Lu et al. 2022, Algorithm 2), as the diffusers scheduler."""
     dt = compute_dtype
     x = x_t.to(dt)
-    m, _ = _guided_ref(model_output, uncond_output, guidance_scale, guidance_rescale, x.shape[0], x.shape[1], dt)
+    m, _ = _guided_ref(
+        model_output, uncond_output, guidance_scale, guidance_rescale, x.shape[0], x.shape[1], dt
+    )
     a_s = _abar(alphas_cumprod, t)
     x0, eps = _x0_eps_ref(x, m, a_s, prediction_type)
     x0, _ = _clip_ref(x, x0, a_s, clip_sample, dynamic_threshold, eps)

@@ -122,7 +122,9 @@ def make_inputs(name, shape=(3, 3, 5, 7), guidance=None, dtype=torch.float32, de
     if guidance is not None:
         kw["guidance_scale"] = 3.5
     if guidance == "two":
-        kw["uncond_output"] = torch.randn((b, c_out, *shape[2:]), generator=g, dtype=torch.float64).to(device, dtype)
+        kw["uncond_output"] = torch.randn((b, c_out, *shape[2:]), generator=g, dtype=torch.float64).to(
+            device, dtype
+        )
     if name == "dpm2":
         kw["prev_x0"] = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
     return x.to(device, dtype), mo.to(device, dtype), kw
@@ -190,7 +192,9 @@ def test_low_precision_within_2x_of_torch(backend, dtype, name):
     with fastgen.use_backend(backend):
         out, x0 = fused(x, mo, abar, 20, **kw)
     kw64 = {k: (v.cpu().double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    gold, gold0 = ref(x.cpu().double(), mo.cpu().double(), abar.cpu(), 20, compute_dtype=torch.float64, **kw64)
+    gold, gold0 = ref(
+        x.cpu().double(), mo.cpu().double(), abar.cpu(), 20, compute_dtype=torch.float64, **kw64
+    )
     kwl = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     low, low0 = ref(x.cpu(), mo.cpu(), abar.cpu(), 20, compute_dtype=dtype, **kwl)
     for o, g, lo in ((out, gold, low), (x0, gold0, low0)):
@@ -253,15 +257,18 @@ def test_tensor_timesteps_equal_int_timesteps():
     abar = schedule()
     x, mo, _ = make_inputs("ddim", seed=2)
     a, a0 = D.ddim_step(x, mo, abar, 17, 10)
-    b, b0 = D.ddim_step(x, mo, abar, torch.tensor(17), torch.tensor(10))
-    c_, _ = D.dpm_solver_2m_step(x, mo, abar, torch.tensor(17), torch.tensor(-1), prev_x0=a0, t_last=torch.tensor(20))
+    b, _b0 = D.ddim_step(x, mo, abar, torch.tensor(17), torch.tensor(10))
+    c_, _ = D.dpm_solver_2m_step(
+        x, mo, abar, torch.tensor(17), torch.tensor(-1), prev_x0=a0, t_last=torch.tensor(20)
+    )
     d_, _ = D.dpm_solver_2m_step(x, mo, abar, 17, -1, prev_x0=a0, t_last=20)
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     torch.testing.assert_close(c_, d_, atol=1e-6, rtol=1e-6)
     # tensor-t coefficients for DDPM (the t == 0 branch) equal the int ones
     for t in (0, 1, 30):
         torch.testing.assert_close(
-            D.ddpm_coeffs(abar, torch.tensor(t), "epsilon", "fixed_small"), D.ddpm_coeffs(abar, t, "epsilon", "fixed_small")
+            D.ddpm_coeffs(abar, torch.tensor(t), "epsilon", "fixed_small"),
+            D.ddpm_coeffs(abar, t, "epsilon", "fixed_small"),
         )
 
 
