@@ -10,6 +10,8 @@ import os
 import warnings
 from types import ModuleType
 
+import torch  # noqa: F401  (loads libc10 / libtorch, which fastgen._C links against)
+
 C: ModuleType | None
 _error: str | None = None
 
