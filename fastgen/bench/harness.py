@@ -65,7 +65,6 @@ per op on stdout, ``<out>/<timestamp>_<device>.json`` (+ ``latest.json``) and a 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import gc
 import importlib.util
@@ -184,9 +183,7 @@ def registered_benchmarks() -> dict[str, Benchmark]:
     return dict(_REGISTRY)
 
 
-TRITON_CPU_SKIP = (
-    "Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1), a testing tool: not timed"
-)
+TRITON_CPU_SKIP = "Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1), a testing tool: not timed"
 
 
 def backend_impls(
@@ -222,7 +219,9 @@ def backend_impls(
     return impls
 
 
-def _forced(use_backend: Callable[..., Any], backend: str, op: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+def _forced(
+    use_backend: Callable[..., Any], backend: str, op: str, fn: Callable[[], Any]
+) -> Callable[[], Any]:
     def run() -> Any:
         with use_backend(backend, op=op):
             return fn()
@@ -271,7 +270,9 @@ def compare_outputs(out: Any, ref: Any, atol: float, rtol: float) -> Check:
     """
     got, want = list(_flatten(out)), list(_flatten(ref))
     if [p for p, _ in got] != [p for p, _ in want]:
-        return Check(False, None, f"output structure differs: {[p for p, _ in got]} vs {[p for p, _ in want]}")
+        return Check(
+            False, None, f"output structure differs: {[p for p, _ in got]} vs {[p for p, _ in want]}"
+        )
     worst = 0.0
     for (path, a), (_, b) in zip(got, want):
         if a is None or b is None:
@@ -417,9 +418,8 @@ def measure_copy_bandwidth(device: torch.device, timer: Timer, mib: int = 256) -
     n = mib * 2**20 // 4
     src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src).fill_(0.0)  # touch every page before timing
-    timing = timer(lambda: dst.copy_(src))
     moved = 2 * src.nbytes
-    del src, dst
+    timing = timer(lambda: dst.copy_(src))
     return {
         "gbps": achieved_gbps(moved, timing.ms),
         "ms": timing.ms,
@@ -663,8 +663,8 @@ def format_table(result: OpResult, copy_gbps: float | None = None) -> str:
             )
     widths = [len(h) for h in header]
     for line in body:
-        cells = line if isinstance(line, list) else line[:2]
-        for i, c in enumerate(cells[:-1] if isinstance(line, list) else cells):
+        cells = line[:-1] if isinstance(line, list) else line[:2]
+        for i, c in enumerate(cells):
             widths[i] = max(widths[i], len(c))
 
     def fmt(cells: Sequence[str]) -> str:
@@ -679,12 +679,14 @@ def format_table(result: OpResult, copy_gbps: float | None = None) -> str:
         return "  ".join(out).rstrip()
 
     title = f"== {result.bench.op}" + (f": {result.bench.description}" if result.bench.description else "")
-    lines = [title + " ==", fmt(header), "  ".join("-" * w for w in widths[:-1]) + "  ----"]
+    lines = [title + " ==", fmt(header), "  ".join("-" * w for w in widths)]
     for line in body:
         if isinstance(line, list):
             lines.append(fmt(line))
         else:
-            lines.append((line[0].ljust(widths[0]) + "  " + line[1].ljust(widths[1]) + "  " + line[2]).rstrip())
+            lines.append(
+                (line[0].ljust(widths[0]) + "  " + line[1].ljust(widths[1]) + "  " + line[2]).rstrip()
+            )
     if result.error:
         lines.append(f"ERROR: {result.error}")
     if not rows and not result.error:
@@ -784,6 +786,7 @@ def write_plot(path: Path, results: Sequence[OpResult], copy_gbps: float | None,
         use_gbps = all(r.gbps is not None for r in timed)
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
+            labelled = False
             for i, case in enumerate(cases):
                 row = next((r for r in timed if r.case == case and r.impl == impl), None)
                 if row is None:
@@ -796,16 +799,18 @@ def write_plot(path: Path, results: Sequence[OpResult], copy_gbps: float | None,
                     color=f"C{j}",
                     hatch="//" if wrong else None,
                     edgecolor="red" if wrong else None,
-                    label=impl if i == 0 or not ax.get_legend_handles_labels()[1].count(impl) else None,
+                    label=None if labelled else impl,
                 )
+                labelled = True
         if use_gbps and copy_gbps:
             ax.axhline(copy_gbps, color="k", ls="--", lw=1, label=f"copy bandwidth {copy_gbps:.0f} GB/s")
         ax.set_xticks(range(len(cases)), cases, rotation=15, ha="right", fontsize=8)
         ax.set_ylabel("achieved GB/s" if use_gbps else "median ms (lower is better)")
-        ax.set_title(f"{result.bench.op} on {device_name}" + ("  (hatched red: WRONG output)" if any(r.correct is False for r in timed) else ""))
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best")
+        title = f"{result.bench.op} on {device_name}"
+        if any(r.correct is False for r in timed):
+            title += "  (hatched red: WRONG output)"
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, loc="best")
     fig.savefig(path, dpi=110)
     return True
 
@@ -860,9 +865,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run fastgen's benchmarks (benchmarks/bench_*.py): time every implementation, "
         "check it against the PyTorch reference, report ms, GB/s, TFLOP/s, %% of roofline and speed-ups.",
     )
-    p.add_argument("--quick", action="store_true", help="fewer cases and reps (a smoke run, not numbers to quote)")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer cases and reps (a smoke run, not numbers to quote)"
+    )
     p.add_argument("--op", action="extend", nargs="+", metavar="NAME", help="run only these ops (repeatable)")
-    p.add_argument("--out", default="bench_results", type=Path, help="results directory (default: bench_results/)")
+    p.add_argument(
+        "--out", default="bench_results", type=Path, help="results directory (default: bench_results/)"
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument(
         "--reps",
@@ -953,7 +962,9 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
             msg += "\n(scripts that failed to import: " + "; ".join(import_errors) + ")"
         parser.error(msg)
     if not selected:
-        parser.error(f"no benchmarks found in {where} (expected bench_*.py scripts calling fastgen.bench.register)")
+        parser.error(
+            f"no benchmarks found in {where} (expected bench_*.py scripts calling fastgen.bench.register)"
+        )
 
     try:
         device = pick_device(args.device)
@@ -974,7 +985,10 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
         "env": {k: os.environ[k] for k in ("FASTGEN_BACKEND", "TRITON_INTERPRET") if k in os.environ},
     }
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("fastgen.bench: TRITON_INTERPRET=1 is set; Triton rows will not be timed on a GPU", file=sys.stderr)
+        print(
+            "fastgen.bench: TRITON_INTERPRET=1 is set; Triton rows will not be timed on a GPU",
+            file=sys.stderr,
+        )
 
     try:
         copy = measure_copy_bandwidth(device, timer, args.copy_mib)
@@ -1022,7 +1036,9 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
         try:
             plotted = write_plot(png_path, results, copy_gbps, info["name"])
         except Exception as e:
-            print(f"fastgen.bench: plotting failed ({_err_text(e)}); results are in the JSON", file=sys.stderr)
+            print(
+                f"fastgen.bench: plotting failed ({_err_text(e)}); results are in the JSON", file=sys.stderr
+            )
     meta["plot"] = png_path.name if plotted else None
     text = json.dumps(_jsonable(meta), indent=2) + "\n"
     json_path.write_text(text)
@@ -1045,8 +1061,3 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
         if not args.op:
             status = 1
     return status
-
-
-@contextlib.contextmanager
-def _no_op() -> Iterator[None]:  # pragma: no cover - placeholder kept out of the public API
-    yield
