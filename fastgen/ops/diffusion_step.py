@@ -1007,8 +1007,8 @@ def _clip_ref(x, x0, alpha_bar, clip_sample, dynamic_threshold, eps):
     if clip_sample is not None:
         x0 = x0.clamp(-clip_sample, clip_sample)
     else:
-        flat = x0.reshape(x0.shape[0], -1).abs()
-        s = torch.quantile(flat, thr[0], dim=1).clamp(min=1.0, max=thr[1])
+        flat = x0.reshape(x0.shape[0], -1).abs().float()  # torch.quantile takes float32/64 only
+        s = torch.quantile(flat, thr[0], dim=1).clamp(min=1.0, max=thr[1]).to(x0.dtype)
         s = s.reshape(-1, *([1] * (x0.ndim - 1)))
         x0 = torch.clamp(x0, -s, s) / s
     eps = (x - math.sqrt(alpha_bar) * x0) / math.sqrt(1.0 - alpha_bar)

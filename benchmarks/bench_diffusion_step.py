@@ -1,0 +1,124 @@
+"""Benchmark: one fused sampler step vs the unfused PyTorch reference (CFG combine + scheduler step as
+separate ops, what a user writes with today's schedulers).
+
+The step is memory-bound, so the roofline is bytes moved / copy bandwidth. Bytes per call (analytic):
+reads x, the conditional and unconditional eps, (the learned-variance channels, noise, prev x0 when the
+sampler needs them) and writes x_prev and pred_x0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgen._backend import Call
+from fastgen.bench import Case, Impl, backend_impls, main, register
+from fastgen.diffusion import NoiseSchedule
+from fastgen.ops import diffusion_step as D
+
+SCHED = NoiseSchedule.from_name("linear", 1000).respace("50")
+T, T_PREV, T_LAST = 30, 29, 31
+GUIDANCE = 4.0
+
+# name -> (fused call, reference call, extra tensors read per element of x, learned variance, noise)
+SAMPLERS = {
+    "ddim+cfg+clip": (
+        lambda x, mo, abar, **kw: D.ddim_step(x, mo, abar, T, T_PREV, clip_sample=1.0, **kw),
+        lambda x, mo, abar, **kw: D.ddim_step_ref(x, mo, abar, T, T_PREV, clip_sample=1.0, **kw),
+        False,
+        False,
+    ),
+    "ddpm-learned+cfg+noise": (
+        lambda x, mo, abar, **kw: D.ddpm_step(x, mo, abar, T, variance_type="learned_range", **kw),
+        lambda x, mo, abar, **kw: D.ddpm_step_ref(x, mo, abar, T, variance_type="learned_range", **kw),
+        True,
+        True,
+    ),
+    "dpm++2m+cfg": (
+        lambda x, mo, abar, **kw: D.dpm_solver_2m_step(x, mo, abar, T, T_PREV, t_last=T_LAST, **kw),
+        lambda x, mo, abar, **kw: D.dpm_solver_2m_step_ref(x, mo, abar, T, T_PREV, t_last=T_LAST, **kw),
+        False,
+        False,
+    ),
+    "ddim+cfg+dynthresh": (
+        lambda x, mo, abar, **kw: D.ddim_step(x, mo, abar, T, T_PREV, dynamic_threshold=0.995, **kw),
+        lambda x, mo, abar, **kw: D.ddim_step_ref(x, mo, abar, T, T_PREV, dynamic_threshold=0.995, **kw),
+        False,
+        False,
+    ),
+}
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def shapes(device: torch.device, quick: bool):
+    if device.type == "cuda":
+        if quick:
+            return [((16, 3, 256, 256), torch.float32)]
+        return [
+            ((64, 3, 256, 256), torch.float32),
+            ((64, 3, 256, 256), torch.bfloat16),
+            ((16, 4, 96, 96), torch.float16),
+        ]
+    if quick:
+        return [((4, 3, 64, 64), torch.float32)]
+    return [((16, 3, 128, 128), torch.float32), ((16, 3, 128, 128), torch.bfloat16)]
+
+
+@register(
+    op="diffusion_step", description="fused sampler step: CFG + x0/eps + clip/threshold + update + noise"
+)
+def diffusion_step_cases(device: torch.device, quick: bool):
+    for shape, dtype in shapes(device, quick):
+        names = ["ddim+cfg+clip"] if quick else list(SAMPLERS)
+        for name in names:
+            yield make_case(device, shape, dtype, name)
+
+
+def make_case(device: torch.device, shape, dtype: torch.dtype, name: str) -> Case:
+    fused, ref, learned, noisy = SAMPLERS[name]
+    b, c = shape[:2]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    c_out = 2 * c if learned else c
+    mo = torch.randn((2 * b, c_out, *shape[2:]), generator=g).to(device, dtype)
+    if learned:
+        mo[:, c:] = mo[:, c:].tanh()
+    abar = SCHED.alphas_cumprod.to(device)
+    abar_cpu = SCHED.alphas_cumprod
+    kw = {"guidance_scale": GUIDANCE}
+    if noisy:
+        kw["noise"] = torch.randn(shape, generator=g).to(device, dtype)
+    if name.startswith("dpm"):
+        kw["prev_x0"] = torch.randn(shape, generator=g).to(device, dtype)
+    elem = x.element_size() * x.numel()
+    reads = 3 + (1 if learned else 0) + (1 if noisy else 0) + (1 if "prev_x0" in kw else 0)
+    nbytes = (reads + 2) * elem  # + x_prev and pred_x0 written
+    # oracle: the reference formulas computed in float32; for 16-bit inputs the same ops in the input
+    # dtype (what a user's scheduler does) is a second baseline
+    impls = [
+        Impl("reference", lambda: ref(x, mo, abar_cpu, compute_dtype=torch.float32, **kw), baseline=True)
+    ]
+    if dtype != torch.float32:
+        impls.append(
+            Impl(
+                f"reference-{DTYPE_NAMES[dtype]}",
+                lambda: ref(x, mo, abar_cpu, compute_dtype=dtype, **kw),
+                baseline=True,
+            )
+        )
+    call = Call(x.device, dtype, {"n": x[0].numel()})
+    impls += backend_impls("diffusion_step", call, lambda backend: lambda: fused(x, mo, abar, **kw))
+    low = dtype != torch.float32
+    return Case(
+        f"{name} {'x'.join(map(str, shape))} {DTYPE_NAMES[dtype]}",
+        impls,
+        bytes=nbytes,
+        params={"sampler": name, "shape": list(shape), "dtype": DTYPE_NAMES[dtype], "guidance": GUIDANCE},
+        # fastgen computes in float32 and rounds once to the output dtype
+        atol=2e-2 if low else 2e-4,
+        rtol=1e-2 if low else 1e-4,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(only=["diffusion_step"]))
