@@ -1,0 +1,39 @@
+"""fastgen's benchmark harness: ``python -m fastgen.bench`` runs every ``benchmarks/bench_*.py``.
+
+Benchmark scripts use :func:`register`, :class:`Case`, :class:`Impl` and :func:`backend_impls`; the
+contract is documented in :mod:`fastgen.bench.harness` and ``benchmarks/README.md``.
+"""
+
+from fastgen.bench.device import DeviceSpec, describe_device, nominal_spec
+from fastgen.bench.harness import (
+    Benchmark,
+    Case,
+    Impl,
+    Row,
+    Timer,
+    achieved_gbps,
+    achieved_tflops,
+    backend_impls,
+    compare_outputs,
+    main,
+    register,
+    registered_benchmarks,
+)
+
+__all__ = [
+    "Benchmark",
+    "Case",
+    "DeviceSpec",
+    "Impl",
+    "Row",
+    "Timer",
+    "achieved_gbps",
+    "achieved_tflops",
+    "backend_impls",
+    "compare_outputs",
+    "describe_device",
+    "main",
+    "nominal_spec",
+    "register",
+    "registered_benchmarks",
+]
