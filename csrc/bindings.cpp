@@ -1,5 +1,6 @@
-// The one Python module for fastgen's C++/CUDA ops. Input checks live here, shared by the CPU and CUDA
-// entry points, and run before any kernel.
+// The one Python module for fastgen's C++/CUDA ops (fastgen._C). The input checks live here, shared by
+// the CPU and CUDA entry points, and run before any kernel; the kernels only see validated arguments.
+// This is the only translation unit that includes torch/extension.h.
 #include <torch/extension.h>
 
 #include "diffusion_step/diffusion_step.h"
@@ -8,72 +9,93 @@ namespace fastgen {
 namespace diffusion {
 namespace {
 
+using OptTensor = std::optional<at::Tensor>;
+
+// A (rows, elements) operand in the dtype and on the device of x, with at least min_rows x min_cols.
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t min_rows, int64_t min_cols) {
-  TORCH_CHECK(t.dim() == 2, "sampler_step: ", name, " must be 2-D (rows, elements), got ", t.sizes());
+  TORCH_CHECK(t.dim() == 2, "sampler_step: ", name, " must be 2-D (rows, elements), got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "sampler_step: ", name, " has dtype ", t.scalar_type(),
               ", expected ", x.scalar_type(), " like x");
-  TORCH_CHECK(t.device() == x.device(), "sampler_step: ", name, " is on ", t.device(), ", x is on ", x.device());
-  TORCH_CHECK(t.is_contiguous(), "sampler_step: ", name, " must be contiguous");
+  TORCH_CHECK(t.device() == x.device(), "sampler_step: ", name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.is_contiguous(), "sampler_step: ", name, " must be contiguous (shape ", t.sizes(), ", strides ",
+              t.strides(), ")");
   TORCH_CHECK(t.size(0) >= min_rows && t.size(1) >= min_cols, "sampler_step: ", name, " has shape ", t.sizes(),
               ", needs at least (", min_rows, ", ", min_cols, ")");
 }
 
-void check_per_sample(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == x.size(0) && t->is_contiguous(),
-              "sampler_step: ", name, " must be contiguous float32 (", x.size(0), ",), got ", t->scalar_type(), " ",
-              t->sizes());
-  TORCH_CHECK(t->device() == x.device(), "sampler_step: ", name, " is on ", t->device(), ", x is on ", x.device());
+// An operand of exactly x's shape, dtype and device.
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_rows(t, name, x, x.size(0), x.size(1));
+  TORCH_CHECK(t.sizes() == x.sizes(), "sampler_step: ", name, " has shape ", t.sizes(), ", expected ", x.sizes(),
+              " like x");
 }
 
-std::tuple<at::Tensor, at::Tensor> sampler_step(
-    bool cuda, const at::Tensor& x, const at::Tensor& cond, const c10::optional<at::Tensor>& uncond,
-    int64_t uncond_row_offset, const at::Tensor& coeffs, const c10::optional<at::Tensor>& prev_x0,
-    const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& row_scale,
-    const c10::optional<at::Tensor>& thresh, double guidance_scale, double clip, int64_t var_mode,
-    int64_t noise_mode, int64_t seed, int64_t sample_offset, bool want_x0, bool x0_only) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "sampler_step: x must be contiguous 2-D (batch, elements), got ",
-              x.sizes());
+// A float32 (B,) per-sample scalar.
+void check_per_sample(const OptTensor& t, const char* name, const at::Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "sampler_step: ", name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0), "sampler_step: ", name, " must have shape (", x.size(0),
+              ",), got ", t->sizes());
+  TORCH_CHECK(t->is_contiguous(), "sampler_step: ", name, " must be contiguous");
+  TORCH_CHECK(t->device() == x.device(), "sampler_step: ", name, " is on ", t->device(), " but x is on ",
+              x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> sampler_step(bool cuda, const at::Tensor& x, const at::Tensor& cond,
+                                                const OptTensor& uncond, int64_t uncond_row_offset,
+                                                const at::Tensor& coeffs, const OptTensor& prev_x0,
+                                                const OptTensor& noise, const OptTensor& row_scale,
+                                                const OptTensor& thresh, double guidance_scale, double clip,
+                                                int64_t var_mode, int64_t noise_mode, int64_t seed,
+                                                int64_t sample_offset, bool want_x0, bool x0_only) {
+  const char* entry = cuda ? "sampler_step_cuda" : "sampler_step_cpu";
+  TORCH_CHECK(x.defined() && x.dim() == 2, "sampler_step: x must be 2-D (batch, elements), got ",
+              x.defined() ? x.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(cuda ? x.is_cuda() : x.is_cpu(), entry, ": x must be on ", cuda ? "a CUDA device" : "the CPU",
+              ", got ", x.device());
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
               "sampler_step: x must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK(cuda ? x.is_cuda() : x.is_cpu(), "sampler_step_", cuda ? "cuda" : "cpu", ": x is on ", x.device());
+  TORCH_CHECK(x.is_contiguous(), "sampler_step: x must be contiguous (shape ", x.sizes(), ", strides ", x.strides(),
+              ")");
   const int64_t B = x.size(0), N = x.size(1);
   TORCH_CHECK(N < (int64_t{1} << 31), "sampler_step: at most 2^31 - 1 elements per sample, got ", N);
-  TORCH_CHECK(var_mode == 0 || var_mode == 1, "sampler_step: var_mode must be 0 or 1, got ", var_mode);
-  TORCH_CHECK(noise_mode >= 0 && noise_mode <= 2, "sampler_step: noise_mode must be 0, 1 or 2, got ", noise_mode);
-  check_rows(cond, "cond", x, B, var_mode == 1 ? 2 * N : N);
+  TORCH_CHECK(var_mode == VAR_SIGMA || var_mode == VAR_LEARNED_RANGE, "sampler_step: var_mode must be 0 or 1, got ",
+              var_mode);
+  TORCH_CHECK(noise_mode >= NOISE_NONE && noise_mode <= NOISE_COUNTER,
+              "sampler_step: noise_mode must be 0 (none), 1 (tensor) or 2 (generator), got ", noise_mode);
+  check_rows(cond, "cond", x, B, var_mode == VAR_LEARNED_RANGE ? 2 * N : N);
   if (uncond.has_value()) {
-    TORCH_CHECK(uncond_row_offset >= 0, "sampler_step: uncond_row_offset must be >= 0");
+    TORCH_CHECK(uncond_row_offset >= 0, "sampler_step: uncond_row_offset must be >= 0, got ", uncond_row_offset);
     check_rows(*uncond, "uncond", x, B + uncond_row_offset, N);
   }
-  TORCH_CHECK(coeffs.scalar_type() == at::kFloat && coeffs.dim() == 1 && coeffs.size(0) == NUM_COEFFS &&
-                  coeffs.is_contiguous(),
-              "sampler_step: coeffs must be contiguous float32 (", static_cast<int>(NUM_COEFFS), ",), got ",
-              coeffs.scalar_type(), " ", coeffs.sizes());
-  TORCH_CHECK(coeffs.device() == x.device(), "sampler_step: coeffs is on ", coeffs.device(), ", x is on ",
+  TORCH_CHECK(coeffs.scalar_type() == at::kFloat, "sampler_step: coeffs must be float32, got ", coeffs.scalar_type());
+  TORCH_CHECK(coeffs.dim() == 1 && coeffs.size(0) == NUM_COEFFS, "sampler_step: coeffs must have shape (",
+              static_cast<int>(NUM_COEFFS), ",), got ", coeffs.sizes());
+  TORCH_CHECK(coeffs.is_contiguous(), "sampler_step: coeffs must be contiguous");
+  TORCH_CHECK(coeffs.device() == x.device(), "sampler_step: coeffs is on ", coeffs.device(), " but x is on ",
               x.device());
-  if (prev_x0.has_value()) check_rows(*prev_x0, "prev_x0", x, B, N);
+  if (prev_x0.has_value()) check_like_x(*prev_x0, "prev_x0", x);
   if (noise_mode == NOISE_TENSOR) {
     TORCH_CHECK(noise.has_value(), "sampler_step: noise_mode 1 needs a noise tensor");
-    check_rows(*noise, "noise", x, B, N);
-    TORCH_CHECK(noise->size(0) == B && noise->size(1) == N, "sampler_step: noise must be (", B, ", ", N, ")");
+    check_like_x(*noise, "noise", x);
   }
   check_per_sample(row_scale, "row_scale", x);
   check_per_sample(thresh, "thresh", x);
-  TORCH_CHECK(!(clip > 0 && thresh.has_value()), "sampler_step: clip and thresh are exclusive");
-  if (cuda) {
-    TORCH_CHECK(B <= 65535, "sampler_step_cuda: at most 65535 samples per call, got ", B);
+  TORCH_CHECK(!(clip > 0 && thresh.has_value()), "sampler_step: clip (", clip,
+              ") and thresh are exclusive: pass clip <= 0 with thresh");
+  if (thresh.has_value() && thresh->is_cpu()) {  // on a GPU this would need a host sync: documented only
+    TORCH_CHECK(thresh->gt(0).all().item<bool>(), "sampler_step: thresh must be > 0 everywhere");
   }
 
   StepArgs a;
   a.x = x;
   a.cond = cond;
   a.uncond = uncond;
-  a.uoff = uncond_row_offset;
+  a.uoff = uncond.has_value() ? uncond_row_offset : 0;
   a.coeffs = coeffs;
   a.prev = prev_x0;
-  a.noise = noise_mode == NOISE_TENSOR ? noise : c10::nullopt;
+  a.noise = noise_mode == NOISE_TENSOR ? noise : std::nullopt;
   a.row_scale = row_scale;
   a.thresh = thresh;
   a.g = uncond.has_value() ? guidance_scale : 1.0;
@@ -105,40 +127,59 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
   return {a.out, a.x0};
 }
 
+template <bool CUDA>
+std::tuple<at::Tensor, at::Tensor> sampler_step_entry(const at::Tensor& x, const at::Tensor& cond,
+                                                      const OptTensor& uncond, int64_t uncond_row_offset,
+                                                      const at::Tensor& coeffs, const OptTensor& prev_x0,
+                                                      const OptTensor& noise, const OptTensor& row_scale,
+                                                      const OptTensor& thresh, double guidance_scale, double clip,
+                                                      int64_t var_mode, int64_t noise_mode, int64_t seed,
+                                                      int64_t sample_offset, bool want_x0, bool x0_only) {
+  return sampler_step(CUDA, x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh,
+                      guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only);
+}
+
+constexpr const char* kStepDoc = R"doc(Fused diffusion sampler step on (B, N)-flattened tensors.
+
+sampler_step_{cpu,cuda}(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh,
+                        guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only)
+    -> (x_prev, pred_x0)
+
+x: (B, N) float32/float16/bfloat16; cond: (Bc >= B, Lc >= N, or >= 2N with var_mode 1); uncond: optional
+(Bu, Lu >= N), row b + uncond_row_offset; coeffs: float32 (16,) on x's device; prev_x0, noise: optional
+(B, N); row_scale, thresh: optional float32 (B,). x_prev has x's dtype; pred_x0 too when want_x0, else
+empty. x0_only: x_prev is empty and the second output is float32 |x0|. Math: fastgen/ops/diffusion_step.py.
+)doc";
+
 }  // namespace
 }  // namespace diffusion
 }  // namespace fastgen
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   using namespace fastgen::diffusion;
   m.doc() = "fastgen C++/CUDA kernels";
-  m.def("has_cuda", [] {
+  m.def(
+      "has_cuda",
+      [] {
 #ifdef FASTGEN_WITH_CUDA
-    return true;
+        return true;
 #else
-    return false;
+        return false;
 #endif
-  });
-  const char* doc =
-      "sampler_step(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh, "
-      "guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only) -> (x_prev, x0); "
-      "see fastgen/ops/diffusion_step.py";
-  auto cpu = [](const at::Tensor& x, const at::Tensor& cond, const c10::optional<at::Tensor>& uncond, int64_t uoff,
-                const at::Tensor& coeffs, const c10::optional<at::Tensor>& prev, const c10::optional<at::Tensor>& noise,
-                const c10::optional<at::Tensor>& rs, const c10::optional<at::Tensor>& th, double g, double clip,
-                int64_t var_mode, int64_t noise_mode, int64_t seed, int64_t off, bool want_x0, bool x0_only) {
-    return sampler_step(false, x, cond, uncond, uoff, coeffs, prev, noise, rs, th, g, clip, var_mode, noise_mode,
-                        seed, off, want_x0, x0_only);
+      },
+      "True iff fastgen._C was built with its CUDA sources");
+  const auto args = std::make_tuple(
+      py::arg("x"), py::arg("cond"), py::arg("uncond"), py::arg("uncond_row_offset"), py::arg("coeffs"),
+      py::arg("prev_x0"), py::arg("noise"), py::arg("row_scale"), py::arg("thresh"), py::arg("guidance_scale"),
+      py::arg("clip"), py::arg("var_mode"), py::arg("noise_mode"), py::arg("seed"), py::arg("sample_offset"),
+      py::arg("want_x0"), py::arg("x0_only"));
+  auto def = [&](const char* name, auto fn) {
+    std::apply([&](const auto&... a) { m.def(name, fn, kStepDoc, a..., py::call_guard<py::gil_scoped_release>()); },
+               args);
   };
-  m.def("sampler_step_cpu", cpu, doc);
+  def("sampler_step_cpu", &sampler_step_entry<false>);
 #ifdef FASTGEN_WITH_CUDA
-  auto gpu = [](const at::Tensor& x, const at::Tensor& cond, const c10::optional<at::Tensor>& uncond, int64_t uoff,
-                const at::Tensor& coeffs, const c10::optional<at::Tensor>& prev, const c10::optional<at::Tensor>& noise,
-                const c10::optional<at::Tensor>& rs, const c10::optional<at::Tensor>& th, double g, double clip,
-                int64_t var_mode, int64_t noise_mode, int64_t seed, int64_t off, bool want_x0, bool x0_only) {
-    return sampler_step(true, x, cond, uncond, uoff, coeffs, prev, noise, rs, th, g, clip, var_mode, noise_mode,
-                        seed, off, want_x0, x0_only);
-  };
-  m.def("sampler_step_cuda", gpu, doc);
+  def("sampler_step_cuda", &sampler_step_entry<true>);
 #endif
 }

@@ -40,8 +40,8 @@ enum Coef : int {
   MAXLOG = 12,
   NOISE_MASK = 13,
   RNG_STEP = 14,
+  NUM_COEFFS = 16,
 };
-constexpr int64_t kNumCoeffs = 16;
 
 enum ClipMode : int { CLIP_NONE = 0, CLIP_STATIC = 1, CLIP_DYNAMIC = 2 };
 enum NoiseMode : int { NOISE_NONE = 0, NOISE_TENSOR = 1, NOISE_COUNTER = 2 };
@@ -111,31 +111,20 @@ FASTGEN_HD float normal_at(RngKey key, uint32_t i) {
 }
 
 // ---- per-element math (all float32) -------------------------------------------------------------------
+//
+// Written once for any coefficient holder K indexable as k[AX] ... k[NOISE_MASK]: a `const float*`
+// (e.g. shared memory in the CUDA kernel) or StepCoeffs (by value in registers, the CPU kernel).
 
-// The coefficients of one step by value: kernels keep them in registers (a pointer would have to be
-// re-read after every store through a float* that might alias it).
+// The coefficients of one step by value: the CPU loops keep them in registers (through a pointer they
+// would be re-read after every store through a float* that might alias them).
 struct StepCoeffs {
-  float ax, am, ex, em, ex2, ex0, cx, cx0, ceps, cprev, sigma, minlog, maxlog, noise_mask;
-  uint32_t rng_step;
+  float v[NUM_COEFFS];
+  FASTGEN_HD float operator[](int i) const { return v[i]; }
 };
 
 FASTGEN_HD StepCoeffs load_coeffs(const float* k) {
   StepCoeffs c;
-  c.ax = k[AX];
-  c.am = k[AM];
-  c.ex = k[EX];
-  c.em = k[EM];
-  c.ex2 = k[EX2];
-  c.ex0 = k[EX0];
-  c.cx = k[CX];
-  c.cx0 = k[CX0];
-  c.ceps = k[CEPS];
-  c.cprev = k[CPREV];
-  c.sigma = k[SIGMA];
-  c.minlog = k[MINLOG];
-  c.maxlog = k[MAXLOG];
-  c.noise_mask = k[NOISE_MASK];
-  c.rng_step = rng_step_of(k[RNG_STEP]);
+  for (int i = 0; i < NUM_COEFFS; ++i) c.v[i] = k[i];
   return c;
 }
 
@@ -151,45 +140,123 @@ FASTGEN_HD float clampf(float v, float lo, float hi) {
 
 // x0 and eps of one element from the sample xv and the (guided, rescaled) model output m, clipped or
 // thresholded as CLIP says (clip: static bound; s: this sample's dynamic threshold, > 0).
-template <int CLIP>
-FASTGEN_HD void predict(const StepCoeffs& k, float xv, float m, float clip, float s, float& x0, float& eps) {
-  x0 = k.ax * xv + k.am * m;
+template <int CLIP, class K>
+FASTGEN_HD void predict(const K& k, float xv, float m, float clip, float s, float& x0, float& eps) {
+  x0 = k[AX] * xv + k[AM] * m;
   if (CLIP == CLIP_NONE) {
-    eps = k.ex * xv + k.em * m;
+    eps = k[EX] * xv + k[EM] * m;
   } else {
     x0 = (CLIP == CLIP_STATIC) ? clampf(x0, -clip, clip) : clampf(x0, -s, s) / s;
-    eps = k.ex2 * xv + k.ex0 * x0;  // re-derived from the clipped x0
+    eps = k[EX2] * xv + k[EX0] * x0;  // re-derived from the clipped x0
   }
 }
 
 // The deterministic part of x_prev (without CPREV * prev_x0 and without noise).
-FASTGEN_HD float update(const StepCoeffs& k, float xv, float x0, float eps) {
-  return k.cx * xv + k.cx0 * x0 + k.ceps * eps;
+template <class K>
+FASTGEN_HD float update(const K& k, float xv, float x0, float eps) {
+  return k[CX] * xv + k[CX0] * x0 + k[CEPS] * eps;
+}
+
+// Everything of one element after the loads with the clip mode chosen at run time (uniform per launch):
+// returns x_prev without the prev_x0 and noise terms, and the (clipped) x0.
+struct ElemOut {
+  float xp, x0;
+};
+
+template <class K>
+FASTGEN_HD ElemOut step_element(const K& k, float xv, float m, int clip_mode, float clip, float s) {
+  float x0, eps;
+  if (clip_mode == CLIP_STATIC) {
+    predict<CLIP_STATIC>(k, xv, m, clip, s, x0, eps);
+  } else if (clip_mode == CLIP_DYNAMIC) {
+    predict<CLIP_DYNAMIC>(k, xv, m, clip, s, x0, eps);
+  } else {
+    predict<CLIP_NONE>(k, xv, m, clip, s, x0, eps);
+  }
+  return ElemOut{update(k, xv, x0, eps), x0};
 }
 
 // Learned-range standard deviation (GLIDE / improved DDPM) from the variance output v in [-1, 1].
-FASTGEN_HD float learned_sd(const StepCoeffs& k, float v) {
+template <class K>
+FASTGEN_HD float learned_sd(const K& k, float v) {
   const float f = (v + 1.0f) * 0.5f;
-  return expf(0.5f * (f * k.maxlog + (1.0f - f) * k.minlog));
+  return expf(0.5f * (f * k[MAXLOG] + (1.0f - f) * k[MINLOG]));
 }
 
-// ---- host side: validated arguments of one call ------------------------------------------------------
+// ---- host side -------------------------------------------------------------------------------------------
 
-// Built and checked by the entry points in csrc/bindings.cpp; outputs are allocated there.
+// Validated arguments of one call: built and checked by the entry points in csrc/bindings.cpp, which
+// also allocate the outputs.
 struct StepArgs {
-  at::Tensor x;                     // (B, N) dtype T
-  at::Tensor cond;                  // (Bc, Lc) dtype T
-  std::optional<at::Tensor> uncond; // (Bu, Lu) dtype T
+  at::Tensor x, cond;  // (B, N), (Bc, Lc); dtype T
+  std::optional<at::Tensor> uncond;  // (Bu, Lu) dtype T, row b + uoff
   int64_t uoff = 0;
-  at::Tensor coeffs;                // float32 (16,)
+  at::Tensor coeffs;  // float32 (16,)
   std::optional<at::Tensor> prev, noise, row_scale, thresh;
-  float g = 1.0f, clip = 0.0f;
-  int clip_mode = CLIP_NONE, noise_mode = NOISE_NONE, var_mode = VAR_SIGMA;
-  uint32_t seed_lo = 0, seed_hi = 0, sample_offset = 0;
-  bool want_x0 = false, x0_only = false;
-  at::Tensor out;    // (B, N) dtype T; undefined when x0_only
-  at::Tensor out_x0; // (B, N): dtype T pred_x0 when want_x0, float32 |x0| when x0_only; else undefined
+  double g = 1.0, clip = 0.0;
+  int64_t var_mode = VAR_SIGMA, noise_mode = NOISE_NONE;
+  uint64_t seed = 0;
+  uint32_t sample_offset = 0;
+  at::Tensor out, x0;  // x_prev (B, N) dtype T, empty when x0_only; x0: pred_x0 (B, N) dtype T, or
+                       // float32 |x0| when x0_only, or empty when not wanted
+  bool x0_only = false;
 };
+
+// Raw pointers and sizes of one call, as the kernels take them; T is the element type.
+template <typename T>
+struct StepParams {
+  const T* x;           // (B, N)
+  const T* cond;        // (Bc, Lc), row b
+  const T* uncond;      // (Bu, Lu), row b + uoff; nullptr without guidance
+  const float* coef;    // (16,)
+  const T* prev;        // (B, N) or nullptr
+  const T* noise;       // (B, N) or nullptr
+  const float* rscale;  // (B,) or nullptr
+  const float* thresh;  // (B,) or nullptr
+  T* out;               // (B, N) x_prev, nullptr when x0_only
+  T* x0;                // (B, N) pred_x0, nullptr unless wanted
+  float* absx0;         // (B, N) |x0|, only when x0_only
+  int64_t B, N, Lc, Lu, uoff;
+  float g, clip;
+  int clip_mode, noise_mode, var_mode;
+  uint32_t seed_lo, seed_hi, sample_offset;
+};
+
+template <typename T>
+StepParams<T> make_params(const StepArgs& a) {
+  auto opt = [](const std::optional<at::Tensor>& t) -> const T* {
+    return t.has_value() ? t->template data_ptr<T>() : nullptr;
+  };
+  auto optf = [](const std::optional<at::Tensor>& t) -> const float* {
+    return t.has_value() ? t->template data_ptr<float>() : nullptr;
+  };
+  StepParams<T> p;
+  p.x = a.x.data_ptr<T>();
+  p.cond = a.cond.data_ptr<T>();
+  p.uncond = opt(a.uncond);
+  p.coef = a.coeffs.data_ptr<float>();
+  p.prev = opt(a.prev);
+  p.noise = a.noise_mode == NOISE_TENSOR ? opt(a.noise) : nullptr;
+  p.rscale = optf(a.row_scale);
+  p.thresh = optf(a.thresh);
+  p.out = a.x0_only ? nullptr : a.out.data_ptr<T>();
+  p.x0 = (!a.x0_only && a.x0.defined() && a.x0.numel() > 0) ? a.x0.data_ptr<T>() : nullptr;
+  p.absx0 = a.x0_only ? a.x0.data_ptr<float>() : nullptr;
+  p.B = a.x.size(0);
+  p.N = a.x.size(1);
+  p.Lc = a.cond.size(1);
+  p.Lu = a.uncond.has_value() ? a.uncond->size(1) : 0;
+  p.uoff = a.uoff;
+  p.g = static_cast<float>(a.g);
+  p.clip = static_cast<float>(a.clip);
+  p.clip_mode = a.clip > 0 ? CLIP_STATIC : (a.thresh.has_value() ? CLIP_DYNAMIC : CLIP_NONE);
+  p.noise_mode = static_cast<int>(a.noise_mode);
+  p.var_mode = static_cast<int>(a.var_mode);
+  p.seed_lo = static_cast<uint32_t>(a.seed & 0xFFFFFFFFull);
+  p.seed_hi = static_cast<uint32_t>(a.seed >> 32);
+  p.sample_offset = a.sample_offset;
+  return p;
+}
 
 // The element types the kernels are built for (float64 is served by the torch backend). Both kernel
 // files dispatch through this one list; `scalar_t` is the element type inside __VA_ARGS__.

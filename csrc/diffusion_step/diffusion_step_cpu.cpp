@@ -78,10 +78,10 @@ void stage_predict(const StepCoeffs k, const float* __restrict__ xv, const float
 // |x0| only (the pre-pass of dynamic thresholding).
 template <int CLIP>
 void stage_abs_x0(const StepCoeffs k, const float* __restrict__ xv, const float* __restrict__ m, float clip,
-                  float* __restrict__ out, int64_t n) {
+                  float s, float* __restrict__ out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, e;
-    predict<CLIP>(k, xv[j], m[j], clip, 1.0f, a, e);
+    predict<CLIP>(k, xv[j], m[j], clip, s, a, e);
     out[j] = std::fabs(a);
   }
 }
@@ -105,10 +105,10 @@ template <typename T, int VAR>
 void stage_add_noise(const StepCoeffs k, const float* __restrict__ z, const T* __restrict__ v,
                      float* __restrict__ xp, int64_t n) {
   if constexpr (VAR == VAR_SIGMA) {
-    const float a = k.noise_mask * k.sigma;
-    for (int64_t j = 0; j < n; ++j) xp[j] += a * z[j];
+    const float c = k[NOISE_MASK] * k[SIGMA];
+    for (int64_t j = 0; j < n; ++j) xp[j] += c * z[j];
   } else {
-    for (int64_t j = 0; j < n; ++j) xp[j] += k.noise_mask * learned_sd(k, static_cast<float>(v[j])) * z[j];
+    for (int64_t j = 0; j < n; ++j) xp[j] += k[NOISE_MASK] * learned_sd(k, static_cast<float>(v[j])) * z[j];
   }
 }
 
@@ -117,7 +117,7 @@ void stage_add_noise(const StepCoeffs k, const float* __restrict__ z, const T* _
 template <typename T>
 using GuideFn = void (*)(const T*, const T*, float, float, float*, int64_t);
 using PredictFn = void (*)(StepCoeffs, const float*, const float*, float, float, float*, float*, int64_t);
-using AbsX0Fn = void (*)(StepCoeffs, const float*, const float*, float, float*, int64_t);
+using AbsX0Fn = void (*)(StepCoeffs, const float*, const float*, float, float, float*, int64_t);
 template <typename T>
 using NoiseFn = void (*)(StepCoeffs, const float*, const T*, float*, int64_t);
 
@@ -149,30 +149,19 @@ struct PickAbsX0 {
 
 template <typename T>
 void run(const StepArgs& a) {
-  const int64_t B = a.x.size(0), N = a.x.size(1);
-  if (B == 0 || N == 0) return;
-  const int64_t Lc = a.cond.size(1);
-  const int64_t Lu = a.uncond ? a.uncond->size(1) : 0;
-  const T* x = a.x.data_ptr<T>();
-  const T* cond = a.cond.data_ptr<T>();
-  const T* uncond = a.uncond ? a.uncond->data_ptr<T>() : nullptr;
-  const T* prev = a.prev ? a.prev->data_ptr<T>() : nullptr;
-  const T* noise = a.noise ? a.noise->data_ptr<T>() : nullptr;
-  const float* rscale = a.row_scale ? a.row_scale->data_ptr<float>() : nullptr;
-  const float* thresh = a.thresh ? a.thresh->data_ptr<float>() : nullptr;
-  T* out = a.x0_only ? nullptr : a.out.data_ptr<T>();
-  T* out_x0 = a.want_x0 ? a.out_x0.data_ptr<T>() : nullptr;
-  float* out_abs = a.x0_only ? a.out_x0.data_ptr<float>() : nullptr;
-
-  const StepCoeffs k = load_coeffs(a.coeffs.data_ptr<float>());
-  const GuideFn<T> guide_fn = pick_guide<T>(uncond != nullptr, rscale != nullptr);
-  const PredictFn predict_fn = pick_clip<PickPredict>(a.clip_mode);
-  const AbsX0Fn abs_fn = pick_clip<PickAbsX0>(a.clip_mode);
+  const StepParams<T> p = make_params<T>(a);
+  const int64_t N = p.N;
+  if (p.B == 0 || N == 0) return;
+  const StepCoeffs k = load_coeffs(p.coef);
+  const uint32_t rng_step = rng_step_of(k[RNG_STEP]);
+  const GuideFn<T> guide_fn = pick_guide<T>(p.uncond != nullptr, p.rscale != nullptr);
+  const PredictFn predict_fn = pick_clip<PickPredict>(p.clip_mode);
+  const AbsX0Fn abs_fn = pick_clip<PickAbsX0>(p.clip_mode);
   const NoiseFn<T> noise_fn =
-      a.var_mode == VAR_LEARNED_RANGE ? stage_add_noise<T, VAR_LEARNED_RANGE> : stage_add_noise<T, VAR_SIGMA>;
+      p.var_mode == VAR_LEARNED_RANGE ? stage_add_noise<T, VAR_LEARNED_RANGE> : stage_add_noise<T, VAR_SIGMA>;
   const int64_t tiles_per_row = (N + kTile - 1) / kTile;
 
-  at::parallel_for(0, B * tiles_per_row, kGrainTiles, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * tiles_per_row, kGrainTiles, [&](int64_t begin, int64_t end) {
     alignas(64) float xbuf[kTile], m[kTile], x0buf[kTile], xpbuf[kTile], z[kTile];
     alignas(64) float u1[kTile / 2], u2[kTile / 2];
     for (int64_t t = begin; t < end; ++t) {
@@ -180,39 +169,37 @@ void run(const StepArgs& a) {
       const int64_t i0 = (t - b * tiles_per_row) * kTile;
       const int64_t n = std::min(kTile, N - i0);
       const int64_t row = b * N + i0;
-      const float rs = rscale ? rscale[b] : 1.0f;
-      const float s = thresh ? thresh[b] : 1.0f;
+      const float rs = p.rscale ? p.rscale[b] : 1.0f;
+      const float s = p.thresh ? p.thresh[b] : 1.0f;
 
-      guide_fn(cond + b * Lc + i0, uncond ? uncond + (b + a.uoff) * Lu + i0 : nullptr, a.g, rs, m, n);
-      const float* xv = as_f32(x + row, xbuf, n);
-      if (a.x0_only) {
-        abs_fn(k, xv, m, a.clip, out_abs + row, n);
+      guide_fn(p.cond + b * p.Lc + i0, p.uncond ? p.uncond + (b + p.uoff) * p.Lu + i0 : nullptr, p.g, rs, m, n);
+      const float* xv = as_f32(p.x + row, xbuf, n);
+      if (p.absx0) {
+        abs_fn(k, xv, m, p.clip, s, p.absx0 + row, n);
         continue;
       }
       // float32 outputs are computed in place in the output rows (they stay in L1 until the tile ends).
       float* xp = xpbuf;
       float* x0 = x0buf;
       if constexpr (std::is_same_v<T, float>) {
-        xp = out + row;
-        if (out_x0) x0 = out_x0 + row;
+        xp = p.out + row;
+        if (p.x0) x0 = p.x0 + row;
       }
-      predict_fn(k, xv, m, a.clip, s, x0, xp, n);
-      if (prev) stage_prev<T>(k.cprev, prev + row, xp, n);
-      if (a.noise_mode != NOISE_NONE) {
-        const float* zz;
-        if (a.noise_mode == NOISE_TENSOR) {
-          zz = as_f32(noise + row, z, n);
+      predict_fn(k, xv, m, p.clip, s, x0, xp, n);
+      if (p.prev) stage_prev<T>(k[CPREV], p.prev + row, xp, n);
+      if (p.noise_mode != NOISE_NONE) {
+        const float* zz = z;
+        if (p.noise_mode == NOISE_TENSOR) {
+          zz = as_f32(p.noise + row, z, n);
         } else {
-          const RngKey key =
-              rng_key(a.seed_lo, a.seed_hi, a.sample_offset + static_cast<uint32_t>(b), k.rng_step);
+          const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), rng_step);
           stage_rng(key, i0, u1, u2, z, n);
-          zz = z;
         }
-        noise_fn(k, zz, cond + b * Lc + N + i0, xp, n);
+        noise_fn(k, zz, p.cond + b * p.Lc + N + i0, xp, n);
       }
       if constexpr (!std::is_same_v<T, float>) {
-        store_f32(xp, out + row, n);
-        if (out_x0) store_f32(x0, out_x0 + row, n);
+        store_f32(xp, p.out + row, n);
+        if (p.x0) store_f32(x0, p.x0 + row, n);
       }
     }
   });
