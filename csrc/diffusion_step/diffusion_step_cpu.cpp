@@ -1,12 +1,13 @@
 // Fused diffusion sampler step, C++ CPU kernel (at::parallel_for over tiles of a row).
 //
 // Each tile of kTile elements of one sample goes through a short pipeline of stages (guidance,
-// prediction + clipping + update, prev_x0 term, noise, stores), each a tight loop over float32
-// buffers that stay in L1. Every stage is templated on the features it handles, so its loop has no
-// branches and vectorizes wherever there is no transcendental function; the features are resolved
-// once per tile, not per element. Staging keeps the number of template instantiations additive in the
-// features (about 20 loops per dtype) instead of multiplicative (~250 fused loops per dtype), which
-// keeps the build lean without costing speed: the step is memory-bound and the buffers never leave L1.
+// prediction + clipping + update, prev_x0 term, noise, stores), each a tight loop over float32 buffers
+// that stay in L1. Every stage is templated on the features it handles, so its loop has no branches and
+// GCC / clang vectorize it (all but the learned-range expf; the RNG included, see log_positive and
+// sincos_turn in the header); the features are resolved once per tile, not per element. Staging keeps
+// the template instantiations additive in the features (about 20 loops per dtype) instead of
+// multiplicative (~250 fused loops per dtype): a lean build at no cost in speed, as the step is
+// memory-bound and the buffers never leave L1.
 #include "diffusion_step/diffusion_step.h"
 
 #include <ATen/Parallel.h>
@@ -91,8 +92,8 @@ void stage_prev(float cprev, const T* __restrict__ prev, float* __restrict__ xp,
   for (int64_t j = 0; j < n; ++j) xp[j] += cprev * static_cast<float>(prev[j]);
 }
 
-// Normals of elements [i0, i0 + n) of one sample, i0 even: the hashes of all pairs first (integer
-// arithmetic, vectorizes), then one Box-Muller transform per pair for both of its elements.
+// Normals of elements [i0, i0 + n) of one sample, i0 even: the uniforms of all pairs first, then one
+// Box-Muller transform per pair for both of its elements (both loops vectorize).
 void stage_rng(RngKey key, int64_t i0, float* __restrict__ u1, float* __restrict__ u2, float* __restrict__ z,
                int64_t n) {
   const int64_t pairs = (n + 1) / 2;

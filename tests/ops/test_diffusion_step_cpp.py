@@ -172,16 +172,20 @@ def noise_only_coeffs(step: int = 3) -> torch.Tensor:
 
 
 def make_case(dtype, B, N, *, uncond=None, rescale=False, clip_mode=0, prev=False, noise_mode=0, var_mode=0,
-              want_x0=True, x0_only=False, seed=1234567, sample_offset=3, device="cpu"):  # fmt: skip
-    """Positional arguments of sampler_step_* for one feature combination."""
-    lc = 2 * N + 3 if var_mode == 1 else N + 2  # rows longer than needed: the kernels must use Lc
+              want_x0=True, x0_only=False, seed=1234567, sample_offset=3, pad=True, device="cpu"):  # fmt: skip
+    """Positional arguments of sampler_step_* for one feature combination.
+
+    pad: cond / uncond rows longer than needed (the kernels must use their own row lengths); without it
+    every row start is 16-byte aligned when N is a multiple of 8 (the CUDA kernel's vector path).
+    """
+    lc = (2 * N if var_mode == 1 else N) + (3 if pad else 0)
     cond = torch.randn(B + 1, lc)
     if var_mode == 1:
         cond[:, N : 2 * N].uniform_(-1.0, 1.0)
     cond = cond.to(dtype)
     unc, uoff = None, 0
     if uncond == "separate":
-        unc, uoff = torch.randn(B + 3, N + 5).to(dtype), 2
+        unc, uoff = torch.randn(B + 3, N + (5 if pad else 0)).to(dtype), 2
     elif uncond == "doubled":  # GLIDE-style [cond; uncond] in one tensor
         cond = torch.randn(2 * B, lc).to(dtype)
         unc, uoff = cond, B
@@ -460,31 +464,29 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [1, 7, 1001, 4096, 3 * 64 * 64])
+@pytest.mark.parametrize("n", [1, 7, 1001, 3 * 64 * 64])
 @pytest.mark.parametrize("layout", ["aligned", "misaligned"])
 @pytest.mark.parametrize("feat", FEATURES[::7], ids=[_feature_id(f) for f in FEATURES[::7]])
 def test_cuda_matches_cpu(dtype, n, layout, feat):
+    """Same inputs, same outputs: 16-byte vector path (aligned, n % 8 == 0) and the scalar fallback."""
     uncond, rescale, clip_mode, prev, (noise_mode, var_mode), want_x0 = feat
     args = make_case(dtype, 3, n, uncond=uncond, rescale=rescale, clip_mode=clip_mode, prev=prev,
-                     noise_mode=noise_mode, var_mode=var_mode, want_x0=want_x0)  # fmt: skip
-    if uncond == "separate":  # row lengths that allow the 16-byte path when n does
-        args[2] = torch.randn(6, n).to(dtype)
+                     noise_mode=noise_mode, var_mode=var_mode, want_x0=want_x0, pad=layout == "misaligned")  # fmt: skip
     dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
     if layout == "misaligned":
         dev[0] = _misaligned(dev[0])
-    torch.cuda.synchronize()
     out, x0 = C.sampler_step_cuda(*dev)
     ref_out, ref_x0 = C.sampler_step_cpu(*args)
     atol, rtol = CUDA_TOL[dtype]
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.cpu(), ref_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(x0.cpu(), ref_x0, atol=atol, rtol=rtol)
-    for only in (True,):
-        dev[15], dev[16] = False, only
-        args[15], args[16] = False, only
-        _, a0 = C.sampler_step_cuda(*dev)
-        _, r0 = C.sampler_step_cpu(*args)
-        torch.testing.assert_close(a0.cpu(), r0, atol=1e-5, rtol=1e-5)
+    # the |x0| pass
+    dev[15] = args[15] = False
+    dev[16] = args[16] = True
+    _, abs_dev = C.sampler_step_cuda(*dev)
+    _, abs_ref = C.sampler_step_cpu(*args)
+    torch.testing.assert_close(abs_dev.cpu(), abs_ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
