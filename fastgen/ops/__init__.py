@@ -1,5 +1,12 @@
 """Functional ops. One file per op; each has a plain-PyTorch ``*_ref`` next to its kernels."""
 
+from fastgen.ops.attention import (
+    attention,
+    attention_ref,
+    flash_attn_varlen,
+    flash_attn_varlen_ref,
+    scaled_dot_product_attention,
+)
 from fastgen.ops.diffusion_step import (
     counter_normal,
     counter_normal_ref,
@@ -17,6 +24,8 @@ from fastgen.ops.diffusion_step import (
 )
 
 __all__ = [
+    "attention",
+    "attention_ref",
     "counter_normal",
     "counter_normal_ref",
     "ddim_step",
@@ -29,5 +38,8 @@ __all__ = [
     "euler_ancestral_step_ref",
     "euler_step",
     "euler_step_ref",
+    "flash_attn_varlen",
+    "flash_attn_varlen_ref",
     "sampler_step",
+    "scaled_dot_product_attention",
 ]

@@ -1,0 +1,1134 @@
+r"""Fused attention (flash-attention style): forward and backward without the N x N score matrix.
+
+For one (batch, head), with ``q: (Sq, D)``, ``k: (Sk, D)``, ``v: (Sk, Dv)``::
+
+    s   = scale * q k^T + bias                     # bias: additive mask, learnable (has a gradient)
+    s   = -inf where a boolean mask is False, where causal hides the key, or where the key is padding
+    p   = softmax(s)  (a row with no visible key gives p = 0, hence an output of zeros, never NaN)
+    out = dropout(p) v                             # dropout: keep with prob 1 - p_drop, scaled 1/(1 - p_drop)
+    lse = logsumexp(s)                             # saved for the backward (+inf for an empty row)
+
+The Triton kernels (Dao et al. 2022, "FlashAttention"; Dao 2023, "FlashAttention-2") stream key/value
+blocks through an online softmax, so memory is O(Sq + Sk) per head. The backward recomputes ``p`` from
+``lse`` in two kernels, one over key blocks (dK, dV; all the query heads of a GQA group in one program,
+so no atomics) and one over query blocks (dQ and, when the bias needs a gradient, dBias): it is
+deterministic (bit-identical results run to run) by construction.
+
+Causal alignment. For ``Sq != Sk`` there are two conventions:
+
+* **top-left** (``torch.nn.functional.scaled_dot_product_attention``'s ``is_causal``): query ``i`` sees
+  keys ``j <= i``. :func:`scaled_dot_product_attention` keeps it, so it is a drop-in for SDPA.
+* **bottom-right** (flash-attn, KV-cache decoding): query ``i`` sees keys ``j <= i + Sk - Sq``, i.e. the
+  last query sees every key. :func:`flash_attn_varlen` and :func:`attention` with
+  ``causal="bottom_right"`` use it. Rows that see no key (``Sq > Sk``) give zeros.
+
+Backends: ``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` when forced) and
+``torch`` (any device and dtype, including float64: the same math in PyTorch ops, materialising the
+scores; the CPU path). ``python -m fastgen.info`` shows which serves what here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastgen import _backend
+from fastgen._backend import Call
+
+try:  # triton is optional (not on every platform)
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = None
+    tl = None
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# causal modes (kernel constexpr)
+NO_CAUSAL, TOP_LEFT, BOTTOM_RIGHT = 0, 1, 2
+_CAUSAL_NAMES = {"top_left": TOP_LEFT, "bottom_right": BOTTOM_RIGHT}
+
+OP = _backend.get_op("attention", "fused attention forward + backward (masks, bias, GQA, dropout, varlen)")
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"fastgen.attention: {msg}")
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+# =====================================================================================================
+# Reference (the oracle): plain PyTorch in SDPA's layout, optionally upcast to float64
+# =====================================================================================================
+
+
+def _visible(sq: int, sk: int, causal: int, device: torch.device) -> torch.Tensor | None:
+    if causal == NO_CAUSAL:
+        return None
+    off = 0 if causal == TOP_LEFT else sk - sq
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return j <= i + off
+
+
+def attention_ref(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool | str = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Attention as the textbook formula. q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv).
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Sq, Sk).
+    is_causal: False, True / "top_left" (SDPA) or "bottom_right" (flash-attn / KV cache).
+    dropout_mask: bool keep-mask (B, Hq, Sq, Sk) applied as ``p * keep / (1 - dropout_p)``.
+    Rows with no visible key give zeros. Computed in float64 when ``upcast`` (else in q's dtype);
+    returns q's dtype.
+    """
+    dt = torch.float64 if upcast else query.dtype
+    q, k, v = query.to(dt), key.to(dt), value.to(dt)
+    hq, hk = q.shape[-3], k.shape[-3]
+    if hq != hk:
+        k = k.repeat_interleave(hq // hk, dim=-3)
+        v = v.repeat_interleave(hq // hk, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    allowed = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask.to(dt)
+    causal = _causal_mode(is_causal)
+    vis = _visible(s.shape[-2], s.shape[-1], causal, s.device)
+    if vis is not None:
+        allowed = allowed & vis
+    s = s.masked_fill(~allowed, float("-inf"))
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max)
+    denom = e.sum(-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(dt) / (1.0 - dropout_p)
+    return (p @ v).to(query.dtype)
+
+
+def flash_attn_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Packed (total, heads, dim) attention, one sequence at a time, bottom-right causal alignment."""
+    outs = []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        qi = q[cq[i] : cq[i + 1]].transpose(0, 1)[None]
+        ki = k[ck[i] : ck[i + 1]].transpose(0, 1)[None]
+        vi = v[ck[i] : ck[i + 1]].transpose(0, 1)[None]
+        o = attention_ref(
+            qi, ki, vi, is_causal="bottom_right" if causal else False, scale=scale, upcast=upcast
+        )
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, 0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
+
+
+def _causal_mode(is_causal: bool | str) -> int:
+    if isinstance(is_causal, str):
+        if is_causal not in _CAUSAL_NAMES:
+            raise _err(f"causal must be a bool, 'top_left' or 'bottom_right', got {is_causal!r}")
+        return _CAUSAL_NAMES[is_causal]
+    return TOP_LEFT if bool(is_causal) else NO_CAUSAL
+
+
+# =====================================================================================================
+# torch backend: the same math in PyTorch ops (scores materialised), any device / dtype
+# =====================================================================================================
+# Canonical layout shared by every backend (see _canonical): q (B, Sq, Hq, D), k (B, Sk, Hkv, D),
+# v (B, Sk, Hkv, Dv) with the last dim contiguous; bias / mask (B, Hq, Sq, Sk) views (stride 0 where
+# broadcast); lse (B, Hq, Sq) float32. Packed varlen batches come as B = 1 with cu_seqlens.
+
+
+def _segments(cu_q, cu_k, sq, sk, b):
+    if cu_q is None:
+        return [(bi, 0, sq, 0, sk) for bi in range(b)]
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(0, cq[i], cq[i + 1] - cq[i], ck[i], ck[i + 1] - ck[i]) for i in range(len(cq) - 1)]
+
+
+def _torch_keep(
+    seed: int, shapes: list[tuple[int, ...]], p: float, device: torch.device
+) -> list[torch.Tensor]:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return [torch.rand(s, generator=g, device=device) >= p for s in shapes]
+
+
+def _torch_scores(q, k, bias, mask, causal, scale, dt):
+    """s (H, sq, sk) in dt for one segment, -inf where hidden. q: (sq, Hq, D), k: (sk, Hkv, D)."""
+    hq, hk = q.shape[1], k.shape[1]
+    qh = q.transpose(0, 1).to(dt)
+    kh = k.transpose(0, 1).to(dt)
+    if hq != hk:
+        kh = kh.repeat_interleave(hq // hk, dim=0)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(dt)
+    hidden = None
+    if mask is not None:
+        hidden = ~mask
+    vis = _visible(s.shape[-2], s.shape[-1], causal, s.device)
+    if vis is not None:
+        hidden = ~vis if hidden is None else hidden | ~vis
+    if hidden is not None:
+        s = s.masked_fill(hidden, float("-inf"))
+    return s
+
+
+def _expand_kv(x, hq):
+    return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
+
+
+def _fwd_torch(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, _, hq, _ = q.shape
+    out = torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, q.shape[1]), dtype=torch.float32, device=q.device)
+    segs = _segments(cu_q, cu_k, q.shape[1], k.shape[1], b)
+    keeps = (
+        _torch_keep(seed, [(hq, s[2], s[4]) for s in segs], dropout_p, q.device) if dropout_p > 0 else None
+    )
+    for n, (bi, q0, sq, k0, sk) in enumerate(segs):
+        qs, ks, vs = q[bi, q0 : q0 + sq], k[bi, k0 : k0 + sk], v[bi, k0 : k0 + sk]
+        bs = None if bias is None else bias[bi, :, :sq, :sk]
+        ms = None if mask is None else mask[bi, :, :sq, :sk]
+        s = _torch_scores(qs, ks, bs, ms, causal, scale, dt)
+        l_ = torch.logsumexp(s, -1)  # -inf for an empty row
+        p = torch.exp(s - torch.where(torch.isfinite(l_), l_, torch.zeros_like(l_))[..., None])
+        if keeps is not None:
+            p = p * keeps[n] / (1.0 - dropout_p)
+        vh = _expand_kv(vs.transpose(0, 1).to(dt)[None], hq)[0]
+        out[bi, q0 : q0 + sq] = (p @ vh).transpose(0, 1).to(q.dtype)
+        lse[bi, :, q0 : q0 + sq] = torch.where(torch.isfinite(l_), l_, torch.full_like(l_, math.inf)).float()
+    return out, lse
+
+
+def _bwd_torch(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+               bias_grad):  # fmt: skip
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, _, hq, _ = q.shape
+    hk = k.shape[2]
+    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dt, device=q.device)
+    dbias = torch.zeros((b, hq, q.shape[1], k.shape[1]), dtype=dt, device=q.device) if bias_grad else None
+    segs = _segments(cu_q, cu_k, q.shape[1], k.shape[1], b)
+    keeps = (
+        _torch_keep(seed, [(hq, s[2], s[4]) for s in segs], dropout_p, q.device) if dropout_p > 0 else None
+    )
+    for n, (bi, q0, sq, k0, sk) in enumerate(segs):
+        qs, ks, vs = q[bi, q0 : q0 + sq], k[bi, k0 : k0 + sk], v[bi, k0 : k0 + sk]
+        bs = None if bias is None else bias[bi, :, :sq, :sk]
+        ms = None if mask is None else mask[bi, :, :sq, :sk]
+        s = _torch_scores(qs, ks, bs, ms, causal, scale, dt)
+        p = torch.exp(s - lse[bi, :, q0 : q0 + sq].to(dt)[..., None])  # lse = +inf: p = 0
+        do = dout[bi, q0 : q0 + sq].transpose(0, 1).to(dt)  # (H, sq, Dv)
+        vh = _expand_kv(vs.transpose(0, 1).to(dt)[None], hq)[0]
+        kh = _expand_kv(ks.transpose(0, 1).to(dt)[None], hq)[0]
+        qh = qs.transpose(0, 1).to(dt)
+        dp = do @ vh.transpose(-1, -2)
+        pd = p
+        if keeps is not None:
+            pd = p * keeps[n] / (1.0 - dropout_p)
+            dp = dp * keeps[n] / (1.0 - dropout_p)
+        delta = (do * out[bi, q0 : q0 + sq].transpose(0, 1).to(dt)).sum(-1, keepdim=True)
+        ds = p * (dp - delta)
+        dvh = pd.transpose(-1, -2) @ do
+        dkh = (ds.transpose(-1, -2) @ qh) * scale
+        dq[bi, q0 : q0 + sq] = ((ds @ kh) * scale).transpose(0, 1)
+        g = hq // hk
+        dk[bi, k0 : k0 + sk] = dkh.reshape(hk, g, sk, -1).sum(1).transpose(0, 1)
+        dv[bi, k0 : k0 + sk] = dvh.reshape(hk, g, sk, -1).sum(1).transpose(0, 1)
+        if dbias is not None:
+            dbias[bi, :, :sq, :sk] = ds
+    dbias = dbias.to(bias.dtype) if dbias is not None else q.new_empty(0)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+# =====================================================================================================
+# Triton kernels
+# =====================================================================================================
+
+if triton is not None:
+
+    @triton.jit
+    def _rng_batch(b64, VARLEN: tl.constexpr):
+        # dropout counters: (batch, head, query row, key col) of the padded batch; a packed batch is one row
+        # space (rows are unique across sequences), so its batch index does not enter
+        if VARLEN:
+            return b64 * 0
+        else:
+            return b64
+
+    @triton.jit
+    def _fwd_block(acc, l_i, m_i, q, K, V, Bias, Mask, offs_m, offs_d, offs_dv, start, end, sq, sk, off,
+                   skn, svn, sbm, sbn, smm, smn, qk_scale, dropout_p, seed, rng_row,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                   EDGE: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        # EDGE: the key blocks that need bounds / causal masking (the diagonal and the ragged end)
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kmask = offs_d[:, None] < D
+            vmask = offs_dv[None, :] < DV
+            if EDGE:
+                kmask = kmask & (offs_n[None, :] < sk)
+                vmask = vmask & (offs_n[:, None] < sk)
+            k = tl.load(K + offs_n[None, :] * skn + offs_d[:, None], mask=kmask, other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            tile = (offs_m[:, None] < sq) & (offs_n[None, :] < sk)
+            if HAS_BIAS:
+                bias = tl.load(Bias + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=tile, other=0.0)
+                s += bias.to(tl.float32) * 1.4426950408889634
+            if HAS_MASK:
+                keep = tl.load(Mask + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=tile, other=1)
+                s = tl.where(keep != 0, s, float("-inf"))
+            if EDGE:
+                s = tl.where(offs_n[None, :] < sk, s, float("-inf"))
+                if CAUSAL != 0:
+                    s = tl.where(offs_n[None, :] <= offs_m[:, None] + off, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if DROPOUT:
+                rng = rng_row[:, None] + offs_n[None, :]
+                p = tl.where(tl.rand(seed, rng) >= dropout_p, p, 0.0)
+            v = tl.load(V + offs_n[:, None] * svn + offs_dv[None, :], mask=vmask, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd_kernel(Q, K, V, Out, Lse, Bias, Mask, CuQ, CuK,
+                         sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh,
+                         sbb, sbh, sbm, sbn, smb, smh, smm, smn,
+                         seqlen_q, seqlen_k, rng_sq, rng_sk, n_heads, group, qk_scale, dropout_p, seed,
+                         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        if VARLEN:
+            q0 = tl.load(CuQ + b)
+            k0 = tl.load(CuK + b)
+            sq = tl.load(CuQ + b + 1) - q0
+            sk = tl.load(CuK + b + 1) - k0
+        else:
+            q0 = 0
+            k0 = 0
+            sq = seqlen_q
+            sk = seqlen_k
+        if pid_m * BLOCK_M < sq:
+            b64 = b.to(tl.int64)
+            hk = h // group
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, BLOCK_D)
+            offs_dv = tl.arange(0, BLOCK_DV)
+            Q += b64 * sqb + (q0 + 0).to(tl.int64) * sqm + h * sqh
+            K += b64 * skb + (k0 + 0).to(tl.int64) * skn + hk * skh
+            V += b64 * svb + (k0 + 0).to(tl.int64) * svn + hk * svh
+            Bias += b64 * sbb + h * sbh
+            Mask += b64 * smb + h * smh
+            q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :],
+                        mask=(offs_m[:, None] < sq) & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            off = 0
+            if CAUSAL == 2:
+                off = sk - sq
+            # key blocks [0, full) need no masking; [full, hi) do (ragged end, causal diagonal)
+            hi = sk
+            full = (sk // BLOCK_N) * BLOCK_N
+            if CAUSAL != 0:
+                hi = tl.minimum(sk, (pid_m + 1) * BLOCK_M + off)
+                hi = tl.maximum(hi, 0)
+                full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + off + 1, 0) // BLOCK_N * BLOCK_N)
+            rng_row = ((_rng_batch(b64, VARLEN) * n_heads + h) * rng_sq + q0 + offs_m) * rng_sk
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, Bias, Mask, offs_m, offs_d, offs_dv, 0, full,
+                                       sq, sk, off, skn, svn, sbm, sbn, smm, smn, qk_scale, dropout_p, seed,
+                                       rng_row, D, DV, BLOCK_N, CAUSAL, HAS_BIAS, HAS_MASK, DROPOUT, False,
+                                       PRECISION)  # fmt: skip
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, Bias, Mask, offs_m, offs_d, offs_dv, full, hi,
+                                       sq, sk, off, skn, svn, sbm, sbn, smm, smn, qk_scale, dropout_p, seed,
+                                       rng_row, D, DV, BLOCK_N, CAUSAL, HAS_BIAS, HAS_MASK, DROPOUT, True,
+                                       PRECISION)  # fmt: skip
+            empty = l_i == 0.0
+            inv = 1.0 / tl.where(empty, 1.0, l_i)
+            if DROPOUT:
+                inv = inv / (1.0 - dropout_p)
+            out = acc * inv[:, None]
+            Out += b64 * sob + (q0 + 0).to(tl.int64) * som + h * soh
+            tl.store(Out + offs_m[:, None] * som + offs_dv[None, :], out.to(Out.dtype.element_ty),
+                     mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV))  # fmt: skip
+            lse = tl.where(
+                empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+            )
+            tl.store(Lse + b64 * slb + h * slh + q0 + offs_m, lse, mask=offs_m < sq)
+
+    @triton.jit
+    def _bwd_delta_kernel(Out, DO, Delta, CuQ, sob, som, soh, sdb, sdm, sdh, slb, slh, seqlen_q, n_heads,
+                          DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                          VARLEN: tl.constexpr):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        if VARLEN:
+            q0 = tl.load(CuQ + b)
+            sq = tl.load(CuQ + b + 1) - q0
+        else:
+            q0 = 0
+            sq = seqlen_q
+        if pid_m * BLOCK_M < sq:
+            b64 = b.to(tl.int64)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_dv = tl.arange(0, BLOCK_DV)
+            msk = (offs_m[:, None] < sq) & (offs_dv[None, :] < DV)
+            rows = (q0 + offs_m).to(tl.int64)
+            o = tl.load(
+                Out + b64 * sob + h * soh + rows[:, None] * som + offs_dv[None, :], mask=msk, other=0.0
+            )
+            do = tl.load(
+                DO + b64 * sdb + h * sdh + rows[:, None] * sdm + offs_dv[None, :], mask=msk, other=0.0
+            )
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            tl.store(Delta + b64 * slb + h * slh + q0 + offs_m, delta, mask=offs_m < sq)
+
+    @triton.jit
+    def _bwd_p(q, k, Bias, Mask, lse, offs_m, offs_n, sq, sk, off, sbm, sbn, smm, smn, qk_scale,
+               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+               PRECISION: tl.constexpr):  # fmt: skip
+        """Probabilities p (BLOCK_M, BLOCK_N) recomputed from lse (log2 domain); 0 where hidden."""
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        tile = (offs_m[:, None] < sq) & (offs_n[None, :] < sk)
+        if HAS_BIAS:
+            bias = tl.load(Bias + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=tile, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+        p = tl.math.exp2(s - lse[:, None])
+        vis = tile
+        if HAS_MASK:
+            keep = tl.load(Mask + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=tile, other=0)
+            vis = vis & (keep != 0)
+        if CAUSAL != 0:
+            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+        return tl.where(vis, p, 0.0)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, Lse, Delta, Bias, Mask, CuQ, CuK,
+                              sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdb, sdm, sdh,
+                              sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh,
+                              sbb, sbh, sbm, sbn, smb, smh, smm, smn,
+                              seqlen_q, seqlen_k, rng_sq, rng_sk, n_heads_kv, group, scale, qk_scale,
+                              dropout_p, seed,
+                              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                              VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+                              PRECISION: tl.constexpr):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads_kv
+        hk = pid_bh % n_heads_kv
+        if VARLEN:
+            q0 = tl.load(CuQ + b)
+            k0 = tl.load(CuK + b)
+            sq = tl.load(CuQ + b + 1) - q0
+            sk = tl.load(CuK + b + 1) - k0
+        else:
+            q0 = 0
+            k0 = 0
+            sq = seqlen_q
+            sk = seqlen_k
+        if pid_n * BLOCK_N < sk:
+            b64 = b.to(tl.int64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, BLOCK_D)
+            offs_dv = tl.arange(0, BLOCK_DV)
+            krow = (k0 + offs_n).to(tl.int64)
+            k = tl.load(
+                K + b64 * skb + hk * skh + krow[None, :] * skn + offs_d[:, None],
+                mask=(offs_n[None, :] < sk) & (offs_d[:, None] < D),
+                other=0.0,
+            )  # (BLOCK_D, BLOCK_N)
+            v = tl.load(V + b64 * svb + hk * svh + krow[None, :] * svn + offs_dv[:, None],
+                        mask=(offs_n[None, :] < sk) & (offs_dv[:, None] < DV), other=0.0)  # fmt: skip
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+            off = 0
+            if CAUSAL == 2:
+                off = sk - sq
+            lo = 0
+            if CAUSAL != 0:
+                lo = tl.maximum(pid_n * BLOCK_N - off, 0) // BLOCK_M * BLOCK_M
+            for g in range(0, group):
+                h = hk * group + g
+                Qh = Q + b64 * sqb + h * sqh + (q0 + 0).to(tl.int64) * sqm
+                DOh = DO + b64 * sdb + h * sdh + (q0 + 0).to(tl.int64) * sdm
+                Lh = Lse + b64 * slb + h * slh + q0
+                Dh = Delta + b64 * slb + h * slh + q0
+                Bh = Bias + b64 * sbb + h * sbh
+                Mh = Mask + b64 * smb + h * smh
+                rng_bh = (_rng_batch(b64, VARLEN) * n_heads_kv * group + h) * rng_sq + q0
+                for start_m in range(lo, sq, BLOCK_M):
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    mrow = offs_m[:, None] < sq
+                    q = tl.load(Qh + offs_m[:, None] * sqm + offs_d[None, :],
+                                mask=mrow & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+                    do = tl.load(DOh + offs_m[:, None] * sdm + offs_dv[None, :],
+                                 mask=mrow & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
+                    lse = tl.load(Lh + offs_m, mask=offs_m < sq, other=float("inf")) * 1.4426950408889634
+                    delta = tl.load(Dh + offs_m, mask=offs_m < sq, other=0.0)
+                    p = _bwd_p(q, k, Bh, Mh, lse, offs_m, offs_n, sq, sk, off, sbm, sbn, smm, smn, qk_scale,
+                               CAUSAL, HAS_BIAS, HAS_MASK, PRECISION)  # fmt: skip
+                    dp = tl.dot(do, v, input_precision=PRECISION)
+                    if DROPOUT:
+                        rng = ((rng_bh + offs_m) * rng_sk)[:, None] + offs_n[None, :]
+                        keep = tl.rand(seed, rng) >= dropout_p
+                        inv_keep = 1.0 / (1.0 - dropout_p)
+                        pd = tl.where(keep, p * inv_keep, 0.0)
+                        dp = tl.where(keep, dp * inv_keep, 0.0)
+                    else:
+                        pd = p
+                    dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision=PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+            dk = dk * scale
+            tl.store(DK + b64 * sdkb + hk * sdkh + krow[:, None] * sdkn + offs_d[None, :],
+                     dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < sk) & (offs_d[None, :] < D))  # fmt: skip
+            tl.store(DV_ + b64 * sdvb + hk * sdvh + krow[:, None] * sdvn + offs_dv[None, :],
+                     dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < sk) & (offs_dv[None, :] < DV))  # fmt: skip
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, DBias, Lse, Delta, Bias, Mask, CuQ, CuK,
+                            sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdb, sdm, sdh,
+                            sdqb, sdqm, sdqh, slb, slh, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
+                            sgb, sgh, sgm, sgn,
+                            seqlen_q, seqlen_k, rng_sq, rng_sk, n_heads, group, scale, qk_scale, dropout_p, seed,
+                            D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
+                            DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                            PRECISION: tl.constexpr):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        h = pid_bh % n_heads
+        if VARLEN:
+            q0 = tl.load(CuQ + b)
+            k0 = tl.load(CuK + b)
+            sq = tl.load(CuQ + b + 1) - q0
+            sk = tl.load(CuK + b + 1) - k0
+        else:
+            q0 = 0
+            k0 = 0
+            sq = seqlen_q
+            sk = seqlen_k
+        if pid_m * BLOCK_M < sq:
+            b64 = b.to(tl.int64)
+            hk = h // group
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, BLOCK_D)
+            offs_dv = tl.arange(0, BLOCK_DV)
+            qrow = (q0 + offs_m).to(tl.int64)
+            mrow = offs_m[:, None] < sq
+            q = tl.load(Q + b64 * sqb + h * sqh + qrow[:, None] * sqm + offs_d[None, :],
+                        mask=mrow & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+            do = tl.load(DO + b64 * sdb + h * sdh + qrow[:, None] * sdm + offs_dv[None, :],
+                         mask=mrow & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
+            lbase = b64 * slb + h * slh + q0
+            lse = tl.load(Lse + lbase + offs_m, mask=offs_m < sq, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(Delta + lbase + offs_m, mask=offs_m < sq, other=0.0)
+            K += b64 * skb + hk * skh + (k0 + 0).to(tl.int64) * skn
+            V += b64 * svb + hk * svh + (k0 + 0).to(tl.int64) * svn
+            Bias += b64 * sbb + h * sbh
+            Mask += b64 * smb + h * smh
+            DBias += b64 * sgb + h * sgh
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            off = 0
+            if CAUSAL == 2:
+                off = sk - sq
+            hi = sk
+            if CAUSAL != 0:
+                hi = tl.maximum(tl.minimum(sk, (pid_m + 1) * BLOCK_M + off), 0)
+            rng_row = ((_rng_batch(b64, VARLEN) * n_heads + h) * rng_sq + q0 + offs_m) * rng_sk
+            for start_n in range(0, hi, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                ncol = offs_n[None, :] < sk
+                k = tl.load(
+                    K + offs_n[None, :] * skn + offs_d[:, None], mask=ncol & (offs_d[:, None] < D), other=0.0
+                )
+                v = tl.load(V + offs_n[None, :] * svn + offs_dv[:, None], mask=ncol & (offs_dv[:, None] < DV),
+                            other=0.0)  # fmt: skip
+                p = _bwd_p(q, k, Bias, Mask, lse, offs_m, offs_n, sq, sk, off, sbm, sbn, smm, smn, qk_scale,
+                           CAUSAL, HAS_BIAS, HAS_MASK, PRECISION)  # fmt: skip
+                dp = tl.dot(do, v, input_precision=PRECISION)
+                if DROPOUT:
+                    keep = tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
+                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                ds = p * (dp - delta[:, None])
+                if BIAS_GRAD:
+                    tl.store(DBias + offs_m[:, None] * sgm + offs_n[None, :] * sgn, ds, mask=mrow & ncol)
+                dq = tl.dot(ds.to(k.dtype), tl.trans(k), dq, input_precision=PRECISION)
+            dq = dq * scale
+            tl.store(DQ + b64 * sdqb + h * sdqh + qrow[:, None] * sdqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=mrow & (offs_d[None, :] < D))  # fmt: skip
+
+    @triton.jit
+    def _dropout_keep_kernel(Keep, sq, sk, dropout_p, seed,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = pid_bh.to(tl.int64)
+        for start_n in range(0, sk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            rng = (bh * sq + offs_m[:, None]) * sk + offs_n[None, :]
+            keep = tl.rand(seed, rng) >= dropout_p
+            tl.store(Keep + (bh * sq + offs_m[:, None]) * sk + offs_n[None, :], keep.to(tl.int8),
+                     mask=(offs_m[:, None] < sq) & (offs_n[None, :] < sk))  # fmt: skip
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _configs(d: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d. Small blocks under the interpreter."""
+    if _backend.triton_interpret():
+        return 16, 16, 4, 1
+    wide = dtype == torch.float32
+    if kind == "fwd":
+        if d <= 64:
+            cfg = (128, 64, 4, 3)
+        elif d <= 128:
+            cfg = (128, 64, 8, 3)
+        else:
+            cfg = (64, 32, 4, 2)
+    else:
+        cfg = (64, 64, 4, 2) if d <= 64 else (64, 64, 8, 2) if d <= 128 else (32, 32, 4, 1)
+    if wide:
+        cfg = (cfg[0] // 2 if d > 64 else cfg[0], max(16, cfg[1] // 2), cfg[2], max(1, cfg[3] - 1))
+    return cfg
+
+
+def _mask_args(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if t is None:
+        return like, (0, 0, 0, 0)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t, tuple(t.stride())
+
+
+def _fwd_triton(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+    b, sq, hq, d = q.shape
+    sk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((b, sq, hq, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    varlen = cu_q is not None
+    nb = cu_q.numel() - 1 if varlen else b
+    bm, bn, warps, stages = _configs(max(d, dv), q.dtype, "fwd")
+    bias_t, bs = _mask_args(bias, q)
+    mask_t, ms = _mask_args(mask, q)
+    cu_q_t = cu_q if varlen else lse
+    cu_k_t = cu_k if varlen else lse
+    grid = (triton.cdiv(max_q if varlen else sq, bm), nb * hq)
+    sb0 = 0 if varlen else None
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, bias_t, mask_t, cu_q_t, cu_k_t,
+        sb0 if varlen else q.stride(0), q.stride(1), q.stride(2),
+        sb0 if varlen else k.stride(0), k.stride(1), k.stride(2),
+        sb0 if varlen else v.stride(0), v.stride(1), v.stride(2),
+        sb0 if varlen else out.stride(0), out.stride(1), out.stride(2),
+        sb0 if varlen else lse.stride(0), lse.stride(1),
+        *bs, *ms, sq, sk, sq, sk, hq, hq // hk, scale * LOG2E, dropout_p, seed,
+        D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0,
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _bwd_triton(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
+                bias_grad):  # fmt: skip
+    b, sq, hq, d = q.shape
+    sk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
+    varlen = cu_q is not None
+    nb = cu_q.numel() - 1 if varlen else b
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    delta = torch.empty_like(lse)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dvv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dbias = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if bias_grad else lse
+    bm, bn, warps, stages = _configs(max(d, dv), q.dtype, "bwd")
+    bias_t, bs = _mask_args(bias, q)
+    mask_t, ms = _mask_args(mask, q)
+    cu_q_t = cu_q if varlen else lse
+    cu_k_t = cu_k if varlen else lse
+
+    def sb(t):
+        return 0 if varlen else t.stride(0)
+
+    common = dict(D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
+                  HAS_BIAS=bias is not None, HAS_MASK=mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0,
+                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)  # fmt: skip
+    qgrid = (triton.cdiv(max_q if varlen else sq, bm), nb * hq)
+    _bwd_delta_kernel[qgrid](out, dout, delta, cu_q_t, sb(out), out.stride(1), out.stride(2), sb(dout),
+                             dout.stride(1), dout.stride(2), sb(lse), lse.stride(1), sq, hq,
+                             DV=dv, BLOCK_DV=_pow2(dv), BLOCK_M=bm, VARLEN=varlen)  # fmt: skip
+    strides = (sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2), sb(v), v.stride(1), v.stride(2),
+               sb(dout), dout.stride(1), dout.stride(2))  # fmt: skip
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_k if varlen else sk, bn), nb * hk)](
+        q, k, v, dout, dk, dvv, lse, delta, bias_t, mask_t, cu_q_t, cu_k_t, *strides,
+        sb(dk), dk.stride(1), dk.stride(2), sb(dvv), dvv.stride(1), dvv.stride(2), sb(lse), lse.stride(1),
+        *bs, *ms, sq, sk, sq, sk, hk, hq // hk, scale, scale * LOG2E, dropout_p, seed, **common,
+    )  # fmt: skip
+    gs = tuple(dbias.stride()) if bias_grad else (0, 0, 0, 0)
+    _attn_bwd_dq_kernel[qgrid](
+        q, k, v, dout, dq, dbias, lse, delta, bias_t, mask_t, cu_q_t, cu_k_t, *strides,
+        sb(dq), dq.stride(1), dq.stride(2), sb(lse), lse.stride(1), *bs, *ms, *gs,
+        sq, sk, sq, sk, hq, hq // hk, scale, scale * LOG2E, dropout_p, seed, BIAS_GRAD=bias_grad, **common,
+    )  # fmt: skip
+    dbias = dbias.to(bias.dtype) if bias_grad else q.new_empty(0)
+    return dq, dk, dvv, dbias
+
+
+def dropout_keep_mask(
+    backend: str,
+    shape: tuple[int, int, int, int],
+    dropout_p: float,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The bool keep-mask (B, H, Sq, Sk) that ``backend`` ("triton" or "torch") draws for a padded batch
+    with this seed: what :func:`attention_ref`'s ``dropout_mask`` needs to reproduce a dropout call."""
+    b, h, sq, sk = shape
+    device = torch.device(device)
+    if backend == "torch":
+        return torch.stack(_torch_keep(seed, [(h, sq, sk)] * b, dropout_p, device) if b else [])
+    if backend != "triton":
+        raise _err(f"dropout_keep_mask: unknown backend {backend!r}")
+    keep = torch.empty((b, h, sq, sk), dtype=torch.int8, device=device)
+    bm, bn = 16, 64
+    _dropout_keep_kernel[(triton.cdiv(sq, bm), b * h)](keep, sq, sk, dropout_p, seed,
+                                                      BLOCK_M=bm, BLOCK_N=bn)  # fmt: skip
+    return keep.bool()
+
+
+# =====================================================================================================
+# Backends and the torch.library ops
+# =====================================================================================================
+
+
+def _triton_check(call: Call) -> list[str]:
+    reasons = _backend.triton_check_device(call)
+    for name in ("head_dim", "head_dim_v"):
+        if call[name] > MAX_HEAD_DIM:
+            reasons.append(f"{name} {call[name]} > {MAX_HEAD_DIM}")
+    return reasons
+
+
+OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
+            check=_triton_check, forced_only_devices=("cpu",),
+            note="flash-attention 2 style fwd + deterministic bwd")(_fwd_triton)  # fmt: skip
+OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64),
+            note="PyTorch ops, scores materialised")(_fwd_torch)  # fmt: skip
+_BWD = {"triton": _bwd_triton, "torch": _bwd_torch}
+
+
+def _call(q: torch.Tensor, v: torch.Tensor) -> Call:
+    return Call(q.device, q.dtype, {"head_dim": q.shape[-1], "head_dim_v": v.shape[-1]})
+
+
+@torch.library.custom_op("fastgen::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = OP.dispatch(_call(q, v))
+    return backend.fn(q, k, v, bias, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                      dropout_p, seed)  # fmt: skip
+
+
+@_attention_fwd_op.register_fake
+def _(
+    q,
+    k,
+    v,
+    bias,
+    mask,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    dropout_p,
+    seed,
+):
+    out = q.new_empty((*q.shape[:3], v.shape[3]))
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fastgen::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: int,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    bias_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the backend that ran the forward (chosen when it ran: a forced backend may be out of scope by now,
+    # and the dropout streams differ between backends)
+    return _BWD[backend](dout, q, k, v, out, lse, bias, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, causal, scale, dropout_p, seed, bias_grad)  # fmt: skip
+
+
+@_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, bias, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+      dropout_p, seed, bias_grad, backend):  # fmt: skip
+    dbias = (
+        q.new_empty((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dtype=bias.dtype)
+        if bias_grad
+        else q.new_empty(0)
+    )
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, mask, cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale, dropout_p, seed)
+    ctx.backend = OP.dispatch(_call(q, v)).name
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, bias, mask, cu_q, cu_k = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = _attention_bwd_op(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, *ctx.args, bias_grad,
+                                          ctx.backend)  # fmt: skip
+    return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# =====================================================================================================
+# Public API
+# =====================================================================================================
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names=("query", "key", "value")) -> None:
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise _err(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise _err(f"{name} must be floating point, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise _err(f"query, key and value must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise _err(f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _draw_seed(dropout_p: float, seed: int | None) -> int:
+    if dropout_p == 0.0:
+        return 0
+    if seed is not None:
+        return int(seed) & ((1 << 62) - 1)
+    # drawn from torch's default generator: torch.manual_seed makes dropout reproducible
+    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+
+
+def _check_dropout(dropout_p: float) -> float:
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise _err(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    causal: bool | str = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """General fused attention in SDPA's layout; the function every other API calls.
+
+    query: (B, Hq, Sq, D), key: (B, Hkv, Sk, D), value: (B, Hkv, Sk, Dv) with Hq % Hkv == 0 (GQA / MQA).
+    bias: additive float, broadcastable to (B, Hq, Sq, Sk); gets a gradient when it requires one.
+    mask: bool, True = attend, broadcastable to (B, Hq, Sq, Sk) (e.g. a key-padding mask (B, 1, 1, Sk)).
+    causal: False, True / "top_left" (SDPA's alignment) or "bottom_right" (flash-attn's).
+    scale: default 1 / sqrt(D). dropout_p: dropout on the probabilities, seeded by ``seed`` (default: drawn
+    from torch's generator, so ``torch.manual_seed`` makes it reproducible).
+    Returns (B, Hq, Sq, Dv) in the inputs' dtype (memory layout (B, Sq, Hq, Dv), a transposed view).
+    """
+    _check_qkv(query, key, value)
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise _err(
+            f"query, key, value must be 4-D (batch, heads, seq, head_dim), got {_shape(query)}, "
+            f"{_shape(key)}, {_shape(value)}"
+        )
+    b, hq, sq, d = query.shape
+    bk, hk, sk, dk = key.shape
+    if bk != b or value.shape[0] != b:
+        raise _err(f"batch sizes differ: query {b}, key {bk}, value {value.shape[0]}")
+    if dk != d:
+        raise _err(f"key head_dim {dk} != query head_dim {d} (query {_shape(query)}, key {_shape(key)})")
+    if value.shape[1] != hk or value.shape[2] != sk:
+        raise _err(f"value {_shape(value)} does not match key {_shape(key)} in heads and sequence length")
+    if hk == 0 or hq % hk != 0:
+        raise _err(f"query heads {hq} must be a multiple of key/value heads {hk} (GQA/MQA)")
+    if d == 0 or value.shape[3] == 0:
+        raise _err(f"head_dim must be positive, got query {d}, value {value.shape[3]}")
+    causal_mode = _causal_mode(causal)
+    dropout_p = _check_dropout(dropout_p)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    scale = float(scale)
+    full = (b, hq, sq, sk)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise _err(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias))}")
+        bias = _broadcast("bias", bias, full, query.device)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise _err(
+                f"mask must be a bool tensor (True = attend), got {getattr(mask, 'dtype', type(mask))}"
+            )
+        mask = _broadcast("mask", mask, full, query.device)
+    q = _last_dim_contiguous(query.transpose(1, 2))
+    k = _last_dim_contiguous(key.transpose(1, 2))
+    v = _last_dim_contiguous(value.transpose(1, 2))
+    if b == 0 or sq == 0 or hq == 0:
+        return query.new_zeros((b, hq, sq, value.shape[3]))
+    out, _ = _attention_fwd_op(q, k, v, bias, mask, None, None, sq, sk, causal_mode, scale, dropout_p,
+                               _draw_seed(dropout_p, seed))  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _broadcast(name: str, t: torch.Tensor, full: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if t.device != device:
+        raise _err(f"{name} is on {t.device} but query is on {device}")
+    try:
+        torch.broadcast_shapes(t.shape, full)
+        if t.dim() > 4:
+            raise RuntimeError
+        return t.expand(full)
+    except RuntimeError:
+        raise _err(
+            f"{name} of shape {_shape(t)} is not broadcastable to (batch, heads, seq_q, seq_k) = {full}"
+        ) from None
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature and semantics.
+
+    query: (..., Hq, Sq, D), key: (..., Hkv, Sk, D), value: (..., Hkv, Sk, Dv) (3-D inputs: no head dim).
+    attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (..., Hq, Sq, Sk); a
+    float mask that requires grad gets one. is_causal: top-left alignment (key j visible to query i iff
+    j <= i), as SDPA; may be combined with attn_mask. enable_gqa: allow Hq a multiple of Hkv.
+    Differs from SDPA only where SDPA gives NaN: a row with every key masked gives zeros here.
+    """
+    _check_qkv(query, key, value)
+    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise _err(
+            f"query, key, value must have the same number of dims (>= 3), got {_shape(query)}, "
+            f"{_shape(key)}, {_shape(value)}"
+        )
+    lead = query.shape[:-3] if query.dim() > 3 else ()
+    if query.dim() == 3:
+        query, key, value = query[:, None], key[:, None], value[:, None]
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask[:, None]
+    elif query.dim() > 4:
+        if key.shape[:-3] != lead or value.shape[:-3] != lead:
+            raise _err(f"batch dims differ: query {_shape(query)}, key {_shape(key)}, value {_shape(value)}")
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(*lead, query.shape[-3], query.shape[-2], key.shape[-2])
+            attn_mask = attn_mask.reshape(-1, *attn_mask.shape[-3:])
+        query, key, value = (t.reshape(-1, *t.shape[-3:]) for t in (query, key, value))
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise _err(
+            f"query has {query.shape[1]} heads but key/value have {key.shape[1]}: pass enable_gqa=True for "
+            "grouped-query attention"
+        )
+    bias = mask = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise _err(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype == torch.bool:
+            mask = attn_mask
+        elif attn_mask.is_floating_point():
+            bias = attn_mask
+        else:
+            raise _err(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    out = attention(query, key, value, bias=bias, mask=mask, causal=bool(is_causal), scale=scale,
+                    dropout_p=dropout_p)  # fmt: skip
+    if len(lead) != 1 or out.dim() != len(lead) + 3:
+        out = out.reshape(*lead, *out.shape[-3:]) if lead else out[:, 0]
+    return out
+
+
+def _check_cu(name: str, cu: torch.Tensor, total: int, max_len: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
+        raise _err(f"{name} must be a 1-D tensor (batch + 1,), got {getattr(cu, 'shape', type(cu))}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise _err(f"{name} must be int32 (or int64), got {cu.dtype}")
+    if cu.device != device:
+        raise _err(f"{name} is on {cu.device} but q is on {device}")
+    cu = cu.to(torch.int32)
+    lens = cu[1:] - cu[:-1]
+    # on the device, without a host sync (a CUDA failure surfaces at the next synchronisation)
+    torch._assert_async(cu[0] == 0, f"fastgen.attention: {name}[0] must be 0")
+    torch._assert_async(cu[-1] == total, f"fastgen.attention: {name}[-1] must equal the total tokens {total}")
+    if lens.numel():
+        torch._assert_async(lens.min() >= 0, f"fastgen.attention: {name} must be non-decreasing")
+        torch._assert_async(
+            lens.max() <= max_len, f"fastgen.attention: a sequence in {name} is longer than max"
+        )
+    return cu
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Attention over a packed batch of variable-length sequences, with no compute on padding.
+
+    q: (total_q, Hq, D), k: (total_k, Hkv, D), v: (total_k, Hkv, Dv); sequence i is rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q against ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k / v
+    (int32, (batch + 1,), starting at 0). max_seqlen_*: the longest sequence (sizes the launch grid).
+    causal uses the bottom-right alignment (query i sees keys j <= i + sk - sq), as flash-attn.
+    Returns (total_q, Hq, Dv).
+    """
+    _check_qkv(q, k, v, ("q", "k", "v"))
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise _err(f"q, k, v must be 3-D (total, heads, head_dim), got {_shape(q)}, {_shape(k)}, {_shape(v)}")
+    if k.shape[2] != q.shape[2]:
+        raise _err(f"k head_dim {k.shape[2]} != q head_dim {q.shape[2]}")
+    if v.shape[:2] != k.shape[:2]:
+        raise _err(f"v {_shape(v)} does not match k {_shape(k)} in tokens and heads")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise _err(f"q heads {q.shape[1]} must be a multiple of k/v heads {k.shape[1]}")
+    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
+    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
+    if cu_q.numel() != cu_k.numel():
+        raise _err(f"cu_seqlens_q has {cu_q.numel()} entries but cu_seqlens_k has {cu_k.numel()}")
+    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
+    if max_q < 0 or max_k < 0:
+        raise _err(f"max_seqlen_q / max_seqlen_k must be >= 0, got {max_q}, {max_k}")
+    dropout_p = _check_dropout(dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    if q.shape[0] == 0:
+        return q.new_zeros((0, q.shape[1], v.shape[2]))
+    qq, kk, vv = (_last_dim_contiguous(t)[None] for t in (q, k, v))
+    out, _ = _attention_fwd_op(qq, kk, vv, None, None, cu_q, cu_k, max_q, max_k,
+                               BOTTOM_RIGHT if causal else NO_CAUSAL, scale, dropout_p,
+                               _draw_seed(dropout_p, seed))  # fmt: skip
+    return out[0]
+
+
+__all__ = [
+    "attention",
+    "attention_ref",
+    "dropout_keep_mask",
+    "flash_attn_varlen",
+    "flash_attn_varlen_ref",
+    "scaled_dot_product_attention",
+]
