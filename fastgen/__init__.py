@@ -17,7 +17,7 @@ from fastgen import (
     diffusion,
     ops,
 )
-from fastgen.ops.attention import attention, flash_attn_varlen, scaled_dot_product_attention
+from fastgen.ops.attention import flash_attention, flash_attn_varlen, scaled_dot_product_attention
 from fastgen.ops.diffusion_step import (
     ddim_step,
     ddpm_step,
@@ -31,13 +31,13 @@ __all__ = [
     "BACKEND_ORDER",
     "BackendUnavailableError",
     "__version__",
-    "attention",
     "ddim_step",
     "ddpm_step",
     "diffusion",
     "dpm_solver_2m_step",
     "euler_ancestral_step",
     "euler_step",
+    "flash_attention",
     "flash_attn_varlen",
     "ops",
     "registered_ops",

@@ -1,8 +1,8 @@
 """Functional ops. One file per op; each has a plain-PyTorch ``*_ref`` next to its kernels."""
 
 from fastgen.ops.attention import (
-    attention,
     attention_ref,
+    flash_attention,
     flash_attn_varlen,
     flash_attn_varlen_ref,
     scaled_dot_product_attention,
@@ -24,7 +24,6 @@ from fastgen.ops.diffusion_step import (
 )
 
 __all__ = [
-    "attention",
     "attention_ref",
     "counter_normal",
     "counter_normal_ref",
@@ -38,6 +37,7 @@ __all__ = [
     "euler_ancestral_step_ref",
     "euler_step",
     "euler_step_ref",
+    "flash_attention",
     "flash_attn_varlen",
     "flash_attn_varlen_ref",
     "sampler_step",

@@ -918,7 +918,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def attention(
+def flash_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -1049,7 +1049,7 @@ def scaled_dot_product_attention(
             bias = attn_mask
         else:
             raise _err(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-    out = attention(query, key, value, bias=bias, mask=mask, causal=bool(is_causal), scale=scale,
+    out = flash_attention(query, key, value, bias=bias, mask=mask, causal=bool(is_causal), scale=scale,
                     dropout_p=dropout_p)  # fmt: skip
     if len(lead) != 1 or out.dim() != len(lead) + 3:
         out = out.reshape(*lead, *out.shape[-3:]) if lead else out[:, 0]
@@ -1125,9 +1125,9 @@ def flash_attn_varlen(
 
 
 __all__ = [
-    "attention",
     "attention_ref",
     "dropout_keep_mask",
+    "flash_attention",
     "flash_attn_varlen",
     "flash_attn_varlen_ref",
     "scaled_dot_product_attention",
