@@ -697,10 +697,10 @@ def _bwd_triton(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, c
     nb = cu_q.numel() - 1 if varlen else b
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    delta = torch.empty_like(lse)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dvv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dvv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
     dbias = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if bias_grad else lse
     bm, bn, warps, stages = _configs(max(d, dv), q.dtype, "bwd")
     bias_t, bs = _mask_args(bias, q)
