@@ -3,6 +3,7 @@
 // This is the only translation unit that includes torch/extension.h.
 #include <torch/extension.h>
 
+#include "attention_decode/attention_decode.h"
 #include "diffusion_step/diffusion_step.h"
 
 namespace fastgen {
@@ -155,6 +156,119 @@ empty. x0_only: x_prev is empty and the second output is float32 |x0|. Math: fas
 }  // namespace diffusion
 }  // namespace fastgen
 
+namespace fastgen {
+namespace decode {
+namespace {
+
+// A (.., .., heads, head_dim) operand: 4-D, last dim contiguous, on `device` in dtype `st`.
+void check_bshd(const at::Tensor& t, const char* name, at::ScalarType st, const at::Device& device) {
+  TORCH_CHECK(t.defined() && t.dim() == 4, "attention_decode: ", name, " must be 4-D, got shape ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(t.scalar_type() == st, "attention_decode: ", name, " has dtype ", t.scalar_type(), ", expected ", st,
+              " like q");
+  TORCH_CHECK(t.device() == device, "attention_decode: ", name, " is on ", t.device(), " but q is on ", device);
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "attention_decode: ", name,
+              " must have a contiguous last dim, got strides ", t.strides());
+}
+
+at::Tensor attention_decode(bool cuda, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                            double scale, bool causal, int64_t num_splits) {
+  const char* entry = cuda ? "attention_decode_cuda" : "attention_decode_cpu";
+  TORCH_CHECK(q.defined() && q.dim() == 4, "attention_decode: q must be (batch, seq_q, heads_q, head_dim), got ",
+              q.defined() ? q.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(cuda ? q.is_cuda() : q.is_cpu(), entry, ": q must be on ", cuda ? "a CUDA device" : "the CPU",
+              ", got ", q.device());
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (!cuda && st == at::kDouble),
+              entry, ": q must be float32, float16 or bfloat16", cuda ? "" : " (or float64)", ", got ", st);
+  check_bshd(q, "q", st, q.device());
+  check_bshd(k, "k_cache", st, q.device());
+  check_bshd(v, "v_cache", st, q.device());
+  const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3), Hkv = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes(), "attention_decode: v_cache has shape ", v.sizes(), ", expected ", k.sizes(),
+              " like k_cache");
+  TORCH_CHECK(k.size(3) == D, "attention_decode: k_cache head_dim ", k.size(3), " != q head_dim ", D);
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, "attention_decode: head_dim must be in [1, ", kMaxHeadDim, "], got ", D);
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "attention_decode: heads_q (", Hq, ") must be a multiple of heads_kv (",
+              Hkv, ")");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  cache_seqlens.is_contiguous() && cache_seqlens.device() == q.device(),
+              "attention_decode: cache_seqlens must be a contiguous int32 (", B, ",) tensor on ", q.device(),
+              ", got ", cache_seqlens.scalar_type(), " ", cache_seqlens.sizes(), " on ", cache_seqlens.device());
+  int64_t capacity = k.size(1);
+  if (block_table.has_value()) {
+    const at::Tensor& bt = *block_table;
+    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == B && bt.stride(1) == 1 &&
+                    bt.device() == q.device(),
+                "attention_decode: block_table must be int32 (", B, ", max_pages) with a contiguous last dim on ",
+                q.device(), ", got ", bt.scalar_type(), " ", bt.sizes(), " on ", bt.device());
+    TORCH_CHECK(k.size(1) >= 1, "attention_decode: page_size must be >= 1");
+    capacity = bt.size(1) * k.size(1);
+  } else {
+    TORCH_CHECK(k.size(0) == B, "attention_decode: k_cache batch ", k.size(0), " != q batch ", B);
+  }
+  if (!cuda) {  // values: cheap on the CPU; on a GPU the Python layer asserts them without a host sync
+    const int32_t* len = cache_seqlens.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(len[b] >= 0 && len[b] <= capacity, "attention_decode: cache_seqlens[", b, "] = ", len[b],
+                  " out of range [0, ", capacity, "]");
+      if (block_table.has_value()) {
+        const int64_t pages = (len[b] + k.size(1) - 1) / k.size(1);
+        const int32_t* row = block_table->data_ptr<int32_t>() + b * block_table->stride(0);
+        for (int64_t i = 0; i < pages; ++i) {
+          TORCH_CHECK(row[i] >= 0 && row[i] < k.size(0), "attention_decode: block_table[", b, ", ", i, "] = ", row[i],
+                      " out of range [0, ", k.size(0), ")");
+        }
+      }
+    }
+  }
+  DecodeArgs a;
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.seqlens = cache_seqlens;
+  a.block_table = block_table;
+  a.out = at::empty({B, q.size(1), Hq, D}, q.options());
+  a.scale = scale;
+  a.causal = causal;
+  a.num_splits = num_splits;
+  if (a.out.numel() > 0) {
+    if (cuda) {
+#ifdef FASTGEN_WITH_CUDA
+      attention_decode_cuda_impl(a);
+#else
+      TORCH_CHECK(false, "fastgen._C was built without CUDA");
+#endif
+    } else {
+      attention_decode_cpu_impl(a);
+    }
+  }
+  return a.out;
+}
+
+template <bool CUDA>
+at::Tensor attention_decode_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                  double scale, bool causal, int64_t num_splits) {
+  return attention_decode(CUDA, q, k, v, cache_seqlens, block_table, scale, causal, num_splits);
+}
+
+constexpr const char* kDecodeDoc = R"doc(KV-cache decoding attention (flash-decoding, split-K).
+
+attention_decode_{cpu,cuda}(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, num_splits) -> out
+
+q: (B, Sq, Hq, D); k_cache, v_cache: (B, L, Hkv, D), or (num_pages, page_size, Hkv, D) with block_table int32
+(B, max_pages); last dims contiguous, Hq % Hkv == 0, D <= 256. cache_seqlens: int32 (B,), valid keys per
+sequence including the Sq new tokens. causal: query i sees keys j < cache_seqlens[b] - Sq + i + 1. num_splits:
+chunks of the cache per (b, head), 0 = heuristic. out: (B, Sq, Hq, D) in q's dtype, zero where a query sees
+no key. Math: fastgen/ops/attention_decode.py.
+)doc";
+
+}  // namespace
+}  // namespace decode
+}  // namespace fastgen
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace fastgen::diffusion;
@@ -181,5 +295,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   def("sampler_step_cpu", &sampler_step_entry<false>);
 #ifdef FASTGEN_WITH_CUDA
   def("sampler_step_cuda", &sampler_step_entry<true>);
+#endif
+
+  const auto decode_args =
+      std::make_tuple(py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"),
+                      py::arg("block_table"), py::arg("scale"), py::arg("causal"), py::arg("num_splits"));
+  auto def_decode = [&](const char* name, auto fn) {
+    std::apply(
+        [&](const auto&... a) {
+          m.def(name, fn, fastgen::decode::kDecodeDoc, a..., py::call_guard<py::gil_scoped_release>());
+        },
+        decode_args);
+  };
+  def_decode("attention_decode_cpu", &fastgen::decode::attention_decode_entry<false>);
+#ifdef FASTGEN_WITH_CUDA
+  def_decode("attention_decode_cuda", &fastgen::decode::attention_decode_entry<true>);
 #endif
 }
