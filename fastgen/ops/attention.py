@@ -232,7 +232,7 @@ def _fwd_torch(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dro
 
 
 def _bwd_torch(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-               bias_grad):  # fmt: skip
+               bias_grad, deterministic):  # fmt: skip
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, _, hq, _ = q.shape
     hk = k.shape[2]
@@ -449,17 +449,19 @@ if triton is not None:
         return tl.where(vis, p, 0.0)
 
     @triton.jit
-    def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, Lse, Delta, Bias, Mask, CuQ, CuK,
+    def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, DQacc, DBias, Lse, Delta, Bias, Mask, CuQ, CuK,
                               sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdb, sdm, sdh,
-                              sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh,
-                              sbb, sbh, sbm, sbn, smb, smh, smm, smn,
+                              sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, sab, sam, sah, slb, slh,
+                              sbb, sbh, sbm, sbn, smb, smh, smm, smn, sgb, sgh, sgm, sgn,
                               seqlen_q, seqlen_k, rng_sq, rng_sk, n_heads_kv, group, scale, qk_scale,
                               dropout_p, seed,
                               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                              VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-                              PRECISION: tl.constexpr):  # fmt: skip
+                              VARLEN: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                              BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        # ATOMIC_DQ: one pass for every gradient, dQ accumulated with fp32 atomics (order-dependent rounding,
+        # so not bit-reproducible); otherwise dQ (and dBias) come from _attn_bwd_dq_kernel.
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads_kv
@@ -503,6 +505,8 @@ if triton is not None:
                 Dh = Delta + b64 * slb + h * slh + q0
                 Bh = Bias + b64 * sbb + h * sbh
                 Mh = Mask + b64 * smb + h * smh
+                DQh = DQacc + b64 * sab + h * sah + (q0 + 0).to(tl.int64) * sam
+                DBh = DBias + b64 * sgb + h * sgh
                 rng_bh = (_rng_batch(b64, VARLEN) * n_heads_kv * group + h) * rng_sq + q0
                 for start_m in range(lo, sq, BLOCK_M):
                     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -527,6 +531,13 @@ if triton is not None:
                     dv = tl.dot(tl.trans(pd.to(do.dtype)), do, dv, input_precision=PRECISION)
                     ds = p * (dp - delta[:, None])
                     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+                    if ATOMIC_DQ:
+                        dq = tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION) * scale
+                        tl.atomic_add(DQh + offs_m[:, None] * sam + offs_d[None, :], dq,
+                                      mask=mrow & (offs_d[None, :] < D))  # fmt: skip
+                        if BIAS_GRAD:
+                            tl.store(DBh + offs_m[:, None] * sgm + offs_n[None, :] * sgn, ds,
+                                     mask=mrow & (offs_n[None, :] < sk))  # fmt: skip
             dk = dk * scale
             tl.store(DK + b64 * sdkb + hk * sdkh + krow[:, None] * sdkn + offs_d[None, :],
                      dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < sk) & (offs_d[None, :] < D))  # fmt: skip
@@ -690,7 +701,7 @@ def _fwd_triton(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dr
 
 
 def _bwd_triton(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed,
-                bias_grad):  # fmt: skip
+                bias_grad, deterministic):  # fmt: skip
     b, sq, hq, d = q.shape
     sk, hk, dv = k.shape[1], k.shape[2], v.shape[3]
     varlen = cu_q is not None
@@ -720,17 +731,23 @@ def _bwd_triton(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, c
                              DV=dv, BLOCK_DV=_pow2(dv), BLOCK_M=bm, VARLEN=varlen)  # fmt: skip
     strides = (sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2), sb(v), v.stride(1), v.stride(2),
                sb(dout), dout.stride(1), dout.stride(2))  # fmt: skip
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_k if varlen else sk, bn), nb * hk)](
-        q, k, v, dout, dk, dvv, lse, delta, bias_t, mask_t, cu_q_t, cu_k_t, *strides,
-        sb(dk), dk.stride(1), dk.stride(2), sb(dvv), dvv.stride(1), dvv.stride(2), sb(lse), lse.stride(1),
-        *bs, *ms, sq, sk, sq, sk, hk, hq // hk, scale, scale * LOG2E, dropout_p, seed, **common,
-    )  # fmt: skip
     gs = tuple(dbias.stride()) if bias_grad else (0, 0, 0, 0)
-    _attn_bwd_dq_kernel[qgrid](
-        q, k, v, dout, dq, dbias, lse, delta, bias_t, mask_t, cu_q_t, cu_k_t, *strides,
-        sb(dq), dq.stride(1), dq.stride(2), sb(lse), lse.stride(1), *bs, *ms, *gs,
-        sq, sk, sq, sk, hq, hq // hk, scale, scale * LOG2E, dropout_p, seed, BIAS_GRAD=bias_grad, **common,
+    dq_acc = dq if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max_k if varlen else sk, bn), nb * hk)](
+        q, k, v, dout, dk, dvv, dq_acc, dbias, lse, delta, bias_t, mask_t, cu_q_t, cu_k_t, *strides,
+        sb(dk), dk.stride(1), dk.stride(2), sb(dvv), dvv.stride(1), dvv.stride(2),
+        sb(dq_acc), dq_acc.stride(1), dq_acc.stride(2), sb(lse), lse.stride(1), *bs, *ms, *gs,
+        sq, sk, sq, sk, hk, hq // hk, scale, scale * LOG2E, dropout_p, seed,
+        ATOMIC_DQ=not deterministic, BIAS_GRAD=bias_grad and not deterministic, **common,
     )  # fmt: skip
+    if deterministic:
+        _attn_bwd_dq_kernel[qgrid](
+            q, k, v, dout, dq, dbias, lse, delta, bias_t, mask_t, cu_q_t, cu_k_t, *strides,
+            sb(dq), dq.stride(1), dq.stride(2), sb(lse), lse.stride(1), *bs, *ms, *gs,
+            sq, sk, sq, sk, hq, hq // hk, scale, scale * LOG2E, dropout_p, seed, BIAS_GRAD=bias_grad, **common,
+        )  # fmt: skip
+    else:
+        dq = dq_acc.to(q.dtype)
     dbias = dbias.to(bias.dtype) if bias_grad else q.new_empty(0)
     return dq, dk, dvv, dbias
 
@@ -797,7 +814,9 @@ def _attention_fwd_op(
     scale: float,
     dropout_p: float,
     seed: int,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only matters to the backward (setup_context saves it)
     backend = OP.dispatch(_call(q, v))
     return backend.fn(q, k, v, bias, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                       dropout_p, seed)  # fmt: skip
@@ -818,6 +837,7 @@ def _(
     scale,
     dropout_p,
     seed,
+    deterministic,
 ):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
@@ -843,17 +863,18 @@ def _attention_bwd_op(
     dropout_p: float,
     seed: int,
     bias_grad: bool,
+    deterministic: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # the backend that ran the forward (chosen when it ran: a forced backend may be out of scope by now,
     # and the dropout streams differ between backends)
     return _BWD[backend](dout, q, k, v, out, lse, bias, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, causal, scale, dropout_p, seed, bias_grad)  # fmt: skip
+                              max_seqlen_k, causal, scale, dropout_p, seed, bias_grad, deterministic)  # fmt: skip
 
 
 @_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, bias, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-      dropout_p, seed, bias_grad, backend):  # fmt: skip
+      dropout_p, seed, bias_grad, deterministic, backend):  # fmt: skip
     dbias = (
         q.new_empty((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dtype=bias.dtype)
         if bias_grad
@@ -863,10 +884,11 @@ def _(dout, q, k, v, out, lse, bias, mask, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs
+    q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, mask, cu_q, cu_k)
     ctx.args = (max_q, max_k, causal, scale, dropout_p, seed)
+    ctx.deterministic = deterministic
     ctx.backend = OP.dispatch(_call(q, v)).name
 
 
@@ -874,8 +896,8 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, bias, mask, cu_q, cu_k = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = _attention_bwd_op(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, *ctx.args, bias_grad,
-                                          ctx.backend)  # fmt: skip
-    return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None, None, None, None, None
+                                          ctx.deterministic, ctx.backend)  # fmt: skip
+    return dq, dk, dv, (dbias if bias_grad else None), *([None] * 10)
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -907,6 +929,10 @@ def _draw_seed(dropout_p: float, seed: int | None) -> int:
     return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
 
 
+def _deterministic(flag: bool | None) -> bool:
+    return torch.are_deterministic_algorithms_enabled() if flag is None else bool(flag)
+
+
 def _check_dropout(dropout_p: float) -> float:
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
@@ -929,6 +955,7 @@ def flash_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """General fused attention in SDPA's layout; the function every other API calls.
 
@@ -938,6 +965,8 @@ def flash_attention(
     causal: False, True / "top_left" (SDPA's alignment) or "bottom_right" (flash-attn's).
     scale: default 1 / sqrt(D). dropout_p: dropout on the probabilities, seeded by ``seed`` (default: drawn
     from torch's generator, so ``torch.manual_seed`` makes it reproducible).
+    deterministic: backward bit-reproducible run to run (dQ from its own pass over the keys) rather than
+    one pass with fp32 atomics for dQ; default: ``torch.are_deterministic_algorithms_enabled()``.
     Returns (B, Hq, Sq, Dv) in the inputs' dtype (memory layout (B, Sq, Hq, Dv), a transposed view).
     """
     _check_qkv(query, key, value)
@@ -980,7 +1009,7 @@ def flash_attention(
     if b == 0 or sq == 0 or hq == 0:
         return query.new_zeros((b, hq, sq, value.shape[3]))
     out, _ = _attention_fwd_op(q, k, v, bias, mask, None, None, sq, sk, causal_mode, scale, dropout_p,
-                               _draw_seed(dropout_p, seed))  # fmt: skip
+                               _draw_seed(dropout_p, seed), _deterministic(deterministic))  # fmt: skip
     return out.transpose(1, 2)
 
 
@@ -1088,6 +1117,7 @@ def flash_attn_varlen(
     scale: float | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Attention over a packed batch of variable-length sequences, with no compute on padding.
 
@@ -1095,6 +1125,7 @@ def flash_attn_varlen(
     ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q against ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of k / v
     (int32, (batch + 1,), starting at 0). max_seqlen_*: the longest sequence (sizes the launch grid).
     causal uses the bottom-right alignment (query i sees keys j <= i + sk - sq), as flash-attn.
+    dropout_p / seed / deterministic: as :func:`flash_attention`.
     Returns (total_q, Hq, Dv).
     """
     _check_qkv(q, k, v, ("q", "k", "v"))
@@ -1120,7 +1151,7 @@ def flash_attn_varlen(
     qq, kk, vv = (_last_dim_contiguous(t)[None] for t in (q, k, v))
     out, _ = _attention_fwd_op(qq, kk, vv, None, None, cu_q, cu_k, max_q, max_k,
                                BOTTOM_RIGHT if causal else NO_CAUSAL, scale, dropout_p,
-                               _draw_seed(dropout_p, seed))  # fmt: skip
+                               _draw_seed(dropout_p, seed), _deterministic(deterministic))  # fmt: skip
     return out[0]
 
 

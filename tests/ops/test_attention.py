@@ -56,11 +56,12 @@ def assert_2x(got, ref64, same, dtype, what):
     assert err <= 2 * base + ATOL[dtype], f"{what}: error {err:.3e} > 2 x torch's {base:.3e} + {ATOL[dtype]}"
 
 
-def check(backend, b, hq, hk, sq, sk, d, dv, dtype, causal=False, bias=None, mask=None, device=DEV):
-    """Forward and every gradient (q, k, v and a bias that requires grad) under the 2x rule."""
+def check(backend, b, hq, hk, sq, sk, d, dv, dtype, causal=False, bias=None, mask=None, device=DEV, det=True):
+    """Forward and every gradient (q, k, v and a bias that requires grad) under the 2x rule.
+    det=False: the single-pass backward with atomic dQ."""
     q, k, v = make(b, hq, hk, sq, sk, d, dv, dtype, device)
     with fastgen.use_backend(backend, op="attention"):
-        out = A.flash_attention(q, k, v, bias=bias, mask=mask, causal=causal)
+        out = A.flash_attention(q, k, v, bias=bias, mask=mask, causal=causal, deterministic=det)
     assert out.shape == (b, hq, sq, dv) and out.dtype == dtype
     dout = torch.randn_like(out)
     got = grads(out, (q, k, v, bias if bias is not None and bias.requires_grad else None), dout)
@@ -89,21 +90,22 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-atomic"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference(backend, dtype, shape):
-    check(backend, *shape[:7], dtype, causal=shape[7])
+    check(backend.split("-")[0], *shape[:7], dtype, causal=shape[7], det=backend != "triton-atomic")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton-atomic"])
 @pytest.mark.parametrize("bias_shape", [(1, 2, 21, 34), (2, 1, 1, 34), (21, 34)])
 def test_bias_gradient_and_masks(backend, bias_shape):
     """A learnable bias broadcast over some dims (its gradient is summed over them) + a key-padding mask."""
     bias = torch.randn(bias_shape, device=DEV, requires_grad=True)
     pad = torch.ones(2, 1, 1, 34, dtype=torch.bool, device=DEV)
     pad[0, ..., 30:] = False
-    check(backend, 2, 2, 2, 21, 34, 16, 16, torch.float32, causal=True, bias=bias, mask=pad)
+    check(backend.split("-")[0], 2, 2, 2, 21, 34, 16, 16, torch.float32, causal=True, bias=bias, mask=pad,
+          det=backend != "triton-atomic")  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -151,12 +153,12 @@ def test_backward_is_deterministic():
     q, k, v = make(1, 4, 2, 40, 40, 16, 16, torch.float16)
     bias = torch.randn(1, 4, 40, 40, device=DEV, requires_grad=True)
     with fastgen.use_backend("triton", op="attention"):
-        out = A.flash_attention(q, k, v, bias=bias, causal=True)
+        out = A.flash_attention(q, k, v, bias=bias, causal=True, deterministic=True)
     dout = torch.randn_like(out)
     g1 = grads(out, (q, k, v, bias), dout)
     out2 = None
     with fastgen.use_backend("triton", op="attention"):
-        out2 = A.flash_attention(q, k, v, bias=bias, causal=True)
+        out2 = A.flash_attention(q, k, v, bias=bias, causal=True, deterministic=True)
     g2 = grads(out2, (q, k, v, bias), dout)
     assert torch.equal(out, out2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
@@ -285,21 +287,8 @@ def test_bad_input_errors():
 def test_opcheck_and_compile():
     q, k, v = (t.detach() for t in make(1, 2, 2, 12, 12, 16, 16, torch.float32))
     bias = torch.randn(1, 2, 12, 12, device=DEV, requires_grad=True)
-    args = (
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        bias,
-        None,
-        None,
-        None,
-        12,
-        12,
-        1,
-        0.25,
-        0.0,
-        0,
-    )
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    args = (qt, kt, vt, bias, None, None, None, 12, 12, 1, 0.25, 0.0, 0, False)  # fmt: skip
     torch.library.opcheck(torch.ops.fastgen.attention_fwd.default, args)
 
     def f(q, k, v, bias):
@@ -324,8 +313,9 @@ def test_opcheck_and_compile():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d", [16, 40, 64, 80, 96, 128, 160, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_head_dims(dtype, d, causal):
-    check("triton", 2, 4, 2, 333, 517, d, d, dtype, causal=causal)
+@pytest.mark.parametrize("det", [True, False])
+def test_gpu_head_dims(dtype, d, causal, det):
+    check("triton", 2, 4, 2, 333, 517, d, d, dtype, causal=causal, det=det)
 
 
 @pytest.mark.gpu
