@@ -280,6 +280,19 @@ def _bwd_torch(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, ca
 if triton is not None:
 
     @triton.jit
+    def _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+        """(first query row, first key row) as int64 offsets and (sq, sk) of sequence / batch entry b."""
+        if VARLEN:
+            q0 = tl.load(CuQ + b)
+            k0 = tl.load(CuK + b)
+            sq = tl.load(CuQ + b + 1) - q0
+            sk = tl.load(CuK + b + 1) - k0
+            return q0.to(tl.int64), k0.to(tl.int64), sq, sk
+        else:
+            zero = b.to(tl.int64) * 0
+            return zero, zero, seqlen_q, seqlen_k
+
+    @triton.jit
     def _rng_batch(b64, VARLEN: tl.constexpr):
         # dropout counters: (batch, head, query row, key col) of the padded batch; a packed batch is one row
         # space (rows are unique across sequences), so its batch index does not enter
@@ -342,25 +355,16 @@ if triton is not None:
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads
         h = pid_bh % n_heads
-        if VARLEN:
-            q0 = tl.load(CuQ + b)
-            k0 = tl.load(CuK + b)
-            sq = tl.load(CuQ + b + 1) - q0
-            sk = tl.load(CuK + b + 1) - k0
-        else:
-            q0 = 0
-            k0 = 0
-            sq = seqlen_q
-            sk = seqlen_k
+        q0, k0, sq, sk = _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
         if pid_m * BLOCK_M < sq:
             b64 = b.to(tl.int64)
             hk = h // group
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_d = tl.arange(0, BLOCK_D)
             offs_dv = tl.arange(0, BLOCK_DV)
-            Q += b64 * sqb + (q0 + 0).to(tl.int64) * sqm + h * sqh
-            K += b64 * skb + (k0 + 0).to(tl.int64) * skn + hk * skh
-            V += b64 * svb + (k0 + 0).to(tl.int64) * svn + hk * svh
+            Q += b64 * sqb + q0 * sqm + h * sqh
+            K += b64 * skb + k0 * skn + hk * skh
+            V += b64 * svb + k0 * svn + hk * svh
             Bias += b64 * sbb + h * sbh
             Mask += b64 * smb + h * smh
             q = tl.load(Q + offs_m[:, None] * sqm + offs_d[None, :],
@@ -392,7 +396,7 @@ if triton is not None:
             if DROPOUT:
                 inv = inv / (1.0 - dropout_p)
             out = acc * inv[:, None]
-            Out += b64 * sob + (q0 + 0).to(tl.int64) * som + h * soh
+            Out += b64 * sob + q0 * som + h * soh
             tl.store(Out + offs_m[:, None] * som + offs_dv[None, :], out.to(Out.dtype.element_ty),
                      mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV))  # fmt: skip
             lse = tl.where(
@@ -408,12 +412,7 @@ if triton is not None:
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads
         h = pid_bh % n_heads
-        if VARLEN:
-            q0 = tl.load(CuQ + b)
-            sq = tl.load(CuQ + b + 1) - q0
-        else:
-            q0 = 0
-            sq = seqlen_q
+        q0, _, sq, _ = _seq_bounds(CuQ, CuQ, b, seqlen_q, seqlen_q, VARLEN)
         if pid_m * BLOCK_M < sq:
             b64 = b.to(tl.int64)
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -466,16 +465,7 @@ if triton is not None:
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads_kv
         hk = pid_bh % n_heads_kv
-        if VARLEN:
-            q0 = tl.load(CuQ + b)
-            k0 = tl.load(CuK + b)
-            sq = tl.load(CuQ + b + 1) - q0
-            sk = tl.load(CuK + b + 1) - k0
-        else:
-            q0 = 0
-            k0 = 0
-            sq = seqlen_q
-            sk = seqlen_k
+        q0, k0, sq, sk = _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
         if pid_n * BLOCK_N < sk:
             b64 = b.to(tl.int64)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -499,13 +489,13 @@ if triton is not None:
                 lo = tl.maximum(pid_n * BLOCK_N - off, 0) // BLOCK_M * BLOCK_M
             for g in range(0, group):
                 h = hk * group + g
-                Qh = Q + b64 * sqb + h * sqh + (q0 + 0).to(tl.int64) * sqm
-                DOh = DO + b64 * sdb + h * sdh + (q0 + 0).to(tl.int64) * sdm
+                Qh = Q + b64 * sqb + h * sqh + q0 * sqm
+                DOh = DO + b64 * sdb + h * sdh + q0 * sdm
                 Lh = Lse + b64 * slb + h * slh + q0
                 Dh = Delta + b64 * slb + h * slh + q0
                 Bh = Bias + b64 * sbb + h * sbh
                 Mh = Mask + b64 * smb + h * smh
-                DQh = DQacc + b64 * sab + h * sah + (q0 + 0).to(tl.int64) * sam
+                DQh = DQacc + b64 * sab + h * sah + q0 * sam
                 DBh = DBias + b64 * sgb + h * sgh
                 rng_bh = (_rng_batch(b64, VARLEN) * n_heads_kv * group + h) * rng_sq + q0
                 for start_m in range(lo, sq, BLOCK_M):
@@ -559,16 +549,7 @@ if triton is not None:
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads
         h = pid_bh % n_heads
-        if VARLEN:
-            q0 = tl.load(CuQ + b)
-            k0 = tl.load(CuK + b)
-            sq = tl.load(CuQ + b + 1) - q0
-            sk = tl.load(CuK + b + 1) - k0
-        else:
-            q0 = 0
-            k0 = 0
-            sq = seqlen_q
-            sk = seqlen_k
+        q0, k0, sq, sk = _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
         if pid_m * BLOCK_M < sq:
             b64 = b.to(tl.int64)
             hk = h // group
@@ -584,8 +565,8 @@ if triton is not None:
             lbase = b64 * slb + h * slh + q0
             lse = tl.load(Lse + lbase + offs_m, mask=offs_m < sq, other=float("inf")) * 1.4426950408889634
             delta = tl.load(Delta + lbase + offs_m, mask=offs_m < sq, other=0.0)
-            K += b64 * skb + hk * skh + (k0 + 0).to(tl.int64) * skn
-            V += b64 * svb + hk * svh + (k0 + 0).to(tl.int64) * svn
+            K += b64 * skb + hk * skh + k0 * skn
+            V += b64 * svb + hk * svh + k0 * svn
             Bias += b64 * sbb + h * sbh
             Mask += b64 * smb + h * smh
             DBias += b64 * sgb + h * sgh
