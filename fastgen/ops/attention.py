@@ -763,14 +763,14 @@ def dropout_keep_mask(
 def _triton_check(call: Call) -> list[str]:
     reasons = _backend.triton_check_device(call)
     for name in ("head_dim", "head_dim_v"):
-        if call[name] > MAX_HEAD_DIM:
+        if call.get(name, 0) > MAX_HEAD_DIM:
             reasons.append(f"{name} {call[name]} > {MAX_HEAD_DIM}")
     return reasons
 
 
 OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
             check=_triton_check, forced_only_devices=("cpu",),
-            note="flash-attention 2 style fwd + deterministic bwd")(_fwd_triton)  # fmt: skip
+            note="flash-attention 2 style; bwd with atomic or two-pass (deterministic) dQ")(_fwd_triton)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64),
             note="PyTorch ops, scores materialised")(_fwd_torch)  # fmt: skip
 _BWD = {"triton": _bwd_triton, "torch": _bwd_torch}
