@@ -352,6 +352,8 @@ if triton is not None:
                          HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
         pid_m = tl.program_id(0)
+        if CAUSAL != 0:  # the longest rows (most visible keys) first: better tail balance
+            pid_m = tl.num_programs(0) - 1 - pid_m
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads
         h = pid_bh % n_heads
@@ -546,6 +548,8 @@ if triton is not None:
                             DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
                             PRECISION: tl.constexpr):  # fmt: skip
         pid_m = tl.program_id(0)
+        if CAUSAL != 0:  # the longest rows (most visible keys) first: better tail balance
+            pid_m = tl.num_programs(0) - 1 - pid_m
         pid_bh = tl.program_id(1)
         b = pid_bh // n_heads
         h = pid_bh % n_heads
