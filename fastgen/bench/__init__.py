@@ -8,6 +8,7 @@ from fastgen.bench.device import DeviceSpec, describe_device, nominal_spec
 from fastgen.bench.harness import (
     Benchmark,
     Case,
+    Check,
     Impl,
     Row,
     Timer,
@@ -23,6 +24,7 @@ from fastgen.bench.harness import (
 __all__ = [
     "Benchmark",
     "Case",
+    "Check",
     "DeviceSpec",
     "Impl",
     "Row",

@@ -40,6 +40,9 @@ A benchmark script ``benchmarks/bench_<op>.py`` registers one generator of cases
   FLOP count (gives TFLOP/s). ``bound="compute"`` measures % of roofline against the device's
   nominal peak FLOP/s for ``flop_dtype`` (a torch dtype, or ``"tf32"``) instead. ``params`` goes
   to the JSON verbatim (keep it JSON-friendly).
+* ``Case(..., check=fn)``: a case-specific oracle ``fn(out) -> Check(ok, max_abs_err, detail)`` that
+  judges every implementation, baselines included (e.g. attention's "at most 2x the error of PyTorch
+  in the same dtype against a float64 reference"); ``atol`` / ``rtol`` are then unused.
 * ``Impl(name, fn, *, baseline=False)``: ``fn()`` takes no arguments and returns the output (a
   tensor, or a tuple / list / dict of tensors). ``baseline=True`` marks a baseline: every row
   gets a speed-up against each baseline, and the *first* baseline that runs is the correctness
@@ -129,7 +132,9 @@ class Case:
     ``bytes``: bytes read + written by one call (analytic, not measured); ``flops``: FLOPs of one
     call. ``bound``: ``"memory"`` (% of roofline vs measured copy bandwidth) or ``"compute"`` (vs the
     nominal peak FLOP/s of ``flop_dtype`` on known GPUs). ``atol`` / ``rtol``: correctness tolerance
-    against the first baseline's output.
+    against the first baseline's output. ``check``: an oracle of the case's own, ``check(out) -> Check``;
+    when given, *every* implementation's output (baselines included) is judged by it instead of being
+    compared with the first baseline's (baselines then serve only as speed-up references).
     """
 
     name: str
@@ -142,6 +147,7 @@ class Case:
     rtol: float = 1e-5
     bound: str = "memory"
     flop_dtype: torch.dtype | str | None = None
+    check: Callable[[Any], Check] | None = None
 
     def __post_init__(self) -> None:
         names = [i.name for i in self.impls]
@@ -530,6 +536,14 @@ def run_case(op: str, case: Case, device: torch.device, timer: Timer, roof: Roof
             _sync(device)
         except Exception as e:
             row.status, row.error = "error", _err_text(e)
+            continue
+        if case.check is not None:  # the case's own oracle judges every output
+            try:
+                check = case.check(out)
+            except Exception as e:
+                check = Check(False, None, f"check failed: {_err_text(e)}")
+            row.correct, row.max_abs_err, row.check = check.ok, check.max_abs_err, check.detail
+            del out
             continue
         if impl.baseline and not have_ref:
             ref, have_ref = out, True
