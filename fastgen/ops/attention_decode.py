@@ -150,7 +150,7 @@ def _check(q, k, v, cache_seqlens, block_table, scale, num_splits, paged):
     scale = float(scale)
     if not math.isfinite(scale):
         raise _err(f"scale must be finite, got {scale}")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise _err(f"num_splits must be an int >= 0 (0: heuristic), got {num_splits!r}")
     seqlens = cache_seqlens.to(torch.int32).contiguous()
     _assert_values(
