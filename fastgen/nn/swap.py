@@ -1,0 +1,452 @@
+"""``swap_attention(model)``: put fastgen's fused attention into an existing model, in place.
+
+Three kinds of replacement, each listed in the returned :class:`SwapReport`:
+
+* ``"mha"``: every ``torch.nn.MultiheadAttention`` submodule becomes
+  :meth:`fastgen.nn.MultiheadAttention.from_torch` of it (same parameters, device, dtype, training mode).
+  ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` have an inference fast path that reads the
+  attention weights and runs torch's own fused kernel without calling ``self_attn``; the swap turns it
+  off for the layers it touches (a no-op forward pre-hook on the new module, ``use_nested_tensor=False``
+  on the encoder) so that fastgen serves those calls too. ``unswap_attention`` puts both back.
+* ``"processor"``: a module with a diffusers-style processor hook (a ``processor`` attribute, usually set
+  through ``set_processor``) gets its processor wrapped so that, during the processor's call,
+  ``F.scaled_dot_product_attention`` is fastgen's. A processor that is itself an ``nn.Module`` (it may
+  hold weights) keeps its place in the module tree: its ``forward`` is wrapped instead.
+* ``"sdpa-forward"``: any other module whose class source (its ``forward`` or another method of the
+  class or its bases) refers to ``scaled_dot_product_attention`` -- as ``F.``/``torch.nn.functional.``
+  attribute or as a name imported into the class's module (``from torch.nn.functional import
+  scaled_dot_product_attention [as sdpa]``) -- gets its ``forward`` wrapped the same way.
+
+The patch is scoped to the call, re-entrant and thread-safe: while at least one wrapped call runs, the
+global ``torch.nn.functional.scaled_dot_product_attention`` (and each module-level alias found) is a
+small dispatcher that serves fastgen's op to calls made inside a wrapped scope of the *current thread /
+context* (a ``contextvars`` flag) and torch's original everywhere else; when the last wrapped call ends
+(normally or by an exception) the originals are restored. Nested wrapped calls are fine.
+
+fastgen's SDPA differs from torch's only where torch gives NaN (a query row with every key masked gives
+zeros), so a model's outputs match before and after the swap.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import contextvars
+import fnmatch
+import inspect
+import sys
+import textwrap
+import threading
+import types
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgen.nn.attention import MultiheadAttention
+from fastgen.ops import attention as _attention_ops
+
+__all__ = ["SwapReport", "swap_attention", "unswap_attention"]
+
+_SDPA_NAME = "scaled_dot_product_attention"
+_TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
+
+
+def _fastgen_sdpa(*args, **kwargs):
+    return _attention_ops.scaled_dot_product_attention(*args, **kwargs)
+
+
+# =====================================================================================================
+# The scoped, re-entrant, thread-safe SDPA patch
+# =====================================================================================================
+
+_use_fastgen: contextvars.ContextVar[bool] = contextvars.ContextVar("fastgen_sdpa_scope", default=False)
+_lock = threading.RLock()
+_active = 0  # wrapped calls running, all threads together
+_targets: dict[tuple[int, str], list[Any]] = {}  # (id(namespace dict), name) -> [dict, name, refcount]
+_saved: dict[tuple[int, str], Any] = {}  # original values while patched
+
+
+def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
+    def scaled_dot_product_attention(*args, **kwargs):
+        if _use_fastgen.get():
+            return _fastgen_sdpa(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    scaled_dot_product_attention.__wrapped__ = original
+    scaled_dot_product_attention._fastgen_dispatcher = True
+    return scaled_dot_product_attention
+
+
+def _install(key: tuple[int, str]) -> None:
+    ns, name, _ = _targets[key]
+    if key in _saved:
+        return
+    _saved[key] = ns[name]
+    ns[name] = _dispatcher(ns[name])
+
+
+def _uninstall(key: tuple[int, str]) -> None:
+    if key in _saved:
+        ns, name, _ = _targets[key]
+        ns[name] = _saved.pop(key)
+
+
+def _register_target(ns: dict, name: str) -> tuple[int, str]:
+    key = (id(ns), name)
+    with _lock:
+        if key in _targets:
+            _targets[key][2] += 1
+        else:
+            _targets[key] = [ns, name, 1]
+            if _active:
+                _install(key)
+    return key
+
+
+def _unregister_target(key: tuple[int, str]) -> None:
+    with _lock:
+        entry = _targets.get(key)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] == 0:
+            _uninstall(key)
+            del _targets[key]
+
+
+_F_KEY = _register_target(F.__dict__, _SDPA_NAME)  # always a target (never unregistered)
+
+
+@contextlib.contextmanager
+def sdpa_scope(enabled: bool = True) -> Iterator[None]:
+    """Within the block, in this thread / context, ``F.scaled_dot_product_attention`` (and the registered
+    module-level aliases) call fastgen's op when ``enabled`` (torch's when not). Re-entrant."""
+    global _active
+    with _lock:
+        _active += 1
+        if _active == 1:
+            for key in _targets:
+                _install(key)
+    token = _use_fastgen.set(enabled)
+    try:
+        yield
+    finally:
+        _use_fastgen.reset(token)
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                for key in list(_saved):
+                    _uninstall(key)
+
+
+def _scoped_forward(self, *args, **kwargs):
+    # bound to the module as an instance attribute, so deepcopy rebinds it to the copy
+    inner = self.__dict__.get("_fastgen_inner_forward")
+    with sdpa_scope(self.__dict__.get("_fastgen_sdpa_enabled", True)):
+        if inner is not None:
+            return inner(*args, **kwargs)
+        return type(self).forward(self, *args, **kwargs)
+
+
+class FastgenProcessor:
+    """Wraps a (non-Module) diffusers-style attention processor: calls it inside :func:`sdpa_scope`.
+    Other attribute reads go to the wrapped processor; ``.processor`` is the original."""
+
+    def __init__(self, processor: Callable[..., Any]):
+        self.processor = processor
+
+    def __call__(self, *args, **kwargs):
+        with sdpa_scope(True):
+            return self.processor(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "processor":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.processor, name)
+
+    def __repr__(self) -> str:
+        return f"FastgenProcessor({self.processor!r})"
+
+
+# =====================================================================================================
+# Finding the modules that call SDPA
+# =====================================================================================================
+
+
+def _sdpa_aliases(ns: dict) -> list[str]:
+    return [
+        name
+        for name, val in list(ns.items())
+        if (val is _TORCH_SDPA or getattr(val, "__wrapped__", None) is _TORCH_SDPA)
+        and not name.startswith("__")
+    ]
+
+
+def _class_refs_sdpa(cls: Any) -> tuple[bool | None, list[tuple[dict, str]]]:
+    """Whether the source of ``cls`` or a base (outside torch / fastgen) refers to SDPA, as an attribute
+    ``*.scaled_dot_product_attention`` or as a name bound to it in the class's module; also the module
+    globals to patch. None when no source could be read."""
+    found, readable, aliases = False, False, []
+    # a plain function (a processor may be one) is read itself, with its own globals
+    sources = [cls] if isinstance(cls, types.FunctionType) else list(cls.__mro__)
+    for klass in sources:
+        mod_name = getattr(klass, "__module__", "") or ""
+        if klass is object or mod_name.split(".")[0] in ("torch", "fastgen", "builtins"):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            continue
+        readable = True
+        module = sys.modules.get(mod_name)
+        ns = klass.__globals__ if isinstance(klass, types.FunctionType) else vars(module) if module else {}
+        names = set(_sdpa_aliases(ns))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == _SDPA_NAME:
+                found = True
+            elif isinstance(node, ast.Name) and (node.id in names or node.id == _SDPA_NAME):
+                found = True
+                if node.id in names:
+                    aliases.append((ns, node.id))
+    return (found if readable else None), aliases
+
+
+# =====================================================================================================
+# Report, matching, swap / unswap
+# =====================================================================================================
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap_attention` did. ``replaced``: (qualified name, kind, detail) with kind one of
+    ``"mha"``, ``"processor"``, ``"sdpa-forward"``; ``skipped``: (qualified name, reason); ``notes``:
+    other changes (fast paths turned off)."""
+
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def names(self, kind: str | None = None) -> list[str]:
+        return [n for n, k, _ in self.replaced if kind is None or k == kind]
+
+    def __len__(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        lines = [f"swap_attention: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        lines += [f"  [{kind}] {name or '<root>'}: {detail}" for name, kind, detail in self.replaced]
+        lines += [f"  [skipped] {name or '<root>'}: {why}" for name, why in self.skipped]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+_Filter = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+_undo: weakref.WeakKeyDictionary[nn.Module, list[Callable[[], None]]] = weakref.WeakKeyDictionary()
+
+
+def _matcher(spec: _Filter, what: str) -> Callable[[str, nn.Module], bool] | None:
+    """A pattern matches a module when it fnmatches its qualified name or an ancestor's."""
+    if spec is None:
+        return None
+    if callable(spec):
+        return spec
+    pats = [spec] if isinstance(spec, str) else list(spec)
+    if not all(isinstance(p, str) for p in pats):
+        raise TypeError(f"{what} must be a glob string, an iterable of them, or a callable(name, module)")
+
+    def match(name: str, _module: nn.Module) -> bool:
+        parts = name.split(".") if name else [""]
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(fnmatch.fnmatchcase(p, pat) for p in prefixes for pat in pats)
+
+    return match
+
+
+def _wrap_forward(module: nn.Module, enabled: bool, aliases: list[tuple[dict, str]]) -> Callable[[], None]:
+    d = module.__dict__
+    had_inner = "forward" in d
+    d["_fastgen_inner_forward"] = d["forward"] if had_inner else None
+    d["_fastgen_sdpa_enabled"] = enabled
+    d["forward"] = types.MethodType(_scoped_forward, module)
+    keys = [_register_target(ns, name) for ns, name in aliases]
+
+    def undo():
+        inner = d.pop("_fastgen_inner_forward", None)
+        d.pop("_fastgen_sdpa_enabled", None)
+        if had_inner:
+            d["forward"] = inner
+        else:
+            d.pop("forward", None)
+        for key in keys:
+            _unregister_target(key)
+
+    return undo
+
+
+def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filter = None) -> SwapReport:
+    """Replace, in place, the attention in ``model`` by fastgen's fused attention (see the module doc).
+
+    include / exclude: a glob over qualified module names (``"encoder.layers.*"``), an iterable of them or
+    a callable ``(name, module) -> bool``; a pattern matching a module also covers its descendants. A
+    module is swapped when it matches ``include`` (if given) and not ``exclude``. An excluded SDPA-calling
+    module inside a swapped one is pinned to torch's SDPA. Returns a :class:`SwapReport`;
+    :func:`unswap_attention` undoes everything.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swap_attention expects an nn.Module, got {type(model).__name__}")
+    inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude")
+
+    def wanted(name: str, m: nn.Module) -> str | None:
+        if inc is not None and not inc(name, m):
+            return "not matched by include"
+        if exc is not None and exc(name, m):
+            return "matched by exclude"
+        return None
+
+    report = SwapReport()
+    undo = _undo.setdefault(model, [])
+
+    # (a) nn.MultiheadAttention -> fastgen MultiheadAttention, in every parent that holds it
+    named = dict((id(m), n) for n, m in reversed(list(model.named_modules(remove_duplicate=False))))
+    if isinstance(model, nn.MultiheadAttention):
+        report.skipped.append(
+            ("", "the root module is a MultiheadAttention: use MultiheadAttention.from_torch")
+        )
+    new_of: dict[int, MultiheadAttention] = {}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if not isinstance(child, nn.MultiheadAttention):
+                continue
+            qual = named[id(child)]
+            why = wanted(qual, child)
+            if why is not None:
+                if id(child) not in new_of:
+                    report.skipped.append((qual, why))
+                continue
+            first = id(child) not in new_of
+            if first:
+                new_of[id(child)] = MultiheadAttention.from_torch(child)
+            new = new_of[id(child)]
+            parent._modules[child_name] = new
+            undo.append(lambda p=parent, c=child_name, old=child: p._modules.__setitem__(c, old))
+            if first:
+                report.replaced.append(
+                    (
+                        qual,
+                        "mha",
+                        f"nn.MultiheadAttention -> fastgen.nn.MultiheadAttention ({new.extra_repr()})",
+                    )
+                )
+            _disable_layer_fast_path(parent, new, named[id(parent)], report, undo)
+    for m in model.modules():
+        if (
+            isinstance(m, nn.TransformerEncoder)
+            and getattr(m, "use_nested_tensor", False)
+            and any(isinstance(getattr(layer, "self_attn", None), MultiheadAttention) for layer in m.layers)
+        ):
+            m.use_nested_tensor = False
+            undo.append(lambda m=m: setattr(m, "use_nested_tensor", True))
+            report.notes.append(
+                f"{named[id(m)] or '<root>'}: use_nested_tensor=False (torch's nested fast path)"
+            )
+
+    # (b) processors and (c) modules whose class calls SDPA
+    wrapped: list[str] = []
+    pinned: list[tuple[nn.Module, str, list]] = []
+    for qual, m in model.named_modules():
+        if isinstance(m, MultiheadAttention) or "_fastgen_inner_forward" in m.__dict__:
+            continue
+        proc = m.__dict__.get("processor", m._modules.get("processor"))
+        if (
+            callable(proc)
+            and not isinstance(proc, FastgenProcessor)
+            and "_fastgen_inner_forward" not in getattr(proc, "__dict__", {})
+        ):
+            _swap_processor(qual, m, proc, wanted, report, undo)
+        if type(m).__module__.split(".")[0] in ("torch", "fastgen"):
+            continue
+        refs, aliases = _class_refs_sdpa(type(m))
+        if not refs:
+            continue
+        why = wanted(qual, m)
+        if why is not None:
+            report.skipped.append((qual, f"{type(m).__name__} calls SDPA but is {why}"))
+            pinned.append((m, qual, aliases))
+            continue
+        undo.append(_wrap_forward(m, True, aliases))
+        wrapped.append(qual)
+        via = ", ".join(sorted({n for _, n in aliases})) or "F.scaled_dot_product_attention"
+        report.replaced.append(
+            (qual, "sdpa-forward", f"{type(m).__name__}.forward runs with fastgen SDPA (via {via})")
+        )
+    for m, qual, aliases in pinned:  # an excluded module inside a wrapped one keeps torch's SDPA
+        if any(w == "" or qual.startswith(w + ".") for w in wrapped):
+            undo.append(_wrap_forward(m, False, aliases))
+            report.notes.append(f"{qual}: pinned to torch's SDPA inside a swapped parent")
+    return report
+
+
+def _disable_layer_fast_path(parent, new, parent_name, report, undo) -> None:
+    if isinstance(parent, nn.TransformerEncoderLayer) and parent.self_attn is new:
+        # the layer's inference fast path skips self_attn.forward whenever no module has hooks
+        handle = new.register_forward_pre_hook(_noop_hook)
+        undo.append(handle.remove)
+        report.notes.append(
+            f"{parent_name or '<root>'}: torch's TransformerEncoderLayer fast path turned off"
+        )
+
+
+def _noop_hook(module, args):
+    return None
+
+
+def _swap_processor(qual, m, proc, wanted, report, undo) -> None:
+    # a module with set_processor is a processor hook for sure; a bare callable `processor` attribute
+    # counts only when its class visibly calls SDPA
+    hooked = callable(getattr(m, "set_processor", None))
+    refs, aliases = _class_refs_sdpa(proc if isinstance(proc, types.FunctionType) else type(proc))
+    if not hooked and not refs:
+        return
+    name = type(proc).__name__
+    why = wanted(qual, m)
+    if why is not None:
+        report.skipped.append((qual, f"processor {name} {why}"))
+        return
+    if refs is False:
+        report.skipped.append((qual, f"processor {name} does not call scaled_dot_product_attention"))
+        return
+    if isinstance(proc, nn.Module):
+        undo.append(_wrap_forward(proc, True, aliases))
+    else:
+        keys = [_register_target(ns, n) for ns, n in aliases]
+        _set_processor(m, FastgenProcessor(proc))
+
+        def restore(m=m, proc=proc, keys=keys):
+            _set_processor(m, proc)
+            for key in keys:
+                _unregister_target(key)
+
+        undo.append(restore)
+    report.replaced.append((qual, "processor", f"{name} runs with fastgen SDPA"))
+
+
+def _set_processor(m: nn.Module, proc: Any) -> None:
+    setter = getattr(m, "set_processor", None)
+    if callable(setter):
+        setter(proc)
+    else:
+        m.processor = proc
+
+
+def unswap_attention(model: nn.Module) -> int:
+    """Undo every :func:`swap_attention` on ``model`` (latest first): the original modules, processors
+    and forwards are back. Returns the number of changes undone."""
+    actions = _undo.pop(model, [])
+    for action in reversed(actions):
+        action()
+    return len(actions)
