@@ -10,6 +10,7 @@ import torch
 from fastgen import _backend
 from fastgen.bench import (
     Case,
+    Check,
     Impl,
     achieved_gbps,
     achieved_tflops,
@@ -328,3 +329,41 @@ def test_nominal_specs():
     assert nominal_spec("NVIDIA A100-SXM4-80GB").peak_tflops["bf16"] == pytest.approx(312)
     assert nominal_spec("NVIDIA A100 80GB PCIe").hbm_gbps == pytest.approx(1935)
     assert nominal_spec("NVIDIA GeForce RTX 4090") is None
+
+
+def test_case_check_judges_every_output_baselines_included(tmp_path, capsys):
+    """Case(check=...) replaces the compare-with-the-first-baseline oracle for every row."""
+    x = torch.ones(8)
+
+    def check(out):
+        err = float((out - 3 * x).abs().max())
+        return Check(err <= 0.1, err, "" if err <= 0.1 else f"err {err:g}")
+
+    @harness.register(op="synth_check")
+    def cases(device, quick):
+        yield Case(
+            "n=8",
+            [
+                Impl("torch-a", lambda: x * 3.5, baseline=True),  # first baseline, yet judged: off
+                Impl("torch-b", lambda: x * 3, baseline=True),
+                Impl("fast", lambda: x + x + x),
+                Impl("fast-wrong", lambda: x * 4),
+            ],
+            flops=8,
+            check=check,
+        )
+
+    try:
+        out = tmp_path / "results"
+        args = ["--quick", "--out", str(out), "--copy-mib", "8", "--no-plot"]
+        assert main(args, only=["synth_check"]) == 1  # fast-wrong fails the run
+    finally:
+        harness._REGISTRY.clear()
+    _, _, data = _results(out)
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert not any(r["reference"] for r in rows.values())
+    assert rows["torch-a"]["correct"] is False and rows["torch-b"]["correct"] is True
+    assert rows["fast"]["correct"] is True and rows["fast-wrong"]["check"] == "err 1"
+    assert set(rows["fast"]["speedup"]) == {"torch-a", "torch-b"}
+    assert data["summary"]["wrong"] == 1 and data["summary"]["baselines_off"] == 1
+    assert "WRONG: synth_check / n=8 / fast-wrong: err 1" in capsys.readouterr().err
