@@ -389,7 +389,8 @@ def probe(run: Callable[[], Any]) -> str | None:
             ]
             msgs = [m.replace("\n", " ") for m in dict.fromkeys(msgs) if m]
             reason = "; ".join([*msgs, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"])
-            return "unsupported: " + (reason if len(reason) <= 400 else reason[:397] + "...")
+            kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else "unsupported"
+            return f"{kind}: " + (reason if len(reason) <= 400 else reason[:397] + "...")
         finally:
             _Live.clear()
             if torch.cuda.is_available():
