@@ -406,8 +406,9 @@ def _noop_hook(module, args):
 
 
 def _swap_processor(qual, m, proc, wanted, report, undo) -> None:
-    # a module with set_processor is a processor hook for sure; a bare callable `processor` attribute
-    # counts only when its class visibly calls SDPA
+    # a module with set_processor is a processor hook for sure: its processor is wrapped even when no
+    # SDPA call shows in its source (it may call a helper; harmless if it computes attention itself); a
+    # bare callable `processor` attribute counts only when its class visibly calls SDPA
     hooked = callable(getattr(m, "set_processor", None))
     refs, aliases = _class_refs_sdpa(proc if isinstance(proc, types.FunctionType) else type(proc))
     if not hooked and not refs:
@@ -416,9 +417,6 @@ def _swap_processor(qual, m, proc, wanted, report, undo) -> None:
     why = wanted(qual, m)
     if why is not None:
         report.skipped.append((qual, f"processor {name} {why}"))
-        return
-    if refs is False:
-        report.skipped.append((qual, f"processor {name} does not call scaled_dot_product_attention"))
         return
     if isinstance(proc, nn.Module):
         undo.append(_wrap_forward(proc, True, aliases))
@@ -432,7 +430,8 @@ def _swap_processor(qual, m, proc, wanted, report, undo) -> None:
                 _unregister_target(key)
 
         undo.append(restore)
-    report.replaced.append((qual, "processor", f"{name} runs with fastgen SDPA"))
+    seen = "calls scaled_dot_product_attention" if refs else "no SDPA call seen in its source, wrapped anyway"
+    report.replaced.append((qual, "processor", f"{name} runs with fastgen SDPA ({seen})"))
 
 
 def _set_processor(m: nn.Module, proc: Any) -> None:

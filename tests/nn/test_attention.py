@@ -194,7 +194,7 @@ def test_dropout_train_vs_eval():
 
 def test_fully_masked_rows_give_zeros_not_nan():
     for need_weights in (True, False):
-        t, f = pair(batch_first=True)
+        _, f = pair(batch_first=True)
         q, k, v = inputs(True)
         am = torch.zeros(L, S, dtype=torch.bool)
         am[2] = True  # query 2 sees nothing
@@ -264,5 +264,5 @@ def test_bad_input_errors():
         f(x, x[0], x[0])
     with pytest.raises(ValueError, match="batch sizes differ"):
         f(x, x[:1], x[:1])
-    with pytest.raises(TypeError, match="expects a torch.nn.MultiheadAttention"):
+    with pytest.raises(TypeError, match=r"expects a torch\.nn\.MultiheadAttention"):
         MultiheadAttention.from_torch(nn.Linear(2, 2))
