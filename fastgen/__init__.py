@@ -3,6 +3,7 @@
 Public API
 ----------
 * ``fastgen.ops``: functional ops, each with a plain-PyTorch ``<op>_ref`` next to it.
+* ``fastgen.nn``: drop-in modules (``MultiheadAttention``) and ``swap_attention`` / ``unswap_attention``.
 * ``fastgen.diffusion``: noise schedules and samplers built on the fused sampling steps.
 * ``fastgen.use_backend`` / ``FASTGEN_BACKEND``: force a backend (cuda / triton / cpp / torch).
 * ``python -m fastgen.info``: what is built and usable here; ``python -m fastgen.bench``: benchmarks.
@@ -15,8 +16,10 @@ __version__ = "0.1.0"
 
 from fastgen import (
     diffusion,
+    nn,
     ops,
 )
+from fastgen.nn import MultiheadAttention, swap_attention, unswap_attention
 from fastgen.ops.attention import flash_attention, flash_attn_varlen, scaled_dot_product_attention
 from fastgen.ops.diffusion_step import (
     ddim_step,
@@ -30,6 +33,7 @@ from fastgen.ops.diffusion_step import (
 __all__ = [
     "BACKEND_ORDER",
     "BackendUnavailableError",
+    "MultiheadAttention",
     "__version__",
     "ddim_step",
     "ddpm_step",
@@ -39,9 +43,12 @@ __all__ = [
     "euler_step",
     "flash_attention",
     "flash_attn_varlen",
+    "nn",
     "ops",
     "registered_ops",
     "sampler_step",
     "scaled_dot_product_attention",
+    "swap_attention",
+    "unswap_attention",
     "use_backend",
 ]
