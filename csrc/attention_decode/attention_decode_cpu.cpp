@@ -1,10 +1,10 @@
 // KV-cache decoding attention, C++ CPU kernel (at::parallel_for over (batch, KV head, split)).
 //
 // One task handles one KV head of one sequence and ALL its query rows (the G query heads of the group
-// times the Sq new tokens), so every K/V row is read once per group. Keys go in tiles of kTile: the K tile
-// is stored transposed (kT[d][t]) so that the scores of one row are `s[t] += q[d] * kT[d][t]`, a loop over
-// t that GCC vectorises without reassociating a reduction (no -ffast-math); P @ V is `acc[d] += p[t] v[t][d]`,
-// vectorised over d. Accumulation is float32 (float64 for double inputs) with an online softmax; splits
+// times the Sq new tokens), so every K/V row is read once per group (a tile of kTile keys stays in L1/L2
+// while all the rows use it). Scores are dot products with 16 independent partial sums (vectorised by
+// GCC without reassociating one sum, no -ffast-math); P @ V is `acc[d] += p[t] v[t][d]`, vectorised over d.
+// float32 / float64 caches are read in place, 16-bit ones converted once per tile. Accumulation is float32 (float64 for double inputs) with an online softmax; splits
 // of long caches write (out, lse) partials that a second parallel pass merges.
 #include "attention_decode/attention_decode.h"
 
@@ -29,11 +29,28 @@ constexpr int64_t kTile = 64;
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// a . b with W independent partial sums: vectorises without reassociating one sum (no -ffast-math).
+template <typename A>
+inline A dot(const A* __restrict__ a, const A* __restrict__ b, int64_t n) {
+  constexpr int W = 16;
+  A part[W] = {};
+  int64_t d = 0;
+  for (; d + W <= n; d += W) {
+    for (int l = 0; l < W; ++l) part[l] += a[d + l] * b[d + l];
+  }
+  A s = 0;
+  for (; d < n; ++d) s += a[d] * b[d];
+  for (int l = 0; l < W; ++l) s += part[l];
+  return s;
+}
+
 // Online-softmax attention of all R query rows of (b, h) over keys [j0, j1): leaves the unnormalised
-// accumulator in acc (R x D), the running max in m and the running sum in l.
+// accumulator in acc (R x D), the running max in m and the running sum in l. K/V rows are read in place
+// when T is the accumulation type, else converted once per tile into kbuf / vbuf (kTile x D).
 template <typename T, typename A>
 void attend_chunk(const DecodeParams<T>& p, int64_t b, int64_t h, int64_t j0, int64_t j1, const A* qf,
-                  const int64_t* lim, A* acc, A* m, A* l, A* kT, A* vt, A* s) {
+                  const int64_t* lim, A* acc, A* m, A* l, A* kbuf, A* vbuf, A* s) {
+  constexpr bool kInPlace = std::is_same_v<T, A>;
   const int64_t R = p.Sq * p.G, D = p.D;
   const A neg_inf = -std::numeric_limits<A>::infinity();
   for (int64_t r = 0; r < R; ++r) {
@@ -44,29 +61,34 @@ void attend_chunk(const DecodeParams<T>& p, int64_t b, int64_t h, int64_t j0, in
   int64_t jmax = 0;
   for (int64_t r = 0; r < R; ++r) jmax = std::max(jmax, lim[r]);
   j1 = std::min(j1, jmax);
+  const A* krow[kTile];
+  const A* vrow[kTile];
   for (int64_t jb = j0; jb < j1; jb += kTile) {
     const int64_t nk = std::min(kTile, j1 - jb);
     for (int64_t t = 0; t < nk; ++t) {
       const T* kp = p.k + key_offset(p, b, jb + t, p.k_s0, p.k_s1) + h * p.k_s2;
       const T* vp = p.v + key_offset(p, b, jb + t, p.v_s0, p.v_s1) + h * p.v_s2;
-      for (int64_t d = 0; d < D; ++d) kT[d * kTile + t] = static_cast<A>(kp[d]);
-      for (int64_t d = 0; d < D; ++d) vt[t * D + d] = static_cast<A>(vp[d]);
-    }
-    if (nk < kTile) {  // keys past the chunk: zeros, so the fixed-length score loop reads no garbage
-      for (int64_t d = 0; d < D; ++d) std::fill(kT + d * kTile + nk, kT + (d + 1) * kTile, A(0));
+      if constexpr (kInPlace) {
+        krow[t] = kp;
+        vrow[t] = vp;
+      } else {
+        A* kd = kbuf + t * D;
+        A* vd = vbuf + t * D;
+        for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<A>(kp[d]);
+        for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<A>(vp[d]);
+        krow[t] = kd;
+        vrow[t] = vd;
+      }
     }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t nv = std::clamp<int64_t>(lim[r] - jb, 0, nk);
       if (nv == 0) continue;
       const A* qr = qf + r * D;
-      for (int64_t t = 0; t < kTile; ++t) s[t] = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        const A qd = qr[d];
-        const A* kd = kT + d * kTile;
-        for (int64_t t = 0; t < kTile; ++t) s[t] += qd * kd[t];
-      }
       A mx = m[r];
-      for (int64_t t = 0; t < nv; ++t) mx = s[t] > mx ? s[t] : mx;
+      for (int64_t t = 0; t < nv; ++t) {
+        s[t] = dot(qr, krow[t], D);
+        mx = s[t] > mx ? s[t] : mx;
+      }
       const A corr = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first tile
       A sum = 0;
       for (int64_t t = 0; t < nv; ++t) {
@@ -75,11 +97,11 @@ void attend_chunk(const DecodeParams<T>& p, int64_t b, int64_t h, int64_t j0, in
       }
       l[r] = l[r] * corr + sum;
       m[r] = mx;
-      A* ar = acc + r * D;
+      A* __restrict__ ar = acc + r * D;
       for (int64_t d = 0; d < D; ++d) ar[d] *= corr;
       for (int64_t t = 0; t < nv; ++t) {
         const A pt = s[t];
-        const A* vr = vt + t * D;
+        const A* __restrict__ vr = vrow[t];
         for (int64_t d = 0; d < D; ++d) ar[d] += pt * vr[d];
       }
     }
@@ -116,9 +138,9 @@ void run(const DecodeArgs& a) {
     A* acc = qf + R * D;
     A* m = acc + R * D;
     A* l = m + R;
-    A* kT = l + R;
-    A* vt = kT + kTile * D;
-    A* s = vt + kTile * D;
+    A* kbuf = l + R;
+    A* vbuf = kbuf + kTile * D;
+    A* s = vbuf + kTile * D;
     std::vector<int64_t> lim(R);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / S, split = task % S;
@@ -132,7 +154,7 @@ void run(const DecodeArgs& a) {
         const T* qr = p.q + b * p.q_s0 + i * p.q_s1 + (h * p.G + g) * p.q_s2;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<A>(qr[d]) * static_cast<A>(a.scale);
       }
-      attend_chunk<T, A>(p, b, h, j0, j1, qf, lim.data(), acc, m, l, kT, vt, s);
+      attend_chunk<T, A>(p, b, h, j0, j1, qf, lim.data(), acc, m, l, kbuf, vbuf, s);
       for (int64_t r = 0; r < R; ++r) {
         const A inv = l[r] > 0 ? A(1) / l[r] : A(0);  // no visible key: zeros
         const A* ar = acc + r * D;
