@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import fastgen
 from fastgen._backend import Call
 from fastgen.bench import Case, Check, Impl, backend_impls, main, register
-from fastgen.ops.attention import attention_ref, flash_attn_varlen_ref
+from fastgen.ops.attention import attention_ref, flash_attention, flash_attn_varlen_ref
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -366,14 +366,34 @@ def flash_attn_provider(prob: Problem) -> Provider:
     )
 
 
-def fastgen_provider(prob: Problem) -> Provider:
+def fastgen_provider(prob: Problem, deterministic: bool | None = None) -> Provider:
+    """deterministic=None: the default backward (atomic dQ); True: the two-pass bit-reproducible one."""
     if prob.lens is not None:
         cu, lmax = prob.cu_seqlens(), max(prob.lens)
         q, k, v, dout = (prob.pack(t).contiguous() for t in (prob.q, prob.k, prob.v, prob.dout))
-        return Provider(
-            [q, k, v], lambda q, k, v: fastgen.flash_attn_varlen(q, k, v, cu, cu, lmax, lmax), dout
+
+        def varlen(q, k, v):
+            return fastgen.flash_attn_varlen(q, k, v, cu, cu, lmax, lmax, deterministic=deterministic)
+
+        return Provider([q, k, v], varlen, dout)
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False):
+        bias, mask = (
+            (None, attn_mask)
+            if attn_mask is not None and attn_mask.dtype == torch.bool
+            else (attn_mask, None)
         )
-    return sdpa_provider(prob, fastgen.scaled_dot_product_attention, None)
+        return flash_attention(q, k, v, bias=bias, mask=mask, causal=is_causal, deterministic=deterministic)
+
+    return sdpa_provider(prob, fastgen.scaled_dot_product_attention if deterministic is None else sdpa, None)
+
+
+def _triton_forced(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        with fastgen.use_backend("triton", op="attention"):
+            return fn()
+
+    return run
 
 
 def probe(run: Callable[[], Any]) -> str | None:
@@ -445,6 +465,9 @@ def make_case(device: torch.device, prob: Problem, mode: str) -> Case:
         if impl.name == "fastgen[torch]" and device.type == "cuda" and impl.skip is None:
             impl = Impl.skipped(impl.name, "the fallback path (scores materialised): timed on CPU only")
         impls.append(impl)
+        if impl.name == "fastgen[triton]" and impl.skip is None and mode != "fwd":
+            det = make_runner(fastgen_provider(prob, deterministic=True), mode, grad_bias)
+            impls.append(Impl("fastgen[triton,det]", _triton_forced(det)))
     flops = prob.fwd_flops() * FLOP_FACTOR[mode]
     return Case(
         f"{mode:<7} {prob.name}",
