@@ -294,6 +294,8 @@ class MultiheadAttention(nn.Module):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise _err(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.is_nested:
+                raise _err(f"{name} is a NestedTensor: not supported (pad it and pass a key_padding_mask)")
         if query.dim() not in (2, 3):
             raise _err(
                 f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query"
@@ -358,16 +360,16 @@ class MultiheadAttention(nn.Module):
         n_extra appended keys (bias_k / zero attention) are visible, as in torch."""
         biases, masks = [], []
         if key_padding_mask is not None:
-            m = key_padding_mask.view(n, 1, 1, -1)
+            m = key_padding_mask.reshape(n, 1, 1, -1)
             if m.dtype == torch.bool:
                 masks.append(F.pad(~m, (0, n_extra), value=True))
             else:
                 biases.append(F.pad(m, (0, n_extra)))
         if attn_mask is not None:
             m = (
-                attn_mask.view(1, 1, tgt, -1)
+                attn_mask.reshape(1, 1, tgt, -1)
                 if attn_mask.dim() == 2
-                else attn_mask.view(n, self.num_heads, tgt, -1)
+                else attn_mask.reshape(n, self.num_heads, tgt, -1)
             )
             if m.dtype == torch.bool:
                 masks.append(F.pad(~m, (0, n_extra), value=True))

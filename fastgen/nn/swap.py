@@ -318,11 +318,17 @@ def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filte
             ("", "the root module is a MultiheadAttention: use MultiheadAttention.from_torch")
         )
     new_of: dict[int, MultiheadAttention] = {}
+    seen_sub: set[int] = set()
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
             if not isinstance(child, nn.MultiheadAttention):
                 continue
             qual = named[id(child)]
+            if type(child) is not nn.MultiheadAttention:  # a subclass may change forward or parameters
+                if id(child) not in seen_sub:
+                    seen_sub.add(id(child))
+                    report.skipped.append((qual, f"{type(child).__name__} subclasses nn.MultiheadAttention"))
+                continue
             why = wanted(qual, child)
             if why is not None:
                 if id(child) not in new_of:

@@ -121,6 +121,7 @@ def test_matches_torch_options_and_masks(kw, need_weights):
     fkpm = torch.where(kpm, float("-inf"), 0.5).double()
     cases = [
         {"key_padding_mask": kpm},
+        {"key_padding_mask": torch.zeros(S, N, dtype=torch.bool).index_fill_(0, torch.tensor([5]), True).t()},
         {"attn_mask": am & ~torch.eye(L, S, dtype=torch.bool)},
         {"attn_mask": am3},
         {"attn_mask": fl},

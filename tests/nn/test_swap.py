@@ -153,6 +153,7 @@ def test_swap_model_matches_and_reports(fastgen_calls):
     assert unswap_attention(model) == 0
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_transformer_encoder_eval_fast_path_is_replaced(fastgen_calls):
     # eval + no_grad: torch's layer/encoder fast paths would skip self_attn.forward entirely
     model = Model().eval()
@@ -286,3 +287,10 @@ def test_errors():
         swap_attention(nn.Linear(2, 2), include=[1])
     report = swap_attention(nn.MultiheadAttention(8, 2))
     assert not report.replaced and "from_torch" in str(report)
+
+    class MyMHA(nn.MultiheadAttention):  # custom behaviour: left alone
+        pass
+
+    seq = nn.Sequential(MyMHA(8, 2))
+    report = swap_attention(seq)
+    assert not report.replaced and "MyMHA subclasses" in str(report) and type(seq[0]) is MyMHA
