@@ -164,7 +164,7 @@ def _causal_mode(is_causal: bool | str) -> int:
 # =====================================================================================================
 # Canonical layout shared by every backend (see _canonical): q (B, Sq, Hq, D), k (B, Sk, Hkv, D),
 # v (B, Sk, Hkv, Dv) with the last dim contiguous; bias / mask (B, Hq, Sq, Sk) views (stride 0 where
-# broadcast); lse (B, Hq, Sq) float32. Packed varlen batches come as B = 1 with cu_seqlens.
+# broadcast); lse (B, Hq, Sq) float32 (float64 for float64 inputs). Packed varlen batches come as B = 1 with cu_seqlens.
 
 
 def _segments(cu_q, cu_k, sq, sk, b):
@@ -207,11 +207,16 @@ def _expand_kv(x, hq):
     return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
 
 
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 inputs keep float64 statistics, so their gradients are float64-accurate too
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fwd_torch(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, _, hq, _ = q.shape
     out = torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, hq, q.shape[1]), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, hq, q.shape[1]), dtype=_lse_dtype(q.dtype), device=q.device)
     segs = _segments(cu_q, cu_k, q.shape[1], k.shape[1], b)
     keeps = (
         _torch_keep(seed, [(hq, s[2], s[4]) for s in segs], dropout_p, q.device) if dropout_p > 0 else None
@@ -227,7 +232,7 @@ def _fwd_torch(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dro
             p = p * keeps[n] / (1.0 - dropout_p)
         vh = _expand_kv(vs.transpose(0, 1).to(dt)[None], hq)[0]
         out[bi, q0 : q0 + sq] = (p @ vh).transpose(0, 1).to(q.dtype)
-        lse[bi, :, q0 : q0 + sq] = torch.where(torch.isfinite(l_), l_, torch.full_like(l_, math.inf)).float()
+        lse[bi, :, q0 : q0 + sq] = torch.where(torch.isfinite(l_), l_, torch.full_like(l_, math.inf))
     return out, lse
 
 
@@ -825,7 +830,7 @@ def _(
     deterministic,
 ):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
-    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_lse_dtype(q.dtype))
     return out, lse
 
 

@@ -336,3 +336,14 @@ def test_gpu_varlen_and_dropout():
     ref = A.flash_attn_varlen_ref(q, k, v, cu, cu, causal=True)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=1e-3)
     test_dropout_reproducible_and_exact("triton")
+
+
+def test_float64_gradcheck():
+    """The torch backend serves float64 with float64 statistics: exact enough for gradcheck."""
+    q, k, v = make(1, 2, 1, 5, 7, 8, 4, torch.float64)
+    bias = torch.randn(1, 2, 5, 7, dtype=torch.float64, device=DEV, requires_grad=True)
+
+    def f(q, k, v, bias):
+        return A.flash_attention(q, k, v, bias=bias, causal="bottom_right")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
