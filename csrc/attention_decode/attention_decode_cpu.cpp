@@ -4,8 +4,9 @@
 // times the Sq new tokens), so every K/V row is read once per group (a tile of kTile keys stays in L1/L2
 // while all the rows use it). Scores are dot products with 16 independent partial sums (vectorised by
 // GCC without reassociating one sum, no -ffast-math); P @ V is `acc[d] += p[t] v[t][d]`, vectorised over d.
-// float32 / float64 caches are read in place, 16-bit ones converted once per tile. Accumulation is float32 (float64 for double inputs) with an online softmax; splits
-// of long caches write (out, lse) partials that a second parallel pass merges.
+// float32 / float64 caches are read in place, 16-bit ones converted once per tile. Accumulation is float32
+// (float64 for double inputs) with an online softmax; splits of long caches write (out, lse) partials that
+// a second parallel pass merges.
 #include "attention_decode/attention_decode.h"
 
 #include <ATen/Dispatch.h>
