@@ -21,6 +21,7 @@ from fastgen import (
 )
 from fastgen.nn import MultiheadAttention, swap_attention, unswap_attention
 from fastgen.ops.attention import flash_attention, flash_attn_varlen, scaled_dot_product_attention
+from fastgen.ops.attention_decode import attention_decode, attention_decode_paged, kv_cache_append
 from fastgen.ops.diffusion_step import (
     ddim_step,
     ddpm_step,
@@ -35,6 +36,8 @@ __all__ = [
     "BackendUnavailableError",
     "MultiheadAttention",
     "__version__",
+    "attention_decode",
+    "attention_decode_paged",
     "ddim_step",
     "ddpm_step",
     "diffusion",
@@ -43,6 +46,7 @@ __all__ = [
     "euler_step",
     "flash_attention",
     "flash_attn_varlen",
+    "kv_cache_append",
     "nn",
     "ops",
     "registered_ops",

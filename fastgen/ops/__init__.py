@@ -7,6 +7,13 @@ from fastgen.ops.attention import (
     flash_attn_varlen_ref,
     scaled_dot_product_attention,
 )
+from fastgen.ops.attention_decode import (
+    attention_decode,
+    attention_decode_paged,
+    attention_decode_paged_ref,
+    attention_decode_ref,
+    kv_cache_append,
+)
 from fastgen.ops.diffusion_step import (
     counter_normal,
     counter_normal_ref,
@@ -24,6 +31,10 @@ from fastgen.ops.diffusion_step import (
 )
 
 __all__ = [
+    "attention_decode",
+    "attention_decode_paged",
+    "attention_decode_paged_ref",
+    "attention_decode_ref",
     "attention_ref",
     "counter_normal",
     "counter_normal_ref",
@@ -40,6 +51,7 @@ __all__ = [
     "flash_attention",
     "flash_attn_varlen",
     "flash_attn_varlen_ref",
+    "kv_cache_append",
     "sampler_step",
     "scaled_dot_product_attention",
 ]
