@@ -21,3 +21,16 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def poison_empty():
+    """torch.empty / at::empty fill with NaN (ints: their max), so any element a kernel forgets to write
+    shows up. Turns on deterministic mode (warn only) for the test, which that fill needs."""
+    prev = torch.utils.deterministic.fill_uninitialized_memory
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = prev
+    torch.use_deterministic_algorithms(was)

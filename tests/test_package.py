@@ -101,3 +101,13 @@ def test_import_without_extension_warns_once_and_serves():
 def test_public_api():
     for name in fastgen.__all__:
         assert hasattr(fastgen, name), name
+
+
+def test_op_modules_are_not_shadowed_by_functions():
+    """fastgen.ops.<op> stays the module (a function of the same name would shadow it for importers)."""
+    import importlib
+
+    import fastgen.ops
+
+    for name in ("attention", "attention_decode", "diffusion_step"):
+        assert getattr(fastgen.ops, name) is importlib.import_module(f"fastgen.ops.{name}")

@@ -7,8 +7,7 @@ from fastgen.ops.attention import (
     flash_attn_varlen_ref,
     scaled_dot_product_attention,
 )
-from fastgen.ops.attention_decode import (
-    attention_decode,
+from fastgen.ops.attention_decode import (  # the function attention_decode is fastgen.attention_decode
     attention_decode_paged,
     attention_decode_paged_ref,
     attention_decode_ref,
@@ -31,7 +30,6 @@ from fastgen.ops.diffusion_step import (
 )
 
 __all__ = [
-    "attention_decode",
     "attention_decode_paged",
     "attention_decode_paged_ref",
     "attention_decode_ref",

@@ -298,6 +298,17 @@ if triton is not None:
             return zero, zero, seqlen_q, seqlen_k
 
     @triton.jit
+    def _query_program(CuQ, CuK, seqlen_q, seqlen_k, n_heads, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+        """A program over one query block of one (batch, head): its block index, batch, head and bounds."""
+        pid_m = tl.program_id(0)
+        if CAUSAL != 0:  # the longest rows (most visible keys) first: better tail balance
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        b = pid_bh // n_heads
+        q0, k0, sq, sk = _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
+        return pid_m, b, pid_bh % n_heads, q0, k0, sq, sk
+
+    @triton.jit
     def _rng_batch(b64, VARLEN: tl.constexpr):
         # dropout counters: (batch, head, query row, key col) of the padded batch; a packed batch is one row
         # space (rows are unique across sequences), so its batch index does not enter
@@ -356,13 +367,7 @@ if triton is not None:
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-        pid_m = tl.program_id(0)
-        if CAUSAL != 0:  # the longest rows (most visible keys) first: better tail balance
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        q0, k0, sq, sk = _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
+        pid_m, b, h, q0, k0, sq, sk = _query_program(CuQ, CuK, seqlen_q, seqlen_k, n_heads, CAUSAL, VARLEN)
         if pid_m * BLOCK_M < sq:
             b64 = b.to(tl.int64)
             hk = h // group
@@ -552,13 +557,7 @@ if triton is not None:
                             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                             DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
                             PRECISION: tl.constexpr):  # fmt: skip
-        pid_m = tl.program_id(0)
-        if CAUSAL != 0:  # the longest rows (most visible keys) first: better tail balance
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        pid_bh = tl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        q0, k0, sq, sk = _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
+        pid_m, b, h, q0, k0, sq, sk = _query_program(CuQ, CuK, seqlen_q, seqlen_k, n_heads, CAUSAL, VARLEN)
         if pid_m * BLOCK_M < sq:
             b64 = b.to(tl.int64)
             hk = h // group

@@ -19,16 +19,7 @@ ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.fl
 CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter gets bf16 arithmetic wrong (bf16: GPU tests)
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    """torch.empty fills with NaN, so any element a kernel forgets to write shows up."""
-    prev = torch.utils.deterministic.fill_uninitialized_memory
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = prev
-    torch.use_deterministic_algorithms(was)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def make(b, hq, hk, sq, sk, d, dv, dtype, device=DEV):

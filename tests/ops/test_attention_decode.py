@@ -24,6 +24,7 @@ from fastgen.ops.attention_decode import (
     kv_cache_append,
 )
 
+pytestmark = pytest.mark.usefixtures("poison_empty")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float64: 1e-12}
 CPU_BACKENDS = [b for b in ("cpp", "torch") if not AD.OP.backends[b].available()]

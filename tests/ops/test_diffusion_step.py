@@ -24,16 +24,7 @@ def device_for(backend):
     return "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    """torch.empty / at::empty fill with NaN, so any element a kernel forgets to write shows up."""
-    prev = torch.utils.deterministic.fill_uninitialized_memory
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = prev
-    torch.use_deterministic_algorithms(was)
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 def schedule(t=40, device="cpu"):
