@@ -53,6 +53,7 @@ except Exception:  # pragma: no cover
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "swiglu")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_EXPERTS = 4096
 _ACT_ID = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5}
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -185,12 +186,316 @@ def _bwd_torch(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias):
 
 
 # =====================================================================================================
+# Triton kernels
+# =====================================================================================================
+# ACT ids (constexpr): 0 none, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu, 5 swiglu.
+# gelu_tanh uses 0.5 * (1 + tanh(z)) = sigmoid(2z): no tanh (libdevice) needed, same on triton 3.6 .. 3.9.
+
+if triton is not None:
+
+    @triton.jit
+    def _act_fwd(h, ACT: tl.constexpr):
+        if ACT == 1:
+            h = tl.maximum(h, 0.0)
+        elif ACT == 2:
+            h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+        elif ACT == 3:
+            h = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+        elif ACT == 4:
+            h = h * tl.sigmoid(h)
+        return h
+
+    @triton.jit
+    def _gmm_fwd_kernel(
+        X, W, Bias, Out, H, Offs, TileStart,
+        R, K, NO, E, num_m_tiles,
+        sxm, sxk, swe, swk, swn, sbe, sbn, som, son, shm, shn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+        GROUP_M: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
+        EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """out[rows of e, n tile] = act(x_e @ w[e] + bias[e]); NO = N (F for swiglu: the program also
+        computes the up tile at columns NO + n). Row tiles past the experts' write the unused rows' zeros."""
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(NO, BLOCK_N)
+        # group GROUP_M row tiles per column sweep: their w[e] tiles stay in L2
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        group_size = tl.minimum(num_m_tiles - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % group_size
+        pid_n = (pid % width) // group_size
+        rm = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < NO
+        total = tl.load(TileStart + E)
+        if pid_m < total:
+            # expert = number of tile-prefix entries <= pid_m, minus one (empty experts repeat an entry)
+            eidx = tl.arange(0, BLOCK_E)
+            ts = tl.load(TileStart + eidx, mask=eidx < E, other=total + 1)
+            e = tl.sum((ts <= pid_m).to(tl.int32), axis=0) - 1
+            row_end = tl.load(Offs + e + 1)
+            offs_m = tl.load(Offs + e) + (pid_m - tl.load(TileStart + e)) * BLOCK_M + rm
+            mmask = offs_m < row_end
+            # rows past the expert's end read its last row (no mask on x) and are not stored
+            xrow = tl.minimum(offs_m, row_end - 1).to(tl.int64)
+            e64 = e.to(tl.int64)
+            xp = X + xrow[:, None] * sxm
+            wp = W + e64 * swe + offs_n[None, :] * swn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if ACT == 5:
+                acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                if EVEN_K:
+                    a = tl.load(xp + offs_k[None, :] * sxk)
+                    b = tl.load(wp + offs_k[:, None] * swk, mask=nmask[None, :], other=0.0)
+                else:
+                    kmask = offs_k < K
+                    a = tl.load(xp + offs_k[None, :] * sxk, mask=kmask[None, :], other=0.0)
+                    b = tl.load(wp + offs_k[:, None] * swk, mask=kmask[:, None] & nmask[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                if ACT == 5:
+                    if EVEN_K:
+                        b2 = tl.load(wp + NO * swn + offs_k[:, None] * swk, mask=nmask[None, :], other=0.0)
+                    else:
+                        b2 = tl.load(wp + NO * swn + offs_k[:, None] * swk,
+                                     mask=kmask[:, None] & nmask[None, :], other=0.0)  # fmt: skip
+                    acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
+            if HAS_BIAS:
+                bp = Bias + e64 * sbe + offs_n * sbn
+                acc += tl.load(bp, mask=nmask, other=0.0).to(tl.float32)[None, :]
+                if ACT == 5:
+                    acc2 += tl.load(bp + NO * sbn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            smask = mmask[:, None] & nmask[None, :]
+            om = offs_m.to(tl.int64)[:, None]
+            if STORE_H:
+                hp = H + om * shm + offs_n[None, :] * shn
+                tl.store(hp, acc.to(H.dtype.element_ty), mask=smask)
+                if ACT == 5:
+                    tl.store(hp + NO * shn, acc2.to(H.dtype.element_ty), mask=smask)
+            if ACT == 5:
+                y = acc * tl.sigmoid(acc) * acc2
+            else:
+                y = _act_fwd(acc, ACT)
+            tl.store(Out + om * som + offs_n[None, :] * son, y.to(Out.dtype.element_ty), mask=smask)
+        else:
+            # zero tiles: first the rows before offsets[0], then those from offsets[E] to R
+            z = pid_m - total
+            off0 = tl.load(Offs)
+            head = tl.cdiv(off0, BLOCK_M)
+            is_head = z < head
+            offs_m = tl.where(is_head, z * BLOCK_M, tl.load(Offs + E) + (z - head) * BLOCK_M) + rm
+            lim = tl.where(is_head, off0, R)
+            smask = (offs_m < lim)[:, None] & nmask[None, :]
+            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=Out.dtype.element_ty)
+            tl.store(Out + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * son, zero, mask=smask)
+
+    @triton.jit
+    def _act_bwd_kernel(
+        DOut, H, DH, Offs, E, NO,
+        sdm, sdn, shm, shn, sgm, sgn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr,
+    ):  # fmt: skip
+        """dh = dout * act'(h) on the used rows [offsets[0], offsets[E]) (the others are never read).
+        swiglu: dh[:, n] = dout u silu'(g), dh[:, NO + n] = dout silu(g) with g = h[:, n], u = h[:, NO + n]."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = (offs_m >= tl.load(Offs)) & (offs_m < tl.load(Offs + E))
+        mask = mmask[:, None] & (offs_n < NO)[None, :]
+        om = offs_m.to(tl.int64)[:, None]
+        do = tl.load(DOut + om * sdm + offs_n[None, :] * sdn, mask=mask, other=0.0).to(tl.float32)
+        hp = H + om * shm + offs_n[None, :] * shn
+        h = tl.load(hp, mask=mask, other=0.0).to(tl.float32)
+        gp = DH + om * sgm + offs_n[None, :] * sgn
+        if ACT == 5:
+            u = tl.load(hp + NO * shn, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid(h)
+            tl.store(gp, (do * u * s * (1.0 + h * (1.0 - s))).to(DH.dtype.element_ty), mask=mask)
+            tl.store(gp + NO * sgn, (do * h * s).to(DH.dtype.element_ty), mask=mask)
+        else:
+            if ACT == 1:
+                d = tl.where(h > 0, 1.0, 0.0)
+            elif ACT == 2:
+                d = (
+                    0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
+                    + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+                )
+            elif ACT == 3:
+                s = tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+                d = s + 2.0 * h * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+            else:
+                s = tl.sigmoid(h)
+                d = s * (1.0 + h * (1.0 - s))
+            tl.store(gp, (do * d).to(DH.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gmm_wgrad_kernel(
+        X, DH, DW, DB, Offs, K, N,
+        sxm, sxk, sgm, sgn, swe, swk, swn, sbe, sbn,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DB: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """dw[e, k tile, n tile] = x_e^T @ dh_e, looping over expert e's rows (zeros when it has none);
+        the programs of the first K tile also write dbias[e, n tile] = sum of dh_e's rows."""
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_k = pid // num_n
+        pid_n = pid % num_n
+        start = tl.load(Offs + e)
+        end = tl.load(Offs + e + 1)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kmask = offs_k < K
+        nmask = offs_n < N
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        dbacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i in range(0, tl.cdiv(end - start, BLOCK_M)):
+            offs_m = start + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            mmask = offs_m < end
+            om = offs_m.to(tl.int64)
+            a = tl.load(X + om[:, None] * sxm + offs_k[None, :] * sxk, mask=mmask[:, None] & kmask[None, :],
+                        other=0.0)  # fmt: skip
+            g = tl.load(DH + om[:, None] * sgm + offs_n[None, :] * sgn, mask=mmask[:, None] & nmask[None, :],
+                        other=0.0)  # fmt: skip
+            acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
+            if HAS_DB:
+                dbacc += tl.sum(g.to(tl.float32), axis=0)
+        e64 = e.to(tl.int64)
+        tl.store(DW + e64 * swe + offs_k[:, None] * swk + offs_n[None, :] * swn, acc.to(DW.dtype.element_ty),
+                 mask=kmask[:, None] & nmask[None, :])  # fmt: skip
+        if HAS_DB:
+            tl.store(
+                DB + e64 * sbe + offs_n * sbn,
+                dbacc.to(DB.dtype.element_ty),
+                mask=nmask & (offs_n * 0 + pid_k == 0),
+            )
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _fwd_config(dtype: torch.dtype, mean_rows: float, swiglu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for H100; small blocks under the interpreter."""
+    if _backend.triton_interpret():
+        return 16, 16, 16, 4, 1
+    bm = 64 if mean_rows < 128 else 128  # few rows per expert: less padding waste in the last tile
+    if dtype == torch.float32:
+        return bm, 32 if swiglu else 64, 32, 8 if bm == 128 else 4, 3
+    # swiglu keeps two accumulators: half the N tile for the same registers
+    return bm, 64 if swiglu else 128, 64, 8 if bm == 128 else 4, 3 if swiglu else 4
+
+
+def _wgrad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M (rows reduced), BLOCK_K, BLOCK_N, num_warps, num_stages)."""
+    if _backend.triton_interpret():
+        return 16, 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 32, 64, 64, 4, 3
+    return 64, 128, 128, 8, 3
+
+
+def _gmm_launch(x, w_strides, k, n_out, offsets, out, *, e, bias=None, h=None, act="none", mean_rows=1.0):
+    """out = act(grouped x @ w + bias) with w given by its (expert, k, n) strides; one launch."""
+    r = x.shape[0]
+    if r == 0 or n_out == 0:
+        return out
+    bm, bn, bk, warps, stages = _fwd_config(x.dtype, mean_rows, act == "swiglu")
+    # tile prefix on the device (no host sync): tile_start[e] = sum of cdiv(rows_j, BLOCK_M) for j < e
+    tiles = torch.div(offsets[1:] - offsets[:-1] + (bm - 1), bm, rounding_mode="floor")
+    tile_start = torch.nn.functional.pad(torch.cumsum(tiles, 0, dtype=torch.int32), (1, 0))
+    num_m_tiles = triton.cdiv(r, bm) + e + 2  # >= expert tiles + unused-row tiles
+    grid = (num_m_tiles * triton.cdiv(n_out, bn),)
+    bias_t = bias if bias is not None else x
+    h_t = h if h is not None else out
+    _gmm_fwd_kernel[grid](
+        x, w_strides[0], bias_t, out, h_t, offsets, tile_start,
+        r, k, n_out, e, num_m_tiles,
+        x.stride(0), x.stride(1), *w_strides[1:],
+        *(bias.stride() if bias is not None else (0, 0)), out.stride(0), out.stride(1),
+        *(h.stride() if h is not None else (0, 0)),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=max(16, triton.next_power_of_2(e)), GROUP_M=8,
+        ACT=_ACT_ID[act], HAS_BIAS=bias is not None, STORE_H=h is not None, EVEN_K=k % bk == 0,
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def _fwd_triton(x, w, offsets, bias, act, save_h):
+    r, k = x.shape
+    e, _, n = w.shape
+    n_out = n // 2 if act == "swiglu" else n
+    out = torch.empty((r, n_out), dtype=x.dtype, device=x.device)
+    h = torch.empty((r, n), dtype=x.dtype, device=x.device) if save_h else None
+    _gmm_launch(x, (w, w.stride(0), w.stride(1), w.stride(2)), k, n_out, offsets, out, e=e, bias=bias, h=h,
+                act=act, mean_rows=r / max(e, 1))  # fmt: skip
+    return out, (h if h is not None else x.new_empty(0))
+
+
+def _bwd_triton(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias):
+    r, k = x.shape
+    e, _, n = w.shape
+    if act == "none":
+        dh = dout
+    else:
+        dh = torch.empty((r, n), dtype=x.dtype, device=x.device)
+        n_out = dout.shape[1]
+        if r and n_out:
+            _act_bwd_kernel[(triton.cdiv(r, 64), triton.cdiv(n_out, 64))](
+                dout, h, dh, offsets, e, n_out, *dout.stride(), *h.stride(), *dh.stride(),
+                BLOCK_M=64, BLOCK_N=64, ACT=_ACT_ID[act],
+            )  # fmt: skip
+    dx = dw = dbias = x.new_empty(0)
+    if need_dx:
+        # dx = dh @ w[e]^T: the forward kernel on w's transposed strides (reduction over N)
+        dx = torch.empty_like(x)
+        _gmm_launch(dh, (w, w.stride(0), w.stride(2), w.stride(1)), n, k, offsets, dx, e=e,
+                    mean_rows=r / max(e, 1))  # fmt: skip
+    if need_dw or need_dbias:
+        dw_t = torch.empty_like(w) if need_dw else None
+        dbias = torch.empty((e, n), dtype=x.dtype, device=x.device) if need_dbias else dbias
+        bm, bk, bn, warps, stages = _wgrad_config(x.dtype)
+        if need_dw:
+            kk = k
+        else:  # dbias only: one K tile of a dummy width
+            kk = 0
+        if e and n:
+            dw_arg = dw_t if dw_t is not None else torch.empty((e, 0, n), dtype=x.dtype, device=x.device)
+            grid = (max(1, triton.cdiv(kk, bk)) * triton.cdiv(n, bn), e)
+            _gmm_wgrad_kernel[grid](
+                x, dh, dw_arg, dbias if need_dbias else dw_arg, offsets, kk, n,
+                *x.stride(), *dh.stride(), *dw_arg.stride(), *(dbias.stride() if need_dbias else (0, 0)),
+                BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, HAS_DB=need_dbias, PRECISION=_precision(x.dtype),
+                num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        elif need_dw:
+            dw_t.zero_()
+        if need_dw:
+            dw = dw_t
+    return dx, dw, dbias
+
+
+# =====================================================================================================
 # Backends and the torch.library ops
 # =====================================================================================================
 
+
+def _triton_check(call: Call) -> list[str]:
+    reasons = _backend.triton_check_device(call)
+    if call.get("experts", 0) > MAX_EXPERTS:
+        reasons.append(f"{call['experts']} experts > {MAX_EXPERTS} (the expert lookup loads them all)")
+    return reasons
+
+
+OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
+            check=_triton_check, forced_only_devices=("cpu",),
+            note="one launch over all experts, device-side tile schedule; fused bias + activation")(_fwd_triton)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64),
             note="loop over experts with torch.matmul (host reads the offsets)")(_fwd_torch)  # fmt: skip
-_BWD = {"torch": _bwd_torch}
+_BWD = {"triton": _bwd_triton, "torch": _bwd_torch}
 
 
 def _call(x: torch.Tensor, w: torch.Tensor) -> Call:
