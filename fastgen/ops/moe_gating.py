@@ -197,9 +197,10 @@ def top2_gating_ref(
 # =====================================================================================================
 # torch backend (any device / dtype) and the shared backward
 # =====================================================================================================
-# Every backend returns (idx (T, 2) int32, top (T, 2), lse (T,), psum (E,)): the top-2 expert indices,
-# their raw softmax probabilities, the row logsumexp (NaN for a row with a non-finite logit) and the
-# per-expert sum of the probabilities over tokens; statistics in _stat_dtype(logits.dtype).
+# Every backend returns (top (T, 2), lse (T,), psum (E,), idx (T, 2) int32): the raw softmax probabilities
+# of the top-2 experts, the row logsumexp (NaN for a row with a non-finite logit), the per-expert sum of the
+# probabilities over tokens, and the top-2 expert indices; statistics in _stat_dtype(logits.dtype). (The
+# integer output comes last: opcheck sums the outputs in order into the first one's dtype.)
 
 
 def _fwd_torch(logits: torch.Tensor):
@@ -212,7 +213,7 @@ def _fwd_torch(logits: torch.Tensor):
     lse = torch.logsumexp(x, -1)
     p = torch.exp(x - lse[:, None])
     lse = torch.where(torch.isfinite(x).all(-1), lse, torch.full_like(lse, float("nan")))
-    return idx.int(), p.gather(1, idx), lse, p.sum(0)
+    return p.gather(1, idx), lse, p.sum(0), idx.int()
 
 
 def _bwd(logits, idx, lse, g_top, g_lse, g_psum):
@@ -291,7 +292,7 @@ def _fwd_triton(logits: torch.Tensor):
     if grid > 0:
         _top2_fwd_kernel[(grid,)](logits, idx, top, lse, part, t, e, logits.stride(0), logits.stride(1),
                                   BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)  # fmt: skip
-    return idx, top, lse, part.sum(0)
+    return top, lse, part.sum(0), idx
 
 
 def _triton_check(call: Call) -> list[str]:
@@ -319,7 +320,7 @@ def _call(logits: torch.Tensor) -> Call:
 
 @torch.library.custom_op("fastgen::top2_router", mutates_args=())
 def _top2_router_op(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (T, E) -> idx (T, 2) int32, top (T, 2), lse (T,), psum (E,) (see the torch backend)."""
+    """logits (T, E) -> top (T, 2), lse (T,), psum (E,), idx (T, 2) int32 (see the torch backend)."""
     return OP.dispatch(_call(logits)).fn(logits)
 
 
@@ -328,20 +329,20 @@ def _(logits):
     t, e = logits.shape
     dt = _stat_dtype(logits.dtype)
     return (
-        logits.new_empty((t, K), dtype=torch.int32),
         logits.new_empty((t, K), dtype=dt),
         logits.new_empty((t,), dtype=dt),
         logits.new_empty((e,), dtype=dt),
+        logits.new_empty((t, K), dtype=torch.int32),
     )
 
 
 def _setup_context(ctx, inputs, output):
     (logits,) = inputs
-    idx, _, lse, _ = output
+    _, lse, _, idx = output
     ctx.save_for_backward(logits, idx, lse)
 
 
-def _backward(ctx, g_idx, g_top, g_lse, g_psum):
+def _backward(ctx, g_top, g_lse, g_psum, g_idx):
     logits, idx, lse = ctx.saved_tensors
     return _bwd(logits, idx, lse, g_top, g_lse, g_psum)
 
@@ -397,7 +398,7 @@ def top2_gating(
     t, e = logits.shape
     if logits.device.type == "cpu" and not bool(torch.isfinite(logits).all()):
         raise _err("logits contain NaN or +-inf")
-    idx, top, lse, psum = _top2_router_op(logits)
+    top, lse, psum, idx = _top2_router_op(logits)
     if logits.device.type != "cpu":
         # the kernel marks a row holding a non-finite logit with lse = NaN: checked without a host sync
         torch._assert_async(torch.isfinite(lse).all(), "fastgen.top2_gating: logits contain NaN or +-inf")
