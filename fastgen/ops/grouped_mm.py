@@ -149,7 +149,7 @@ def _fwd_torch(x, w, offsets, bias, act, save_h):
     n_out = n // 2 if act == "swiglu" else n
     dt = _acc_dtype(x.dtype)
     out = torch.zeros((r, n_out), dtype=x.dtype, device=x.device)
-    h_all = torch.empty((r, n), dtype=x.dtype, device=x.device) if save_h else x.new_empty(0)
+    h_all = torch.zeros((r, n), dtype=x.dtype, device=x.device) if save_h else x.new_empty(0)
     off = offsets.tolist()
     for e in range(w.shape[0]):
         a, b = off[e], off[e + 1]
@@ -288,7 +288,14 @@ if triton is not None:
             lim = tl.where(is_head, off0, R)
             smask = (offs_m < lim)[:, None] & nmask[None, :]
             zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=Out.dtype.element_ty)
-            tl.store(Out + offs_m.to(tl.int64)[:, None] * som + offs_n[None, :] * son, zero, mask=smask)
+            om = offs_m.to(tl.int64)[:, None]
+            tl.store(Out + om * som + offs_n[None, :] * son, zero, mask=smask)
+            if STORE_H:  # h is an output of the op too: fully defined
+                tl.store(H + om * shm + offs_n[None, :] * shn, zero.to(H.dtype.element_ty), mask=smask)
+                if ACT == 5:
+                    tl.store(
+                        H + om * shm + (offs_n + NO)[None, :] * shn, zero.to(H.dtype.element_ty), mask=smask
+                    )
 
     @triton.jit
     def _act_bwd_kernel(
@@ -551,20 +558,18 @@ def _(dout, x, w, offsets, h, activation, need_dx, need_dw, need_dbias, backend)
 def _setup_context(ctx, inputs, output):
     x, w, offsets, bias, activation, _save_h = inputs
     _, h = output
-    ctx.save_for_backward(x, w, offsets, h)
+    ctx.save_for_backward(x, w, offsets, bias, h)
     ctx.activation = activation
     ctx.has_bias = bias is not None
     ctx.backend = OP.dispatch(_call(x, w)).name
 
 
 def _backward(ctx, dout, dh_unused):
-    x, w, offsets, h = ctx.saved_tensors
+    x, w, offsets, bias, h = ctx.saved_tensors
     act = ctx.activation
-    if act != "none" and h.numel() == 0 and x.shape[0] > 0:
-        raise RuntimeError(
-            "fastgen.grouped_mm: the forward ran without saving the pre-activation (save_h=False); "
-            "call grouped_mm with grad enabled to differentiate it"
-        )
+    if act != "none" and h.numel() == 0 and h.numel() != x.shape[0] * w.shape[2]:
+        # the forward ran without saving the pre-activation (no input required grad then): recompute it
+        h = _grouped_mm_fwd_op(x, w, offsets, bias, "none", False)[0]
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_dbias = ctx.has_bias and ctx.needs_input_grad[3]
     dx, dw, dbias = _grouped_mm_bwd_op(
