@@ -155,7 +155,13 @@ def top2_gating_ref(
     top = probs.gather(1, idx)
     g_norm = top / top.sum(-1, keepdim=True)
     gates = g_norm if normalize else top
-    valid2 = _second_valid(g_norm[:, 1], second_expert_policy, second_threshold, seed)
+    g2 = g_norm[:, 1].detach()
+    if second_expert_policy == "all":
+        valid2 = torch.ones(t, dtype=torch.bool, device=logits.device)
+    elif second_expert_policy == "threshold":
+        valid2 = g2 > second_threshold
+    else:  # "random": the same draw as top2_gating, the comparison written out again
+        valid2 = _uniform(t, logits.device, seed).to(dt) < g2 / max(second_threshold, _EPS)
 
     cap = capacity_for(t, e, capacity_factor, K, min_capacity)
     mask1 = torch.nn.functional.one_hot(idx[:, 0], e)  # (T, E)
@@ -197,10 +203,12 @@ def top2_gating_ref(
 # =====================================================================================================
 # torch backend (any device / dtype) and the shared backward
 # =====================================================================================================
-# Every backend returns (top (T, 2), lse (T,), psum (E,), idx (T, 2) int32): the raw softmax probabilities
-# of the top-2 experts, the row logsumexp (NaN for a row with a non-finite logit), the per-expert sum of the
-# probabilities over tokens, and the top-2 expert indices; statistics in _stat_dtype(logits.dtype). (The
-# integer output comes last: opcheck sums the outputs in order into the first one's dtype.)
+# Every backend returns (top (T, 2), lse (T,), psum (E,), idx (T, 2) int32, first (E,) int32): the raw
+# softmax probabilities of the top-2 experts, the row logsumexp (NaN for a row with a non-finite logit), the
+# per-expert sum of the probabilities over tokens, the top-2 expert indices and how many tokens chose each
+# expert first; statistics in _stat_dtype(logits.dtype). (Integer outputs come last: opcheck sums the
+# outputs in order into the first one's dtype. ``first`` is counted here, not with torch.bincount, which
+# synchronises with the host on CUDA.)
 
 
 def _fwd_torch(logits: torch.Tensor):
@@ -213,7 +221,8 @@ def _fwd_torch(logits: torch.Tensor):
     lse = torch.logsumexp(x, -1)
     p = torch.exp(x - lse[:, None])
     lse = torch.where(torch.isfinite(x).all(-1), lse, torch.full_like(lse, float("nan")))
-    return p.gather(1, idx), lse, p.sum(0), idx.int()
+    first = torch.nn.functional.one_hot(i1, x.shape[1]).sum(0, dtype=torch.int32)
+    return p.gather(1, idx), lse, p.sum(0), idx.int(), first
 
 
 def _bwd(logits, idx, lse, g_top, g_lse, g_psum):
@@ -236,11 +245,11 @@ def _bwd(logits, idx, lse, g_top, g_lse, g_psum):
 if triton is not None:
 
     @triton.jit
-    def _top2_fwd_kernel(X, Idx, Top, Lse, Part, T, E, stride_xt, stride_xe,
+    def _top2_fwd_kernel(X, Idx, Top, Lse, Part, CntPart, T, E, stride_xt, stride_xe,
                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
         """BLOCK_T rows of logits per program: top-2, their probabilities, lse, and the partial sums
-        over these rows of each expert's probability (Part: (num_programs, E), summed in torch, so the
-        result is deterministic, no atomics)."""
+        over these rows of each expert's probability and first-choice count (Part, CntPart:
+        (num_programs, E), summed in torch, so the result is deterministic, no atomics)."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.arange(0, BLOCK_E)
@@ -271,7 +280,9 @@ if triton is not None:
         tl.store(Top + r64 * 2 + 1, p2, mask=rmask)
         tl.store(Lse + r64, lse, mask=rmask)
         psum = tl.sum(e * inv[:, None], axis=0)
+        cnt = tl.sum(((cols[None, :] == i1[:, None]) & rmask[:, None]).to(tl.int32), axis=0)
         tl.store(Part + pid.to(tl.int64) * E + cols, psum, mask=cmask)
+        tl.store(CntPart + pid.to(tl.int64) * E + cols, cnt, mask=cmask)
 
 
 def _blocks(e: int) -> tuple[int, int]:
@@ -289,10 +300,11 @@ def _fwd_triton(logits: torch.Tensor):
     top = torch.empty((t, K), dtype=torch.float32, device=dev)
     lse = torch.empty((t,), dtype=torch.float32, device=dev)
     part = torch.empty((grid, e), dtype=torch.float32, device=dev)
+    cnt = torch.empty((grid, e), dtype=torch.int32, device=dev)
     if grid > 0:
-        _top2_fwd_kernel[(grid,)](logits, idx, top, lse, part, t, e, logits.stride(0), logits.stride(1),
+        _top2_fwd_kernel[(grid,)](logits, idx, top, lse, part, cnt, t, e, logits.stride(0), logits.stride(1),
                                   BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)  # fmt: skip
-    return top, lse, part.sum(0), idx
+    return top, lse, part.sum(0), idx, cnt.sum(0, dtype=torch.int32)
 
 
 def _triton_check(call: Call) -> list[str]:
@@ -319,8 +331,11 @@ def _call(logits: torch.Tensor) -> Call:
 
 
 @torch.library.custom_op("fastgen::top2_router", mutates_args=())
-def _top2_router_op(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (T, E) -> top (T, 2), lse (T,), psum (E,), idx (T, 2) int32 (see the torch backend)."""
+def _top2_router_op(
+    logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (T, E) -> top (T, 2), lse (T,), psum (E,), idx (T, 2) int32, first (E,) int32 (see the torch
+    backend)."""
     return OP.dispatch(_call(logits)).fn(logits)
 
 
@@ -333,16 +348,17 @@ def _(logits):
         logits.new_empty((t,), dtype=dt),
         logits.new_empty((e,), dtype=dt),
         logits.new_empty((t, K), dtype=torch.int32),
+        logits.new_empty((e,), dtype=torch.int32),
     )
 
 
 def _setup_context(ctx, inputs, output):
     (logits,) = inputs
-    _, lse, _, idx = output
+    _, lse, _, idx, _ = output
     ctx.save_for_backward(logits, idx, lse)
 
 
-def _backward(ctx, g_top, g_lse, g_psum, g_idx):
+def _backward(ctx, g_top, g_lse, g_psum, g_idx, g_first):
     logits, idx, lse = ctx.saved_tensors
     return _bwd(logits, idx, lse, g_top, g_lse, g_psum)
 
@@ -398,7 +414,7 @@ def top2_gating(
     t, e = logits.shape
     if logits.device.type == "cpu" and not bool(torch.isfinite(logits).all()):
         raise _err("logits contain NaN or +-inf")
-    top, lse, psum, idx = _top2_router_op(logits)
+    top, lse, psum, idx, first = _top2_router_op(logits)
     if logits.device.type != "cpu":
         # the kernel marks a row holding a non-finite logit with lse = NaN: checked without a host sync
         torch._assert_async(torch.isfinite(lse).all(), "fastgen.top2_gating: logits contain NaN or +-inf")
@@ -414,8 +430,7 @@ def top2_gating(
     gates = (g_norm if normalize else top) * keep.to(top.dtype)
     dropped = (valid & ~keep).sum()
     if t > 0:
-        first = torch.bincount(idx[:, 0].long(), minlength=e).to(top.dtype)
-        aux = (e / (t * t)) * (first * psum).sum()  # E * sum_e (count_e / T) * (psum_e / T)
+        aux = (e / (t * t)) * (first.to(psum.dtype) * psum).sum()  # E * sum_e (count_e / T) * (psum_e / T)
         z = (lse * lse).mean()
     else:
         aux = z = psum.sum() * 0

@@ -165,6 +165,16 @@ def test_half_inputs(backend):
     assert_same_decisions(got, G.top2_gating_ref(logits, capacity_factor=0.75), logits)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_programs_strided(backend, poison_empty):
+    # E = 100: several row blocks, partial sums across programs; a transposed (non-contiguous) view
+    logits = (torch.randn(100, 70, device=DEV) * 2).t()
+    got = gate(logits, backend, capacity_factor=1.0, second_expert_policy="threshold")
+    assert_same_decisions(
+        got, G.top2_gating_ref(logits, capacity_factor=1.0, second_expert_policy="threshold"), logits
+    )
+
+
 def test_random_policy_reproducible():
     logits = torch.randn(64, 4, device=DEV)
     a = gate(logits, second_expert_policy="random", seed=5)
