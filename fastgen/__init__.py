@@ -19,7 +19,7 @@ from fastgen import (
     nn,
     ops,
 )
-from fastgen.nn import MultiheadAttention, swap_attention, unswap_attention
+from fastgen.nn import MultiheadAttention, Top2MoE, swap_attention, unswap_attention
 from fastgen.ops.attention import flash_attention, flash_attn_varlen, scaled_dot_product_attention
 from fastgen.ops.attention_decode import attention_decode, attention_decode_paged, kv_cache_append
 from fastgen.ops.diffusion_step import (
@@ -35,6 +35,7 @@ __all__ = [
     "BACKEND_ORDER",
     "BackendUnavailableError",
     "MultiheadAttention",
+    "Top2MoE",
     "__version__",
     "attention_decode",
     "attention_decode_paged",
