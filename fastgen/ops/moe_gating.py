@@ -412,10 +412,12 @@ def top2_gating(
     """
     _check(logits, capacity_factor, second_expert_policy, min_capacity)
     t, e = logits.shape
-    if logits.device.type == "cpu" and not bool(torch.isfinite(logits).all()):
+    # CPU: a host check, before any kernel; CUDA (and under torch.compile): checked on the device below
+    host_check = logits.device.type == "cpu" and not torch.compiler.is_compiling()
+    if host_check and not bool(torch.isfinite(logits).all()):
         raise _err("logits contain NaN or +-inf")
     top, lse, psum, idx, first = _top2_router_op(logits)
-    if logits.device.type != "cpu":
+    if not host_check:
         # the kernel marks a row holding a non-finite logit with lse = NaN: checked without a host sync
         torch._assert_async(torch.isfinite(lse).all(), "fastgen.top2_gating: logits contain NaN or +-inf")
     g_norm = top / top.sum(-1, keepdim=True)

@@ -281,3 +281,15 @@ def test_gpu_large_and_nonfinite():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "NaN or" in res.stderr, res.stderr[-2000:]
+
+
+def test_compile_fullgraph():
+    logits = torch.randn(17, 6, device=DEV)
+    fn = torch.compile(lambda x: _outputs(G.top2_gating(x, capacity_factor=None)), fullgraph=True)
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got, want = fn(x1), _outputs(G.top2_gating(x2, capacity_factor=None))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    sum(o.sum() for o in got).backward()
+    sum(o.sum() for o in want).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
