@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from fastgen import _backend
 from fastgen._backend import Call
+from fastgen.ops.moe_permute import Routing, moe_route
 
 try:  # triton is optional (not on every platform)
     import triton
@@ -75,7 +75,7 @@ class Gating:
 
     expert_idx: torch.Tensor
     gates: torch.Tensor
-    routing: Any
+    routing: Routing
     capacity: int | None
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
@@ -183,8 +183,6 @@ def top2_gating_ref(
     src = torch.full((t * K,), -1, dtype=torch.int64, device=logits.device)
     flat = dest.reshape(-1)
     src[flat[flat >= 0]] = torch.arange(t * K, device=logits.device)[flat >= 0]
-    from fastgen.ops.moe_permute import Routing
-
     routing = Routing(dest.int(), src.int(), offsets.int(), counts.int())
 
     gates = gates * keep.to(dt)
@@ -403,7 +401,8 @@ def top2_gating(
     capacity_factor: slots per expert = ceil(capacity_factor * T * 2 / E), at least ``min_capacity``;
         None: dropless (every routed assignment kept).
     second_expert_policy: "all" | "threshold" | "random" (see the module docstring); a second choice not
-        routed takes no slot, is not counted as dropped and gets gate 0.
+        routed takes no slot, is not counted as dropped and gets gate 0. Both policies compare the
+        renormalised g2 = p[e2] / (p[e1] + p[e2]), whatever ``normalize`` says.
     seed: the "random" policy's generator seed (None: torch's default generator, so torch.manual_seed
         reproduces it).
     normalize: renormalise the two gates to sum to 1 (GShard) before dropping; False keeps the raw softmax
@@ -424,8 +423,6 @@ def top2_gating(
     valid2 = _second_valid(g_norm[:, 1], second_expert_policy, second_threshold, seed)
     valid = torch.stack([torch.ones_like(valid2), valid2], 1)
     cap = capacity_for(t, e, capacity_factor, K, min_capacity)
-
-    from fastgen.ops.moe_permute import moe_route
 
     routing = moe_route(idx, e, cap, valid)
     keep = routing.dest >= 0
