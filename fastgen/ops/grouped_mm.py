@@ -455,7 +455,7 @@ def _bwd_triton(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias):
                 dout, h, dh, offsets, e, n_out, *dout.stride(), *h.stride(), *dh.stride(),
                 BLOCK_M=64, BLOCK_N=64, ACT=_ACT_ID[act],
             )  # fmt: skip
-    dx = dw = dbias = x.new_empty(0)
+    dx, dw, dbias = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: outputs must not alias
     if need_dx:
         # dx = dh @ w[e]^T: the forward kernel on w's transposed strides (reduction over N)
         dx = torch.empty_like(x)
