@@ -5,6 +5,7 @@
 
 #include "attention_decode/attention_decode.h"
 #include "diffusion_step/diffusion_step.h"
+#include "moe_permute/moe_permute.h"
 
 namespace fastgen {
 namespace diffusion {
@@ -269,6 +270,143 @@ no key. Math: fastgen/ops/attention_decode.py.
 }  // namespace decode
 }  // namespace fastgen
 
+namespace fastgen {
+namespace moe {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+void check_int_table(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t dim) {
+  TORCH_CHECK(t.defined() && t.scalar_type() == at::kInt && t.dim() == dim && t.is_contiguous(), "moe_permute: ",
+              name, " must be a contiguous ", dim, "-D int32 tensor, got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(t.device() == like.device(), "moe_permute: ", name, " is on ", t.device(), " but the data is on ",
+              like.device());
+}
+
+void check_data(const at::Tensor& t, const char* name, const char* entry) {
+  TORCH_CHECK(t.defined() && t.dim() == 2 && t.is_contiguous(), "moe_permute: ", name,
+              " must be a contiguous 2-D tensor, got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(t.is_cpu(), entry, ": ", name, " must be on the CPU, got ", t.device());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "moe_permute: ", name,
+              " must be float16, bfloat16, float32 or float64, got ", st);
+}
+
+// Weights (gates / scale) in the accumulation type of `data` (float32; float64 for float64 data), numel n.
+void check_weights(const OptTensor& w, const char* name, const at::Tensor& data, int64_t n) {
+  if (!w.has_value()) return;
+  const auto want = data.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(w->scalar_type() == want && w->is_contiguous() && w->numel() == n && w->device() == data.device(),
+              "moe_permute: ", name, " must be a contiguous ", want, " tensor of ", n, " elements on ", data.device(),
+              ", got ", w->scalar_type(), " ", w->sizes(), " on ", w->device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(bool cuda, const at::Tensor& expert_idx,
+                                                                     const OptTensor& valid, int64_t num_experts,
+                                                                     int64_t capacity) {
+  const char* entry = cuda ? "moe_route_cuda" : "moe_route_cpu";
+  TORCH_CHECK(expert_idx.defined() && expert_idx.dim() == 2 && expert_idx.size(1) >= 1 &&
+                  (expert_idx.scalar_type() == at::kInt || expert_idx.scalar_type() == at::kLong),
+              "moe_route: expert_idx must be a 2-D (tokens, k >= 1) int32 / int64 tensor, got ",
+              expert_idx.defined() ? expert_idx.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(cuda ? expert_idx.is_cuda() : expert_idx.is_cpu(), entry, ": expert_idx must be on ",
+              cuda ? "a CUDA device" : "the CPU", ", got ", expert_idx.device());
+  const at::Tensor idx = expert_idx.contiguous();
+  const int64_t T = idx.size(0), k = idx.size(1);
+  TORCH_CHECK(T * k < (int64_t{1} << 31), "moe_route: at most 2^31 - 1 assignments, got ", T, " x ", k);
+  TORCH_CHECK(num_experts >= 1 && num_experts < (int64_t{1} << 30), "moe_route: num_experts must be >= 1, got ",
+              num_experts);
+#ifdef FASTGEN_WITH_CUDA
+  TORCH_CHECK(!cuda || num_experts <= kMaxCudaExperts, "moe_route_cuda: num_experts must be <= ", kMaxCudaExperts,
+              ", got ", num_experts);
+#endif
+  TORCH_CHECK(capacity >= -1 && capacity < (int64_t{1} << 31), "moe_route: capacity must be -1 (dropless) or >= 0, got ",
+              capacity);
+  OptTensor v;
+  if (valid.has_value()) {
+    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->sizes() == idx.sizes() && valid->device() == idx.device(),
+                "moe_route: valid must be a bool tensor of shape ", idx.sizes(), " on ", idx.device(), ", got ",
+                valid->scalar_type(), " ", valid->sizes(), " on ", valid->device());
+    v = valid->contiguous();
+  }
+  const auto i32 = idx.options().dtype(at::kInt);
+  RouteArgs a;
+  a.expert_idx = idx;
+  a.valid = v;
+  a.num_experts = num_experts;
+  a.capacity = capacity;
+  a.dest = at::empty({T, k}, i32);
+  a.src = at::full({T * k}, -1, i32);
+  a.offsets = at::empty({num_experts + 1}, i32);
+  a.counts = at::empty({num_experts}, i32);
+  if (cuda) {
+#ifdef FASTGEN_WITH_CUDA
+    moe_route_cuda_impl(a);
+#else
+    TORCH_CHECK(false, "fastgen._C was built without CUDA");
+#endif
+  } else {
+    moe_route_cpu_impl(a);
+  }
+  return {a.dest, a.src, a.offsets, a.counts};
+}
+
+at::Tensor moe_gather_cpu(const at::Tensor& x, const at::Tensor& src, const OptTensor& scale, int64_t k) {
+  check_data(x, "x", "moe_gather_cpu");
+  check_int_table(src, "src", x, 1);
+  TORCH_CHECK(k >= 1 && src.size(0) == x.size(0) * k, "moe_permute: src has ", src.size(0), " rows, expected ",
+              x.size(0), " * k (k = ", k, ")");
+  check_weights(scale, "scale", x, src.size(0));
+  at::Tensor out = at::empty({src.size(0), x.size(1)}, x.options());
+  if (out.numel() > 0) moe_gather_cpu_impl(x, src, scale, k, out);
+  return out;
+}
+
+at::Tensor moe_combine_cpu(const at::Tensor& buf, const at::Tensor& dest, const OptTensor& gates) {
+  check_data(buf, "buf", "moe_combine_cpu");
+  check_int_table(dest, "dest", buf, 2);
+  TORCH_CHECK(buf.size(0) == dest.numel(), "moe_permute: buf has ", buf.size(0), " rows, expected tokens * k = ",
+              dest.numel());
+  check_weights(gates, "gates", buf, dest.numel());
+  at::Tensor out = at::empty({dest.size(0), buf.size(1)}, buf.options());
+  if (out.numel() > 0) moe_combine_cpu_impl(buf, dest, gates, out);
+  return out;
+}
+
+at::Tensor moe_gate_grad_cpu(const at::Tensor& dy, const at::Tensor& buf, const at::Tensor& dest) {
+  check_data(buf, "buf", "moe_gate_grad_cpu");
+  check_data(dy, "dy", "moe_gate_grad_cpu");
+  check_int_table(dest, "dest", buf, 2);
+  TORCH_CHECK(dy.scalar_type() == buf.scalar_type() && dy.size(0) == dest.size(0) && dy.size(1) == buf.size(1) &&
+                  buf.size(0) == dest.numel(),
+              "moe_permute: gate_grad shapes: dy ", dy.sizes(), " buf ", buf.sizes(), " dest ", dest.sizes());
+  const auto acc = buf.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty(dest.sizes(), buf.options().dtype(acc));
+  if (out.numel() > 0) moe_gate_grad_cpu_impl(dy, buf, dest, out);
+  return out;
+}
+
+template <bool CUDA>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_entry(const at::Tensor& expert_idx,
+                                                                           const OptTensor& valid,
+                                                                           int64_t num_experts, int64_t capacity) {
+  return moe_route(CUDA, expert_idx, valid, num_experts, capacity);
+}
+
+constexpr const char* kRouteDoc = R"doc(MoE routing: stable counting sort of the (token, slot) assignments by expert.
+
+moe_route_{cpu,cuda}(expert_idx, valid, num_experts, capacity) -> (dest, src, offsets, counts)
+
+expert_idx: (T, k) int32 / int64; valid: optional (T, k) bool; capacity: -1 (dropless) or >= 0. Priority:
+j-major (all slot-0 assignments in token order, then slot 1, ...). dest: (T, k) int32 row or -1; src:
+(T*k,) int32 assignment t*k+j per row or -1; offsets: (E+1,) int32; counts: (E,) int32 before dropping.
+Math: fastgen/ops/moe_permute.py.
+)doc";
+
+}  // namespace
+}  // namespace moe
+}  // namespace fastgen
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace fastgen::diffusion;
@@ -311,4 +449,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTGEN_WITH_CUDA
   def_decode("attention_decode_cuda", &fastgen::decode::attention_decode_entry<true>);
 #endif
+
+  {
+    using namespace fastgen::moe;
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.def("moe_route_cpu", &moe_route_entry<false>, kRouteDoc, py::arg("expert_idx"), py::arg("valid"),
+          py::arg("num_experts"), py::arg("capacity"), nogil);
+#ifdef FASTGEN_WITH_CUDA
+    m.def("moe_route_cuda", &moe_route_entry<true>, kRouteDoc, py::arg("expert_idx"), py::arg("valid"),
+          py::arg("num_experts"), py::arg("capacity"), nogil);
+#endif
+    m.def("moe_gather_cpu", &moe_gather_cpu, "out[row] = scale[a] * x[a / k] for a = src[row] >= 0, else 0",
+          py::arg("x"), py::arg("src"), py::arg("scale"), py::arg("k"), nogil);
+    m.def("moe_combine_cpu", &moe_combine_cpu, "out[t] = sum_j gates[t, j] * buf[dest[t, j]] (dest >= 0)",
+          py::arg("buf"), py::arg("dest"), py::arg("gates"), nogil);
+    m.def("moe_gate_grad_cpu", &moe_gate_grad_cpu, "out[t, j] = <dy[t], buf[dest[t, j]]> (0 where dest < 0)",
+          py::arg("dy"), py::arg("buf"), py::arg("dest"), nogil);
+  }
 }

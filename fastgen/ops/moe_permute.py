@@ -253,6 +253,198 @@ def moe_unpermute_ref(
 
 
 # =====================================================================================================
+# Triton kernels (GPU; CPU tensors under TRITON_INTERPRET=1 for the tests)
+# =====================================================================================================
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the machine
+    triton = None
+
+ROUTE_BLOCK = 1024  # priority positions per program in the route kernels
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _route_keys(idx_ptr, valid_ptr, p, n, T, K: tl.constexpr, E, HAS_VALID: tl.constexpr):
+        """Keys of priority positions p = j*T + t: the expert id, E where not made / past the end."""
+        inb = p < n
+        t = p % T
+        j = p // T
+        a = t * K + j
+        e = tl.load(idx_ptr + a, mask=inb, other=E).to(tl.int32)
+        ok = inb & (e >= 0) & (e < E)
+        if HAS_VALID:
+            ok = ok & (tl.load(valid_ptr + a, mask=inb, other=0) != 0)
+        return tl.where(ok, e, E), a, inb
+
+    @triton.jit
+    def _route_hist_kernel(idx_ptr, valid_ptr, chunk_ptr, n, T, E, K: tl.constexpr, HAS_VALID: tl.constexpr,
+                           BLOCK: tl.constexpr, NBINS: tl.constexpr):  # fmt: skip
+        pid = tl.program_id(0)
+        p = pid * BLOCK + tl.arange(0, BLOCK)
+        key, _, _ = _route_keys(idx_ptr, valid_ptr, p, n, T, K, E, HAS_VALID)
+        h = tl.histogram(key, NBINS)
+        bins = tl.arange(0, NBINS)
+        tl.store(chunk_ptr + pid * E + bins, h.to(tl.int32), mask=bins < E)
+
+    @triton.jit
+    def _route_rank_kernel(idx_ptr, valid_ptr, base_ptr, offsets_ptr, dest_ptr, src_ptr, n, T, E, cap,
+                           K: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        # Stable in-chunk ranks: sorting key * BLOCK + lane keeps equal keys in priority order; a sorted
+        # element's rank is its sorted position + base[chunk, key] (its run's global rank minus its run's start).
+        pid = tl.program_id(0)
+        lane = tl.arange(0, BLOCK)
+        key, _, _ = _route_keys(idx_ptr, valid_ptr, pid * BLOCK + lane, n, T, K, E, HAS_VALID)
+        s = tl.sort(key * BLOCK + lane)
+        skey = s // BLOCK
+        p = pid * BLOCK + s % BLOCK
+        inb = p < n
+        a = (p % T) * K + p // T
+        ok = inb & (skey < E)
+        e = tl.where(ok, skey, 0)
+        r = tl.load(base_ptr + pid * E + e, mask=ok, other=0) + lane
+        kept = ok & (r < cap)
+        d = tl.where(kept, tl.load(offsets_ptr + e, mask=kept, other=0) + r, -1)
+        tl.store(dest_ptr + a, d, mask=inb)
+        tl.store(src_ptr + d, a, mask=kept)
+
+    @triton.jit
+    def _gather_kernel(x_ptr, src_ptr, scale_ptr, out_ptr, R, D, K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        rm = rows < R
+        cm = cols < D
+        a = tl.load(src_ptr + rows, mask=rm, other=-1)
+        used = a >= 0
+        tok = tl.where(used, a // K, 0).to(tl.int64)
+        m = used[:, None] & cm[None, :]
+        v = tl.load(x_ptr + tok[:, None] * D + cols[None, :], mask=m, other=0.0)
+        if HAS_SCALE:
+            w = tl.load(scale_ptr + a, mask=used, other=0.0)
+            v = v.to(tl.float32) * w[:, None]
+        out = out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
+        tl.store(out, v.to(out_ptr.dtype.element_ty), mask=rm[:, None] & cm[None, :])
+
+    @triton.jit
+    def _combine_kernel(buf_ptr, dest_ptr, gates_ptr, out_ptr, T, D, K: tl.constexpr, HAS_GATES: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+        toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        tm = toks < T
+        cm = cols < D
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(dest_ptr + toks * K + j, mask=tm, other=-1)
+            used = r >= 0
+            v = tl.load(buf_ptr + tl.where(used, r, 0).to(tl.int64)[:, None] * D + cols[None, :],
+                        mask=used[:, None] & cm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            if HAS_GATES:
+                w = tl.load(gates_ptr + toks * K + j, mask=used, other=0.0)
+                v = v * w[:, None]
+            acc += v
+        out = out_ptr + toks.to(tl.int64)[:, None] * D + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tm[:, None] & cm[None, :])
+
+    @triton.jit
+    def _gate_grad_kernel(dy_ptr, buf_ptr, dest_ptr, out_ptr, N, D, K: tl.constexpr, BLOCK_A: tl.constexpr,
+                          BLOCK_D: tl.constexpr):  # fmt: skip
+        a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+        am = a < N
+        r = tl.load(dest_ptr + a, mask=am, other=-1)
+        used = r >= 0
+        yrow = (a // K).to(tl.int64)[:, None] * D
+        brow = tl.where(used, r, 0).to(tl.int64)[:, None] * D
+        acc = tl.zeros((BLOCK_A,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cm = cols < D
+            y = tl.load(dy_ptr + yrow + cols[None, :], mask=am[:, None] & cm[None, :], other=0.0)
+            b = tl.load(buf_ptr + brow + cols[None, :], mask=used[:, None] & cm[None, :], other=0.0)
+            acc += tl.sum(y.to(tl.float32) * b.to(tl.float32), axis=1)
+        tl.store(out_ptr + a, acc, mask=am)
+
+
+def _route_triton(expert_idx, valid, num_experts, cap):
+    t, k = expert_idx.shape
+    n, e, dev = t * k, num_experts, expert_idx.device
+    i32 = torch.int32
+    dest = torch.empty((t, k), dtype=i32, device=dev)
+    src = torch.full((n,), -1, dtype=i32, device=dev)
+    # small chunks under the interpreter, whose tl.sort is slow; any chunk size gives the same result
+    block = ROUTE_BLOCK if dev.type == "cuda" else 64
+    chunks = triton.cdiv(n, block)
+    chunk_counts = torch.empty((chunks, e), dtype=i32, device=dev)
+    vp = valid if valid is not None else expert_idx
+    if chunks:
+        _route_hist_kernel[(chunks,)](expert_idx, vp, chunk_counts, n, t, e, K=k, HAS_VALID=valid is not None,
+                                      BLOCK=block, NBINS=_next_pow2(e + 1))  # fmt: skip
+    # (chunks x E) scans in torch: the run of expert e in chunk c starts at local[c, e] in the chunk's sorted
+    # order and at global rank before[c, e]; base = before - local.
+    counts = chunk_counts.sum(0, dtype=torch.int64)
+    before = torch.cumsum(chunk_counts, 0, dtype=torch.int64) - chunk_counts
+    local = torch.cumsum(chunk_counts, 1, dtype=torch.int64) - chunk_counts
+    base = (before - local).to(i32)
+    kept = counts if cap < 0 else counts.clamp(max=cap)
+    offsets = torch.zeros(e + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(kept, 0)
+    offsets = offsets.to(i32)
+    if chunks:
+        _route_rank_kernel[(chunks,)](expert_idx, vp, base, offsets, dest, src, n, t, e, cap if cap >= 0 else n, K=k,
+                                      HAS_VALID=valid is not None, BLOCK=block)  # fmt: skip
+    return Routing(dest, src, offsets, counts.to(i32))
+
+
+def _blocks(d: int) -> tuple[int, int]:
+    """(rows per program, columns per program): up to 4096 elements, columns up to 1024."""
+    bd = min(_next_pow2(max(d, 1)), 1024)
+    return max(1, 4096 // bd), bd
+
+
+def _gather_triton(x, dest, src, scale):
+    r, d, k = src.shape[0], x.shape[1], dest.shape[1]
+    out = torch.empty((r, d), dtype=x.dtype, device=x.device)
+    if out.numel():
+        br, bd = _blocks(d)
+        _gather_kernel[(triton.cdiv(r, br), triton.cdiv(d, bd))](
+            x, src, scale if scale is not None else x, out, r, d, K=k, HAS_SCALE=scale is not None,
+            BLOCK_R=br, BLOCK_D=bd)  # fmt: skip
+    return out
+
+
+def _combine_triton(buf, dest, gates):
+    t, k = dest.shape
+    d = buf.shape[1]
+    out = torch.empty((t, d), dtype=buf.dtype, device=buf.device)
+    if out.numel():
+        bt, bd = _blocks(d)
+        _combine_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
+            buf, dest, gates if gates is not None else buf, out, t, d, K=k, HAS_GATES=gates is not None,
+            BLOCK_T=bt, BLOCK_D=bd)  # fmt: skip
+    return out
+
+
+def _gate_grad_triton(dy, buf, dest):
+    t, k = dest.shape
+    d = buf.shape[1]
+    out = torch.empty((t, k), dtype=torch.float32, device=buf.device)
+    if out.numel():
+        bd = min(_next_pow2(max(d, 1)), 256)
+        ba = max(1, 4096 // bd)
+        _gate_grad_kernel[(triton.cdiv(t * k, ba),)](
+            dy, buf, dest, out, t * k, d, K=k, BLOCK_A=ba, BLOCK_D=bd
+        )
+    return out
+
+
+# =====================================================================================================
 # Backends
 # =====================================================================================================
 
@@ -267,13 +459,28 @@ def _route_cuda(expert_idx, valid, num_experts, cap):
     return Routing(*_ext.C.moe_route_cuda(expert_idx, valid, num_experts, cap))
 
 
-def _route_cuda_check(call: Call) -> list[str]:
-    e = call.get("num_experts", 1)
-    return [] if e <= MAX_CUDA_EXPERTS else [f"num_experts {e} > {MAX_CUDA_EXPERTS} (shared-memory counters)"]
+MAX_CUDA_EXPERTS = 12288  # one shared-memory counter per expert (csrc/moe_permute/moe_permute.h)
+MAX_TRITON_EXPERTS = 4096  # tl.histogram bins (next power of two of E + 1) and the sort keys
 
 
-MAX_CUDA_EXPERTS = 8192
+def _max_experts(limit: int, why: str):
+    def check(call: Call) -> list[str]:
+        e = call.get("num_experts", 1)
+        return [] if e <= limit else [f"num_experts {e} > {limit} ({why})"]
 
+    return check
+
+
+ROUTE.register("cuda", devices=("cuda",), dtypes=INDEX_DTYPES, available=_backend.cuda_available,
+               check=_max_experts(MAX_CUDA_EXPERTS, "shared-memory counters"),
+               note="CUDA C++ chunk histograms + scans + warp-match stable ranks")(_route_cuda)  # fmt: skip
+ROUTE.register("triton", devices=("cuda",), dtypes=INDEX_DTYPES, available=_backend.triton_available,
+               check=lambda call: _backend.triton_check_device(call)
+               + _max_experts(MAX_TRITON_EXPERTS, "histogram bins")(call),
+               forced_only_devices=("cpu",), note="Triton chunk histograms + in-chunk sort")(
+    lambda *a: _route_triton(*a))  # fmt: skip
+ROUTE.register("cpp", devices=("cpu",), dtypes=INDEX_DTYPES, available=_backend.cpp_available,
+               note="C++ at::parallel_for over chunks + sequential scan")(_route_cpp)  # fmt: skip
 ROUTE.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=INDEX_DTYPES,
                note="stable argsort in PyTorch ops")(_route_torch)  # fmt: skip
 
@@ -303,6 +510,27 @@ def _torch_gate_grad(dy, buf, dest):
     return torch.where(d >= 0, g, torch.zeros((), dtype=acc, device=g.device))
 
 
+def _weights(w, data):
+    return (
+        None if w is None else w.reshape(-1).to(torch.promote_types(data.dtype, torch.float32)).contiguous()
+    )
+
+
+_CPP = _Impl(
+    lambda x, dest, src, scale: _ext.C.moe_gather_cpu(x, src, _weights(scale, x), dest.shape[1]),
+    lambda buf, dest, gates: _ext.C.moe_combine_cpu(buf, dest, _weights(gates, buf)),
+    lambda dy, buf, dest: _ext.C.moe_gate_grad_cpu(dy.contiguous(), buf, dest),
+)
+_TRITON = _Impl(
+    lambda x, dest, src, scale: _gather_triton(x, dest, src, _weights(scale, x)),
+    lambda buf, dest, gates: _combine_triton(buf, dest, _weights(gates, buf)),
+    lambda dy, buf, dest: _gate_grad_triton(dy.contiguous(), buf, dest),
+)
+OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
+            check=_backend.triton_check_device, forced_only_devices=("cpu",),
+            note="Triton row-block gather / weighted gather-sum")(_TRITON)  # fmt: skip
+OP.register("cpp", devices=("cpu",), dtypes=ALL_DTYPES, available=_backend.cpp_available,
+            note="C++ at::parallel_for over rows / tokens")(_CPP)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=ALL_DTYPES,
             note="index_select / weighted sums in PyTorch ops")(
     _Impl(_torch_gather, _torch_combine, _torch_gate_grad))  # fmt: skip

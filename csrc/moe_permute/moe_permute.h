@@ -1,0 +1,42 @@
+// MoE routing (stable counting sort of (token, slot) assignments by expert) and the permute / unpermute
+// gathers. The math and the priority rule: fastgen/ops/moe_permute.py. Arguments are validated in
+// csrc/bindings.cpp; the impls see contiguous, well-typed tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace fastgen {
+namespace moe {
+
+struct RouteArgs {
+  at::Tensor expert_idx;             // (T, k) int32 / int64
+  std::optional<at::Tensor> valid;   // (T, k) bool
+  int64_t num_experts = 0;           // E
+  int64_t capacity = -1;             // -1: dropless
+  at::Tensor dest;                   // out (T, k) int32
+  at::Tensor src;                    // out (T*k,) int32, pre-filled with -1
+  at::Tensor offsets;                // out (E+1,) int32
+  at::Tensor counts;                 // out (E,) int32
+};
+
+void moe_route_cpu_impl(RouteArgs& a);
+
+// out[row] = scale.flat[s] * x[s / k] for s = src[row] >= 0, else 0. scale: optional, float32 (float64 for
+// a float64 x), numel T*k.
+void moe_gather_cpu_impl(const at::Tensor& x, const at::Tensor& src, const std::optional<at::Tensor>& scale,
+                         int64_t k, at::Tensor& out);
+// out[t] = sum_{j: dest[t, j] >= 0} gates[t, j] * buf[dest[t, j]] (gates optional: 1), opmath accumulation.
+void moe_combine_cpu_impl(const at::Tensor& buf, const at::Tensor& dest, const std::optional<at::Tensor>& gates,
+                          at::Tensor& out);
+// out[t, j] = <dy[t], buf[dest[t, j]]> (0 where dest < 0), out float32 (float64 for float64 inputs).
+void moe_gate_grad_cpu_impl(const at::Tensor& dy, const at::Tensor& buf, const at::Tensor& dest, at::Tensor& out);
+
+#ifdef FASTGEN_WITH_CUDA
+constexpr int64_t kMaxCudaExperts = 12288;  // shared-memory counters: one int per expert (per warp)
+void moe_route_cuda_impl(RouteArgs& a);
+#endif
+
+}  // namespace moe
+}  // namespace fastgen
