@@ -29,7 +29,7 @@ import torch
 
 from fastgen._backend import Call
 from fastgen.bench import Case, Check, Impl, backend_impls, compare_outputs, main, register
-from fastgen.ops.grouped_mm import _act, grouped_mm, grouped_mm_ref
+from fastgen.ops.grouped_mm import activation_ref, grouped_mm, grouped_mm_ref
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -87,7 +87,7 @@ def _runner(fwd: Callable[..., Any], inputs: list[torch.Tensor], mode: str) -> C
 def _grouped_mm_torch(x, w, offsets, act, rows):
     """torch._grouped_mm for the GEMM, then the activation in PyTorch (unused rows: zeros)."""
     h = torch._grouped_mm(x, w, offs=offsets[1:])
-    out = _act(h.float(), act).to(x.dtype)
+    out = activation_ref(h.float(), act).to(x.dtype)
     return (
         out if rows == x.shape[0] else torch.cat([out[:rows], out.new_zeros(x.shape[0] - rows, out.shape[1])])
     )

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fastgen.bench import Case, Impl, main, register
 from fastgen.nn.moe import Top2MoE
-from fastgen.ops.grouped_mm import _act
+from fastgen.ops.grouped_mm import activation_ref
 from fastgen.ops.moe_gating import top2_gating_ref
 from fastgen.ops.moe_permute import moe_permute, moe_unpermute
 
@@ -71,7 +71,7 @@ def naive_loop(moe: Top2MoE, x2: torch.Tensor) -> torch.Tensor:
         if tok.numel() == 0:
             continue
         h = x2.index_select(0, tok) @ moe.w1[e] + moe.b1[e]
-        o = _act(h, moe.activation) @ moe.w2[e] + moe.b2[e]
+        o = activation_ref(h, moe.activation) @ moe.w2[e] + moe.b2[e]
         y.index_add_(0, tok, o * g.gates[tok, slot, None].to(o.dtype))
     return y
 
@@ -91,7 +91,7 @@ def gshard_einsum(moe: Top2MoE, x2: torch.Tensor) -> torch.Tensor:
         comb[tt, ee, ss] = g.gates[tt, j]
     xe = torch.einsum("tec,td->ecd", disp, x2)
     h = torch.baddbmm(moe.b1[:, None], xe, moe.w1)
-    o = torch.baddbmm(moe.b2[:, None], _act(h, moe.activation), moe.w2)
+    o = torch.baddbmm(moe.b2[:, None], activation_ref(h, moe.activation), moe.w2)
     return torch.einsum("tec,ecd->td", comb.to(o.dtype), o)
 
 
@@ -104,7 +104,7 @@ def torch_grouped(moe: Top2MoE, x2: torch.Tensor) -> torch.Tensor:
         torch.arange(moe.num_experts, device=x2.device), offs.diff(prepend=offs[:1] * 0)
     )
     h = torch._grouped_mm(buf[:rows], moe.w1, offs=offs) + moe.b1[expert]
-    o = torch._grouped_mm(_act(h, moe.activation), moe.w2, offs=offs) + moe.b2[expert]
+    o = torch._grouped_mm(activation_ref(h, moe.activation), moe.w2, offs=offs) + moe.b2[expert]
     return moe_unpermute(torch.cat([o, o.new_zeros(buf.shape[0] - rows, o.shape[1])]), g.routing, g.gates)
 
 

@@ -69,8 +69,9 @@ def _err(msg: str) -> ValueError:
 # =====================================================================================================
 
 
-def _act(h: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "none":
+def activation_ref(h: torch.Tensor, act: str | None) -> torch.Tensor:
+    """The activations in PyTorch (None / "none": identity; swiglu: silu(h[..., :F]) * h[..., F:])."""
+    if act is None or act == "none":
         return h
     if act == "relu":
         return torch.relu(h)
@@ -130,7 +131,7 @@ def grouped_mm_ref(
         h = xs[off[e] : off[e + 1]] @ ws[e]
         if bias is not None:
             h = h + bias[e].to(dt)
-        pieces.append(_act(h, act))
+        pieces.append(activation_ref(h, act))
     pieces.append(xs.new_zeros((x.shape[0] - off[-1], n_out)))
     return torch.cat(pieces, 0).to(x.dtype)
 
@@ -160,7 +161,7 @@ def _fwd_torch(x, w, offsets, bias, act, save_h):
             h = h + bias[e].to(dt)
         if save_h:
             h_all[a:b] = h.to(x.dtype)
-        out[a:b] = _act(h, act).to(x.dtype)
+        out[a:b] = activation_ref(h, act).to(x.dtype)
     return out, h_all
 
 
