@@ -30,6 +30,9 @@ from fastgen.ops.diffusion_step import (
     euler_step,
     sampler_step,
 )
+from fastgen.ops.grouped_mm import grouped_mm
+from fastgen.ops.moe_gating import top2_gating
+from fastgen.ops.moe_permute import moe_permute, moe_route, moe_unpermute
 
 __all__ = [
     "BACKEND_ORDER",
@@ -47,13 +50,18 @@ __all__ = [
     "euler_step",
     "flash_attention",
     "flash_attn_varlen",
+    "grouped_mm",
     "kv_cache_append",
+    "moe_permute",
+    "moe_route",
+    "moe_unpermute",
     "nn",
     "ops",
     "registered_ops",
     "sampler_step",
     "scaled_dot_product_attention",
     "swap_attention",
+    "top2_gating",
     "unswap_attention",
     "use_backend",
 ]

@@ -109,5 +109,12 @@ def test_op_modules_are_not_shadowed_by_functions():
 
     import fastgen.ops
 
-    for name in ("attention", "attention_decode", "diffusion_step"):
+    for name in (
+        "attention",
+        "attention_decode",
+        "diffusion_step",
+        "grouped_mm",
+        "moe_gating",
+        "moe_permute",
+    ):
         assert getattr(fastgen.ops, name) is importlib.import_module(f"fastgen.ops.{name}")

@@ -28,12 +28,26 @@ from fastgen.ops.diffusion_step import (
     euler_step_ref,
     sampler_step,
 )
+from fastgen.ops.grouped_mm import activation_ref, grouped_mm_ref  # grouped_mm: fastgen.grouped_mm
+from fastgen.ops.moe_gating import Gating, capacity_for, top2_gating, top2_gating_ref
+from fastgen.ops.moe_permute import (  # moe_permute: fastgen.moe_permute
+    Routing,
+    moe_permute_ref,
+    moe_route,
+    moe_route_ref,
+    moe_unpermute,
+    moe_unpermute_ref,
+)
 
 __all__ = [
+    "Gating",
+    "Routing",
+    "activation_ref",
     "attention_decode_paged",
     "attention_decode_paged_ref",
     "attention_decode_ref",
     "attention_ref",
+    "capacity_for",
     "counter_normal",
     "counter_normal_ref",
     "ddim_step",
@@ -49,7 +63,15 @@ __all__ = [
     "flash_attention",
     "flash_attn_varlen",
     "flash_attn_varlen_ref",
+    "grouped_mm_ref",
     "kv_cache_append",
+    "moe_permute_ref",
+    "moe_route",
+    "moe_route_ref",
+    "moe_unpermute",
+    "moe_unpermute_ref",
     "sampler_step",
     "scaled_dot_product_attention",
+    "top2_gating",
+    "top2_gating_ref",
 ]
