@@ -257,6 +257,20 @@ def triton_check_device(call: Call) -> list[str]:
     return []
 
 
+def triton_check(**limits: int) -> Callable[[Call], list[str]]:
+    """The per-call check of a Triton backend: the device rule above plus upper limits on call facts,
+    e.g. ``triton_check(head_dim=256)`` refuses a call whose ``extra["head_dim"]`` exceeds 256."""
+
+    def check(call: Call) -> list[str]:
+        reasons = triton_check_device(call)
+        reasons += [
+            f"{key} {call[key]} > {limit}" for key, limit in limits.items() if call.get(key, 0) > limit
+        ]
+        return reasons
+
+    return check
+
+
 def cpp_available() -> list[str]:
     from fastgen import _ext
 

@@ -768,16 +768,8 @@ def dropout_keep_mask(
 # =====================================================================================================
 
 
-def _triton_check(call: Call) -> list[str]:
-    reasons = _backend.triton_check_device(call)
-    for name in ("head_dim", "head_dim_v"):
-        if call.get(name, 0) > MAX_HEAD_DIM:
-            reasons.append(f"{name} {call[name]} > {MAX_HEAD_DIM}")
-    return reasons
-
-
 OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
-            check=_triton_check, forced_only_devices=("cpu",),
+            check=_backend.triton_check(head_dim=MAX_HEAD_DIM, head_dim_v=MAX_HEAD_DIM), forced_only_devices=("cpu",),
             note="flash-attention 2 style; bwd with atomic or two-pass (deterministic) dQ")(_fwd_triton)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64),
             note="PyTorch ops, scores materialised")(_fwd_torch)  # fmt: skip

@@ -491,15 +491,8 @@ def _bwd_triton(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias):
 # =====================================================================================================
 
 
-def _triton_check(call: Call) -> list[str]:
-    reasons = _backend.triton_check_device(call)
-    if call.get("experts", 0) > MAX_EXPERTS:
-        reasons.append(f"{call['experts']} experts > {MAX_EXPERTS} (the expert lookup loads them all)")
-    return reasons
-
-
 OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
-            check=_triton_check, forced_only_devices=("cpu",),
+            check=_backend.triton_check(experts=MAX_EXPERTS), forced_only_devices=("cpu",),
             note="one launch over all experts, device-side tile schedule; fused bias + activation")(_fwd_triton)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64),
             note="loop over experts with torch.matmul (host reads the offsets)")(_fwd_torch)  # fmt: skip

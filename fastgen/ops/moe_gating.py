@@ -305,15 +305,8 @@ def _fwd_triton(logits: torch.Tensor):
     return top, lse, part.sum(0), idx, cnt.sum(0, dtype=torch.int32)
 
 
-def _triton_check(call: Call) -> list[str]:
-    reasons = _backend.triton_check_device(call)
-    if call.get("num_experts", 0) > MAX_KERNEL_EXPERTS:
-        reasons.append(f"num_experts {call['num_experts']} > {MAX_KERNEL_EXPERTS}")
-    return reasons
-
-
 OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
-            check=_triton_check, forced_only_devices=("cpu",),
+            check=_backend.triton_check(num_experts=MAX_KERNEL_EXPERTS), forced_only_devices=("cpu",),
             note="one pass over each row of logits; O(T + E) outputs")(_fwd_triton)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64),
             note="PyTorch ops, probabilities materialised")(_fwd_torch)  # fmt: skip
