@@ -20,6 +20,7 @@ O(N K).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -71,12 +72,14 @@ def _faiss(x: torch.Tensor, c: torch.Tensor) -> Impl:
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
             return Impl.skipped("faiss-flat-l2", "faiss has no GPU support here (CPU faiss not timed on GPU)",
                                 baseline=True)  # fmt: skip
+        with contextlib.suppress(Exception):  # lets faiss take torch CUDA tensors
+            import faiss.contrib.torch_utils
         index = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), c.shape[1])
         index.add(cs)
         xf = x.float().contiguous()
 
         def run():
-            _, i = index.search(xf, 1)  # torch tensors through faiss.contrib.torch_utils, when loaded
+            _, i = index.search(xf, 1)
             return torch.as_tensor(i, device=x.device).view(-1).long()
 
     else:
