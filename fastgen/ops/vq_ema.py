@@ -29,8 +29,8 @@ Backends
   - ``deterministic=True``: rows are stably sorted by code (``argsort(stable=True)``, segment offsets by
     ``bincount`` + ``cumsum``) and one program per (code, BLOCK_D columns) sums its rows in a fixed order
     and writes ``decay * old + (1 - decay) * sum``: bit-identical run to run.
-* ``torch`` (any device): ``index_add_`` (``index_put_(accumulate=True)`` over the sorted rows when
-  ``deterministic``, deterministic on CUDA too).
+* ``torch`` (any device): ``index_add_`` (deterministic on CPU); with ``deterministic`` on other devices
+  ``index_put_(accumulate=True)``, which sorts and reduces in a fixed order on CUDA.
 No host synchronisation on CUDA (out-of-range indices are caught with ``torch._assert_async``).
 """
 
@@ -131,9 +131,10 @@ def _update_torch(x, indices, cluster_size, embed_sum, decay, deterministic):
     rows = x.reshape(h * n, d).to(torch.float32)
     counts = torch.bincount(codes, minlength=h * k)
     sums = torch.zeros((h * k, d), dtype=torch.float32, device=x.device)
-    if deterministic:
-        order = torch.argsort(codes, stable=True)
-        sums.index_put_((codes[order],), rows[order], accumulate=True)
+    if deterministic and x.device.type != "cpu":
+        # CUDA index_add_ uses atomics; index_put_(accumulate=True) sorts and reduces in a fixed order.
+        # (CPU index_add_ already adds the rows in index order.)
+        sums.index_put_((codes,), rows, accumulate=True)
     else:
         sums.index_add_(0, codes, rows)
     cs.mul_(decay).add_(counts.to(torch.float32), alpha=1.0 - decay)
@@ -235,7 +236,7 @@ OP.register("triton", devices=("cuda",), dtypes=X_DTYPES, available=_backend.tri
             check=_backend.triton_check(), forced_only_devices=("cpu",),
             note="fp32 atomic_add per row (deterministic: sorted segments, fixed order)")(_update_triton)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*X_DTYPES, torch.float64),
-            note="index_add_ (deterministic: index_put_ accumulate over sorted rows)")(_update_torch)  # fmt: skip
+            note="index_add_ (deterministic on CUDA: index_put_ accumulate, sort-based)")(_update_torch)  # fmt: skip
 
 
 def _call(x: torch.Tensor, k: int) -> Call:
