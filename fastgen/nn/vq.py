@@ -170,7 +170,7 @@ class VectorQuantize(nn.Module):
             rows = x.movedim(1, -1).reshape(-1, self.dim)
         if self.check_finite and x.device.type == "cpu" and x.numel() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name}: x contains NaN or inf")
-        return rows.view(-1, self.heads, self.dim_head).transpose(0, 1), lead
+        return rows.reshape(-1, self.heads, self.dim_head).transpose(0, 1), lead
 
     def _from_rows(self, rows: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
         """(heads, N, dim_head) -> x's layout."""
