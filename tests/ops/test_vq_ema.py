@@ -138,3 +138,18 @@ def test_gpu_large_triton_vs_reference(deterministic):
         vq_ema_update(x, idx, cs, es, 0.99, deterministic=deterministic)
     torch.testing.assert_close(cs, ref_cs, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(es, ref_es, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph():
+    x, idx, cs, es = make(2, 20, 6, 8, torch.float32, unused=0)
+    ref_cs, ref_es = vq_ema_update_ref(x, idx, cs, es, 0.9, upcast=True)
+
+    def step(x, idx, cs, es):
+        vq_ema_update(x, idx, cs, es, 0.9)
+        return vq_codebook_from_ema(cs, es)
+
+    with use_backend("torch", op="vq_ema"):
+        codebook = torch.compile(step, backend="aot_eager", fullgraph=True)(x, idx, cs, es)
+    torch.testing.assert_close(cs, ref_cs, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(es, ref_es, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(codebook, vq_codebook_from_ema(ref_cs, ref_es))
