@@ -33,6 +33,7 @@ from fastgen.ops.diffusion_step import (
 from fastgen.ops.grouped_mm import grouped_mm
 from fastgen.ops.moe_gating import top2_gating
 from fastgen.ops.moe_permute import moe_permute, moe_route, moe_unpermute
+from fastgen.ops.vq import vq_nearest
 
 __all__ = [
     "BACKEND_ORDER",
@@ -64,4 +65,5 @@ __all__ = [
     "top2_gating",
     "unswap_attention",
     "use_backend",
+    "vq_nearest",
 ]

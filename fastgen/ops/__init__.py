@@ -38,10 +38,12 @@ from fastgen.ops.moe_permute import (  # moe_permute: fastgen.moe_permute
     moe_unpermute,
     moe_unpermute_ref,
 )
+from fastgen.ops.vq import VQNearest, vq_nearest, vq_nearest_ref
 
 __all__ = [
     "Gating",
     "Routing",
+    "VQNearest",
     "activation_ref",
     "attention_decode_paged",
     "attention_decode_paged_ref",
@@ -74,4 +76,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "top2_gating",
     "top2_gating_ref",
+    "vq_nearest",
+    "vq_nearest_ref",
 ]
