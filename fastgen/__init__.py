@@ -19,7 +19,14 @@ from fastgen import (
     nn,
     ops,
 )
-from fastgen.nn import MultiheadAttention, Top2MoE, swap_attention, unswap_attention
+from fastgen.nn import (
+    MultiheadAttention,
+    ResidualVQ,
+    Top2MoE,
+    VectorQuantize,
+    swap_attention,
+    unswap_attention,
+)
 from fastgen.ops.attention import flash_attention, flash_attn_varlen, scaled_dot_product_attention
 from fastgen.ops.attention_decode import attention_decode, attention_decode_paged, kv_cache_append
 from fastgen.ops.diffusion_step import (
@@ -34,12 +41,15 @@ from fastgen.ops.grouped_mm import grouped_mm
 from fastgen.ops.moe_gating import top2_gating
 from fastgen.ops.moe_permute import moe_permute, moe_route, moe_unpermute
 from fastgen.ops.vq import vq_nearest
+from fastgen.ops.vq_ema import vq_ema_update
 
 __all__ = [
     "BACKEND_ORDER",
     "BackendUnavailableError",
     "MultiheadAttention",
+    "ResidualVQ",
     "Top2MoE",
+    "VectorQuantize",
     "__version__",
     "attention_decode",
     "attention_decode_paged",
@@ -65,5 +75,6 @@ __all__ = [
     "top2_gating",
     "unswap_attention",
     "use_backend",
+    "vq_ema_update",
     "vq_nearest",
 ]

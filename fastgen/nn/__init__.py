@@ -3,5 +3,26 @@
 from fastgen.nn.attention import MultiheadAttention
 from fastgen.nn.moe import MoEAux, Top2MoE
 from fastgen.nn.swap import SwapReport, swap_attention, unswap_attention
+from fastgen.nn.vq import (
+    DVAEQuantizer,
+    OneHotConv1x1AsGather,
+    ResidualVQ,
+    VectorQuantize,
+    decode_tokens,
+    dvae_tokens,
+)
 
-__all__ = ["MoEAux", "MultiheadAttention", "SwapReport", "Top2MoE", "swap_attention", "unswap_attention"]
+__all__ = [
+    "DVAEQuantizer",
+    "MoEAux",
+    "MultiheadAttention",
+    "OneHotConv1x1AsGather",
+    "ResidualVQ",
+    "SwapReport",
+    "Top2MoE",
+    "VectorQuantize",
+    "decode_tokens",
+    "dvae_tokens",
+    "swap_attention",
+    "unswap_attention",
+]

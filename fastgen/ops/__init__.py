@@ -38,12 +38,14 @@ from fastgen.ops.moe_permute import (  # moe_permute: fastgen.moe_permute
     moe_unpermute,
     moe_unpermute_ref,
 )
-from fastgen.ops.vq import VQNearest, vq_nearest, vq_nearest_ref
+from fastgen.ops.vq import VQNearest, VQNearestCounts, vq_nearest, vq_nearest_ref
+from fastgen.ops.vq_ema import vq_codebook_from_ema, vq_ema_update, vq_ema_update_ref
 
 __all__ = [
     "Gating",
     "Routing",
     "VQNearest",
+    "VQNearestCounts",
     "activation_ref",
     "attention_decode_paged",
     "attention_decode_paged_ref",
@@ -76,6 +78,9 @@ __all__ = [
     "scaled_dot_product_attention",
     "top2_gating",
     "top2_gating_ref",
+    "vq_codebook_from_ema",
+    "vq_ema_update",
+    "vq_ema_update_ref",
     "vq_nearest",
     "vq_nearest_ref",
 ]

@@ -60,9 +60,24 @@ OP = _backend.get_op("vq_nearest", "nearest codebook entry (VQ): fused distance 
 
 
 class VQNearest(NamedTuple):
+    """``indices, dist = vq_nearest(x, codebook)``."""
+
     indices: torch.Tensor  # (N,) or (H, N) int64
     dist: torch.Tensor  # same shape, float32: the winning distance
-    counts: torch.Tensor | None  # (K,) or (H, K) int64 with return_counts=True, else None
+
+
+class VQNearestCounts(NamedTuple):
+    """``indices, dist, counts = vq_nearest(x, codebook, return_counts=True)``."""
+
+    indices: torch.Tensor
+    dist: torch.Tensor
+    counts: torch.Tensor  # (K,) or (H, K) int64 per-code counts
+
+
+def _result(
+    idx: torch.Tensor, dist: torch.Tensor, counts: torch.Tensor | None
+) -> VQNearest | VQNearestCounts:
+    return VQNearest(idx, dist) if counts is None else VQNearestCounts(idx, dist, counts)
 
 
 def _err(msg: str) -> ValueError:
@@ -87,7 +102,7 @@ def _dist_matrix(x: torch.Tensor, c: torch.Tensor, distance: str) -> torch.Tenso
 
 def vq_nearest_ref(
     x: torch.Tensor, codebook: torch.Tensor, *, distance: str = "l2", return_counts: bool = False
-) -> VQNearest:
+) -> VQNearest | VQNearestCounts:
     """Plain PyTorch in float64: the full (N, K) distance matrix, then argmin (ties -> lowest index).
     x: (N, D) with codebook (K, D), or (H, N, D) with (H, K, D). Returns indices int64, dist float32,
     counts int64 (or None)."""
@@ -98,7 +113,7 @@ def vq_nearest_ref(
     if return_counts:
         i3 = idx if idx.dim() == 2 else idx.unsqueeze(0)
         counts = _counts(i3, codebook.shape[-2]).view(codebook.shape[:-1])
-    return VQNearest(idx, dist, counts)
+    return _result(idx, dist, counts)
 
 
 # =====================================================================================================
@@ -360,15 +375,16 @@ def vq_nearest(
     distance: str = "l2",
     mode: str = "exact",
     return_counts: bool = False,
-) -> VQNearest:
+) -> VQNearest | VQNearestCounts:
     """Index of the nearest code for every row (see the module docstring for the math and the modes).
 
     x: (N, D) with codebook (K, D), or (H, N, D) with codebook (H, K, D) (one codebook per head, one
     launch); float32 / float16 / bfloat16 (float64 on the torch backend), same dtype and device.
     distance: "l2" (squared Euclidean) or "cosine"; mode: "exact" or "fast".
-    Returns ``VQNearest(indices, dist, counts)``: indices (N,) / (H, N) int64 (ties -> lowest index),
-    dist float32 of the same shape, counts (K,) / (H, K) int64 or None. Not differentiable (the
-    straight-through estimator and the codebook update belong to the caller).
+    Returns ``VQNearest(indices, dist)``, or ``VQNearestCounts(indices, dist, counts)`` with
+    ``return_counts``: indices (N,) / (H, N) int64 (ties -> lowest index), dist float32 of the same
+    shape, counts (K,) / (H, K) int64. Not differentiable (the straight-through estimator and the
+    codebook update belong to the caller).
     """
     if not isinstance(x, torch.Tensor) or not isinstance(codebook, torch.Tensor):
         raise _err(f"x and codebook must be tensors, got {type(x).__name__} and {type(codebook).__name__}")
@@ -409,4 +425,4 @@ def vq_nearest(
     if single:
         idx, dist = idx[0], dist[0]
         counts = counts[0] if return_counts else counts
-    return VQNearest(idx, dist, counts if return_counts else None)
+    return _result(idx, dist, counts if return_counts else None)
