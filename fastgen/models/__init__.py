@@ -1,0 +1,1 @@
+"""Complete model implementations built on fastgen's ops and modules: one file per model."""
