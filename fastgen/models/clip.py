@@ -1,0 +1,838 @@
+r"""CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision").
+
+A ViT image tower and a causal text transformer, projected into one ``embed_dim`` space::
+
+    image -> conv1 (patchify) -> [class token; patches] + pos -> ln_pre -> L x block -> ln_post(cls) @ proj
+    text  -> token_embedding + pos -> L x causal block -> ln_final -> x[eot] @ text_projection
+    block(x) = x + attn(ln_1(x));  x + mlp(ln_2(x)),   mlp = c_proj(act(c_fc(x))),  act = QuickGELU | GELU
+    logits_per_image = exp(logit_scale) * normalize(img) @ normalize(txt)^T
+
+Module and parameter names are those of the OpenAI release (``visual.conv1.weight``,
+``visual.transformer.resblocks.N.attn.in_proj_weight``, ``mlp.c_fc``, ``text_projection``, ...), so an
+OpenAI / open_clip ``state_dict`` loads as is (:meth:`CLIP.load_openai_state_dict`); Hugging Face
+``CLIPModel`` weights go through :func:`convert_hf_clip_state_dict` and :func:`config_from_hf`.
+Only the ViT towers are implemented (the ModifiedResNet image towers of RN50 etc. are not).
+
+Attention: q, k, v from one ``in_proj`` (OpenAI layout) into :func:`fastgen.scaled_dot_product_attention`
+(``is_causal`` for text), so ``fastgen.use_backend(...)`` swaps the kernel; a packed batch of images of
+different sizes (:meth:`CLIP.encode_image_list`) goes through :func:`fastgen.flash_attn_varlen`.
+
+Variable image size: any image whose sides are multiples of ``patch_size`` is accepted; the positional
+embedding of the patch grid (the class token's entry kept apart) is interpolated from the trained grid
+(see :func:`interpolate_pos_embed`). The result is cached per (grid_h, grid_w, dtype, device) and
+keyed on the parameter's version counter, so an in-place update (optimizer step, ``load_state_dict``)
+invalidates it. Whenever a gradient can reach the parameter (grad mode on and ``requires_grad``) it is
+recomputed on every call instead, so fine-tuning at a new size trains the pos-embed correctly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from itertools import pairwise
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgen.ops.attention import flash_attn_varlen, scaled_dot_product_attention
+
+__all__ = [
+    "CLIP",
+    "PRESETS",
+    "CLIPConfig",
+    "SimpleTokenizer",
+    "clip_loss",
+    "config_from_hf",
+    "config_from_openai_state_dict",
+    "convert_hf_clip_state_dict",
+    "from_name",
+    "interpolate_pos_embed",
+    "resize_pos_embed",
+]
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+EOT_RULES = ("argmax", "eos_id")
+INTERP_MODES = ("bicubic", "bilinear")
+# keys of the OpenAI JIT archive's state_dict that are not parameters
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"fastgen.models.clip: {msg}")
+
+
+def _pair(x: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(x, int):
+        return (x, x)
+    h, w = x
+    return (int(h), int(w))
+
+
+# =====================================================================================================
+# Config and presets
+# =====================================================================================================
+
+
+@dataclass
+class CLIPConfig:
+    """CLIP hyper-parameters (ViT image tower + text transformer).
+
+    Vision: ``image_size`` (int or (H, W)) and ``patch_size`` give the trained patch grid; ``vision_width``
+    / ``vision_layers`` / ``vision_heads``; MLP width ``vision_width * vision_mlp_ratio``.
+    Text: ``context_length`` positions, ``vocab_size`` tokens, ``text_width`` / ``text_heads`` /
+    ``text_layers``. ``act``: ``"quick_gelu"`` (x * sigmoid(1.702 x), OpenAI's and HF's default) or
+    ``"gelu"`` (erf). ``eot_rule``: which text position is pooled: ``"argmax"`` = the position of the
+    largest token id (OpenAI: the eot token has the largest id), ``"eos_id"`` = the first position equal
+    to ``eos_token_id`` (HF's rule when its ``eos_token_id != 2``). ``pos_interp_mode`` /
+    ``pos_interp_antialias``: how the image pos-embed is resampled for other grids.
+    """
+
+    embed_dim: int = 512
+    image_size: int | tuple[int, int] = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp_ratio: float = 4.0
+    in_channels: int = 3
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    text_mlp_ratio: float = 4.0
+    act: str = "quick_gelu"
+    eot_rule: str = "argmax"
+    eos_token_id: int | None = None
+    ln_eps: float = 1e-5
+    pos_interp_mode: str = "bicubic"
+    pos_interp_antialias: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int):
+            self.image_size = _pair(self.image_size)
+        h, w = _pair(self.image_size)
+        gh, gw = self.grid_size
+        if h % self.patch_size or w % self.patch_size or gh < 1 or gw < 1:
+            raise _err(
+                f"image_size {self.image_size} must be a positive multiple of patch_size {self.patch_size}"
+            )
+        for name in ("vision", "text"):
+            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if heads <= 0 or width % heads:
+                raise _err(f"{name}_width ({width}) must be a multiple of {name}_heads ({heads})")
+        if self.act not in ACTIVATIONS:
+            raise _err(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.eot_rule not in EOT_RULES:
+            raise _err(f"eot_rule must be one of {EOT_RULES}, got {self.eot_rule!r}")
+        if self.eot_rule == "eos_id" and self.eos_token_id is None:
+            raise _err("eot_rule='eos_id' needs eos_token_id")
+        if self.pos_interp_mode not in INTERP_MODES:
+            raise _err(f"pos_interp_mode must be one of {INTERP_MODES}, got {self.pos_interp_mode!r}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = _pair(self.image_size)
+        return (h // self.patch_size, w // self.patch_size)
+
+
+def _openai_vit(embed_dim, image_size, patch, v_width, v_layers, t_width, t_layers) -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=embed_dim, image_size=image_size, patch_size=patch, vision_width=v_width,
+        vision_layers=v_layers, vision_heads=v_width // 64, text_width=t_width, text_heads=t_width // 64,
+        text_layers=t_layers,
+    )  # fmt: skip
+
+
+PRESETS: dict[str, CLIPConfig] = {
+    # the published OpenAI sizes (vision heads = width / 64, text heads = width / 64)
+    "ViT-B/32": _openai_vit(512, 224, 32, 768, 12, 512, 12),
+    "ViT-B/16": _openai_vit(512, 224, 16, 768, 12, 512, 12),
+    "ViT-L/14": _openai_vit(768, 224, 14, 1024, 24, 768, 12),
+    "ViT-L/14@336": _openai_vit(768, 336, 14, 1024, 24, 768, 12),
+    # test sizes; vocab 258 = SimpleTokenizer's byte-level fallback
+    "tiny": CLIPConfig(
+        embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
+        context_length=16, vocab_size=258, text_width=64, text_heads=4, text_layers=2,
+    ),
+    "tiny-gelu": CLIPConfig(
+        embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
+        context_length=16, vocab_size=258, text_width=64, text_heads=4, text_layers=2, act="gelu",
+    ),
+    "micro": CLIPConfig(
+        embed_dim=16, image_size=8, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2,
+        context_length=8, vocab_size=258, text_width=32, text_heads=2, text_layers=1,
+    ),
+}  # fmt: skip
+
+
+def from_name(name: str, **overrides: Any) -> CLIP:
+    """A randomly initialised :class:`CLIP` of preset ``name`` with config fields replaced by ``overrides``
+    (``device`` / ``dtype`` are passed to the constructor)."""
+    if name not in PRESETS:
+        raise _err(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    device, dtype = overrides.pop("device", None), overrides.pop("dtype", None)
+    return CLIP(replace(PRESETS[name], **overrides), device=device, dtype=dtype)
+
+
+# =====================================================================================================
+# Building blocks (OpenAI names)
+# =====================================================================================================
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names (``in_proj_weight``
+    (3E, E), ``in_proj_bias``, ``out_proj``), served by fastgen's attention ops.
+
+    ``attn_fn``: None = :func:`fastgen.scaled_dot_product_attention`; any function with SDPA's signature
+    (e.g. ``torch.nn.functional.scaled_dot_product_attention``) replaces it on the padded path.
+    """
+
+    def __init__(self, width: int, heads: int, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width, **kw))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width, **kw))
+        self.out_proj = nn.Linear(width, width, **kw)
+        self.attn_fn: Callable[..., torch.Tensor] | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        causal: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int = 0,
+    ) -> torch.Tensor:
+        """x: (B, L, E), or packed (total, E) with ``cu_seqlens`` (B + 1,) int32. Returns x's shape."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        e, h = x.shape[-1], self.heads
+        if cu_seqlens is not None:
+            q, k, v = qkv.view(-1, 3, h, e // h).unbind(1)  # (total, H, D) each
+            o = flash_attn_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+            return self.out_proj(o.reshape(-1, e))
+        b, n = x.shape[:2]
+        q, k, v = qkv.view(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, D) each
+        o = (self.attn_fn or scaled_dot_product_attention)(q, k, v, is_causal=causal)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, e))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), mlp = c_fc -> act -> c_proj."""
+
+    def __init__(self, width, heads, mlp_ratio, act, eps, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        hidden = round(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width, eps=eps, **kw)
+        self.attn = SelfAttention(width, heads, **kw)
+        self.ln_2 = nn.LayerNorm(width, eps=eps, **kw)
+        gelu = QuickGELU() if act == "quick_gelu" else nn.GELU()
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, hidden, **kw), gelu=gelu, c_proj=nn.Linear(hidden, width, **kw))
+        )
+
+    def forward(self, x: torch.Tensor, **attn_kw: Any) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), **attn_kw)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp_ratio, act, eps, device=None, dtype=None) -> None:
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio, act, eps, device, dtype) for _ in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor, **attn_kw: Any) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, **attn_kw)
+        return x
+
+
+# =====================================================================================================
+# Positional-embedding resampling
+# =====================================================================================================
+
+
+def interpolate_pos_embed(
+    pos: torch.Tensor,
+    old_grid: int | Sequence[int],
+    new_grid: int | Sequence[int],
+    mode: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Resample a ViT positional embedding to another patch grid.
+
+    pos: (1 + gh * gw, C), row 0 the class token's (kept as is), rows 1.. the (gh, gw) grid row-major.
+    The grid is treated as a (C, gh, gw) image and resized with ``F.interpolate(mode, align_corners=False,
+    antialias)`` in fp32 (as timm / open_clip do); ``antialias`` only matters when shrinking.
+    Returns (1 + GH * GW, C) in pos's dtype.
+    """
+    (gh, gw), (nh, nw) = _pair(old_grid), _pair(new_grid)
+    if pos.dim() != 2 or pos.shape[0] != 1 + gh * gw:
+        raise _err(f"pos: expected (1 + {gh}*{gw}, C) = ({1 + gh * gw}, C), got {tuple(pos.shape)}")
+    if mode not in INTERP_MODES:
+        raise _err(f"mode must be one of {INTERP_MODES}, got {mode!r}")
+    if (gh, gw) == (nh, nw):
+        return pos
+    grid = pos[1:].float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(nh, nw), mode=mode, align_corners=False, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(nh * nw, -1).to(pos.dtype)
+    return torch.cat([pos[:1], grid], dim=0)
+
+
+def resize_pos_embed(
+    state_dict: Mapping[str, torch.Tensor],
+    new_grid: int | Sequence[int],
+    mode: str = "bicubic",
+    antialias: bool = True,
+    old_grid: int | Sequence[int] | None = None,
+    key: str = "visual.positional_embedding",
+) -> dict[str, torch.Tensor]:
+    """A copy of an OpenAI-format ``state_dict`` whose image pos-embed is resampled to ``new_grid``, for
+    fine-tuning or serving at another size (build the model with ``image_size = new_grid * patch_size``).
+    ``old_grid``: default the square grid implied by the pos-embed's length."""
+    sd = dict(state_dict)
+    pos = sd[key]
+    if old_grid is None:
+        side = math.isqrt(pos.shape[0] - 1)
+        if side * side != pos.shape[0] - 1:
+            raise _err(f"{key} has {pos.shape[0] - 1} grid positions, not a square: pass old_grid")
+        old_grid = side
+    sd[key] = interpolate_pos_embed(pos, old_grid, new_grid, mode, antialias)
+    return sd
+
+
+# =====================================================================================================
+# Towers and model
+# =====================================================================================================
+
+
+class VisionTransformer(nn.Module):
+    """The ViT image tower. Images (B, C, H, W) with H, W multiples of ``patch_size`` -> (B, embed_dim)."""
+
+    def __init__(self, cfg: CLIPConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        w, p = cfg.vision_width, cfg.patch_size
+        self.cfg = cfg
+        self.grid_size = cfg.grid_size
+        self.conv1 = nn.Conv2d(cfg.in_channels, w, kernel_size=p, stride=p, bias=False, **kw)
+        self.class_embedding = nn.Parameter(torch.empty(w, **kw))
+        self.positional_embedding = nn.Parameter(
+            torch.empty(1 + self.grid_size[0] * self.grid_size[1], w, **kw)
+        )
+        self.ln_pre = nn.LayerNorm(w, eps=cfg.ln_eps, **kw)
+        self.transformer = Transformer(
+            w, cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp_ratio, cfg.act, cfg.ln_eps, **kw
+        )
+        self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps, **kw)
+        self.proj = nn.Parameter(torch.empty(w, cfg.embed_dim, **kw))
+        self._pos_cache: dict[tuple, tuple[int, int, torch.Tensor]] = {}
+
+    def pos_embed(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """(1 + gh * gw, width): the pos-embed for a (gh, gw) patch grid (see the module docstring)."""
+        pe = self.positional_embedding
+        if tuple(grid) == self.grid_size:
+            return pe.to(dtype)
+        cfg = self.cfg
+        if torch.is_grad_enabled() and pe.requires_grad:  # gradients must reach the parameter
+            return interpolate_pos_embed(
+                pe, self.grid_size, grid, cfg.pos_interp_mode, cfg.pos_interp_antialias
+            ).to(dtype)
+        key = (*grid, dtype, pe.device)
+        stamp = (pe._version, pe.data_ptr())
+        hit = self._pos_cache.get(key)
+        if hit is not None and hit[:2] == stamp:
+            return hit[2]
+        with torch.no_grad():
+            out = interpolate_pos_embed(
+                pe, self.grid_size, grid, cfg.pos_interp_mode, cfg.pos_interp_antialias
+            )
+            out = out.to(dtype)
+        self._pos_cache[key] = (*stamp, out)
+        return out
+
+    def _check(self, x: torch.Tensor, name: str = "image") -> None:
+        c, p = self.cfg.in_channels, self.cfg.patch_size
+        if x.dim() != 4 or x.shape[1] != c:
+            raise _err(f"{name}: expected (batch, {c}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % p or w % p or h == 0 or w == 0:
+            raise _err(f"{name}: height and width must be positive multiples of patch_size {p}, got {h}x{w}")
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + gh * gw, width): class token + patches + pos-embed."""
+        x = self.conv1(x.to(self.conv1.weight.dtype))
+        b, w, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(b, 1, w)
+        return torch.cat([cls, x], dim=1) + self.pos_embed((gh, gw), x.dtype)
+
+    def _head(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(cls) @ self.proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        x = self.transformer(self.ln_pre(self._tokens(x)))
+        return self._head(x[:, 0])
+
+    def forward_list(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images of different sizes, each (C, H, W) or (1, C, H, W), as ONE packed varlen batch."""
+        if len(images) == 0:
+            raise _err("images: expected a non-empty list")
+        seqs = []
+        for i, img in enumerate(images):
+            img = img.unsqueeze(0) if img.dim() == 3 else img
+            self._check(img, f"images[{i}]")
+            if img.shape[0] != 1:
+                raise _err(
+                    f"images[{i}]: expected one image (C, H, W) or (1, C, H, W), got {tuple(img.shape)}"
+                )
+            seqs.append(self._tokens(img)[0])
+        lens = torch.tensor([0] + [s.shape[0] for s in seqs], device=seqs[0].device)
+        cu = lens.cumsum(0).to(torch.int32)
+        x = self.ln_pre(torch.cat(seqs, dim=0))  # (total, width)
+        x = self.transformer(x, cu_seqlens=cu, max_seqlen=max(s.shape[0] for s in seqs))
+        return self._head(x[cu[:-1].long()])
+
+
+class CLIP(nn.Module):
+    """CLIP with OpenAI's module names. See the module docstring for the math and the formats."""
+
+    def __init__(self, config: CLIPConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        cfg = self.config = config
+        self.visual = VisionTransformer(cfg, **kw)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width, **kw)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width, **kw))
+        self.transformer = Transformer(
+            cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_mlp_ratio, cfg.act, cfg.ln_eps, **kw
+        )
+        self.ln_final = nn.LayerNorm(cfg.text_width, eps=cfg.ln_eps, **kw)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim, **kw))
+        self.logit_scale = nn.Parameter(torch.empty((), **kw))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """OpenAI's initialisation (``CLIP.initialize_parameters`` and ``VisionTransformer.__init__``)."""
+        v, cfg = self.visual, self.config
+        scale = cfg.vision_width**-0.5
+        for p in (v.class_embedding, v.positional_embedding, v.proj):
+            p.normal_(0, scale)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for tower in (self.transformer, v.transformer):
+            attn_std, fc_std = tower.width**-0.5, (2 * tower.width) ** -0.5
+            proj_std = attn_std * (2 * tower.layers) ** -0.5
+            for block in tower.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+                for lin in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+                    nn.init.zeros_(lin.bias)
+                nn.init.zeros_(block.attn.in_proj_bias)
+        nn.init.normal_(self.text_projection, std=cfg.text_width**-0.5)
+        self.logit_scale.fill_(math.log(1 / 0.07))
+        v._pos_cache.clear()
+
+    def set_attention_fn(self, fn: Callable[..., torch.Tensor] | None) -> CLIP:
+        """Serve the padded attention calls with ``fn`` (SDPA's signature), e.g.
+        ``torch.nn.functional.scaled_dot_product_attention``; None restores fastgen's. Returns self."""
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                m.attn_fn = fn
+        return self
+
+    # ---- encoders ---------------------------------------------------------------------------------
+
+    def encode_image(
+        self, image: torch.Tensor | Sequence[torch.Tensor], normalize: bool = False
+    ) -> torch.Tensor:
+        """image: (B, C, H, W), H and W any multiples of ``patch_size`` (other sizes interpolate the
+        pos-embed), or a list of (C, H, W) of different sizes (-> :meth:`encode_image_list`).
+        Returns (B, embed_dim), L2-normalised if ``normalize``."""
+        if isinstance(image, (list, tuple)):
+            return self.encode_image_list(image, normalize)
+        out = self.visual(image)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_image_list(self, images: Sequence[torch.Tensor], normalize: bool = False) -> torch.Tensor:
+        """Images of different sizes, each (C, H, W), packed into one varlen batch (no padding compute):
+        equal to encoding each image alone. Returns (len(images), embed_dim)."""
+        out = self.visual.forward_list(images)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def eot_index(self, text: torch.Tensor) -> torch.Tensor:
+        """(B,) the pooled position of each row of ``text`` under ``config.eot_rule``."""
+        if self.config.eot_rule == "argmax":
+            return text.argmax(dim=-1)
+        return (text == self.config.eos_token_id).int().argmax(dim=-1)  # first match (0 when absent, as HF)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """text: (B, L) token ids, L <= context_length (causal attention: shorter rows need no padding
+        mask). Returns (B, embed_dim): the ``ln_final`` output at the eot position, projected."""
+        ctx = self.config.context_length
+        if text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
+            raise _err(
+                f"text: expected (batch, length) int64 / int32 token ids, got {tuple(text.shape)} {text.dtype}"
+            )
+        if text.shape[1] > ctx:
+            raise _err(f"text: length {text.shape[1]} exceeds context_length {ctx}")
+        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        x = x[torch.arange(x.shape[0], device=x.device), self.eot_index(text)]
+        out = x @ self.text_projection
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)) =
+        exp(logit_scale) * cosine similarities."""
+        img = self.encode_image(image, normalize=True)
+        txt = self.encode_text(text, normalize=True)
+        logits = self.logit_scale.exp() * img @ txt.t()
+        return logits, logits.t()
+
+    # ---- zero-shot --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def zero_shot_classifier(self, class_tokens: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """class_tokens: (num_classes, L) token ids (one prompt per class) or a list of (templates, L) per
+        class (prompt ensembling: the normalised mean of the normalised prompt embeddings).
+        Returns (embed_dim, num_classes) unit columns."""
+        if isinstance(class_tokens, torch.Tensor):
+            w = self.encode_text(class_tokens, normalize=True)
+        else:
+            w = torch.stack([self.encode_text(t, normalize=True).mean(0) for t in class_tokens])
+        return F.normalize(w, dim=-1).t()
+
+    @torch.no_grad()
+    def zero_shot_predict(self, image: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+        """(B, num_classes) class probabilities: softmax(exp(logit_scale) * normalize(img) @ classifier)."""
+        logits = self.logit_scale.exp() * self.encode_image(image, normalize=True) @ classifier
+        return logits.softmax(dim=-1)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def load_openai_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
+        """Load an OpenAI-release (or open_clip ViT, or :func:`convert_hf_clip_state_dict`) state_dict:
+        the key names are this module's, so this is ``load_state_dict`` minus the JIT archive's extra
+        entries (input_resolution, context_length, vocab_size, attn_mask)."""
+        sd = {k: v for k, v in state_dict.items() if k not in _OPENAI_EXTRA_KEYS}
+        pos = sd.get("visual.positional_embedding")
+        if pos is not None and pos.shape != self.visual.positional_embedding.shape:
+            raise _err(
+                f"visual.positional_embedding: checkpoint {tuple(pos.shape)} vs model "
+                f"{tuple(self.visual.positional_embedding.shape)}; resize it with resize_pos_embed(sd, "
+                f"{self.visual.grid_size}) (any image size still runs: the model interpolates on the fly)"
+            )
+        return self.load_state_dict(sd, strict=strict)
+
+    @classmethod
+    def from_openai_state_dict(cls, state_dict: Mapping[str, Any], **overrides: Any) -> CLIP:
+        """A model with :func:`config_from_openai_state_dict`'s config and these weights."""
+        first = next(v for v in state_dict.values() if isinstance(v, torch.Tensor))
+        model = cls(
+            config_from_openai_state_dict(state_dict, **overrides), device=first.device, dtype=first.dtype
+        )
+        model.load_openai_state_dict(state_dict)
+        return model
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float):
+    """Symmetric InfoNCE of CLIP: (CE(logits, arange) + CE(logits^T, arange)) / 2 with
+    logits = logit_scale * normalize(image_features) @ normalize(text_features)^T, pairs on the diagonal.
+
+    image_features, text_features: (B, embed_dim) (normalised here; already-unit features are unchanged).
+    logit_scale: the multiplicative temperature, i.e. ``model.logit_scale.exp()`` (open_clip's convention).
+    """
+    if image_features.shape != text_features.shape or image_features.dim() != 2:
+        raise _err(
+            f"image_features {tuple(image_features.shape)} and text_features {tuple(text_features.shape)} "
+            "must both be (batch, embed_dim)"
+        )
+    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+# =====================================================================================================
+# Checkpoint formats
+# =====================================================================================================
+
+
+def _count_blocks(sd: Mapping[str, Any], prefix: str) -> int:
+    idx = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def config_from_openai_state_dict(state_dict: Mapping[str, Any], **overrides: Any) -> CLIPConfig:
+    """Infer a :class:`CLIPConfig` from OpenAI-format weights, as OpenAI's ``build_model`` does. Head
+    counts are not in the weights: width / 64 (OpenAI's rule) unless overridden; act defaults to
+    quick_gelu, eot_rule to argmax."""
+    sd = state_dict
+    v_width, _, patch, _ = sd["visual.conv1.weight"].shape
+    n = sd["visual.positional_embedding"].shape[0] - 1
+    side = math.isqrt(n)
+    t_width = sd["ln_final.weight"].shape[0]
+    kw: dict[str, Any] = {
+        "embed_dim": sd["text_projection"].shape[1],
+        "image_size": side * patch if side * side == n else overrides.get("image_size"),
+        "patch_size": patch,
+        "vision_width": v_width,
+        "vision_layers": _count_blocks(sd, "visual.transformer.resblocks."),
+        "vision_heads": max(v_width // 64, 1),
+        "vision_mlp_ratio": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / v_width,
+        "in_channels": sd["visual.conv1.weight"].shape[1],
+        "context_length": sd["positional_embedding"].shape[0],
+        "vocab_size": sd["token_embedding.weight"].shape[0],
+        "text_width": t_width,
+        "text_heads": max(t_width // 64, 1),
+        "text_layers": _count_blocks(sd, "transformer.resblocks."),
+        "text_mlp_ratio": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / t_width,
+    }
+    kw.update(overrides)
+    return CLIPConfig(**kw)
+
+
+def config_from_hf(hf_config: Any) -> CLIPConfig:
+    """A :class:`CLIPConfig` from a Hugging Face ``transformers.CLIPConfig`` (or its ``to_dict()``).
+
+    HF's pooling: ``eos_token_id == 2`` (old configs) -> argmax of the ids, else the first ``eos_token_id``.
+    Text and vision must use the same activation (``quick_gelu`` or ``gelu``)."""
+    d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    t, v = dict(d["text_config"]), dict(d["vision_config"])
+    acts = {t.get("hidden_act", "quick_gelu"), v.get("hidden_act", "quick_gelu")}
+    if len(acts) != 1 or not acts <= set(ACTIVATIONS):
+        raise _err(f"hidden_act: need one of {ACTIVATIONS} for both towers, got text/vision {sorted(acts)}")
+    eos = t.get("eos_token_id", 2)
+    eps = {t.get("layer_norm_eps", 1e-5), v.get("layer_norm_eps", 1e-5)}
+    if len(eps) != 1:
+        raise _err(f"layer_norm_eps differs between the towers: {sorted(eps)}")
+    return CLIPConfig(
+        embed_dim=d.get("projection_dim", 512),
+        image_size=v["image_size"],
+        patch_size=v["patch_size"],
+        vision_width=v["hidden_size"],
+        vision_layers=v["num_hidden_layers"],
+        vision_heads=v["num_attention_heads"],
+        vision_mlp_ratio=v["intermediate_size"] / v["hidden_size"],
+        in_channels=v.get("num_channels", 3),
+        context_length=t["max_position_embeddings"],
+        vocab_size=t["vocab_size"],
+        text_width=t["hidden_size"],
+        text_heads=t["num_attention_heads"],
+        text_layers=t["num_hidden_layers"],
+        text_mlp_ratio=t["intermediate_size"] / t["hidden_size"],
+        act=acts.pop(),
+        eot_rule="argmax" if eos == 2 or eos is None else "eos_id",
+        eos_token_id=None if eos == 2 else eos,
+        ln_eps=eps.pop(),
+    )
+
+
+def convert_hf_clip_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: CLIPConfig
+) -> dict[str, torch.Tensor]:
+    """Hugging Face ``CLIPModel.state_dict()`` -> OpenAI-format keys (load with
+    :meth:`CLIP.load_openai_state_dict`). q/k/v projections are concatenated into ``in_proj``; the
+    ``visual_projection`` / ``text_projection`` Linear weights (E, W) become (W, E) matrices."""
+    sd = state_dict
+
+    def get(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise _err(f"convert_hf_clip_state_dict: missing key {key!r} (is this a CLIPModel state_dict?)")
+        return sd[key]
+
+    out: dict[str, torch.Tensor] = {}
+    for hf, oa, layers in (
+        ("vision_model.", "visual.", config.vision_layers),
+        ("text_model.", "", config.text_layers),
+    ):
+        for i in range(layers):
+            s, d = f"{hf}encoder.layers.{i}.", f"{oa}transformer.resblocks.{i}."
+            for p in ("weight", "bias"):
+                out[f"{d}attn.in_proj_{p}"] = torch.cat([get(f"{s}self_attn.{x}_proj.{p}") for x in "qkv"])
+                out[f"{d}attn.out_proj.{p}"] = get(f"{s}self_attn.out_proj.{p}")
+                for src, dst in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                                 ("mlp.fc2", "mlp.c_proj")):  # fmt: skip
+                    out[f"{d}{dst}.{p}"] = get(f"{s}{src}.{p}")
+    for p in ("weight", "bias"):
+        out[f"visual.ln_pre.{p}"] = get(f"vision_model.pre_layrnorm.{p}")
+        out[f"visual.ln_post.{p}"] = get(f"vision_model.post_layernorm.{p}")
+        out[f"ln_final.{p}"] = get(f"text_model.final_layer_norm.{p}")
+    out["visual.class_embedding"] = get("vision_model.embeddings.class_embedding")
+    out["visual.conv1.weight"] = get("vision_model.embeddings.patch_embedding.weight")
+    out["visual.positional_embedding"] = get("vision_model.embeddings.position_embedding.weight")
+    out["visual.proj"] = get("visual_projection.weight").t().contiguous()
+    out["token_embedding.weight"] = get("text_model.embeddings.token_embedding.weight")
+    out["positional_embedding"] = get("text_model.embeddings.position_embedding.weight")
+    out["text_projection"] = get("text_projection.weight").t().contiguous()
+    out["logit_scale"] = get("logit_scale")
+    return out
+
+
+# =====================================================================================================
+# Tokenizer
+# =====================================================================================================
+
+
+@lru_cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable unicode character map."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _word_pattern():
+    try:
+        import regex
+
+        return regex.compile(
+            r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+            regex.IGNORECASE,
+        )
+    except ImportError:  # the same classes with the standard library: letters, digits, the rest
+        import re
+
+        return re.compile(
+            r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+",
+            re.IGNORECASE,
+        )
+
+
+def _clean(text: str) -> str:
+    text = html.unescape(html.unescape(text)).strip()
+    return " ".join(text.split()).lower()
+
+
+class SimpleTokenizer:
+    """CLIP's tokenizer: byte-level BPE with the ``</w>`` end-of-word marker and sot / eot tokens.
+
+    ``bpe_path``: the merges file (``bpe_simple_vocab_16e6.txt.gz`` of the OpenAI release, gzip or plain
+    text, a header line then one ``a b`` merge per line; at most 48,894 merges are used, as OpenAI's):
+    vocab = 256 byte symbols, the same with ``</w>``, one per merge, then ``<|startoftext|>``,
+    ``<|endoftext|>`` (49,408 for the standard file). Without it, a byte-level fallback: the UTF-8 bytes
+    (0..255) plus sot = 256 and eot = 257 (vocab 258; the ``"tiny"`` presets). Text is cleaned as
+    OpenAI's (HTML unescaped, whitespace collapsed, lower-cased; ftfy is not applied).
+    """
+
+    MAX_MERGES = 49152 - 256 - 2
+
+    def __init__(self, bpe_path: str | None = None) -> None:
+        self.bpe_ranks: dict[tuple[str, str], int] | None = None
+        self.cache: dict[str, str] = {}
+        if bpe_path is None:
+            self.encoder: dict[str, int] = {}
+            self.sot_token, self.eot_token, self.vocab_size = 256, 257, 258
+            return
+        opener = gzip.open if str(bpe_path).endswith(".gz") else open
+        with opener(bpe_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(m.split()) for m in lines[1 : 1 + self.MAX_MERGES] if m.strip()]
+        symbols = list(_bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
+        self.pat = _word_pattern()
+        self.sot_token, self.eot_token = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+        self.vocab_size = len(vocab)
+
+    def bpe(self, token: str) -> str:
+        """Merge the symbols of one pre-tokenised word, lowest-rank pair first; symbols joined by spaces."""
+        if token in self.cache:
+            return self.cache[token]
+        word = (*token[:-1], token[-1] + "</w>")
+        while len(word) > 1:
+            pairs = set(pairwise(word))
+            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, math.inf))
+            if best not in self.bpe_ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        out = " ".join(word)
+        self.cache[token] = out
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no sot / eot)."""
+        text = _clean(text)
+        if self.bpe_ranks is None:
+            return list(text.encode("utf-8"))
+        ids = []
+        for word in self.pat.findall(text):
+            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(word).split(" "))
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids if int(i) not in (self.sot_token, self.eot_token)]
+        if self.bpe_ranks is None:
+            return bytes(ids).decode("utf-8", errors="replace")
+        text = "".join(self.decoder[i] for i in ids)
+        raw = bytearray(self.byte_decoder[c] for c in text)
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def tokenize(
+        self, texts: str | Sequence[str], context_length: int = 77, truncate: bool = False
+    ) -> torch.Tensor:
+        """(len(texts), context_length) int64: sot, the text's ids, eot, zero padding. A text that does not
+        fit raises, unless ``truncate`` (then it is cut and its last token set to eot)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.sot_token, *self.encode(text), self.eot_token]
+            if len(ids) > context_length:
+                if not truncate:
+                    raise _err(
+                        f"texts[{i}]: {len(ids)} tokens (with sot/eot) exceed context_length {context_length}; "
+                        "pass truncate=True to cut it"
+                    )
+                ids = ids[:context_length]
+                ids[-1] = self.eot_token
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    __call__ = tokenize
