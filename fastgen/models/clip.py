@@ -808,7 +808,11 @@ class SimpleTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        ids = [int(i) for i in ids if int(i) not in (self.sot_token, self.eot_token)]
+        """Text of ``ids``; sot is dropped and decoding stops at the first eot (so padded rows decode)."""
+        ids = [int(i) for i in ids]
+        if self.eot_token in ids:
+            ids = ids[: ids.index(self.eot_token)]
+        ids = [i for i in ids if i != self.sot_token]
         if self.bpe_ranks is None:
             return bytes(ids).decode("utf-8", errors="replace")
         text = "".join(self.decoder[i] for i in ids)
