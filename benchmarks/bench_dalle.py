@@ -90,7 +90,8 @@ def generation_case(device, dtype, label, b, text_len, grid, d, layers, heads) -
     ]
     name = f"generate {label} B{b} text{text_len} grid{grid} d{d} L{layers} {DTYPE_NAMES[dtype]}"
     params = {"kind": "generate", "batch": b, "text_seq_len": text_len, "grid": grid, "d_model": d,
-              "n_layers": layers, "n_heads": heads, "dtype": DTYPE_NAMES[dtype], "tokens_per_call": b * grid * grid,
+              "n_layers": layers, "n_heads": heads, "dtype": DTYPE_NAMES[dtype],
+              "tokens_per_call": b * grid * grid,
               "flop_rule": "2*trunk_params*B*S + 2*B*layers*d*S^2 (S = text + grid^2)"}  # fmt: skip
     return Case(name, impls, flops=flops, bound="compute", flop_dtype=dtype, params=params,
                 check=token_check(exact=dtype == torch.float32))  # fmt: skip

@@ -45,9 +45,10 @@ bool masks. The paper's 64-layer schedule (:func:`paper_attn_types`): column in 
 
 **Generation** (:meth:`DALLE.generate_images`): one prompt pass over BOS + text fills a KV cache per layer
 ((batch, S, heads, head_dim), written by ``fastgen.kv_cache_append``), then one image token per step:
-full layers through ``fastgen.attention_decode``, sparse layers through ``fastgen.flash_attention`` on
-the cache with the layer's mask row. Classifier-free guidance appends a null-text row (all pad tokens)
-per sample: ``logits = uncond + cond_scale * (cond - uncond)``.
+full layers through ``fastgen.attention_decode``, sparse layers through
+``fastgen.scaled_dot_product_attention`` on the cache with the layer's mask row. Classifier-free
+guidance appends a null-text row (all pad tokens) per sample: ``logits = uncond + cond_scale * (cond -
+uncond)``. The first token comes from the prompt pass, so generation makes grid**2 - 1 decode steps.
 
 **Training** (``loss = model(text, image_tokens)``): ``text_loss_weight * CE(text) + image_loss_weight *
 CE(image)``, each cross-entropy averaged over its own tokens (the paper's 1/8 and 7/8).
@@ -608,6 +609,8 @@ class DALLE(nn.Module):
         """
         cfg = self.cfg
         grid = grid or cfg.image_grid
+        if not isinstance(grid, int) or grid < 1:
+            raise _err(f"grid must be a positive int, got {grid!r}")
         n_img = grid * grid
         ids, _ = self._text_ids(text_tokens)
         b = ids.shape[0]
