@@ -56,6 +56,7 @@ CE(image)``, each cross-entropy averaged over its own tokens (the paper's 1/8 an
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -178,7 +179,7 @@ def from_name(name: str, **overrides) -> DALLEConfig:
     """A copy of ``PRESETS[name]`` with ``overrides`` applied: ``from_name("dalle-tiny", n_layers=4)``."""
     if name not in PRESETS:
         raise _err(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return replace(copy.deepcopy(PRESETS[name]), **overrides)
 
 
 # =====================================================================================================

@@ -20,6 +20,7 @@ from fastgen.models.dalle import (
     sample_logits,
     unmap_pixels,
 )
+from fastgen.nn.vq import decode_tokens
 
 PRESETS = ["dalle-tiny", "dalle-tiny-sparse"]
 
@@ -123,9 +124,7 @@ def test_gather_equals_one_hot_conv_at_8192():
     onehot = F.one_hot(tokens, 8192).permute(0, 3, 1, 2).float()
     with torch.no_grad():
         first = F.conv2d(onehot, dec.blocks.input.w, dec.blocks.input.b)
-        torch.testing.assert_close(
-            fastgen.nn.vq.decode_tokens(tokens, dec.blocks.input.w, dec.blocks.input.b), first
-        )
+        torch.testing.assert_close(decode_tokens(tokens, dec.blocks.input.w, dec.blocks.input.b), first)
         torch.testing.assert_close(dec(tokens), dec(onehot), rtol=1e-6, atol=1e-6)
 
 
