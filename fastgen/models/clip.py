@@ -160,11 +160,11 @@ PRESETS: dict[str, CLIPConfig] = {
     # test sizes; vocab 258 = SimpleTokenizer's byte-level fallback
     "tiny": CLIPConfig(
         embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
-        context_length=16, vocab_size=258, text_width=64, text_heads=4, text_layers=2,
+        context_length=32, vocab_size=258, text_width=64, text_heads=4, text_layers=2,
     ),
     "tiny-gelu": CLIPConfig(
         embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
-        context_length=16, vocab_size=258, text_width=64, text_heads=4, text_layers=2, act="gelu",
+        context_length=32, vocab_size=258, text_width=64, text_heads=4, text_layers=2, act="gelu",
     ),
     "micro": CLIPConfig(
         embed_dim=16, image_size=8, patch_size=4, vision_width=32, vision_layers=1, vision_heads=2,

@@ -294,8 +294,8 @@ def test_errors():
         model.encode_image(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match=r"images\[1\].*multiples"):
         model.encode_image_list([torch.randn(3, 32, 32), torch.randn(3, 30, 32)])
-    with pytest.raises(ValueError, match="length 17 exceeds context_length 16"):
-        model.encode_text(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="length 33 exceeds context_length 32"):
+        model.encode_text(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match="token ids"):
         model.encode_text(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="multiple of patch_size"):
