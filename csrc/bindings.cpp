@@ -6,6 +6,7 @@
 #include "attention_decode/attention_decode.h"
 #include "diffusion_step/diffusion_step.h"
 #include "moe_permute/moe_permute.h"
+#include "vq/vq.h"
 
 namespace fastgen {
 namespace diffusion {
@@ -465,5 +466,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("buf"), py::arg("dest"), py::arg("gates"), nogil);
     m.def("moe_gate_grad_cpu", &moe_gate_grad_cpu, "out[t, j] = <dy[t], buf[dest[t, j]]> (0 where dest < 0)",
           py::arg("dy"), py::arg("buf"), py::arg("dest"), nogil);
+  }
+
+  {
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
+    auto vq_args = [](bool cuda) {
+      return [cuda](const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& code_sqnorm,
+                    bool cosine, bool exact, bool with_counts) {
+        return fastgen::vq::vq_nearest(cuda, x, codebook, code_sqnorm, cosine, exact, with_counts);
+      };
+    };
+    m.def("vq_nearest_cpu", vq_args(false), fastgen::vq::kVqDoc, py::arg("x"), py::arg("codebook"),
+          py::arg("code_sqnorm"), py::arg("cosine"), py::arg("exact"), py::arg("with_counts"), nogil);
+#ifdef FASTGEN_WITH_CUDA
+    m.def("vq_nearest_cuda", vq_args(true), fastgen::vq::kVqDoc, py::arg("x"), py::arg("codebook"),
+          py::arg("code_sqnorm"), py::arg("cosine"), py::arg("exact"), py::arg("with_counts"), nogil);
+#endif
   }
 }

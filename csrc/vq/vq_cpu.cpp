@@ -1,0 +1,316 @@
+// Nearest-codebook lookup: argument checks shared by the CPU and CUDA entry points, and the CPU kernel.
+//
+// CPU kernel. One task = RB rows of one head (at::parallel_for over tasks). A task packs its rows once,
+// converted to the accumulation type, into panels of MR rows laid out [d][MR], with ||x||^2; then walks
+// the codebook in tiles of KT codes, packing each into panels of NR codes laid out [d][NR]. An MR x NR
+// register-blocked micro-kernel (AVX-512 / AVX2+FMA intrinsics picked at run time, portable loops
+// otherwise) computes the MR x NR dot products over the whole D, each accumulated sequentially over d;
+// the epilogue folds them into the running (min, argmin) of each row, codes in ascending order with a
+// strict "<" so ties keep the lowest index. Extra memory per thread: RB x D + KT x D elements.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTGEN_VQ_X86 1
+#include <immintrin.h>
+#endif
+
+#include "vq/vq.h"
+
+namespace fastgen {
+namespace vq {
+namespace {
+
+// out[r * NR + j] = sum_d xp[d * MR + r] * cp[d * NR + j], sequentially over d.
+template <typename acc_t>
+using TileFn = void (*)(const acc_t*, const acc_t*, int64_t, acc_t*);
+
+// Portable micro-kernel: GCC / clang vector extensions (16-byte vectors: SSE2, NEON), NR = 2 vectors.
+template <typename acc_t, int MR>
+void tile_generic(const acc_t* __restrict__ xp, const acc_t* __restrict__ cp, int64_t D, acc_t* __restrict__ out) {
+  constexpr int L = 16 / sizeof(acc_t), NR = 2 * L;
+  typedef acc_t vec __attribute__((vector_size(16)));
+  vec acc[MR][2] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    vec b0, b1;
+    std::memcpy(&b0, cp + d * NR, 16);
+    std::memcpy(&b1, cp + d * NR + L, 16);
+    for (int r = 0; r < MR; ++r) {
+      const acc_t xv = xp[d * MR + r];
+      acc[r][0] += xv * b0;
+      acc[r][1] += xv * b1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    std::memcpy(out + r * NR, &acc[r][0], 16);
+    std::memcpy(out + r * NR + L, &acc[r][1], 16);
+  }
+}
+
+#ifdef FASTGEN_VQ_X86
+constexpr int kMR2 = 6, kNR2 = 16;  // AVX2: 12 ymm accumulators + 2 code vectors + 1 broadcast
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* __restrict__ xp, const float* __restrict__ cp,
+                                                    int64_t D, float* __restrict__ out) {
+  __m256 acc[kMR2][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR2; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 b0 = _mm256_loadu_ps(cp + d * kNR2), b1 = _mm256_loadu_ps(cp + d * kNR2 + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR2; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(xp + d * kMR2 + r);
+      acc[r][0] = _mm256_fmadd_ps(xv, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xv, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR2; ++r) {
+    _mm256_storeu_ps(out + r * kNR2, acc[r][0]);
+    _mm256_storeu_ps(out + r * kNR2 + 8, acc[r][1]);
+  }
+}
+
+constexpr int kMR5 = 12, kNR5 = 32;  // AVX-512: 24 zmm accumulators + 2 code vectors
+__attribute__((target("avx512f"))) void tile_avx512(const float* __restrict__ xp, const float* __restrict__ cp,
+                                                     int64_t D, float* __restrict__ out) {
+  __m512 acc[kMR5][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < kMR5; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 b0 = _mm512_loadu_ps(cp + d * kNR5), b1 = _mm512_loadu_ps(cp + d * kNR5 + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < kMR5; ++r) {
+      const __m512 xv = _mm512_set1_ps(xp[d * kMR5 + r]);
+      acc[r][0] = _mm512_fmadd_ps(xv, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xv, b1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kMR5; ++r) {
+    _mm512_storeu_ps(out + r * kNR5, acc[r][0]);
+    _mm512_storeu_ps(out + r * kNR5 + 16, acc[r][1]);
+  }
+}
+#endif
+
+enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best micro-kernel this CPU runs; FASTGEN_VQ_ISA=generic|avx2 caps it (tests cover every path).
+Isa pick_isa() {
+  Isa best = Isa::kGeneric;
+#ifdef FASTGEN_VQ_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) {
+    best = Isa::kAvx512;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    best = Isa::kAvx2;
+  }
+#endif
+  if (const char* env = std::getenv("FASTGEN_VQ_ISA")) {
+    if (std::strcmp(env, "generic") == 0) best = Isa::kGeneric;
+    if (std::strcmp(env, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
+  }
+  return best;
+}
+
+template <typename acc_t>
+inline bool better(acc_t d, acc_t best) {  // codes arrive in ascending order: "<" keeps the lowest on ties
+  return d < best || (std::isnan(d) && !std::isnan(best));
+}
+
+template <typename scalar_t, typename acc_t, int MR, int NR>
+void nearest(const VqArgs& a, TileFn<acc_t> tile) {
+  const int64_t H = a.x.size(0), N = a.x.size(1), D = a.x.size(2), K = a.codebook.size(1);
+  const scalar_t* xg = a.x.data_ptr<scalar_t>();
+  const scalar_t* cg = a.codebook.data_ptr<scalar_t>();
+  const acc_t* cn = a.code_sqnorm.data_ptr<acc_t>();
+  int64_t* out_i = a.indices.data_ptr<int64_t>();
+  float* out_d = a.dist.data_ptr<float>();
+  const bool cosine = a.cosine;
+  constexpr int64_t KT = 4 * NR;
+  // Rows per task: the packed rows stay in L2 (<= 256 KB), and every thread gets work.
+  auto round_mr = [](int64_t v) { return (v + MR - 1) / MR * MR; };
+  int64_t RB = std::clamp<int64_t>(round_mr((256 * 1024 / static_cast<int64_t>(sizeof(acc_t))) / D), MR, 32 * MR);
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  RB = std::max<int64_t>(MR, std::min<int64_t>(RB, round_mr((H * N + nth - 1) / nth)));
+  const int64_t nblk = (N + RB - 1) / RB;
+  at::parallel_for(0, H * nblk, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> xpack(static_cast<size_t>(RB * D)), cpack(static_cast<size_t>(KT * D));
+    std::vector<acc_t> xn(RB), best(RB), tile_out(MR * NR);
+    std::vector<int64_t> bidx(RB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t h = t / nblk, r0 = (t % nblk) * RB, rows = std::min(RB, N - r0);
+      const int64_t panels = (rows + MR - 1) / MR;
+      for (int64_t row = 0; row < panels * MR; ++row) {
+        acc_t* dst = xpack.data() + (row / MR) * D * MR + row % MR;
+        if (row < rows) {
+          const scalar_t* src = xg + ((h * N) + r0 + row) * D;
+          acc_t s = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            const acc_t v = static_cast<acc_t>(src[d]);
+            dst[d * MR] = v;
+            s += v * v;
+          }
+          xn[row] = s;
+          best[row] = std::numeric_limits<acc_t>::infinity();
+          bidx[row] = 0;
+        } else {
+          for (int64_t d = 0; d < D; ++d) dst[d * MR] = 0;
+        }
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += KT) {
+        const int64_t kc = std::min(KT, K - k0), qpanels = (kc + NR - 1) / NR;
+        for (int64_t code = 0; code < qpanels * NR; ++code) {
+          acc_t* dst = cpack.data() + (code / NR) * D * NR + code % NR;
+          if (code < kc) {
+            const scalar_t* src = cg + (h * K + k0 + code) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d * NR] = static_cast<acc_t>(src[d]);
+          } else {
+            for (int64_t d = 0; d < D; ++d) dst[d * NR] = 0;
+          }
+        }
+        const acc_t* cnk = cn + h * K + k0;
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t rmax = std::min<int64_t>(MR, rows - p * MR);
+          for (int64_t q = 0; q < qpanels; ++q) {
+            tile(xpack.data() + p * D * MR, cpack.data() + q * D * NR, D, tile_out.data());
+            const int64_t jmax = std::min<int64_t>(NR, kc - q * NR);
+            for (int64_t r = 0; r < rmax; ++r) {
+              const int64_t row = p * MR + r;
+              acc_t b = best[row];
+              int64_t bi = bidx[row];
+              const acc_t* dots = tile_out.data() + r * NR;
+              for (int64_t j = 0; j < jmax; ++j) {
+                const int64_t code = q * NR + j;
+                const acc_t dd = cosine ? acc_t(1) - dots[j] : (xn[row] - acc_t(2) * dots[j]) + cnk[code];
+                if (better(dd, b)) {
+                  b = dd;
+                  bi = k0 + code;
+                }
+              }
+              best[row] = b;
+              bidx[row] = bi;
+            }
+          }
+        }
+      }
+      for (int64_t row = 0; row < rows; ++row) {
+        const acc_t b = best[row];
+        out_i[h * N + r0 + row] = bidx[row];
+        out_d[h * N + r0 + row] = static_cast<float>(!cosine && b < 0 ? acc_t(0) : b);
+      }
+    }
+  });
+}
+
+void check_operand(const at::Tensor& t, const char* name, int64_t dim, const char* entry, bool cuda) {
+  TORCH_CHECK(t.defined(), "vq_nearest: ", name, " is undefined");
+  TORCH_CHECK(t.dim() == dim, "vq_nearest: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(cuda ? t.is_cuda() : t.is_cpu(), entry, ": ", name, " must be on ", cuda ? "a CUDA device" : "the CPU",
+              ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "vq_nearest: ", name, " must be contiguous (shape ", t.sizes(), ", strides ",
+              t.strides(), ")");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_nearest(bool cuda, const at::Tensor& x, const at::Tensor& codebook,
+                                                          const at::Tensor& code_sqnorm, bool cosine, bool exact,
+                                                          bool with_counts) {
+  (void)exact;  // both kernels accumulate in fp32 / fp64 always
+  const char* entry = cuda ? "vq_nearest_cuda" : "vq_nearest_cpu";
+  check_operand(x, "x (H, N, D)", 3, entry, cuda);
+  check_operand(codebook, "codebook (H, K, D)", 3, entry, cuda);
+  check_operand(code_sqnorm, "code_sqnorm (H, K)", 2, entry, cuda);
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || (!cuda && st == at::kDouble), entry,
+              ": x must be float32, float16 or bfloat16", cuda ? "" : " or float64", ", got ", st);
+  TORCH_CHECK(codebook.scalar_type() == st, "vq_nearest: codebook has dtype ", codebook.scalar_type(),
+              ", expected ", st, " like x");
+  const auto nst = code_sqnorm.scalar_type();
+  TORCH_CHECK(nst == at::kFloat || (st == at::kDouble && nst == at::kDouble),
+              "vq_nearest: code_sqnorm must be float32", st == at::kDouble ? " or float64" : "", ", got ", nst);
+  TORCH_CHECK(codebook.device() == x.device() && code_sqnorm.device() == x.device(),
+              "vq_nearest: x, codebook and code_sqnorm must be on one device, got ", x.device(), ", ",
+              codebook.device(), ", ", code_sqnorm.device());
+  const int64_t H = x.size(0), N = x.size(1), D = x.size(2), K = codebook.size(1);
+  TORCH_CHECK(codebook.size(0) == H, "vq_nearest: codebook has ", codebook.size(0), " heads (shape ",
+              codebook.sizes(), "), x has ", H, " (shape ", x.sizes(), ")");
+  TORCH_CHECK(K > 0, "vq_nearest: the codebook must have K > 0 codes, got shape ", codebook.sizes());
+  TORCH_CHECK(D > 0, "vq_nearest: the code dimension D must be > 0, got x shape ", x.sizes());
+  TORCH_CHECK(codebook.size(2) == D, "vq_nearest: codebook dim D = ", codebook.size(2), " (shape ", codebook.sizes(),
+              ") does not match x's D = ", D, " (shape ", x.sizes(), ")");
+  TORCH_CHECK(code_sqnorm.size(0) == H && code_sqnorm.size(1) == K, "vq_nearest: code_sqnorm must have shape (", H,
+              ", ", K, "), got ", code_sqnorm.sizes());
+  TORCH_CHECK(K < (int64_t{1} << 31) && N < (int64_t{1} << 31) && D < (int64_t{1} << 31),
+              "vq_nearest: N, K and D must each be < 2^31, got x ", x.sizes(), ", codebook ", codebook.sizes());
+  VqArgs a;
+  a.x = x;
+  a.codebook = codebook;
+  // The kernels read ||c||^2 in their accumulation type: fp64 for fp64 inputs on the CPU, else fp32.
+  a.code_sqnorm = st == at::kDouble ? code_sqnorm.to(at::kDouble) : code_sqnorm;
+  a.cosine = cosine;
+  a.with_counts = with_counts;
+  const auto opts = x.options();
+  a.indices = at::empty({H, N}, opts.dtype(at::kLong));
+  a.dist = at::empty({H, N}, opts.dtype(at::kFloat));
+  a.counts = with_counts ? at::zeros({H, K}, opts.dtype(at::kLong)) : at::empty({0}, opts.dtype(at::kLong));
+  if (H * N > 0) {
+    if (cuda) {
+#ifdef FASTGEN_WITH_CUDA
+      vq_nearest_cuda_impl(a);
+#else
+      TORCH_CHECK(false, "fastgen._C was built without CUDA");
+#endif
+    } else {
+      vq_nearest_cpu_impl(a);
+    }
+  }
+  return {a.indices, a.dist, a.counts};
+}
+
+void vq_nearest_cpu_impl(const VqArgs& a) {
+  const auto st = a.x.scalar_type();
+  if (st == at::kDouble) {
+    nearest<double, double, 6, 4>(a, &tile_generic<double, 6>);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "vq_nearest_cpu", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        switch (pick_isa()) {
+#ifdef FASTGEN_VQ_X86
+          case Isa::kAvx512:
+            nearest<scalar_t, float, kMR5, kNR5>(a, &tile_avx512);
+            return;
+          case Isa::kAvx2:
+            nearest<scalar_t, float, kMR2, kNR2>(a, &tile_avx2);
+            return;
+#endif
+          default:
+            nearest<scalar_t, float, 6, 8>(a, &tile_generic<float, 6>);
+        }
+      }
+    });
+  }
+  if (a.with_counts) {
+    const int64_t H = a.x.size(0), N = a.x.size(1), K = a.codebook.size(1);
+    const int64_t* idx = a.indices.data_ptr<int64_t>();
+    int64_t* counts = a.counts.data_ptr<int64_t>();
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t n = 0; n < N; ++n) ++counts[h * K + idx[h * N + n]];
+      }
+    });
+  }
+}
+
+}  // namespace vq
+}  // namespace fastgen
