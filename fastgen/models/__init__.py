@@ -1,1 +1,10 @@
-"""Complete model implementations built on fastgen's ops and modules: one file per model."""
+"""Complete model implementations built on fastgen's ops and modules: one file per model.
+
+Each file holds a ``@dataclass`` config, a ``PRESETS`` dict of named sizes and ``from_name()``:
+``fastgen.models.clip`` (CLIP ViT + text transformer), ``fastgen.models.dalle`` (dVAE + autoregressive
+transformer). Import the model module you need: ``from fastgen.models.clip import from_name``.
+"""
+
+from fastgen.models import clip, dalle
+
+__all__ = ["clip", "dalle"]
