@@ -1,0 +1,19 @@
+"""Evaluation metrics: FID (streaming), Inception Score, SSIM / MS-SSIM (fused Triton kernel), PSNR.
+
+Nothing here needs scipy, scikit-image or torchvision at import time.
+"""
+
+from fastgen.metrics.fid import FID, frechet_distance, load_inception_features
+from fastgen.metrics.inception_score import inception_score
+from fastgen.metrics.ssim import MS_SSIM_WEIGHTS, ms_ssim, psnr, ssim
+
+__all__ = [
+    "FID",
+    "MS_SSIM_WEIGHTS",
+    "frechet_distance",
+    "inception_score",
+    "load_inception_features",
+    "ms_ssim",
+    "psnr",
+    "ssim",
+]

@@ -1,0 +1,363 @@
+r"""SSIM (structural similarity, Wang et al. 2004) per image and channel, fused into one pass.
+
+For images ``x, y: (B, C, H, W)`` and the normalised Gaussian window ``w`` (``window_size`` taps, std
+``sigma``; 11 and 1.5 as in the paper), with ``G * z`` the 'valid' (unpadded) separable Gaussian
+filtering of the map ``z`` (output ``(H - window_size + 1, W - window_size + 1)``)::
+
+    mu_x = G * x        mu_y = G * y
+    s_xx = G * (x x) - mu_x^2      s_yy = G * (y y) - mu_y^2      s_xy = G * (x y) - mu_x mu_y
+    C1 = (k1 L)^2       C2 = (k2 L)^2                              (L = data_range)
+    cs   = (2 s_xy + C2) / (s_xx + s_yy + C2)
+    ssim = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) * cs
+
+and the op returns the means of both maps per (image, channel): ``(B, C, 2)`` = (ssim, cs). This is
+``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False)`` (skimage filters with reflection and crops the border: the same 'valid'
+maps). ``cs`` (contrast-structure) is what MS-SSIM combines across scales.
+
+Backends
+--------
+* ``triton`` (CUDA; CPU only under ``TRITON_INTERPRET=1`` when forced): a persistent kernel; each
+  program takes output tiles of (BLOCK_R - window_size + 1) x BLOCK_C pixels of one (image, channel)
+  plane in turn. Horizontal pass: ``window_size`` shifted loads of the BLOCK_R x BLOCK_C input rows of x
+  and y, accumulating the five horizontally filtered maps (x, y, xx, yy, xy) in registers; they go to the
+  program's own small scratch tile (5 x BLOCK_R x BLOCK_C fp32, L1/L2 resident, a barrier before and
+  after); vertical pass: ``window_size`` shifted reads of it, then the SSIM and cs maps and their tile
+  sums. One float32 pair per tile is written, summed per plane afterwards (fixed order: deterministic).
+  No full-size intermediate map exists. fp16 / bf16 / fp32 inputs, computed in fp32.
+* ``torch`` (any device, also float64): :func:`ssim_ref`, five depthwise conv2d calls.
+
+Backward (SSIM as a loss): analytic, in PyTorch for both backends (:func:`_ssim_backward`). With
+``dL/dssim_map`` and ``dL/dcs_map`` per pixel, the chain rule through the formulas above gives five
+per-pixel coefficient maps (d/dmu_x, d/dmu_y, d/dE[xx], d/dE[yy], d/dE[xy]); the adjoint of the 'valid'
+filter is the 'full' transposed filter (``conv_transpose2d``), so::
+
+    dx = G^T * a_x + 2 x (G^T * a_xx) + y (G^T * a_xy)        (dy symmetric)
+
+It recomputes the five filtered maps with separable conv2d (nothing is saved from the forward but the
+inputs) and is not differentiable itself (no double backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastgen import _backend
+from fastgen._backend import Call
+
+try:  # triton is optional (not on every platform)
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = None
+    tl = None
+
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_WINDOW = 33
+# Tile of the fused kernel: BLOCK_R input rows (BLOCK_R - window + 1 output rows) x BLOCK_C columns.
+BLOCK_R = 64
+BLOCK_C = 64
+
+OP = _backend.get_op("ssim", "SSIM / contrast-structure means per (image, channel), Gaussian window")
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"fastgen.ssim: {msg}")
+
+
+def gaussian_window(
+    window_size: int, sigma: float, *, dtype: torch.dtype = torch.float64, device=None
+) -> torch.Tensor:
+    """The normalised 1-D Gaussian window, (window_size,): ``exp(-(i - r)^2 / (2 sigma^2))``, r = (n-1)/2."""
+    r = (window_size - 1) / 2.0
+    i = torch.arange(window_size, dtype=torch.float64)
+    g = torch.exp(-((i - r) ** 2) / (2.0 * sigma * sigma))
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def check_ssim_args(
+    img1: torch.Tensor, img2: torch.Tensor, data_range: float, window_size: int, sigma: float
+) -> None:
+    """Raise ValueError on bad SSIM input (shared by the op and fastgen.metrics)."""
+    for name, t in (("img1", img1), ("img2", img2)):
+        if not isinstance(t, torch.Tensor):
+            raise _err(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise _err(f"{name} must be (B, C, H, W), got {t.dim()} dims, shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise _err(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if img1.shape != img2.shape:
+        raise _err(f"img1 and img2 must have the same shape, got {tuple(img1.shape)} and {tuple(img2.shape)}")
+    if img1.dtype != img2.dtype:
+        raise _err(f"img1 and img2 must have the same dtype, got {img1.dtype} and {img2.dtype}")
+    if img1.device != img2.device:
+        raise _err(f"img1 and img2 must be on the same device, got {img1.device} and {img2.device}")
+    if not isinstance(window_size, int) or window_size < 1 or window_size % 2 == 0:
+        raise _err(f"window_size must be a positive odd int, got {window_size!r}")
+    if not sigma > 0:
+        raise _err(f"sigma must be > 0, got {sigma}")
+    if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
+        raise _err(f"data_range must be a positive finite number, got {data_range!r}")
+    h, w = img1.shape[-2:]
+    if h < window_size or w < window_size:
+        raise _err(
+            f"images of {h}x{w} pixels are smaller than the {window_size}x{window_size} window "
+            "('valid' filtering needs H, W >= window_size)"
+        )
+    if img1.shape[0] == 0 or img1.shape[1] == 0:
+        raise _err(f"empty batch or no channels: shape {tuple(img1.shape)}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# =====================================================================================================
+# Reference (the oracle): five depthwise conv2d calls with the 2-D window
+# =====================================================================================================
+
+
+def ssim_ref(
+    img1: torch.Tensor,
+    img2: torch.Tensor,
+    *,
+    data_range: float = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Plain-PyTorch SSIM: (B, C, H, W) x 2 -> (B, C, 2) per-channel means of the (ssim, cs) maps.
+
+    Five depthwise ``conv2d`` calls (mu_x, mu_y, E[xx], E[yy], E[xy]) with the 2-D Gaussian window, no
+    padding. Computed in float32 (float64 for float64 inputs or when ``upcast``); differentiable by
+    autograd.
+    """
+    dt = torch.float64 if upcast else _compute_dtype(img1.dtype)
+    x, y = img1.to(dt), img2.to(dt)
+    c = x.shape[1]
+    g = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
+    win = (g[:, None] * g[None, :]).expand(c, 1, window_size, window_size)
+
+    def filt(z):
+        return F.conv2d(z, win, groups=c)
+
+    mu_x, mu_y = filt(x), filt(y)
+    s_xx = filt(x * x) - mu_x * mu_x
+    s_yy = filt(y * y) - mu_y * mu_y
+    s_xy = filt(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    cs = (2 * s_xy + c2) / (s_xx + s_yy + c2)
+    s = (2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1) * cs
+    return torch.stack((s.mean((-2, -1)), cs.mean((-2, -1))), dim=-1)
+
+
+# =====================================================================================================
+# Triton kernel
+# =====================================================================================================
+
+if triton is not None:
+
+    @triton.jit
+    def _ssim_fwd_kernel(
+        X, Y, Win, Scratch, Part, H, W, Ho, Wo, TR, TC, n_tiles, nprog, c1, c2,
+        WIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """Tile t of plane bc: Part[t] = (sum ssim, sum cs) over its valid output pixels."""
+        pid = tl.program_id(0)
+        OUT_R: tl.constexpr = BLOCK_R - WIN + 1
+        TILE: tl.constexpr = BLOCK_R * BLOCK_C
+        rows = tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        soff = rows[:, None] * BLOCK_C + cols[None, :]
+        sbase = Scratch + pid.to(tl.int64) * (5 * TILE)
+        for t in range(pid, n_tiles, nprog):
+            bc = t // (TR * TC)
+            rem = t % (TR * TC)
+            r0 = (rem // TC) * OUT_R
+            c0 = (rem % TC) * BLOCK_C
+            base = bc.to(tl.int64) * H * W
+            ir = r0 + rows
+            rmask = ir < H
+            hx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            hy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            hxx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            hyy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            hxy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            # horizontal pass: input rows r0 .. r0 + BLOCK_R - 1, output columns c0 .. c0 + BLOCK_C - 1
+            for k in tl.static_range(WIN):
+                wk = tl.load(Win + k)
+                ic = c0 + cols + k
+                m = rmask[:, None] & (ic < W)[None, :]
+                off = base + ir[:, None] * W + ic[None, :]
+                xv = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
+                yv = tl.load(Y + off, mask=m, other=0.0).to(tl.float32)
+                wx = wk * xv
+                wy = wk * yv
+                hx += wx
+                hy += wy
+                hxx += wx * xv
+                hyy += wy * yv
+                hxy += wx * yv
+            tl.debug_barrier()  # the previous tile's vertical pass has read the scratch
+            tl.store(sbase + soff, hx)
+            tl.store(sbase + TILE + soff, hy)
+            tl.store(sbase + 2 * TILE + soff, hxx)
+            tl.store(sbase + 3 * TILE + soff, hyy)
+            tl.store(sbase + 4 * TILE + soff, hxy)
+            tl.debug_barrier()  # every thread's rows are in the scratch
+            mx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            my = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            exx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            eyy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            exy = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+            # vertical pass: output row i reads scratch rows i .. i + WIN - 1 (rows >= OUT_R are unused)
+            for k in tl.static_range(WIN):
+                wk = tl.load(Win + k)
+                m = ((rows + k) < BLOCK_R)[:, None] & (cols < BLOCK_C)[None, :]
+                p = sbase + soff + k * BLOCK_C
+                mx += wk * tl.load(p, mask=m, other=0.0)
+                my += wk * tl.load(p + TILE, mask=m, other=0.0)
+                exx += wk * tl.load(p + 2 * TILE, mask=m, other=0.0)
+                eyy += wk * tl.load(p + 3 * TILE, mask=m, other=0.0)
+                exy += wk * tl.load(p + 4 * TILE, mask=m, other=0.0)
+            mxy = mx * my
+            mxx = mx * mx
+            myy = my * my
+            cs = (2.0 * (exy - mxy) + c2) / ((exx - mxx) + (eyy - myy) + c2)
+            s = (2.0 * mxy + c1) / (mxx + myy + c1) * cs
+            valid = ((rows < OUT_R) & (r0 + rows < Ho))[:, None] & ((c0 + cols) < Wo)[None, :]
+            tl.store(Part + 2 * t, tl.sum(tl.sum(tl.where(valid, s, 0.0), axis=1), axis=0))
+            tl.store(Part + 2 * t + 1, tl.sum(tl.sum(tl.where(valid, cs, 0.0), axis=1), axis=0))
+
+
+def _num_programs(device: torch.device, n_tiles: int) -> int:
+    if device.type == "cuda":
+        return max(1, min(n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_tiles, 3))  # the interpreter: a few programs, so the persistent loop is exercised
+
+
+def _ssim_triton(x, y, data_range, window_size, sigma, k1, k2):
+    b, c, h, w = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    ho, wo = h - window_size + 1, w - window_size + 1
+    block_r = max(BLOCK_R, triton.next_power_of_2(window_size))
+    block_c = BLOCK_C
+    out_r = block_r - window_size + 1
+    tr, tc = triton.cdiv(ho, out_r), triton.cdiv(wo, block_c)
+    n_tiles = b * c * tr * tc
+    nprog = _num_programs(x.device, n_tiles)
+    win = gaussian_window(window_size, sigma, dtype=torch.float32, device=x.device)
+    scratch = torch.empty(nprog * 5 * block_r * block_c, dtype=torch.float32, device=x.device)
+    part = torch.empty((n_tiles, 2), dtype=torch.float32, device=x.device)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    _ssim_fwd_kernel[(nprog,)](
+        x, y, win, scratch, part, h, w, ho, wo, tr, tc, n_tiles, nprog, c1, c2,
+        WIN=window_size, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+    )  # fmt: skip
+    return part.view(b, c, tr * tc, 2).sum(2) / (ho * wo)
+
+
+def _ssim_torch(x, y, data_range, window_size, sigma, k1, k2):
+    return ssim_ref(x, y, data_range=data_range, window_size=window_size, sigma=sigma, k1=k1, k2=k2)
+
+
+OP.register("triton", devices=("cuda",), dtypes=X_DTYPES, available=_backend.triton_available,
+            check=_backend.triton_check(window_size=MAX_TRITON_WINDOW), forced_only_devices=("cpu",),
+            note="one pass: separable Gaussian filtering of x, y, xx, yy, xy in tiles, per-tile sums")(_ssim_triton)  # fmt: skip
+OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*X_DTYPES, torch.float64),
+            note="ssim_ref: five depthwise conv2d")(_ssim_torch)  # fmt: skip
+
+
+# =====================================================================================================
+# Backward (analytic, PyTorch) and the torch.library op
+# =====================================================================================================
+
+
+def _ssim_backward(x, y, grad, data_range, window_size, sigma, k1, k2):
+    """grad: (B, C, 2) upstream gradient of the (ssim, cs) means -> (dx, dy) in x's dtype."""
+    dt = _compute_dtype(x.dtype)
+    xf, yf = x.to(dt), y.to(dt)
+    b, c, h, w = x.shape
+    ho, wo = h - window_size + 1, w - window_size + 1
+    g = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
+    gh, gv = g.view(1, 1, 1, window_size), g.view(1, 1, window_size, 1)
+    maps = torch.stack((xf, yf, xf * xf, yf * yf, xf * yf), dim=2).view(b * c * 5, 1, h, w)
+    filt = F.conv2d(F.conv2d(maps, gh), gv).view(b, c, 5, ho, wo)
+    mu_x, mu_y, e_xx, e_yy, e_xy = filt.unbind(2)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    a1 = 2 * mu_x * mu_y + c1
+    b1 = mu_x * mu_x + mu_y * mu_y + c1
+    b2 = (e_xx - mu_x * mu_x) + (e_yy - mu_y * mu_y) + c2
+    lum = a1 / b1
+    cs = (2 * (e_xy - mu_x * mu_y) + c2) / b2
+    gs = grad[..., 0].to(dt)[..., None, None] / (ho * wo)
+    gc = grad[..., 1].to(dt)[..., None, None] / (ho * wo)
+    p = gs * lum + gc  # dL/dcs_map
+    q = gs * cs  # dL/dlum_map
+    d_exy = 2 * p / b2
+    d_exx = -p * cs / b2  # = d_eyy
+    d_mx = 2 * q * (mu_y - lum * mu_x) / b1 + 2 * p * (cs * mu_x - mu_y) / b2
+    d_my = 2 * q * (mu_x - lum * mu_y) / b1 + 2 * p * (cs * mu_y - mu_x) / b2
+    coef = torch.stack((d_mx, d_my, d_exx, d_exy), dim=2).view(b * c * 4, 1, ho, wo)
+    back = F.conv_transpose2d(F.conv_transpose2d(coef, gv), gh).view(b, c, 4, h, w)
+    t_mx, t_my, t_exx, t_exy = back.unbind(2)
+    dx = t_mx + 2 * xf * t_exx + yf * t_exy
+    dy = t_my + 2 * yf * t_exx + xf * t_exy
+    return dx.to(x.dtype), dy.to(y.dtype)
+
+
+def _call(x: torch.Tensor, window_size: int) -> Call:
+    return Call(x.device, x.dtype, {"window_size": window_size, "pixels": x.shape[-2] * x.shape[-1]})
+
+
+@torch.library.custom_op("fastgen::ssim", mutates_args=())
+def _ssim_op(
+    x: torch.Tensor, y: torch.Tensor, data_range: float, window_size: int, sigma: float, k1: float, k2: float
+) -> torch.Tensor:
+    backend = OP.dispatch(_call(x, window_size))
+    return backend.fn(x, y, data_range, window_size, sigma, k1, k2)
+
+
+@_ssim_op.register_fake
+def _(x, y, data_range, window_size, sigma, k1, k2):
+    return x.new_empty((x.shape[0], x.shape[1], 2), dtype=_compute_dtype(x.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, data_range, window_size, sigma, k1, k2 = inputs
+    ctx.save_for_backward(x, y)
+    ctx.args = (data_range, window_size, sigma, k1, k2)
+
+
+def _backward(ctx, grad):
+    x, y = ctx.saved_tensors
+    dx, dy = _ssim_backward(x, y, grad, *ctx.args)
+    return dx, dy, None, None, None, None, None
+
+
+_ssim_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ssim_stats(
+    img1: torch.Tensor,
+    img2: torch.Tensor,
+    *,
+    data_range: float = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Per-(image, channel) means of the SSIM and cs maps: (B, C, H, W) x 2 -> (B, C, 2) = (ssim, cs).
+
+    img1, img2: same shape, dtype (fp16 / bf16 / fp32 computed in fp32; fp64 on the torch backend) and
+    device; H, W >= window_size. Differentiable in both images (analytic backward, see the module
+    docstring). Returns float32 (float64 for float64 inputs).
+    """
+    check_ssim_args(img1, img2, data_range, window_size, sigma)
+    return _ssim_op(img1, img2, float(data_range), int(window_size), float(sigma), float(k1), float(k2))
