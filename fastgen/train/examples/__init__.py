@@ -1,0 +1,1 @@
+"""Runnable examples of :mod:`fastgen.train` (``python -m fastgen.train.examples.digits``)."""

@@ -1,0 +1,799 @@
+r"""A fine-tuning loop for any ``nn.Module`` and a user loss function.
+
+``finetune(model, train_data, loss_fn, config)`` is ``Trainer(...).fit()``. One *step* is one optimizer
+update over ``config.grad_accum`` micro-batches drawn from ``train_data`` (any re-iterable: a
+``DataLoader``, a list of batches); epochs roll over when it is exhausted.
+
+* **Freezing**: ``freeze`` / ``unfreeze`` are ``fnmatch`` globs over parameter names (``"encoder.*"``);
+  a pattern that names a module (``"encoder.0"``) covers its parameters. ``unfreeze`` wins over ``freeze``.
+* **Parameter groups**: trainable parameters matching ``new_params`` get ``lr``, the other (pretrained)
+  ones ``lr * pretrained_lr_scale`` (with no ``new_params`` every parameter gets ``lr``). Biases, 1-d
+  parameters, parameters of normalisation modules and ``no_decay`` matches get weight decay 0.
+* **Optimisation**: AdamW; lr multiplier (optimizer step ``s``, 0-based, ``W`` warm-up steps, ``T`` =
+  ``max_steps``, ``r`` = ``min_lr_ratio``)::
+
+      m(s) = (s + 1) / W                                            s < W
+      m(s) = r + (1 - r) * (1 + cos(pi * (s - W) / max(1, T - W))) / 2   otherwise (cosine; "constant": 1)
+
+  gradient clipping by global norm after unscaling (``grad_clip``; the logged ``grad_norm`` is the norm
+  before clipping); the loss is divided by ``grad_accum`` so accumulated gradients equal the gradient of
+  the mean loss.
+* **Mixed precision**: ``precision`` "fp32" | "bf16" | "fp16" → ``torch.autocast(device.type, dtype)``;
+  fp16 adds ``torch.amp.GradScaler``. bf16 runs on CPU too.
+* **EMA** (``ema_decay``): ``ema = d * ema + (1 - d) * w`` after every step (buffers copied); validation
+  and the best checkpoint use the EMA model.
+* **Augmentation**: ``augment(batch) -> batch`` on the device, per micro-batch (see
+  :class:`fastgen.train.RandomResizedCropFlip`).
+* **Validation** every ``val_every`` steps and at the end: ``metric_fn(model) -> float`` if given, else the
+  mean ``loss_fn`` over ``val_data``; ``mode`` "min" | "max"; early stopping after ``patience`` evaluations
+  without an improvement larger than ``min_delta``; ``restore_best`` loads the best weights at the end.
+* **Checkpoints** (:meth:`Trainer.save_checkpoint` / :meth:`Trainer.load_checkpoint`) hold model,
+  optimizer, scheduler, grad scaler, EMA, early-stopping state, the history, the step and epoch position
+  and the torch / CUDA / numpy / python RNG states, so that a resumed run is bit-identical to an
+  uninterrupted one on CPU (the data order of the current epoch is replayed from the RNG state at its
+  start, which is exact for loaders whose order and content derive from that RNG — e.g. a shuffling
+  ``DataLoader`` with ``num_workers=0``). Checkpoints are pickles: load only files you trust.
+* **Logs** (``out_dir``): ``log.csv`` and ``log.json`` (losses, lr, grad norm, validation metrics),
+  ``loss_curve.png`` (matplotlib, Agg backend, imported lazily), ``last.pt`` every ``checkpoint_every``
+  steps; a tqdm progress bar (plain prints when tqdm is missing or ``progress=False``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
+
+
+@dataclass
+class FineTuneConfig:
+    """Settings of :func:`finetune` (see the module docstring for the math)."""
+
+    max_steps: int = 1000
+    lr: float = 1e-3
+    pretrained_lr_scale: float = 0.1
+    new_params: Sequence[str] = ()
+    freeze: Sequence[str] = ()
+    unfreeze: Sequence[str] = ()
+    weight_decay: float = 0.01
+    no_decay: Sequence[str] = ("*.bias", "*norm*", "*.embed")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "cosine" | "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    precision: str = "fp32"
+    device: str | None = None  # None: the model's device
+    ema_decay: float | None = None
+    augment: Callable[[Any], Any] | None = None
+    val_every: int = 0  # 0: validate only at the end
+    mode: str = "min"
+    patience: int | None = None
+    min_delta: float = 0.0
+    restore_best: bool = True
+    out_dir: str | None = None
+    checkpoint_every: int = 0
+    log_every: int = 50
+    progress: bool = True
+    plot: bool = True
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"FineTuneConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"FineTuneConfig: mode must be 'min' or 'max', got {self.mode!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"FineTuneConfig: schedule must be 'cosine' or 'constant', got {self.schedule!r}"
+            )
+        if self.grad_accum < 1 or self.max_steps < 0:
+            raise ValueError(
+                f"FineTuneConfig: grad_accum must be >= 1 and max_steps >= 0, "
+                f"got grad_accum={self.grad_accum}, max_steps={self.max_steps}"
+            )
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"FineTuneConfig: ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["augment"] = repr(self.augment) if self.augment is not None else None
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+@dataclass
+class FineTuneResult:
+    """What :meth:`Trainer.fit` returns. ``eval_model`` is the EMA model when EMA is on, else ``model``."""
+
+    model: nn.Module
+    ema_model: nn.Module | None
+    steps: int
+    history: list[dict[str, float]]
+    val_history: list[dict[str, float]]
+    best_metric: float | None
+    best_step: int | None
+    stopped_early: bool
+    param_summary: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema_model if self.ema_model is not None else self.model
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+
+# ---- parameter selection ------------------------------------------------------------------------
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
+
+
+def apply_freeze(model: nn.Module, freeze: Sequence[str] = (), unfreeze: Sequence[str] = ()) -> list[str]:
+    """Set ``requires_grad`` by glob patterns (``unfreeze`` wins); returns the frozen parameter names.
+
+    Raises ValueError for a pattern that matches no parameter (a typo would otherwise freeze nothing)."""
+    names = [n for n, _ in model.named_parameters()]
+    for kind, pats in (("freeze", freeze), ("unfreeze", unfreeze)):
+        for p in pats:
+            if not any(_matches(n, [p]) for n in names):
+                raise ValueError(f"{kind} pattern {p!r} matches no parameter of {type(model).__name__}")
+    frozen = []
+    for n, p in model.named_parameters():
+        if _matches(n, freeze) and not _matches(n, unfreeze):
+            p.requires_grad_(False)
+            frozen.append(n)
+        elif _matches(n, unfreeze):
+            p.requires_grad_(True)
+    return frozen
+
+
+def _norm_param_names(model: nn.Module) -> set[str]:
+    out = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, _NORM_TYPES) or "Norm" in type(mod).__name__:
+            for pname, _ in mod.named_parameters(recurse=False):
+                out.add(f"{mname}.{pname}" if mname else pname)
+    return out
+
+
+def param_groups(model: nn.Module, config: FineTuneConfig) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters: {new, pretrained} x {decay, no_decay}, empty ones dropped.
+
+    Each group carries ``name``, ``lr``, ``weight_decay`` and ``param_names``."""
+    norm_names = _norm_param_names(model)
+    groups: dict[tuple[bool, bool], dict[str, Any]] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        new = not config.new_params or _matches(n, config.new_params)
+        decay = p.ndim > 1 and n not in norm_names and not _matches(n, config.no_decay)
+        g = groups.setdefault(
+            (new, decay),
+            {
+                "name": f"{'new' if new else 'pretrained'}/{'decay' if decay else 'no_decay'}",
+                "lr": config.lr * (1.0 if new else config.pretrained_lr_scale),
+                "weight_decay": config.weight_decay if decay else 0.0,
+                "params": [],
+                "param_names": [],
+            },
+        )
+        g["params"].append(p)
+        g["param_names"].append(n)
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], not k[1]))]
+
+
+def param_summary(model: nn.Module, groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Parameter counts: total, trainable, frozen, per top-level module, and per optimizer group."""
+    total = trainable = 0
+    per_module: dict[str, list[int]] = {}
+    for n, p in model.named_parameters():
+        k = p.numel()
+        total += k
+        trainable += k if p.requires_grad else 0
+        top = per_module.setdefault(n.split(".")[0], [0, 0])
+        top[0] += k
+        top[1] += k if p.requires_grad else 0
+    out: dict[str, Any] = {
+        "total": total,
+        "trainable": trainable,
+        "frozen": total - trainable,
+        "modules": {m: {"total": t, "trainable": tr} for m, (t, tr) in per_module.items()},
+    }
+    if groups is not None:
+        out["groups"] = {
+            g["name"]: {"params": sum(p.numel() for p in g["params"]), "lr": g["lr"], "wd": g["weight_decay"]}
+            for g in groups
+        }
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"parameters: {s['total']:,} total, {s['trainable']:,} trainable, {s['frozen']:,} frozen"]
+    for m, c in s["modules"].items():
+        lines.append(f"  {m:<20} {c['trainable']:>10,} / {c['total']:>10,} trainable")
+    for g, c in s.get("groups", {}).items():
+        lines.append(f"  group {g:<20} {c['params']:>10,} params  lr={c['lr']:.3g}  wd={c['wd']:g}")
+    return "\n".join(lines)
+
+
+# ---- schedule -----------------------------------------------------------------------------------
+
+
+def lr_multiplier(
+    step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0, schedule: str = "cosine"
+) -> float:
+    """The lr multiplier of optimizer step ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """Picklable ``lr_lambda`` for ``LambdaLR`` (its attributes go into the scheduler's state dict)."""
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_lr_ratio: float, schedule: str):
+        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.min_lr_ratio, self.schedule = min_lr_ratio, schedule
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(step, self.warmup_steps, self.max_steps, self.min_lr_ratio, self.schedule)
+
+
+# ---- augmentation -------------------------------------------------------------------------------
+
+
+class RandomResizedCropFlip:
+    """Random crop + horizontal flip + resize of an image batch to one of ``sizes`` (one size per batch).
+
+    images: (B, C, H, W) float -> (B, C, s, s) (or (s_h, s_w) for tuple sizes), s drawn uniformly from
+    ``sizes``; each image gets its own crop (area fraction in ``scale``, aspect ratio in ``ratio``, log-
+    uniform) and flip (probability ``flip_p``), done in one ``grid_sample`` (bilinear). Uses the torch
+    RNG, so checkpoints restore it. A batch that is a tuple / list has its first element transformed (the
+    image), the rest (labels, ...) passed through; a dict has its ``key`` entry transformed.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int | tuple[int, int]],
+        scale: tuple[float, float] = (0.6, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        key: str = "image",
+    ):
+        if not sizes:
+            raise ValueError("RandomResizedCropFlip: sizes must not be empty")
+        self.sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in sizes]
+        self.scale, self.ratio, self.flip_p, self.key = scale, ratio, flip_p, key
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCropFlip(sizes={self.sizes}, scale={self.scale}, ratio={self.ratio}, flip_p={self.flip_p})"
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(
+                f"RandomResizedCropFlip: images must be (B, C, H, W) float, got {tuple(x.shape)}"
+            )
+        b = x.shape[0]
+        size = self.sizes[int(torch.randint(len(self.sizes), ()).item())]
+        area = torch.empty(b).uniform_(*self.scale)
+        logr = torch.empty(b).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        r = torch.exp(logr)
+        sw = torch.sqrt(area * r).clamp(max=1.0)  # crop width / image width, in normalised coordinates
+        sh = torch.sqrt(area / r).clamp(max=1.0)
+        tx = (torch.rand(b) * 2 - 1) * (1 - sw)
+        ty = (torch.rand(b) * 2 - 1) * (1 - sh)
+        flip = torch.where(torch.rand(b) < self.flip_p, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = sw * flip, tx
+        theta[:, 1, 1], theta[:, 1, 2] = sh, ty
+        grid = F.affine_grid(theta.to(x), [b, x.shape[1], *size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def __call__(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return self.transform(batch)
+        if isinstance(batch, (tuple, list)):
+            return type(batch)([self.transform(batch[0]), *batch[1:]])
+        if isinstance(batch, dict):
+            return {**batch, self.key: self.transform(batch[self.key])}
+        raise TypeError(f"RandomResizedCropFlip: unsupported batch type {type(batch).__name__}")
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, tuple):
+        loss, logs = out
+        return loss, {k: float(v) for k, v in logs.items()}
+    return out, {}
+
+
+def get_rng_state() -> dict[str, Any]:
+    """torch (CPU and every CUDA device), numpy and python RNG states."""
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _state_to_cpu(sd: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+
+
+class Trainer:
+    """The loop behind :func:`finetune`; use it directly for checkpoints or for stopping at a given step.
+
+    loss_fn(model, batch) -> loss (scalar tensor) or (loss, {name: float}) (extra values are logged).
+    metric_fn(model) -> float, called under ``torch.no_grad()`` with the model in eval mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], Any],
+        config: FineTuneConfig | None = None,
+        *,
+        val_data: Iterable[Any] | None = None,
+        metric_fn: Callable[[nn.Module], float] | None = None,
+    ):
+        self.config = cfg = config or FineTuneConfig()
+        self.model, self.train_data, self.loss_fn = model, train_data, loss_fn
+        self.val_data, self.metric_fn = val_data, metric_fn
+        if cfg.val_every and val_data is None and metric_fn is None:
+            raise ValueError("Trainer: val_every > 0 needs val_data or metric_fn")
+        if cfg.patience is not None and val_data is None and metric_fn is None:
+            raise ValueError("Trainer: early stopping (patience) needs val_data or metric_fn")
+        if cfg.device is not None:
+            self.device = torch.device(cfg.device)
+            model.to(self.device)
+        else:
+            p = next(model.parameters(), None)
+            self.device = p.device if p is not None else torch.device("cpu")
+        self.frozen = apply_freeze(model, cfg.freeze, cfg.unfreeze)
+        groups = param_groups(model, cfg)
+        if not groups:
+            raise ValueError("Trainer: no trainable parameters (everything is frozen)")
+        self.summary = param_summary(model, groups)
+        self.params = [p for g in groups for p in g["params"]]
+        opt_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+        self.optimizer = torch.optim.AdamW(opt_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.ema_model: nn.Module | None = None
+        if cfg.ema_decay is not None:
+            self.ema_model = copy.deepcopy(model).eval()
+            self.ema_model.requires_grad_(False)
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.val_history: list[dict[str, float]] = []
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.best_state: dict[str, Any] | None = None
+        self.bad_evals = 0
+        self.stopped_early = False
+        self._iter = None
+        self._batch_in_epoch = 0
+        self._epoch_rng: dict[str, Any] | None = None
+        self._replay = False
+        if cfg.verbose:
+            print(format_summary(self.summary))
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _next_batch(self) -> Any:
+        if self._replay:  # after load_checkpoint: replay the epoch's order, then restore the RNG
+            self._replay = False
+            now = get_rng_state()
+            set_rng_state(self._epoch_rng)
+            self._iter = iter(self.train_data)
+            for _ in range(self._batch_in_epoch):
+                next(self._iter)
+            set_rng_state(now)
+        while True:
+            if self._iter is None:
+                self._epoch_rng = get_rng_state()
+                self._iter = iter(self.train_data)
+                self._batch_in_epoch = 0
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                if self._batch_in_epoch == 0:
+                    raise ValueError("Trainer: train_data yielded no batches") from None
+                self._iter = None
+                self.epoch += 1
+                continue
+            self._batch_in_epoch += 1
+            return batch
+
+    def _autocast(self):
+        p = self.config.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.config
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, extra = 0.0, {}
+        for _ in range(cfg.grad_accum):
+            batch = _to_device(self._next_batch(), self.device)
+            if cfg.augment is not None:
+                batch = cfg.augment(batch)
+            with self._autocast():
+                loss, logs = _split_loss(self.loss_fn(self.model, batch))
+            self.scaler.scale(loss.float() / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+            for k, v in logs.items():
+                extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self._update_ema()
+        self.step += 1
+        row = {"step": self.step, "loss": loss_sum, "lr": max(lrs.values()), "grad_norm": grad_norm, **extra}
+        if len(lrs) > 1:
+            row.update({f"lr/{k}": v for k, v in lrs.items()})
+        self.history.append(row)
+        return row
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_model is None:
+            return
+        d = self.config.ema_decay
+        ema_p = [p for p in self.ema_model.parameters()]
+        src_p = [p for p in self.model.parameters()]
+        floats = [(e, s) for e, s in zip(ema_p, src_p) if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [s.detach() for _, s in floats], 1.0 - d)
+        for e, s in zip(self.ema_model.buffers(), self.model.buffers()):
+            e.copy_(s)
+
+    # -- validation ----------------------------------------------------------------------------
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema_model if self.ema_model is not None else self.model
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        model = self.eval_model
+        was = model.training
+        model.eval()
+        row: dict[str, float] = {"step": self.step}
+        try:
+            if self.val_data is not None:
+                tot, n = 0.0, 0
+                for batch in self.val_data:
+                    with self._autocast():
+                        loss, _ = _split_loss(self.loss_fn(model, _to_device(batch, self.device)))
+                    tot, n = tot + float(loss), n + 1
+                row["val_loss"] = tot / max(n, 1)
+            if self.metric_fn is not None:
+                with self._autocast():
+                    row["metric"] = float(self.metric_fn(model))
+            else:
+                row["metric"] = row["val_loss"]
+        finally:
+            model.train(was)
+        return row
+
+    def _validate(self) -> None:
+        cfg = self.config
+        row = self.evaluate()
+        m = row["metric"]
+        better = self.best_metric is None or (
+            m < self.best_metric - cfg.min_delta
+            if cfg.mode == "min"
+            else m > self.best_metric + cfg.min_delta
+        )
+        if better:
+            self.best_metric, self.best_step, self.bad_evals = m, self.step, 0
+            self.best_state = {
+                "model": _state_to_cpu(self.model.state_dict()),
+                "ema": _state_to_cpu(self.ema_model.state_dict()) if self.ema_model is not None else None,
+            }
+        else:
+            self.bad_evals += 1
+        row["best"] = float(self.best_metric)
+        self.val_history.append(row)
+        if cfg.patience is not None and self.bad_evals >= cfg.patience:
+            self.stopped_early = True
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self, until: int | None = None) -> FineTuneResult:
+        """Train to ``max_steps`` (or to step ``until``, leaving the schedule as for ``max_steps``), early
+        stopping, then (at the real end) validate, restore the best weights and write the logs."""
+        cfg = self.config
+        stop = cfg.max_steps if until is None else min(until, cfg.max_steps)
+        has_val = self.val_data is not None or self.metric_fn is not None
+        bar = None
+        if cfg.progress and self.step < stop:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=stop, initial=self.step, desc="finetune", dynamic_ncols=True, leave=False)
+            except ImportError:
+                bar = None
+        t0 = time.perf_counter()
+        while self.step < stop and not self.stopped_early:
+            row = self.train_step()
+            if has_val and cfg.val_every and self.step % cfg.val_every == 0:
+                self._validate()
+            if bar is not None:
+                post = {"loss": f"{row['loss']:.4g}", "lr": f"{row['lr']:.2g}"}
+                if self.val_history:
+                    post["val"] = f"{self.val_history[-1]['metric']:.4g}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            elif cfg.verbose and cfg.log_every and self.step % cfg.log_every == 0:
+                val = f" val {self.val_history[-1]['metric']:.4g}" if self.val_history else ""
+                print(f"step {self.step}/{stop} loss {row['loss']:.4g} lr {row['lr']:.3g}{val}", flush=True)
+            if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(os.path.join(cfg.out_dir, "last.pt"))
+        if bar is not None:
+            bar.close()
+        finished = self.stopped_early or self.step >= cfg.max_steps
+        last_val = self.val_history[-1]["step"] if self.val_history else None
+        if finished and has_val and not self.stopped_early and last_val != self.step:
+            self._validate()
+        if finished and cfg.restore_best and self.best_state is not None:
+            self.model.load_state_dict(self.best_state["model"])
+            if self.ema_model is not None:
+                self.ema_model.load_state_dict(self.best_state["ema"])
+        if cfg.verbose and finished:
+            msg = f"finetune: {self.step} steps in {time.perf_counter() - t0:.1f}s"
+            if self.best_metric is not None:
+                msg += f", best metric {self.best_metric:.5g} at step {self.best_step}"
+            if self.stopped_early:
+                msg += " (early stop)"
+            print(msg, flush=True)
+        files = self.write_logs(cfg.out_dir) if cfg.out_dir and finished else {}
+        return FineTuneResult(
+            model=self.model,
+            ema_model=self.ema_model,
+            steps=self.step,
+            history=self.history,
+            val_history=self.val_history,
+            best_metric=self.best_metric,
+            best_step=self.best_step,
+            stopped_early=self.stopped_early,
+            param_summary=self.summary,
+            files=files,
+        )
+
+    # -- logs ----------------------------------------------------------------------------------
+
+    def write_logs(self, out_dir: str, prefix: str = "") -> dict[str, str]:
+        """``log.csv`` (one row per step; validation columns on validation steps), ``log.json`` and
+        ``loss_curve.png`` under ``out_dir``; returns {kind: path}."""
+        os.makedirs(out_dir, exist_ok=True)
+        val_by_step = {int(v["step"]): v for v in self.val_history}
+        rows = []
+        for h in self.history:
+            r = dict(h)
+            v = val_by_step.get(int(h["step"]))
+            if v is not None:
+                r.update({k: v[k] for k in v if k != "step"})
+            rows.append(r)
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+        files = {
+            "csv": os.path.join(out_dir, f"{prefix}log.csv"),
+            "json": os.path.join(out_dir, f"{prefix}log.json"),
+        }
+        with open(files["csv"], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        with open(files["json"], "w") as f:
+            json.dump(
+                {
+                    "config": self.config.to_dict(),
+                    "param_summary": self.summary,
+                    "train": self.history,
+                    "val": self.val_history,
+                    "best_metric": self.best_metric,
+                    "best_step": self.best_step,
+                    "stopped_early": self.stopped_early,
+                    "steps": self.step,
+                },
+                f,
+                indent=1,
+            )
+        if self.config.plot:
+            png = os.path.join(out_dir, f"{prefix}loss_curve.png")
+            if plot_history(self.history, self.val_history, png):
+                files["png"] = png
+        return files
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema_model.state_dict() if self.ema_model is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self._batch_in_epoch,
+            "iter_open": self._iter is not None or self._replay,
+            "epoch_rng": self._epoch_rng,
+            "rng": get_rng_state(),
+            "early_stopping": {
+                "best_metric": self.best_metric,
+                "best_step": self.best_step,
+                "best_state": self.best_state,
+                "bad_evals": self.bad_evals,
+                "stopped_early": self.stopped_early,
+            },
+            "history": self.history,
+            "val_history": self.val_history,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.scaler.load_state_dict(sd["scaler"])
+        if (sd["ema"] is None) != (self.ema_model is None):
+            raise ValueError("load_checkpoint: EMA on/off differs between the checkpoint and the config")
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(sd["ema"])
+        self.step, self.epoch = sd["step"], sd["epoch"]
+        self._batch_in_epoch, self._epoch_rng = sd["batch_in_epoch"], sd["epoch_rng"]
+        self._iter, self._replay = None, bool(sd["iter_open"])
+        es = sd["early_stopping"]
+        self.best_metric, self.best_step, self.best_state = (
+            es["best_metric"],
+            es["best_step"],
+            es["best_state"],
+        )
+        self.bad_evals, self.stopped_early = es["bad_evals"], es["stopped_early"]
+        self.history, self.val_history = list(sd["history"]), list(sd["val_history"])
+        set_rng_state(sd["rng"])
+
+    def save_checkpoint(self, path: str) -> str:
+        """Everything needed to resume exactly (see the module docstring); written atomically."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore a :meth:`save_checkpoint` file into this trainer (same model / config / data)."""
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def save_checkpoint(trainer: Trainer, path: str) -> str:
+    """``trainer.save_checkpoint(path)``."""
+    return trainer.save_checkpoint(path)
+
+
+def load_checkpoint(trainer: Trainer, path: str) -> Trainer:
+    """``trainer.load_checkpoint(path)``; returns the trainer."""
+    trainer.load_checkpoint(path)
+    return trainer
+
+
+def finetune(
+    model: nn.Module,
+    train_data: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Any],
+    config: FineTuneConfig | None = None,
+    *,
+    val_data: Iterable[Any] | None = None,
+    metric_fn: Callable[[nn.Module], float] | None = None,
+    resume: str | None = None,
+) -> FineTuneResult:
+    """Fine-tune ``model`` in place (see the module docstring); ``resume``: a checkpoint path to continue."""
+    trainer = Trainer(model, train_data, loss_fn, config, val_data=val_data, metric_fn=metric_fn)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    return trainer.fit()
+
+
+def plot_history(history: list[dict[str, float]], val_history: list[dict[str, float]], path: str) -> bool:
+    """Train loss (raw and smoothed), validation loss / metric and lr against the step; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    steps = [h["step"] for h in history]
+    loss = [h["loss"] for h in history]
+    if loss:
+        ax.plot(steps, loss, alpha=0.3, color="C0", label="train loss")
+        k = max(1, len(loss) // 50)
+        sm = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], sm, color="C0", label=f"train loss (mean of {k})")
+    if val_history:
+        vs = [v["step"] for v in val_history]
+        if "val_loss" in val_history[0]:
+            ax.plot(vs, [v["val_loss"] for v in val_history], "o-", color="C1", label="val loss")
+        if any(v.get("metric") != v.get("val_loss") for v in val_history):
+            ax.plot(vs, [v["metric"] for v in val_history], "s--", color="C2", label="val metric")
+    ax.set_yscale("log" if loss and min(loss) > 0 else "linear")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot(steps, [h["lr"] for h in history], color="C3")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
