@@ -591,5 +591,6 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     dropped = 0 if info["dropped"] is None else int(info["dropped"].sum())
-    return {"loss": float(loss), "lm_loss": float(info["lm_loss"]), "aux_loss": float(info["aux_loss"]),
+    return {"loss": float(loss.detach()), "lm_loss": float(info["lm_loss"].detach()),
+            "aux_loss": float(info["aux_loss"].detach()),
             "dropped": dropped}  # fmt: skip
