@@ -2,9 +2,9 @@
 
 Each file holds a ``@dataclass`` config, a ``PRESETS`` dict of named sizes and ``from_name()``:
 ``fastgen.models.clip`` (CLIP ViT + text transformer), ``fastgen.models.dalle`` (dVAE + autoregressive
-transformer). Import the model module you need: ``from fastgen.models.clip import from_name``.
+transformer), ``fastgen.models.glam`` (decoder-only LM with top-2 MoE layers). Import the model module you need: ``from fastgen.models.clip import from_name``.
 """
 
-from fastgen.models import clip, dalle
+from fastgen.models import clip, dalle, glam
 
-__all__ = ["clip", "dalle"]
+__all__ = ["clip", "dalle", "glam"]
