@@ -30,13 +30,19 @@ def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
     return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
 
 
+def _trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    r1 = _psd_sqrt(s1)
+    m = r1 @ s2 @ r1
+    return torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     """FID between Gaussians ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``: means (F,), covariances (F, F).
 
     Tensors or arrays; computed in float64 on mu1's device (a tensor's device, else the CPU).
-    ``eps``: eigenvalues of ``sigma1^(1/2) sigma2 sigma1^(1/2)`` below ``eps * max(1, largest)`` count
-    as zero (round-off of singular covariances, e.g. fewer samples than features). Agrees with the
-    ``scipy.linalg.sqrtm`` formula of pytorch-fid to ~1e-6 relative on well-conditioned inputs.
+    Negative eigenvalues from round-off (singular covariances, e.g. fewer samples than features) are
+    clamped to 0; ``eps``: added to both diagonals if the trace term is still not finite (as pytorch-fid).
+    Agrees with pytorch-fid's ``scipy.linalg.sqrtm`` formula to ~1e-6 relative on well-conditioned input.
     """
     mu1 = _as64(mu1)
     dev = mu1.device
@@ -49,11 +55,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     for name, s in (("sigma1", s1), ("sigma2", s2)):
         if s.shape != (f, f):
             raise ValueError(f"frechet_distance: {name} must be ({f}, {f}), got {tuple(s.shape)}")
-    r1 = _psd_sqrt(s1)
-    m = r1 @ s2 @ r1
-    evals = torch.linalg.eigvalsh((m + m.T) / 2)
-    floor = eps * max(1.0, float(evals.max()))
-    tr_covmean = torch.where(evals > floor, evals, torch.zeros_like(evals)).sqrt().sum()
+    tr_covmean = _trace_sqrt_product(s1, s2)
+    if not torch.isfinite(tr_covmean):  # as pytorch-fid: regularise, then retry
+        offset = eps * torch.eye(f, dtype=torch.float64, device=dev)
+        tr_covmean = _trace_sqrt_product(s1 + offset, s2 + offset)
     diff = mu1 - mu2
     return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
 
