@@ -178,3 +178,24 @@ def test_forced_triton_refuses_float64():
         pytest.raises(fastgen.BackendUnavailableError, match="float64"),
     ):
         ssim(x, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 3, 256, 256), (3, 1, 300, 517)])
+def test_triton_gpu_real_sizes(shape, dtype, poison_empty):
+    x = torch.rand(shape, device="cuda").to(dtype)
+    y = (x.float() + 0.1 * torch.randn(shape, device="cuda")).clamp(0, 1).to(dtype)
+    want = ssim_ref(x, y, upcast=True)
+    err_torch = (ssim_ref(x, y) - want).abs().max().item()
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    with fastgen.use_backend("triton", op="ssim"):
+        got = ssim_stats(xg, yg)
+    assert (got - want).abs().max().item() <= 2 * err_torch + 2e-6
+    got[..., 0].sum().backward()
+    xr = x.double().requires_grad_()
+    ssim_ref(xr, y.double())[..., 0].sum().backward()
+    scale = xr.grad.abs().max().item()
+    assert (xg.grad.double() - xr.grad).abs().max().item() <= (
+        1e-4 if dtype == torch.float32 else 1e-2
+    ) * scale
