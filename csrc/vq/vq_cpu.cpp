@@ -5,8 +5,9 @@
 // the codebook in tiles of KT codes, packing each into panels of NR codes laid out [d][NR]. An MR x NR
 // register-blocked micro-kernel (AVX-512 / AVX2+FMA intrinsics picked at run time, portable loops
 // otherwise) computes the MR x NR dot products over the whole D, each accumulated sequentially over d;
-// the epilogue folds them into the running (min, argmin) of each row, codes in ascending order with a
-// strict "<" so ties keep the lowest index. Extra memory per thread: RB x D + KT x D elements.
+// D is walked in chunks of DC (the micro-kernel continues its sums, so the rounding is that of one pass);
+// the epilogue folds the RB x KT dots into the running (min, argmin) of each row, codes in ascending order
+// with a strict "<" so ties keep the lowest index. Extra memory per thread: (RB + KT) x D + RB x KT.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -30,16 +31,19 @@ namespace fastgen {
 namespace vq {
 namespace {
 
-// out[r * NR + j] = sum_d xp[d * MR + r] * cp[d * NR + j], sequentially over d.
+// out[r * NR + j] (+)= sum_{d < D} xp[d * MR + r] * cp[d * NR + j], sequentially over d; with `accumulate`
+// the sums continue from out, so a dot split into D chunks rounds exactly as one uninterrupted pass.
 template <typename acc_t>
-using TileFn = void (*)(const acc_t*, const acc_t*, int64_t, acc_t*);
+using TileFn = void (*)(const acc_t*, const acc_t*, int64_t, acc_t*, bool);
 
 // Portable micro-kernel: GCC / clang vector extensions (16-byte vectors: SSE2, NEON), NR = 2 vectors.
 template <typename acc_t, int MR>
-void tile_generic(const acc_t* __restrict__ xp, const acc_t* __restrict__ cp, int64_t D, acc_t* __restrict__ out) {
+void tile_generic(const acc_t* __restrict__ xp, const acc_t* __restrict__ cp, int64_t D, acc_t* __restrict__ out,
+                  bool accumulate) {
   constexpr int L = 16 / sizeof(acc_t), NR = 2 * L;
   typedef acc_t vec __attribute__((vector_size(16)));
   vec acc[MR][2] = {};
+  if (accumulate) std::memcpy(&acc[0][0], out, sizeof(acc));
   for (int64_t d = 0; d < D; ++d) {
     vec b0, b1;
     std::memcpy(&b0, cp + d * NR, 16);
@@ -59,10 +63,13 @@ void tile_generic(const acc_t* __restrict__ xp, const acc_t* __restrict__ cp, in
 #ifdef FASTGEN_VQ_X86
 constexpr int kMR2 = 6, kNR2 = 16;  // AVX2: 12 ymm accumulators + 2 code vectors + 1 broadcast
 __attribute__((target("avx2,fma"))) void tile_avx2(const float* __restrict__ xp, const float* __restrict__ cp,
-                                                    int64_t D, float* __restrict__ out) {
+                                                    int64_t D, float* __restrict__ out, bool accumulate) {
   __m256 acc[kMR2][2];
 #pragma GCC unroll 6
-  for (int r = 0; r < kMR2; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int r = 0; r < kMR2; ++r) {
+    acc[r][0] = accumulate ? _mm256_loadu_ps(out + r * kNR2) : _mm256_setzero_ps();
+    acc[r][1] = accumulate ? _mm256_loadu_ps(out + r * kNR2 + 8) : _mm256_setzero_ps();
+  }
   for (int64_t d = 0; d < D; ++d) {
     const __m256 b0 = _mm256_loadu_ps(cp + d * kNR2), b1 = _mm256_loadu_ps(cp + d * kNR2 + 8);
 #pragma GCC unroll 6
@@ -81,10 +88,13 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* __restrict__ xp,
 
 constexpr int kMR5 = 12, kNR5 = 32;  // AVX-512: 24 zmm accumulators + 2 code vectors
 __attribute__((target("avx512f"))) void tile_avx512(const float* __restrict__ xp, const float* __restrict__ cp,
-                                                     int64_t D, float* __restrict__ out) {
+                                                     int64_t D, float* __restrict__ out, bool accumulate) {
   __m512 acc[kMR5][2];
 #pragma GCC unroll 12
-  for (int r = 0; r < kMR5; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int r = 0; r < kMR5; ++r) {
+    acc[r][0] = accumulate ? _mm512_loadu_ps(out + r * kNR5) : _mm512_setzero_ps();
+    acc[r][1] = accumulate ? _mm512_loadu_ps(out + r * kNR5 + 16) : _mm512_setzero_ps();
+  }
   for (int64_t d = 0; d < D; ++d) {
     const __m512 b0 = _mm512_loadu_ps(cp + d * kNR5), b1 = _mm512_loadu_ps(cp + d * kNR5 + 16);
 #pragma GCC unroll 12
@@ -127,6 +137,16 @@ inline bool better(acc_t d, acc_t best) {  // codes arrive in ascending order: "
   return d < best || (std::isnan(d) && !std::isnan(best));
 }
 
+// dst[d * W + i] = src[i * D + d] for the n <= W rows of src, 0 for the rest: the [d][W] panel layout.
+template <int W, typename scalar_t, typename acc_t>
+void pack(const scalar_t* src, int64_t n, int64_t D, acc_t* dst) {
+  for (int64_t d = 0; d < D; ++d) {
+    acc_t* o = dst + d * W;
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<acc_t>(src[i * D + d]);
+    for (int64_t i = n; i < W; ++i) o[i] = 0;
+  }
+}
+
 template <typename scalar_t, typename acc_t, int MR, int NR>
 void nearest(const VqArgs& a, TileFn<acc_t> tile) {
   const int64_t H = a.x.size(0), N = a.x.size(1), D = a.x.size(2), K = a.codebook.size(1);
@@ -137,61 +157,65 @@ void nearest(const VqArgs& a, TileFn<acc_t> tile) {
   float* out_d = a.dist.data_ptr<float>();
   const bool cosine = a.cosine;
   constexpr int64_t KT = 4 * NR;
-  // Rows per task: the packed rows stay in L2 (<= 256 KB), and every thread gets work.
+  constexpr int64_t DC = 128;  // D chunk: one MR x DC row panel + one NR x DC code panel stay in L1
+  // Rows per task: many (each code tile is packed once per task), while the packed rows stay in L2
+  // (<= 1 MB), and every thread gets work.
   auto round_mr = [](int64_t v) { return (v + MR - 1) / MR * MR; };
-  int64_t RB = std::clamp<int64_t>(round_mr((256 * 1024 / static_cast<int64_t>(sizeof(acc_t))) / D), MR, 32 * MR);
+  const int64_t l2_rows = (1024 * 1024 / static_cast<int64_t>(sizeof(acc_t))) / D;
+  int64_t RB = std::clamp<int64_t>(round_mr(l2_rows), MR, 512 / MR * MR);
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   RB = std::max<int64_t>(MR, std::min<int64_t>(RB, round_mr((H * N + nth - 1) / nth)));
   const int64_t nblk = (N + RB - 1) / RB;
   at::parallel_for(0, H * nblk, 1, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> xpack(static_cast<size_t>(RB * D)), cpack(static_cast<size_t>(KT * D));
-    std::vector<acc_t> xn(RB), best(RB), tile_out(MR * NR);
+    std::vector<acc_t> xn(RB), best(RB), dots(static_cast<size_t>(RB * KT));
     std::vector<int64_t> bidx(RB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t / nblk, r0 = (t % nblk) * RB, rows = std::min(RB, N - r0);
       const int64_t panels = (rows + MR - 1) / MR;
-      for (int64_t row = 0; row < panels * MR; ++row) {
-        acc_t* dst = xpack.data() + (row / MR) * D * MR + row % MR;
-        if (row < rows) {
-          const scalar_t* src = xg + ((h * N) + r0 + row) * D;
-          acc_t s = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            const acc_t v = static_cast<acc_t>(src[d]);
-            dst[d * MR] = v;
-            s += v * v;
-          }
-          xn[row] = s;
-          best[row] = std::numeric_limits<acc_t>::infinity();
-          bidx[row] = 0;
-        } else {
-          for (int64_t d = 0; d < D; ++d) dst[d * MR] = 0;
+      const scalar_t* xb = xg + (h * N + r0) * D;
+      for (int64_t row = 0; row < rows; ++row) {
+        acc_t s = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const acc_t v = static_cast<acc_t>(xb[row * D + d]);
+          s += v * v;
         }
+        xn[row] = s;
+        best[row] = std::numeric_limits<acc_t>::infinity();
+        bidx[row] = 0;
+      }
+      for (int64_t p = 0; p < panels; ++p) {
+        pack<MR>(xb + p * MR * D, std::min<int64_t>(MR, rows - p * MR), D, xpack.data() + p * D * MR);
       }
       for (int64_t k0 = 0; k0 < K; k0 += KT) {
         const int64_t kc = std::min(KT, K - k0), qpanels = (kc + NR - 1) / NR;
-        for (int64_t code = 0; code < qpanels * NR; ++code) {
-          acc_t* dst = cpack.data() + (code / NR) * D * NR + code % NR;
-          if (code < kc) {
-            const scalar_t* src = cg + (h * K + k0 + code) * D;
-            for (int64_t d = 0; d < D; ++d) dst[d * NR] = static_cast<acc_t>(src[d]);
-          } else {
-            for (int64_t d = 0; d < D; ++d) dst[d * NR] = 0;
-          }
+        const scalar_t* cb = cg + (h * K + k0) * D;
+        for (int64_t q = 0; q < qpanels; ++q) {
+          pack<NR>(cb + q * NR * D, std::min<int64_t>(NR, kc - q * NR), D, cpack.data() + q * D * NR);
         }
         const acc_t* cnk = cn + h * K + k0;
+        // dots of panel pair (p, q) at ((p * qpanels) + q) * MR * NR, [r][j]
+        for (int64_t d0 = 0; d0 < D; d0 += DC) {
+          const int64_t dc = std::min(DC, D - d0);
+          for (int64_t q = 0; q < qpanels; ++q) {
+            for (int64_t p = 0; p < panels; ++p) {
+              tile(xpack.data() + p * D * MR + d0 * MR, cpack.data() + q * D * NR + d0 * NR, dc,
+                   dots.data() + (p * qpanels + q) * MR * NR, d0 > 0);
+            }
+          }
+        }
         for (int64_t p = 0; p < panels; ++p) {
           const int64_t rmax = std::min<int64_t>(MR, rows - p * MR);
           for (int64_t q = 0; q < qpanels; ++q) {
-            tile(xpack.data() + p * D * MR, cpack.data() + q * D * NR, D, tile_out.data());
             const int64_t jmax = std::min<int64_t>(NR, kc - q * NR);
             for (int64_t r = 0; r < rmax; ++r) {
               const int64_t row = p * MR + r;
               acc_t b = best[row];
               int64_t bi = bidx[row];
-              const acc_t* dots = tile_out.data() + r * NR;
+              const acc_t* dr = dots.data() + (p * qpanels + q) * MR * NR + r * NR;
               for (int64_t j = 0; j < jmax; ++j) {
                 const int64_t code = q * NR + j;
-                const acc_t dd = cosine ? acc_t(1) - dots[j] : (xn[row] - acc_t(2) * dots[j]) + cnk[code];
+                const acc_t dd = cosine ? acc_t(1) - dr[j] : (xn[row] - acc_t(2) * dr[j]) + cnk[code];
                 if (better(dd, b)) {
                   b = dd;
                   bi = k0 + code;
