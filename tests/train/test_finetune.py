@@ -24,7 +24,9 @@ from fastgen.train import (
 class Net(nn.Module):
     def __init__(self, dropout: float = 0.0):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.encoder = nn.Sequential(
+            nn.Linear(4, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU()
+        )
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(16, 1)
 
@@ -100,7 +102,9 @@ def test_warmup_cosine_lr_values():
     lrs = [h["lr"] for h in res.history]
     expect = [2e-3 * lr_multiplier(s, w, total, r) for s in range(total)]
     assert lrs == pytest.approx(expect, rel=1e-12)
-    assert max(lrs) == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-3 * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * 19 / 20))))
+    assert max(lrs) == pytest.approx(2e-3) and lrs[-1] == pytest.approx(
+        2e-3 * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
+    )
 
 
 def test_grad_clipping():
@@ -121,7 +125,9 @@ def test_accumulation_equals_big_batch():
     b = Net()
     b.load_state_dict(a.state_dict())
     ra = finetune(a, loader(x, y, bs=32, shuffle=False), mse_loss, cfg(max_steps=3, grad_clip=0.5))
-    rb = finetune(b, loader(x, y, bs=8, shuffle=False), mse_loss, cfg(max_steps=3, grad_clip=0.5, grad_accum=4))
+    rb = finetune(
+        b, loader(x, y, bs=8, shuffle=False), mse_loss, cfg(max_steps=3, grad_clip=0.5, grad_accum=4)
+    )
     assert rb.losses == pytest.approx(ra.losses, rel=1e-5)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
@@ -159,7 +165,9 @@ def test_early_stopping_restores_best():
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, calls[2][k], rtol=0, atol=0)
     # mode="max" with val_data: the metric is the validation loss
-    res = finetune(Net(), loader(x, y), mse_loss, cfg(max_steps=6, val_every=2, mode="max"), val_data=loader(x, y))
+    res = finetune(
+        Net(), loader(x, y), mse_loss, cfg(max_steps=6, val_every=2, mode="max"), val_data=loader(x, y)
+    )
     assert [v["step"] for v in res.val_history] == [2, 4, 6]
     assert res.best_metric == max(v["val_loss"] for v in res.val_history)
 
@@ -224,12 +232,15 @@ def test_logs_and_png_written(tmp_path):
     c = cfg(max_steps=8, val_every=4, out_dir=str(tmp_path), plot=True, checkpoint_every=4)
     res = finetune(Net(), loader(x, y), mse_loss, c, val_data=loader(x, y, shuffle=False))
     assert set(res.files) == {"csv", "json", "png"}
-    rows = list(csv.DictReader(open(res.files["csv"])))
+    with open(res.files["csv"]) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {"step", "loss", "lr", "grad_norm", "val_loss"} <= set(rows[0])
     assert rows[3]["val_loss"] != "" and rows[0]["val_loss"] == ""
-    log = json.load(open(res.files["json"]))
+    with open(res.files["json"]) as f:
+        log = json.load(f)
     assert len(log["train"]) == 8 and len(log["val"]) == 2 and log["config"]["max_steps"] == 8
-    assert open(res.files["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(res.files["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "last.pt").exists()
 
 
