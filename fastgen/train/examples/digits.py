@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    base_steps = a.base_steps or (300 if a.quick else 1500)
-    ft_steps = a.ft_steps or (100 if a.quick else 400)
-    clf_steps = a.clf_steps or (100 if a.quick else 400)
+    base_steps = a.base_steps or (200 if a.quick else 1500)
+    ft_steps = a.ft_steps or (80 if a.quick else 400)
+    clf_steps = a.clf_steps or (80 if a.quick else 400)
     progress = not a.no_progress
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
