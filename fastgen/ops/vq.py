@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastgen import _backend
+from fastgen import _backend, _ext
 from fastgen._backend import Call
 
 try:  # triton is optional (not on every platform)
@@ -320,9 +320,41 @@ def _vq_triton(x, c, distance, mode, return_counts):
 # =====================================================================================================
 # Backends and the torch.library op
 # =====================================================================================================
-# Backends are tried in the order cuda, triton, cpp, torch. The C++ kernels (fastgen._C.vq_nearest_cpu /
-# vq_nearest_cuda) register here as "cpp" / "cuda" with the same signature:
+# Backends are tried in the order cuda, triton, cpp, torch; each is
 #     fn(x (H, N, D), codebook (H, K, D), distance, mode, return_counts) -> (indices, dist, counts or empty)
+
+
+def _cxx(name: str):
+    """The C++ kernels (csrc/vq): fp32 accumulation always (fp64 for fp64), so "fast" == "exact" there.
+    They take ||c||^2 precomputed and, for cosine, unit vectors (normalised here in fp32, eps 1e-12 as
+    the other backends)."""
+
+    def run(x, c, distance, mode, return_counts):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cosine = distance == "cosine"
+        if cosine:
+            x = torch.nn.functional.normalize(x.to(acc), dim=-1, eps=1e-12)
+            c = torch.nn.functional.normalize(c.to(acc), dim=-1, eps=1e-12)
+            sq = torch.ones(c.shape[:2], dtype=acc, device=c.device)
+        else:
+            sq = c.to(acc).square().sum(-1)
+        fn = getattr(_ext.C, name)
+        return fn(x.contiguous(), c.contiguous(), sq, cosine, mode == "exact", return_counts)
+
+    return run
+
+
+def _fast_only(call: Call) -> list[str]:
+    if call.get("mode") == "exact":
+        return ["mode='exact' needs the fp32 re-rank of the best candidates, which the C++ kernels lack "
+                "(their fp32 expanded-form distance can pick a near-tie wrongly): served by triton / torch"]  # fmt: skip
+    return []
+
+
+OP.register("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.cuda_available, check=_fast_only,
+            note="mode='fast': fp32 SIMT tiles, split-K over the codebook when rows are few")(_cxx("vq_nearest_cuda"))  # fmt: skip
+OP.register("cpp", devices=("cpu",), dtypes=(*KERNEL_DTYPES, torch.float64), available=_backend.cpp_available,
+            check=_fast_only, note="mode='fast': register-blocked AVX-512 / AVX2 / portable micro-kernels")(_cxx("vq_nearest_cpu"))  # fmt: skip
 
 OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
             check=_backend.triton_check(dim=MAX_DIM, codes=MAX_CODES), forced_only_devices=("cpu",),
@@ -331,9 +363,11 @@ OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYP
             note="row chunks of the expanded form with torch.matmul; top-R + fp32 re-rank (exact)")(_vq_torch)  # fmt: skip
 
 
-def _call(x: torch.Tensor, c: torch.Tensor) -> Call:
+def _call(x: torch.Tensor, c: torch.Tensor, mode: str = "exact") -> Call:
     return Call(
-        x.device, x.dtype, {"heads": x.shape[0], "rows": x.shape[1], "codes": c.shape[1], "dim": c.shape[2]}
+        x.device,
+        x.dtype,
+        {"heads": x.shape[0], "rows": x.shape[1], "codes": c.shape[1], "dim": c.shape[2], "mode": mode},
     )
 
 
@@ -341,7 +375,7 @@ def _call(x: torch.Tensor, c: torch.Tensor) -> Call:
 def _vq_nearest_op(
     x: torch.Tensor, codebook: torch.Tensor, distance: str, mode: str, return_counts: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = OP.dispatch(_call(x, codebook))
+    backend = OP.dispatch(_call(x, codebook, mode))
     return backend.fn(x, codebook, distance, mode, return_counts)
 
 

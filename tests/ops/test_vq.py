@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import fastgen
+from fastgen import _ext
 from fastgen._backend import BackendUnavailableError, Call
 from fastgen.ops import vq as V
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"] + (["cpp"] if _ext.C is not None else [])
 CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter gets bf16 arithmetic wrong (bf16: GPU tests)
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # fast mode: the winner's float64 distance may exceed the minimum by this (relative to the row's scale)
@@ -28,6 +29,8 @@ pytestmark = [
 
 
 def run(backend, x, c, **kw):
+    if backend == "cpp":  # the C++ kernels serve mode="fast" only (test_cpp_refuses_exact_mode)
+        kw.setdefault("mode", "fast")
     with fastgen.use_backend(backend, op="vq_nearest"):
         return V.vq_nearest(x, c, **kw)
 
@@ -75,6 +78,8 @@ def with_duplicates(c):
 @pytest.mark.parametrize("distance", V.DISTANCES)
 @pytest.mark.parametrize("mode", V.MODES)
 def test_matches_reference(backend, dtype, distance, mode):
+    if backend == "cpp" and mode == "exact":
+        pytest.skip("the C++ kernels serve mode='fast' only (see test_cpp_refuses_exact_mode)")
     x = torch.randn(37, 20, device=DEV).to(dtype)
     c = with_duplicates(torch.randn(53, 20, device=DEV)).to(dtype)
     x[5] = c[1]  # rows sitting exactly on a duplicated code: distance 0, three-way tie
@@ -113,8 +118,9 @@ def near_tie_problem(n, d, unit, dtype, device=DEV):
 def test_near_ties_exact(backend, dtype):
     x, c = near_tie_problem(12, 20, 1 / 32, dtype)
     ref = V.vq_nearest_ref(x, c, return_counts=True)
-    got = run(backend, x, c, mode="exact", return_counts=True)
-    check(got, ref, x, c, "l2", "exact")
+    if backend != "cpp":
+        got = run(backend, x, c, mode="exact", return_counts=True)
+        check(got, ref, x, c, "l2", "exact")
     check(run(backend, x, c, mode="fast"), ref, x, c, "l2", "fast", counts=False)
 
 
@@ -130,6 +136,17 @@ def test_multihead_equals_per_head(backend, distance):
         one = run(backend, x[h], c[h], distance=distance, return_counts=True)
         assert torch.equal(one.indices, got.indices[h]) and torch.equal(one.counts, got.counts[h])
         assert torch.equal(one.dist, got.dist[h])
+
+
+@pytest.mark.skipif(_ext.C is None, reason="fastgen._C not built")
+def test_cpp_refuses_exact_mode():
+    """Without the fp32 re-rank the C++ kernels may pick a near-tie wrongly: forced, they refuse exact mode;
+    by default exact mode goes to the torch backend on CPU and fast mode to the C++ kernel."""
+    x, c = torch.randn(9, 8), torch.randn(5, 8)
+    with pytest.raises(BackendUnavailableError, match="re-rank"):
+        run("cpp", x, c, mode="exact")
+    assert V.OP.dispatch(V._call(x[None], c[None], "fast")).name == "cpp"
+    assert V.OP.dispatch(V._call(x[None], c[None], "exact")).name == "torch"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -220,7 +237,8 @@ def test_triton_limits_refused_with_reason():
 def test_opcheck(backend):
     x, c = torch.randn(1, 9, 8, device=DEV), torch.randn(1, 6, 8, device=DEV)
     with fastgen.use_backend(backend, op="vq_nearest"):
-        for args in ((x, c, "l2", "exact", True), (x, c, "cosine", "fast", False)):
+        mode = "fast" if backend == "cpp" else "exact"
+        for args in ((x, c, "l2", mode, True), (x, c, "cosine", "fast", False)):
             torch.library.opcheck(V._vq_nearest_op, args)
 
 
