@@ -7,7 +7,11 @@
 // otherwise) computes the MR x NR dot products over the whole D, each accumulated sequentially over d;
 // D is walked in chunks of DC (the micro-kernel continues its sums, so the rounding is that of one pass);
 // the epilogue folds the RB x KT dots into the running (min, argmin) of each row, codes in ascending order
-// with a strict "<" so ties keep the lowest index. Extra memory per thread: (RB + KT) x D + RB x KT.
+// with a strict "<" so ties keep the lowest index. Exact mode instead keeps each row's best kRerank = 4
+// (distance, index) candidates by that expanded form (a sorted insertion, ties by lower index), then
+// re-ranks them with the direct form in fp32 (fp64 for fp64) from the original values, summed over D in
+// order, and returns the lowest-index minimum of those and its direct distance. Extra memory per thread:
+// (RB + KT) x D + RB x KT (+ RB x kRerank candidates in exact mode).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -147,6 +151,40 @@ void pack(const scalar_t* src, int64_t n, int64_t D, acc_t* dst) {
   }
 }
 
+constexpr int kRerank = 4;  // exact mode: candidates per row kept by the scan (RERANK in fastgen/ops/vq.py)
+
+// Exact mode: insert (dd, code) into a row's candidate list cd / ci (kRerank slots, best first by
+// `better`, empty slots (index -1) last). Codes arrive in ascending order, so an equal distance never
+// displaces a kept one: ties keep the lowest index.
+template <typename acc_t>
+inline void insert_candidate(acc_t* cd, int64_t* ci, acc_t dd, int64_t code) {
+  if (ci[kRerank - 1] >= 0 && !better(dd, cd[kRerank - 1])) return;
+  int pos = kRerank - 1;
+  while (pos > 0 && (ci[pos - 1] < 0 || better(dd, cd[pos - 1]))) {
+    cd[pos] = cd[pos - 1];
+    ci[pos] = ci[pos - 1];
+    --pos;
+  }
+  cd[pos] = dd;
+  ci[pos] = code;
+}
+
+// Exact mode: the direct-form distance of row xr to code cr in acc_t from the original values, summed
+// over d in order: L2 sum((x - c)^2), cosine (unit vectors) 1 - x.c.
+template <typename scalar_t, typename acc_t>
+inline acc_t direct_distance(const scalar_t* xr, const scalar_t* cr, int64_t D, bool cosine) {
+  acc_t s = 0;
+  if (cosine) {
+    for (int64_t d = 0; d < D; ++d) s += static_cast<acc_t>(xr[d]) * static_cast<acc_t>(cr[d]);
+    return acc_t(1) - s;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t df = static_cast<acc_t>(xr[d]) - static_cast<acc_t>(cr[d]);
+    s += df * df;
+  }
+  return s;
+}
+
 template <typename scalar_t, typename acc_t, int MR, int NR>
 void nearest(const VqArgs& a, TileFn<acc_t> tile) {
   const int64_t H = a.x.size(0), N = a.x.size(1), D = a.x.size(2), K = a.codebook.size(1);
@@ -155,7 +193,7 @@ void nearest(const VqArgs& a, TileFn<acc_t> tile) {
   const acc_t* cn = a.code_sqnorm.data_ptr<acc_t>();
   int64_t* out_i = a.indices.data_ptr<int64_t>();
   float* out_d = a.dist.data_ptr<float>();
-  const bool cosine = a.cosine;
+  const bool cosine = a.cosine, exact = a.exact;
   constexpr int64_t KT = 4 * NR;
   constexpr int64_t DC = 128;  // D chunk: one MR x DC row panel + one NR x DC code panel stay in L1
   // Rows per task: many (each code tile is packed once per task), while the packed rows stay in L2
@@ -170,6 +208,8 @@ void nearest(const VqArgs& a, TileFn<acc_t> tile) {
     std::vector<acc_t> xpack(static_cast<size_t>(RB * D)), cpack(static_cast<size_t>(KT * D));
     std::vector<acc_t> xn(RB), best(RB), dots(static_cast<size_t>(RB * KT));
     std::vector<int64_t> bidx(RB);
+    std::vector<acc_t> cand_d(exact ? static_cast<size_t>(RB * kRerank) : 0);
+    std::vector<int64_t> cand_i(exact ? static_cast<size_t>(RB * kRerank) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t / nblk, r0 = (t % nblk) * RB, rows = std::min(RB, N - r0);
       const int64_t panels = (rows + MR - 1) / MR;
@@ -183,6 +223,10 @@ void nearest(const VqArgs& a, TileFn<acc_t> tile) {
         xn[row] = s;
         best[row] = std::numeric_limits<acc_t>::infinity();
         bidx[row] = 0;
+      }
+      if (exact) {
+        std::fill(cand_d.begin(), cand_d.end(), std::numeric_limits<acc_t>::infinity());
+        std::fill(cand_i.begin(), cand_i.end(), int64_t{-1});
       }
       for (int64_t p = 0; p < panels; ++p) {
         pack<MR>(xb + p * MR * D, std::min<int64_t>(MR, rows - p * MR), D, xpack.data() + p * D * MR);
@@ -210,9 +254,19 @@ void nearest(const VqArgs& a, TileFn<acc_t> tile) {
             const int64_t jmax = std::min<int64_t>(NR, kc - q * NR);
             for (int64_t r = 0; r < rmax; ++r) {
               const int64_t row = p * MR + r;
+              const acc_t* dr = dots.data() + (p * qpanels + q) * MR * NR + r * NR;
+              if (exact) {  // keep the best kRerank by the expanded form, re-ranked below
+                acc_t* cd = cand_d.data() + row * kRerank;
+                int64_t* ci = cand_i.data() + row * kRerank;
+                for (int64_t j = 0; j < jmax; ++j) {
+                  const int64_t code = q * NR + j;
+                  const acc_t dd = cosine ? acc_t(1) - dr[j] : (xn[row] - acc_t(2) * dr[j]) + cnk[code];
+                  if (ci[kRerank - 1] < 0 || better(dd, cd[kRerank - 1])) insert_candidate(cd, ci, dd, k0 + code);
+                }
+                continue;
+              }
               acc_t b = best[row];
               int64_t bi = bidx[row];
-              const acc_t* dr = dots.data() + (p * qpanels + q) * MR * NR + r * NR;
               for (int64_t j = 0; j < jmax; ++j) {
                 const int64_t code = q * NR + j;
                 const acc_t dd = cosine ? acc_t(1) - dr[j] : (xn[row] - acc_t(2) * dr[j]) + cnk[code];
@@ -225,6 +279,25 @@ void nearest(const VqArgs& a, TileFn<acc_t> tile) {
               bidx[row] = bi;
             }
           }
+        }
+      }
+      if (exact) {  // re-rank: direct form from the original values; ties (and NaNs) -> the lowest index
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t* ci = cand_i.data() + row * kRerank;
+          const scalar_t* xr = xb + row * D;
+          acc_t b = std::numeric_limits<acc_t>::infinity();
+          int64_t bi = -1;
+          for (int s = 0; s < kRerank && ci[s] >= 0; ++s) {
+            const acc_t dd = direct_distance<scalar_t, acc_t>(xr, cg + (h * K + ci[s]) * D, D, cosine);
+            if (bi < 0 || better(dd, b) || (ci[s] < bi && (dd == b || (std::isnan(dd) && std::isnan(b))))) {
+              b = dd;
+              bi = ci[s];
+            }
+          }
+          if (cosine && b < 0) b = 0;
+          if (cosine && b > 2) b = 2;
+          best[row] = b;
+          bidx[row] = bi < 0 ? 0 : bi;
         }
       }
       for (int64_t row = 0; row < rows; ++row) {
@@ -250,7 +323,6 @@ void check_operand(const at::Tensor& t, const char* name, int64_t dim, const cha
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_nearest(bool cuda, const at::Tensor& x, const at::Tensor& codebook,
                                                           const at::Tensor& code_sqnorm, bool cosine, bool exact,
                                                           bool with_counts) {
-  (void)exact;  // both kernels accumulate in fp32 / fp64 always
   const char* entry = cuda ? "vq_nearest_cuda" : "vq_nearest_cpu";
   check_operand(x, "x (H, N, D)", 3, entry, cuda);
   check_operand(codebook, "codebook (H, K, D)", 3, entry, cuda);
@@ -283,6 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_nearest(bool cuda, const at::T
   // The kernels read ||c||^2 in their accumulation type: fp64 for fp64 inputs on the CPU, else fp32.
   a.code_sqnorm = st == at::kDouble ? code_sqnorm.to(at::kDouble) : code_sqnorm;
   a.cosine = cosine;
+  a.exact = exact;
   a.with_counts = with_counts;
   const auto opts = x.options();
   a.indices = at::empty({H, N}, opts.dtype(at::kLong));

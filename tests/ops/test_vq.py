@@ -29,8 +29,6 @@ pytestmark = [
 
 
 def run(backend, x, c, **kw):
-    if backend == "cpp":  # the C++ kernels serve mode="fast" only (test_cpp_refuses_exact_mode)
-        kw.setdefault("mode", "fast")
     with fastgen.use_backend(backend, op="vq_nearest"):
         return V.vq_nearest(x, c, **kw)
 
@@ -78,8 +76,6 @@ def with_duplicates(c):
 @pytest.mark.parametrize("distance", V.DISTANCES)
 @pytest.mark.parametrize("mode", V.MODES)
 def test_matches_reference(backend, dtype, distance, mode):
-    if backend == "cpp" and mode == "exact":
-        pytest.skip("the C++ kernels serve mode='fast' only (see test_cpp_refuses_exact_mode)")
     x = torch.randn(37, 20, device=DEV).to(dtype)
     c = with_duplicates(torch.randn(53, 20, device=DEV)).to(dtype)
     x[5] = c[1]  # rows sitting exactly on a duplicated code: distance 0, three-way tie
@@ -118,9 +114,8 @@ def near_tie_problem(n, d, unit, dtype, device=DEV):
 def test_near_ties_exact(backend, dtype):
     x, c = near_tie_problem(12, 20, 1 / 32, dtype)
     ref = V.vq_nearest_ref(x, c, return_counts=True)
-    if backend != "cpp":
-        got = run(backend, x, c, mode="exact", return_counts=True)
-        check(got, ref, x, c, "l2", "exact")
+    got = run(backend, x, c, mode="exact", return_counts=True)
+    check(got, ref, x, c, "l2", "exact")
     check(run(backend, x, c, mode="fast"), ref, x, c, "l2", "fast", counts=False)
 
 
@@ -139,14 +134,21 @@ def test_multihead_equals_per_head(backend, distance):
 
 
 @pytest.mark.skipif(_ext.C is None, reason="fastgen._C not built")
-def test_cpp_refuses_exact_mode():
-    """Without the fp32 re-rank the C++ kernels may pick a near-tie wrongly: forced, they refuse exact mode;
-    by default exact mode goes to the torch backend on CPU and fast mode to the C++ kernel."""
+def test_cpp_exact_mode_and_cuda_refusal():
+    """The CPU C++ kernel re-ranks its top-R by the direct form: it serves both modes and is the CPU default.
+    The CUDA C++ kernel lacks the re-rank: it refuses exact mode (served by triton / torch)."""
     x, c = torch.randn(9, 8), torch.randn(5, 8)
-    with pytest.raises(BackendUnavailableError, match="re-rank"):
-        run("cpp", x, c, mode="exact")
     assert V.OP.dispatch(V._call(x[None], c[None], "fast")).name == "cpp"
-    assert V.OP.dispatch(V._call(x[None], c[None], "exact")).name == "torch"
+    assert V.OP.dispatch(V._call(x[None], c[None], "exact")).name == "cpp"
+    check(run("cpp", x, c, mode="exact", return_counts=True), V.vq_nearest_ref(x, c, return_counts=True),
+          x, c, "l2", "exact")  # fmt: skip
+    assert any(
+        "re-rank" in r for r in V._fast_only(Call(torch.device("cuda"), torch.float32, {"mode": "exact"}))
+    )
+    assert V._fast_only(Call(torch.device("cuda"), torch.float32, {"mode": "fast"})) == []
+    if GPU and hasattr(_ext.C, "vq_nearest_cuda"):
+        with pytest.raises(BackendUnavailableError, match="re-rank"):
+            run("cuda", x.cuda(), c.cuda(), mode="exact")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -237,8 +239,7 @@ def test_triton_limits_refused_with_reason():
 def test_opcheck(backend):
     x, c = torch.randn(1, 9, 8, device=DEV), torch.randn(1, 6, 8, device=DEV)
     with fastgen.use_backend(backend, op="vq_nearest"):
-        mode = "fast" if backend == "cpp" else "exact"
-        for args in ((x, c, "l2", mode, True), (x, c, "cosine", "fast", False)):
+        for args in ((x, c, "l2", "exact", True), (x, c, "cosine", "fast", False)):
             torch.library.opcheck(V._vq_nearest_op, args)
 
 

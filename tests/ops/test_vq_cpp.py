@@ -191,3 +191,33 @@ def test_cuda_matches_cpu_large(n, k, d, dtype, cosine):
     assert mismatches_are_ties(x, c, i_gpu, i_cpu, cosine)
     torch.testing.assert_close(d_gpu, d_cpu, rtol=1e-4, atol=1e-4)
     assert torch.equal(n_gpu[0], torch.bincount(i_gpu[0], minlength=k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_exact_reranks_near_ties(isa, dtype):
+    """Rows far from the origin with planted codes whose squared distances differ by ~1e-3 relative, below
+    the fp32 expanded form's resolution: exact mode (top-4 + direct-form re-rank) must return the float64
+    argmin, ties -> lowest index, and the direct distance; on fast mode the test only checks the contract."""
+    g = torch.Generator().manual_seed(3)
+    unit = 1 / 4 if dtype == torch.bfloat16 else 1 / 32
+    n, d = 40, 24
+    x = 40 + unit * torch.randint(-16, 16, (n, d), generator=g).double()
+    alts = []
+    for j in range(3):  # +1, +4, +1 unit^2 over a shared offset: one near-tie, one exact tie per row
+        delta = torch.zeros(n, d, dtype=torch.float64)
+        delta[:, :4] = unit * torch.randint(-3, 4, (n, 4), generator=g).double()
+        delta[:, 4 + j] = unit * (1 + j % 2)
+        alts.append(x + delta)
+    c = torch.cat(
+        [torch.stack(alts, 1).reshape(3 * n, d), 43 + unit * torch.randint(-16, 16, (9, d), generator=g)]
+    )
+    c = c[torch.randperm(c.shape[0], generator=g)]
+    x, c = x[None].to(dtype), c[None].to(dtype)
+    assert torch.equal(x.double().to(dtype), x) and torch.equal(c.double().to(dtype), c)
+    cn = c.double().pow(2).sum(-1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    idx, dist, counts = C.vq_nearest_cpu(x, c, cn, False, True, True)
+    d64 = torch.cdist(x.double(), c.double()) ** 2
+    want = d64.argmin(-1)
+    assert torch.equal(idx, want), f"{(idx != want).sum()} rows off the float64 argmin"
+    torch.testing.assert_close(dist.double(), d64.gather(-1, want[..., None])[..., 0], rtol=0, atol=1e-6)
+    assert torch.equal(counts[0], torch.bincount(idx[0], minlength=c.shape[1]))
