@@ -258,10 +258,18 @@ void nearest(const VqArgs& a, TileFn<acc_t> tile) {
               if (exact) {  // keep the best kRerank by the expanded form, re-ranked below
                 acc_t* cd = cand_d.data() + row * kRerank;
                 int64_t* ci = cand_i.data() + row * kRerank;
+                const acc_t x2 = xn[row];
+                // an empty slot admits anything (-inf would refuse a NaN, which `better` ranks first)
+                bool open = ci[kRerank - 1] < 0;
+                acc_t worst = cd[kRerank - 1];
                 for (int64_t j = 0; j < jmax; ++j) {
                   const int64_t code = q * NR + j;
-                  const acc_t dd = cosine ? acc_t(1) - dr[j] : (xn[row] - acc_t(2) * dr[j]) + cnk[code];
-                  if (ci[kRerank - 1] < 0 || better(dd, cd[kRerank - 1])) insert_candidate(cd, ci, dd, k0 + code);
+                  const acc_t dd = cosine ? acc_t(1) - dr[j] : (x2 - acc_t(2) * dr[j]) + cnk[code];
+                  if (open || better(dd, worst)) {
+                    insert_candidate(cd, ci, dd, k0 + code);
+                    open = ci[kRerank - 1] < 0;
+                    worst = cd[kRerank - 1];
+                  }
                 }
                 continue;
               }
