@@ -18,12 +18,10 @@ the case's params (``peak_mib``), next to the analytic sizes.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from fastgen.bench import Case, Impl, main, register
+from fastgen.bench import Case, Impl, main, peak_memory_mib, register
 from fastgen.nn.moe import Top2MoE
 from fastgen.ops.grouped_mm import activation_ref
 from fastgen.ops.moe_gating import top2_gating_ref
@@ -164,7 +162,7 @@ def make_case(device, dtype, e, d, tokens, act, mode):
         else Impl("torch-grouped-mm", run, baseline=True)
     )
     impls.append(Impl("fastgen", runner(lambda: moe(x)[0])))
-    peaks = _peaks(device, impls)
+    peaks = peak_memory_mib(device, impls)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     name = f"{mode:<7} E{e} d{d} ff{4 * d} T{tokens} {act} {DTYPE_NAMES[dtype]}"
     params = {"experts": e, "d_model": d, "d_ff": 4 * d, "tokens": tokens, "activation": act, "mode": mode,
@@ -173,27 +171,6 @@ def make_case(device, dtype, e, d, tokens, act, mode):
     return Case(
         name, impls, flops=flops, bound="compute", flop_dtype=dtype, params=params, atol=tol, rtol=tol
     )
-
-
-def _peaks(device: torch.device, impls: list[Impl]) -> dict[str, float]:
-    """Peak CUDA memory (MiB) above the case's resident tensors during one call of each implementation."""
-    if device.type != "cuda":
-        return {}
-    out = {}
-    for impl in impls:
-        if impl.skip is not None:
-            continue
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            impl.fn()
-        except torch.OutOfMemoryError:
-            out[impl.name] = math.inf
-            continue
-        torch.cuda.synchronize(device)
-        out[impl.name] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
-    return out
 
 
 if __name__ == "__main__":

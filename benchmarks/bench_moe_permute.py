@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen._backend import Call
-from fastgen.bench import Case, Impl, backend_impls, main, register
+from fastgen.bench import Case, Impl, backend_impls, main, peak_memory_mib, register
 from fastgen.bench.harness import Check
 from fastgen.ops.moe_permute import (
     moe_permute,
@@ -183,23 +183,9 @@ def make_case(device, t, d, e, dtype, mode) -> Case:
 
     params = {"tokens": t, "d": d, "experts": e, "k": K, "capacity": c, "rows_used": used, "mode": mode,
               "dtype": DTYPE_NAMES[dtype]}  # fmt: skip
-    if device.type == "cuda":
-        params["peak_mib"] = {"fastgen": _peak_mib(fast_fn, device)}
-        if dense_bytes <= DENSE_LIMIT_BYTES:
-            params["peak_mib"]["dense GShard einsum"] = _peak_mib(dense, device)
+    params["peak_mib"] = peak_memory_mib(device, impls)  # per implementation, CUDA only
     return Case(f"{mode} T{t} d{d} E{e} k{K} C{c} {DTYPE_NAMES[dtype]}", impls, bytes=nbytes, params=params,
                 check=check)  # fmt: skip
-
-
-def _peak_mib(fn, device) -> float:
-    """Peak memory allocated during one call, above what was allocated before it (MiB)."""
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    del out
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from fastgen._backend import Call
-from fastgen.bench import Case, Check, Impl, backend_impls, main, register
+from fastgen.bench import Case, Check, Impl, backend_impls, main, peak_memory_mib, register
 from fastgen.ops.vq import vq_nearest
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -97,27 +97,6 @@ def _faiss(x: torch.Tensor, c: torch.Tensor) -> Impl:
     return Impl("faiss-flat-l2", run, baseline=True)
 
 
-def _peaks(device: torch.device, impls: list[Impl]) -> dict[str, float]:
-    """Peak CUDA memory (MiB) above the case's resident tensors during one call of each implementation."""
-    if device.type != "cuda":
-        return {}
-    out = {}
-    for impl in impls:
-        if impl.skip is not None:
-            continue
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            impl.fn()
-        except torch.OutOfMemoryError:
-            out[impl.name] = math.inf
-            continue
-        torch.cuda.synchronize(device)
-        out[impl.name] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
-    return out
-
-
 def make_case(device, dtype, n, k, d, mode) -> Case:
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, d, device=device, generator=g).to(dtype)
@@ -146,7 +125,7 @@ def make_case(device, dtype, n, k, d, mode) -> Case:
     impls.append(_faiss(x, c))
     call = Call(device, dtype, {"heads": 1, "rows": n, "codes": k, "dim": d})
     impls += backend_impls("vq_nearest", call, lambda backend: lambda: vq_nearest(x, c, mode=mode).indices)
-    peaks = _peaks(device, impls)
+    peaks = peak_memory_mib(device, impls)
 
     oracle = impls[0].fn() if impls[0].skip is None else vq_nearest(x, c, mode="exact").indices
     x2 = x.double().pow(2).sum(1)

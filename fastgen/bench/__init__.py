@@ -17,6 +17,7 @@ from fastgen.bench.harness import (
     backend_impls,
     compare_outputs,
     main,
+    peak_memory_mib,
     register,
     registered_benchmarks,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "describe_device",
     "main",
     "nominal_spec",
+    "peak_memory_mib",
     "register",
     "registered_benchmarks",
 ]

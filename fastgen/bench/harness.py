@@ -233,6 +233,29 @@ def backend_impls(
     return impls
 
 
+def peak_memory_mib(device: torch.device, impls: Sequence[Impl]) -> dict[str, float | str]:
+    """Peak CUDA memory (MiB) above what is resident before the call, during one call of each runnable
+    implementation ("oom" when it ran out of memory); empty off CUDA. Benchmarks put it in ``params``."""
+    if device.type != "cuda":
+        return {}
+    out: dict[str, float | str] = {}
+    for impl in impls:
+        if impl.skip is not None:
+            continue
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            impl.fn()
+        except torch.OutOfMemoryError:
+            out[impl.name] = "oom"
+            torch.cuda.empty_cache()
+            continue
+        torch.cuda.synchronize(device)
+        out[impl.name] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+    return out
+
+
 def _forced(
     use_backend: Callable[..., Any], backend: str, op: str, fn: Callable[[], Any]
 ) -> Callable[[], Any]:
