@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastgen.bench import Case, Check, Impl, main, register
+from fastgen.bench import Case, Impl, main, register, token_agreement_check
 from fastgen.models.dalle import DALLE, DALLEConfig, DiscreteVAE, DVAEConfig, count_parameters, unmap_pixels
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -94,28 +94,7 @@ def generation_case(device, dtype, label, b, text_len, grid, d, layers, heads) -
               "tokens_per_call": b * grid * grid,
               "flop_rule": "2*trunk_params*B*S + 2*B*layers*d*S^2 (S = text + grid^2)"}  # fmt: skip
     return Case(name, impls, flops=flops, bound="compute", flop_dtype=dtype, params=params,
-                check=token_check(exact=dtype == torch.float32))  # fmt: skip
-
-
-def token_check(exact: bool):
-    """The first output judged (the oracle, a baseline: baselines run first) is the reference."""
-    state = {}
-
-    def check(out: torch.Tensor) -> Check:
-        if "ref" not in state:
-            state["ref"] = out
-            return Check(True, 0.0, "oracle")
-        ref = state["ref"]
-        same = (out == ref).flatten(1)
-        frac = float(same.float().mean())
-        if exact:
-            return Check(bool(same.all()), None, f"{100 * frac:.1f}% of tokens equal to the oracle")
-        head = float(same[:, :8].all(1).float().mean())
-        return Check(
-            head >= 0.75, None, f"{100 * frac:.1f}% of tokens, first 8 equal in {100 * head:.0f}% of rows"
-        )
-
-    return check
+                check=token_agreement_check(exact=dtype == torch.float32))  # fmt: skip
 
 
 def dvae_case(device, dtype, label, b, grid, n_hid, n_init, n_blk) -> Case:

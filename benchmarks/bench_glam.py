@@ -30,7 +30,7 @@ import contextlib
 import torch
 
 import fastgen
-from fastgen.bench import Case, Check, Impl, main, register
+from fastgen.bench import Case, Impl, main, register, token_agreement_check
 from fastgen.models.glam import GLaM, GLaMConfig
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -131,27 +131,7 @@ def generate_case(device, dtype, label, vocab, d, layers, heads, experts, b, _s,
               "dtype": DTYPE_NAMES[dtype], "tokens_per_call": b * new,
               "flop_rule": "2*N_act*B*S + 2*B*L*d*S^2 (S = prompt + new)"}  # fmt: skip
     return Case(name, impls, flops=flops, bound="compute", flop_dtype=dtype, params=params,
-                check=_token_check(exact=dtype == torch.float32))  # fmt: skip
-
-
-def _token_check(exact: bool):
-    """The first output judged (the oracle: baselines run first) is the reference."""
-    state = {}
-
-    def check(out: torch.Tensor) -> Check:
-        if "ref" not in state:
-            state["ref"] = out
-            return Check(True, 0.0, "oracle")
-        same = out == state["ref"]
-        frac = float(same.float().mean())
-        if exact:
-            return Check(bool(same.all()), None, f"{100 * frac:.1f}% of tokens equal to the oracle")
-        head = float(same[:, :8].all(1).float().mean())
-        return Check(
-            head >= 0.75, None, f"{100 * frac:.1f}% of tokens, first 8 equal in {100 * head:.0f}% of rows"
-        )
-
-    return check
+                check=token_agreement_check(exact=dtype == torch.float32))  # fmt: skip
 
 
 if __name__ == "__main__":

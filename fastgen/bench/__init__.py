@@ -20,6 +20,7 @@ from fastgen.bench.harness import (
     peak_memory_mib,
     register,
     registered_benchmarks,
+    token_agreement_check,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "peak_memory_mib",
     "register",
     "registered_benchmarks",
+    "token_agreement_check",
 ]

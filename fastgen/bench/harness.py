@@ -233,6 +233,27 @@ def backend_impls(
     return impls
 
 
+def token_agreement_check(exact: bool, head: int = 8, min_rows: float = 0.75) -> Callable[[Any], Check]:
+    """A ``Case.check`` for generated token ids (batch, ...): the first output judged (the oracle; baselines
+    run first) is the reference. ``exact``: every token must equal it (fp32); otherwise the first ``head``
+    tokens must agree in at least ``min_rows`` of the rows (16-bit sampling may diverge later)."""
+    state: dict[str, Any] = {}
+
+    def check(out: Any) -> Check:
+        if "ref" not in state:
+            state["ref"] = out
+            return Check(True, 0.0, "oracle")
+        same = (out == state["ref"]).flatten(1)
+        frac = float(same.float().mean())
+        if exact:
+            return Check(bool(same.all()), None, f"{100 * frac:.1f}% of tokens equal to the oracle")
+        rows = float(same[:, :head].all(1).float().mean())
+        detail = f"{100 * frac:.1f}% of tokens, first {head} equal in {100 * rows:.0f}% of rows"
+        return Check(rows >= min_rows, None, detail)
+
+    return check
+
+
 def peak_memory_mib(device: torch.device, impls: Sequence[Impl]) -> dict[str, float | str]:
     """Peak CUDA memory (MiB) above what is resident before the call, during one call of each runnable
     implementation ("oom" when it ran out of memory); empty off CUDA. Benchmarks put it in ``params``."""
