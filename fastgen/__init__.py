@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from fastgen import (
     diffusion,
+    metrics,
     nn,
     ops,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "flash_attn_varlen",
     "grouped_mm",
     "kv_cache_append",
+    "metrics",
     "moe_permute",
     "moe_route",
     "moe_unpermute",

@@ -38,6 +38,7 @@ from fastgen.ops.moe_permute import (  # moe_permute: fastgen.moe_permute
     moe_unpermute,
     moe_unpermute_ref,
 )
+from fastgen.ops.ssim import ssim_ref, ssim_stats
 from fastgen.ops.vq import VQNearest, VQNearestCounts, vq_nearest, vq_nearest_ref
 from fastgen.ops.vq_ema import vq_codebook_from_ema, vq_ema_update, vq_ema_update_ref
 
@@ -76,6 +77,8 @@ __all__ = [
     "moe_unpermute_ref",
     "sampler_step",
     "scaled_dot_product_attention",
+    "ssim_ref",
+    "ssim_stats",
     "top2_gating",
     "top2_gating_ref",
     "vq_codebook_from_ema",
