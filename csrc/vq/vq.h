@@ -18,7 +18,7 @@ struct VqArgs {
   at::Tensor codebook;     // (H, K, D) same dtype, contiguous
   at::Tensor code_sqnorm;  // (H, K) float32 (float64 for float64 inputs on the CPU), contiguous
   bool cosine = false;
-  bool exact = false;  // CPU: top-4 by the expanded form, re-ranked by the direct form (see vq_cpu.cpp)
+  bool exact = false;  // top-4 by the expanded form, re-ranked by the direct form (vq_cpu.cpp, vq_cuda.cu)
   bool with_counts = false;
   at::Tensor indices;  // out (H, N) int64
   at::Tensor dist;     // out (H, N) float32
@@ -27,9 +27,9 @@ struct VqArgs {
 
 // Validates every argument (TORCH_CHECK), allocates the outputs and runs the CPU or CUDA kernel.
 // Returns (indices, dist, counts or an empty int64 tensor). Both kernels accumulate every dot product in
-// fp32 (fp64 for fp64 inputs). `exact` on the CPU: the best 4 candidates by the expanded form are
+// fp32 (fp64 for fp64 inputs). `exact` (both kernels): the best 4 candidates by the expanded form are
 // re-ranked by the direct form (L2 sum((x - c)^2), cosine 1 - x.c) from the original values, ties -> the
-// lowest index; dist is that direct distance. The CUDA kernel ignores `exact` (single running min).
+// lowest index; dist is that direct distance (cosine: clamped to [0, 2]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_nearest(bool cuda, const at::Tensor& x, const at::Tensor& codebook,
                                                           const at::Tensor& code_sqnorm, bool cosine, bool exact,
                                                           bool with_counts);
@@ -47,7 +47,7 @@ x: (H, N, D); codebook: (H, K, D), same dtype (float32 / float16 / bfloat16; CPU
 code_sqnorm: (H, K) float32 ||c||^2 (float64 allowed for float64 inputs). L2: d = (||x||^2 - 2 x.c) + ||c||^2,
 dist = max(0, d); cosine (normalised inputs): dist = 1 - x.c. indices: (H, N) int64 argmin, ties -> lowest
 index; dist: (H, N) float32; counts: (H, K) int64 histogram of indices if with_counts, else empty. Dot
-products accumulate in fp32 (fp64 for fp64). exact (CPU only; CUDA ignores it): the best 4 candidates by
+products accumulate in fp32 (fp64 for fp64). exact (CPU and CUDA): the best 4 candidates by
 the expanded form are re-ranked by the direct form (L2 sum((x - c)^2), cosine 1 - x.c) from the original
 values, ties -> lowest index, dist = the direct distance. Math: fastgen/ops/vq.py.
 )doc";

@@ -30,7 +30,8 @@ int64 (integer atomics: deterministic).
 Backends (priority cuda, triton, cpp, torch): ``triton`` and ``torch`` (any device and dtype including
 float64: row chunks of the expanded form with ``torch.matmul``, top-R + re-rank in exact mode; the CPU
 path), ``cpp`` (CPU C++ kernel: both modes, exact with the top-R + direct-form re-rank) and ``cuda``
-(C++ CUDA kernel: fast mode only). Reference: :func:`vq_nearest_ref` (float64, materialises N x K).
+(C++ CUDA kernel: both modes; exact keeps the top-R per row in the scan and re-ranks them by the fp32
+direct form, one warp per row, as the CPU kernel). Reference: :func:`vq_nearest_ref` (float64, materialises N x K).
 """
 
 from __future__ import annotations
@@ -327,8 +328,8 @@ def _vq_triton(x, c, distance, mode, return_counts):
 
 def _cxx(name: str):
     """The C++ kernels (csrc/vq): fp32 accumulation always (fp64 for fp64). The CPU kernel's exact mode keeps
-    the best RERANK candidates and re-ranks them by the direct form (the CUDA one refuses exact). They take ||c||^2 precomputed and, for cosine, unit vectors (normalised here in fp32, eps 1e-12 as
-    the other backends)."""
+    the best RERANK candidates and re-ranks them by the direct form; so does the CUDA one. They take ||c||^2
+    precomputed and, for cosine, unit vectors (normalised here in fp32, eps 1e-12 as the other backends)."""
 
     def run(x, c, distance, mode, return_counts):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -345,16 +346,8 @@ def _cxx(name: str):
     return run
 
 
-def _fast_only(call: Call) -> list[str]:
-    """The CUDA kernel lacks the exact-mode re-rank (the CPU kernel has it: top-R + direct form)."""
-    if call.get("mode") == "exact":
-        return ["mode='exact' needs the fp32 re-rank of the best candidates, which the CUDA C++ kernel lacks "
-                "(its fp32 expanded-form distance can pick a near-tie wrongly): served by triton / torch"]  # fmt: skip
-    return []
-
-
-OP.register("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.cuda_available, check=_fast_only,
-            note="mode='fast': fp32 SIMT tiles, split-K over the codebook when rows are few")(_cxx("vq_nearest_cuda"))  # fmt: skip
+OP.register("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.cuda_available,
+            note="fp32 SIMT tiles, split-K over the codebook when rows are few; exact: top-R + fp32 direct-form re-rank")(_cxx("vq_nearest_cuda"))  # fmt: skip
 OP.register("cpp", devices=("cpu",), dtypes=(*KERNEL_DTYPES, torch.float64), available=_backend.cpp_available,
             note="register-blocked AVX-512 / AVX2 / portable micro-kernels; exact: top-R + fp32 direct-form re-rank")(_cxx("vq_nearest_cpu"))  # fmt: skip
 

@@ -134,21 +134,21 @@ def test_multihead_equals_per_head(backend, distance):
 
 
 @pytest.mark.skipif(_ext.C is None, reason="fastgen._C not built")
-def test_cpp_exact_mode_and_cuda_refusal():
+def test_cpp_exact_mode_and_cuda_exact():
     """The CPU C++ kernel re-ranks its top-R by the direct form: it serves both modes and is the CPU default.
-    The CUDA C++ kernel lacks the re-rank: it refuses exact mode (served by triton / torch)."""
+    The CUDA C++ kernel re-ranks too: it serves exact mode (no refusal) and is the CUDA default for it."""
     x, c = torch.randn(9, 8), torch.randn(5, 8)
     assert V.OP.dispatch(V._call(x[None], c[None], "fast")).name == "cpp"
     assert V.OP.dispatch(V._call(x[None], c[None], "exact")).name == "cpp"
     check(run("cpp", x, c, mode="exact", return_counts=True), V.vq_nearest_ref(x, c, return_counts=True),
           x, c, "l2", "exact")  # fmt: skip
-    assert any(
-        "re-rank" in r for r in V._fast_only(Call(torch.device("cuda"), torch.float32, {"mode": "exact"}))
-    )
-    assert V._fast_only(Call(torch.device("cuda"), torch.float32, {"mode": "fast"})) == []
+    reasons = V.OP.why_not("cuda", Call(torch.device("cuda"), torch.float32, {"mode": "exact"}))
+    assert not any("exact" in r or "re-rank" in r for r in reasons), reasons  # no mode refusal any more
     if GPU and hasattr(_ext.C, "vq_nearest_cuda"):
-        with pytest.raises(BackendUnavailableError, match="re-rank"):
-            run("cuda", x.cuda(), c.cuda(), mode="exact")
+        xg, cg = x.cuda(), c.cuda()
+        assert V.OP.dispatch(V._call(xg[None], cg[None], "exact")).name == "cuda"
+        got = run("cuda", xg, cg, mode="exact", return_counts=True)
+        check(got, V.vq_nearest_ref(xg, cg, return_counts=True), xg, cg, "l2", "exact")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

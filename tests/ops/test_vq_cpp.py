@@ -193,11 +193,10 @@ def test_cuda_matches_cpu_large(n, k, d, dtype, cosine):
     assert torch.equal(n_gpu[0], torch.bincount(i_gpu[0], minlength=k))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
-def test_exact_reranks_near_ties(isa, dtype):
-    """Rows far from the origin with planted codes whose squared distances differ by ~1e-3 relative, below
-    the fp32 expanded form's resolution: exact mode (top-4 + direct-form re-rank) must return the float64
-    argmin, ties -> lowest index, and the direct distance; on fast mode the test only checks the contract."""
+def near_tie_problem(dtype, far=0):
+    """(1, 40, 24) rows far from the origin, (1, 129 + far, 24) codes: per row three planted codes whose
+    squared distances differ by ~1e-3 relative (one near-tie, one exact tie), below the fp32 expanded
+    form's resolution, plus 9 (+ far, farther) decoys; every value exact in dtype."""
     g = torch.Generator().manual_seed(3)
     unit = 1 / 4 if dtype == torch.bfloat16 else 1 / 32
     n, d = 40, 24
@@ -211,9 +210,20 @@ def test_exact_reranks_near_ties(isa, dtype):
     c = torch.cat(
         [torch.stack(alts, 1).reshape(3 * n, d), 43 + unit * torch.randint(-16, 16, (9, d), generator=g)]
     )
+    if far:  # spread over the codebook, so that every split of a split-K scan holds some planted codes
+        c = torch.cat([c, 60 + unit * torch.randint(-16, 16, (far, d), generator=g).double()])
     c = c[torch.randperm(c.shape[0], generator=g)]
     x, c = x[None].to(dtype), c[None].to(dtype)
     assert torch.equal(x.double().to(dtype), x) and torch.equal(c.double().to(dtype), c)
+    return x, c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_exact_reranks_near_ties(isa, dtype):
+    """Rows far from the origin with planted codes whose squared distances differ by ~1e-3 relative, below
+    the fp32 expanded form's resolution: exact mode (top-4 + direct-form re-rank) must return the float64
+    argmin, ties -> lowest index, and the direct distance; on fast mode the test only checks the contract."""
+    x, c = near_tie_problem(dtype)
     cn = c.double().pow(2).sum(-1).to(torch.float64 if dtype == torch.float64 else torch.float32)
     idx, dist, counts = C.vq_nearest_cpu(x, c, cn, False, True, True)
     d64 = torch.cdist(x.double(), c.double()) ** 2
@@ -221,3 +231,53 @@ def test_exact_reranks_near_ties(isa, dtype):
     assert torch.equal(idx, want), f"{(idx != want).sum()} rows off the float64 argmin"
     torch.testing.assert_close(dist.double(), d64.gather(-1, want[..., None])[..., 0], rtol=0, atol=1e-6)
     assert torch.equal(counts[0], torch.bincount(idx[0], minlength=c.shape[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", ["splitk", "nosplit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cos"])
+def test_cuda_exact_reranks_near_ties(split, dtype, cosine):
+    """The near-tie problem on the CUDA kernel's exact mode. splitk: 1 row block, 8192 extra far codes (65
+    code tiles): the codebook is split and the per-split top-4 lists merged. nosplit: 300 heads of it, 129
+    codes: enough row blocks to fill the GPU, one split. L2 must return the float64 argmin and the direct
+    distance; cosine (1 - x.c: the re-rank cannot beat fp32 there) must equal the CPU exact kernel and pick
+    the float64 argmin up to fp32 ties."""
+    if not HAS_CUDA_EXT:
+        pytest.skip("fastgen._C built without CUDA")
+    x, c = near_tie_problem(dtype, far=8192 if split == "splitk" else 0)
+    if split == "nosplit":
+        x, c = x.expand(300, -1, -1).contiguous(), c.expand(300, -1, -1).contiguous()
+    if cosine:
+        x, c = F.normalize(x.double(), dim=-1).to(dtype), F.normalize(c.double(), dim=-1).to(dtype)
+    cn = torch.ones(c.shape[:2]) if cosine else c.double().pow(2).sum(-1).float()
+    idx, dist, counts = (
+        t.cpu() for t in C.vq_nearest_cuda(x.cuda(), c.cuda(), cn.cuda(), cosine, True, True)
+    )
+    d64 = ref_dist(x, c, cosine)
+    want = d64.argmin(-1)
+    for h in range(x.shape[0]):
+        assert torch.equal(counts[h], torch.bincount(idx[h], minlength=c.shape[1]))
+    if cosine:
+        i_cpu, d_cpu, _ = C.vq_nearest_cpu(x, c, cn, True, True, False)
+        assert torch.equal(idx, i_cpu)
+        assert mismatches_are_ties(x, c, idx, want, True)
+        torch.testing.assert_close(dist, d_cpu, rtol=0, atol=1e-6)
+        return
+    assert torch.equal(idx, want), f"{(idx != want).sum()} rows off the float64 argmin"
+    torch.testing.assert_close(dist.double(), d64.gather(-1, want[..., None])[..., 0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cos"])
+def test_cuda_exact_equals_cpu_exact(dtype, cosine):
+    """Both kernels re-rank the same top-4 with the direct form in fp32: the same indices at a real size."""
+    if not HAS_CUDA_EXT:
+        pytest.skip("fastgen._C built without CUDA")
+    x, c = make(1, 4096, 8192, 256, dtype, cosine)
+    cn = sqnorm(c, cosine)
+    i_cpu, d_cpu, _ = C.vq_nearest_cpu(x, c, cn, cosine, True, False)
+    i_gpu, d_gpu, _ = C.vq_nearest_cuda(x.cuda(), c.cuda(), cn.cuda(), cosine, True, False)
+    assert torch.equal(i_gpu.cpu(), i_cpu)
+    torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=1e-5, atol=1e-5)
