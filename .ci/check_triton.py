@@ -58,7 +58,7 @@ class Case:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _attn_configs(d, dt, kind):
+def _attn_configs(d, dt, kind, heavy=False):
     """Mirror of fastgen.ops.attention._configs (GPU branch)."""
     from fastgen.ops import attention
 
@@ -68,7 +68,7 @@ def _attn_configs(d, dt, kind):
         import torch
 
         return attention._configs(
-            d, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt], kind
+            d, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt], kind, heavy
         )
     finally:
         attention._backend.triton_interpret = orig
@@ -107,8 +107,8 @@ def attention_cases():
         prec = "ieee" if dt == "fp32" else "tf32"
         for d in (64, 128, 256):
             sets = ["causal+bias+mask+drop"] + (["plain", "causal2+varlen"] if dt == "fp16" else [])
-            bm, bn, w, s = _attn_configs(d, dt, "fwd")
             for name in sets:
+                bm, bn, w, s = _attn_configs(d, dt, "fwd", heavy=name == "causal+bias+mask+drop")
                 cx = dict(D=d, DV=d, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d), BLOCK_M=bm, BLOCK_N=bn, PRECISION=prec,
                           **flag_sets[name])  # fmt: skip
                 out.append(Case("attention", "_attn_fwd_kernel", f"{dt} D={d} {name}", fwd_ptr(dt), cx,

@@ -633,20 +633,21 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _configs(d: int, dtype: torch.dtype, kind: str) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d. Small blocks under the interpreter."""
+def _configs(d: int, dtype: torch.dtype, kind: str, heavy: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for head dim d. Small blocks under the interpreter.
+
+    Chosen from sm_90 compiles (`.ci/check_triton.py` prints registers / spills): 8 warps keep the plain
+    paths spill-free; ``heavy`` (a bias, a mask or dropout in the forward: extra per-tile tensors and the
+    Philox state) halves BLOCK_N to bound the spills."""
     if _backend.triton_interpret():
         return 16, 16, 4, 1
     wide = dtype == torch.float32
     if kind == "fwd":
-        if d <= 64:
-            cfg = (128, 64, 4, 3)
-        elif d <= 128:
-            cfg = (128, 64, 8, 3)
-        else:
-            cfg = (64, 32, 4, 2)
+        cfg = (128, 64, 8, 3) if d <= 128 else (64, 32, 8, 2)
+        if heavy:
+            cfg = (cfg[0], cfg[1] // 2, cfg[2], cfg[3])
     else:
-        cfg = (64, 64, 4, 2) if d <= 64 else (64, 64, 8, 2) if d <= 128 else (32, 32, 4, 1)
+        cfg = (64, 64, 8, 2) if d <= 64 else (32, 64, 8, 2) if d <= 128 else (32, 32, 8, 1)
     if wide:
         cfg = (cfg[0] // 2 if d > 64 else cfg[0], max(16, cfg[1] // 2), cfg[2], max(1, cfg[3] - 1))
     return cfg
@@ -667,7 +668,8 @@ def _fwd_triton(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dr
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     varlen = cu_q is not None
     nb = cu_q.numel() - 1 if varlen else b
-    bm, bn, warps, stages = _configs(max(d, dv), q.dtype, "fwd")
+    heavy = bias is not None or mask is not None or dropout_p > 0
+    bm, bn, warps, stages = _configs(max(d, dv), q.dtype, "fwd", heavy)
     bias_t, bs = _mask_args(bias, q)
     mask_t, ms = _mask_args(mask, q)
     cu_q_t = cu_q if varlen else lse
