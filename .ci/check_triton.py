@@ -256,6 +256,20 @@ def moe_permute_cases():
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _vq_config(dt, d, mode):
+    """fastgen.ops.vq._config's GPU branch."""
+    import torch
+
+    from fastgen.ops import vq
+
+    orig = vq._backend.triton_interpret
+    vq._backend.triton_interpret = lambda: False
+    try:
+        return vq._config({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt], d, mode)
+    finally:
+        vq._backend.triton_interpret = orig
+
+
 def vq_cases():
     out = []
     for dt in ("fp16", "bf16", "fp32"):
@@ -263,11 +277,7 @@ def vq_cases():
             for d in (8, 64, 1024):
                 if d != 64 and dt == "bf16":
                     continue
-                bd = 64 if d >= 64 else max(16, _pow2(d))
-                if dt == "fp32" and mode == "exact":
-                    bn, bk, bd, w, s = 64, 64, min(bd, 32), 4, 3
-                else:
-                    bn, bk, w, s = 128, 128, 8, 3
+                bn, bk, bd, w, s = _vq_config(dt, d, mode)
                 prec = "tf32" if dt != "fp32" else ("tf32x3" if mode == "exact" else "tf32")
                 for cos, counts in ((False, True), (True, False)):
                     cx = dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, R=4 if mode == "exact" else 1, COSINE=cos,

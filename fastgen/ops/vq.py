@@ -283,8 +283,14 @@ def _config(dtype: torch.dtype, d: int, mode: str) -> tuple[int, int, int, int, 
     if _backend.triton_interpret():
         return 16, 16, 16, 4, 1
     bd = 64 if d >= 64 else max(16, triton.next_power_of_2(d))
+    # from sm_90 compiles (.ci/check_triton.py): the packed int64 (dist, index) keys of a tile and the
+    # top-R lists cost registers, so exact mode and fp32 use 64-code tiles to bound the spills
     if dtype == torch.float32 and mode == "exact":  # tf32x3: three TF32 products per tile
         return 64, 64, min(bd, 32), 4, 3
+    if dtype == torch.float32:
+        return 128, 64, min(bd, 32), 8, 3
+    if mode == "exact":
+        return 128, 64, bd, 8, 3
     return 128, 128, bd, 8, 3
 
 
