@@ -29,12 +29,13 @@ from fastgen.ops.ssim import check_ssim_args, ssim_stats
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
-def _reduce(per_image: torch.Tensor, reduction: str, fn: str) -> torch.Tensor:
-    if reduction == "mean":
-        return per_image.mean()
-    if reduction == "none":
-        return per_image
-    raise ValueError(f"fastgen.{fn}: reduction must be 'mean' or 'none', got {reduction!r}")
+def _check_reduction(reduction: str, fn: str) -> None:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"fastgen.{fn}: reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def _reduce(per_image: torch.Tensor, reduction: str) -> torch.Tensor:
+    return per_image.mean() if reduction == "mean" else per_image
 
 
 def ssim(
@@ -53,10 +54,9 @@ def ssim(
     ``reduction="mean"``: a scalar (mean over images); ``"none"``: ``(B,)``, one value per image (mean
     over its channels). float32 for fp16 / bf16 / fp32 inputs, float64 for float64. Differentiable.
     """
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"fastgen.ssim: reduction must be 'mean' or 'none', got {reduction!r}")
+    _check_reduction(reduction, "ssim")
     stats = ssim_stats(img1, img2, data_range=data_range, window_size=window_size, sigma=sigma, k1=k1, k2=k2)
-    return _reduce(stats[..., 0].mean(1), reduction, "ssim")
+    return _reduce(stats[..., 0].mean(1), reduction)
 
 
 def ms_ssim(
@@ -77,8 +77,7 @@ def ms_ssim(
     window: ``min(H, W) // 2 ** (len(weights) - 1) >= window_size`` (176 pixels for the defaults).
     Returns a scalar (``"mean"``) or ``(B,)`` (``"none"``). Differentiable.
     """
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"fastgen.ms_ssim: reduction must be 'mean' or 'none', got {reduction!r}")
+    _check_reduction(reduction, "ms_ssim")
     check_ssim_args(img1, img2, data_range, window_size, sigma)
     w = torch.as_tensor(MS_SSIM_WEIGHTS if weights is None else weights, dtype=torch.float64)
     if w.dim() != 1 or w.numel() < 1:
@@ -102,7 +101,7 @@ def ms_ssim(
         val = st[..., 0] if j == scales - 1 else st[..., 1]
         term = torch.relu(val) ** float(w[j])
         out = term if out is None else out * term
-    return _reduce(out.mean(1), reduction, "ms_ssim")
+    return _reduce(out.mean(1), reduction)
 
 
 def psnr(
@@ -125,8 +124,7 @@ def psnr(
         )
     if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
         raise ValueError(f"fastgen.psnr: data_range must be a positive finite number, got {data_range!r}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"fastgen.psnr: reduction must be 'mean' or 'none', got {reduction!r}")
+    _check_reduction(reduction, "psnr")
     dt = torch.float64 if img1.dtype == torch.float64 else torch.float32
     mse = (img1.to(dt) - img2.to(dt)).pow(2).flatten(1).mean(1)
-    return _reduce(10.0 * torch.log10(data_range**2 / mse), reduction, "psnr")
+    return _reduce(10.0 * torch.log10(data_range**2 / mse), reduction)
