@@ -3,7 +3,8 @@
 Each file holds a ``@dataclass`` config, a ``PRESETS`` dict of named sizes and ``from_name()``:
 ``fastgen.models.clip`` (CLIP ViT + text transformer), ``fastgen.models.dalle`` (dVAE + autoregressive
 transformer), ``fastgen.models.glide`` (text-conditional ADM UNet diffusion, base 64x64 + 64->256 upsampler),
-``fastgen.models.glam`` (decoder-only LM with top-2 MoE layers). Import the model module you need: ``from fastgen.models.clip import from_name``.
+``fastgen.models.glam`` (decoder-only LM with top-2 MoE layers); ``fastgen.models.common`` holds what the
+autoregressive models share (token-id checks, ``sample_logits``). Import the model module you need: ``from fastgen.models.clip import from_name``.
 """
 
 from fastgen.models import clip, dalle, glam, glide

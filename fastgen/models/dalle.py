@@ -67,6 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastgen
+from fastgen.models.common import check_id_range, check_integer_ids, sample_logits
 from fastgen.nn.vq import decode_tokens
 
 try:
@@ -310,14 +311,10 @@ def _check_images(x: torch.Tensor, channels: int) -> None:
 
 
 def _check_tokens(name: str, t: torch.Tensor, vocab: int, dims: int) -> None:
-    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise _err(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t))}")
+    check_integer_ids(name, t, _err)
     if t.dim() != dims:
         raise _err(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
-    if t.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= vocab:
-            raise _err(f"{name} must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+    check_id_range(name, t, vocab, _err)
 
 
 class DiscreteVAE(nn.Module):
@@ -658,32 +655,6 @@ class DALLE(nn.Module):
         if self.dvae is None:
             raise _err("return_images=True needs a dVAE (cfg.dvae or the dvae argument)")
         return tokens, self.dvae.decode(tokens)
-
-
-def sample_logits(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token per row of logits (B, V): temperature, then top-k, then top-p filtering, then a draw
-    from the softmax with ``generator``. temperature == 0 is greedy (argmax). Returns (B,) int64."""
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise _err(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def count_parameters(module: nn.Module, exclude: Iterable[str] = ("dvae.",)) -> int:

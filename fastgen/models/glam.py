@@ -34,7 +34,7 @@ a full recomputation could route differently; dropless inference keeps them equa
 **Generation** (:meth:`GLaM.generate`): a prefill pass over the prompt fills a (batch, max_len, kv_heads,
 head_dim) K/V cache per layer (``fastgen.kv_cache_append``) through the fused causal attention, then one
 token per step: ``kv_cache_append`` + ``fastgen.attention_decode``. Sampling: temperature, top-k, top-p
-with a seeded generator (``fastgen.models.dalle.sample_logits``). ``use_cache=False`` recomputes the whole
+with a seeded generator (``fastgen.models.common.sample_logits``). ``use_cache=False`` recomputes the whole
 sequence each step (the oracle of the tests).
 
 **Expert parallelism.** ``GLaM(cfg, process_group=pg)`` hands ``pg`` to every Top2MoE: each rank holds
@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastgen
-from fastgen.models.dalle import sample_logits
+from fastgen.models.common import check_id_range, check_integer_ids, sample_logits
 from fastgen.nn.moe import MoEAux, Top2MoE
 from fastgen.ops.grouped_mm import activation_ref
 
@@ -362,16 +362,12 @@ class _Block(nn.Module):
 
 
 def _check_tokens(name: str, t: torch.Tensor, vocab: int, max_len: int) -> None:
-    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise _err(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t))}")
+    check_integer_ids(name, t, _err)
     if t.dim() != 2 or t.shape[1] == 0:
         raise _err(f"{name} must be (batch, seq) with seq >= 1, got shape {tuple(t.shape)}")
     if t.shape[1] > max_len:
         raise _err(f"{name} has {t.shape[1]} tokens, more than max_seq_len = {max_len}")
-    if t.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= vocab:
-            raise _err(f"{name} must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+    check_id_range(name, t, vocab, _err)
 
 
 class GLaM(nn.Module):
