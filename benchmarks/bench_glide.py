@@ -90,8 +90,7 @@ def plain_sample(model: GLIDE, tokens, low, steps: str, seed: int):
     b = tokens.shape[0]
     toks, mask = model.prepare_tokens(tokens)
     if guided:
-        ut, um = model.empty_tokens(b, dev)
-        toks, mask = torch.cat([toks, ut]), torch.cat([mask, um])
+        toks, mask = model.with_empty_prompt(toks, mask)
     model.attention_impl = "torch"
     try:
         text = model.encode_text(toks, mask)
@@ -130,8 +129,7 @@ def step_fns(model: GLIDE, tokens, low, steps: str, seed: int, i: int):
     b = tokens.shape[0]
     toks, mask = model.prepare_tokens(tokens)
     if guided:
-        ut, um = model.empty_tokens(b, dev)
-        toks, mask = torch.cat([toks, ut]), torch.cat([mask, um])
+        toks, mask = model.with_empty_prompt(toks, mask)
     with torch.no_grad():
         text = model.encode_text(toks, mask)
     smp = make_sampler(cfg, steps, guidance_scale=GUIDANCE if guided else None)

@@ -570,6 +570,13 @@ class GLIDE(nn.Module):
         t = torch.full((batch, self.cfg.text_ctx), self.cfg.pad_token, dtype=torch.long, device=device)
         return t, torch.zeros_like(t, dtype=torch.bool)
 
+    def with_empty_prompt(
+        self, tokens: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared (tokens, mask) of B prompts -> the CFG batch [prompts; B empty prompts] (2B rows)."""
+        ut, um = self.empty_tokens(tokens.shape[0], tokens.device)
+        return torch.cat([tokens, ut]), torch.cat([mask, um])
+
     def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> TextEmbedding:
         """The release's ``get_text_emb`` (see the module docstring)."""
         if not self.cfg.xf_width:
@@ -706,8 +713,7 @@ def sample_base(
     tokens, mask = model.prepare_tokens(tokens.to(device), None if mask is None else mask.to(device))
     b = tokens.shape[0]
     if guidance_scale is not None:
-        ut, um = model.empty_tokens(b, device)
-        tokens, mask = torch.cat([tokens, ut]), torch.cat([mask, um])
+        tokens, mask = model.with_empty_prompt(tokens, mask)
     text = model.encode_text(tokens, mask) if model.cfg.xf_width else None
     smp = make_sampler(model.cfg, steps, sampler=sampler, guidance_scale=guidance_scale)
     fn = _model_fn(model, text, eps_only=sampler != "ddpm")
