@@ -14,6 +14,7 @@ merged batch by batch (Chan et al.'s pairwise update), so the result does not de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,43 @@ def _trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
 
 
+# Covariances are checked to this relative tolerance: float32-computed statistics of 2048 features
+# round their eigenvalues by ~1e-6 of the largest; a covariance that is not one is off by O(1).
+COV_RTOL = 1e-4
+
+
+def _check_inputs(named: dict[str, torch.Tensor]) -> None:
+    """ValueError unless every tensor is finite and every sigma symmetric PSD (up to COV_RTOL).
+
+    One host read-back for the finiteness flags and one for the covariance checks (the result is read
+    back anyway); the extra eigvalsh per covariance costs about as much as the square root itself."""
+    finite = torch.stack([torch.isfinite(t).all() for t in named.values()]).tolist()
+    bad = [name for name, ok in zip(named, finite) if not ok]
+    if bad:
+        raise ValueError(
+            f"frechet_distance: NaN or inf entries in {', '.join(bad)} (were non-finite features added?)"
+        )
+    sigmas = {k: v for k, v in named.items() if k.startswith("sigma")}
+    stats = []
+    for s in sigmas.values():
+        ev = torch.linalg.eigvalsh((s + s.T) / 2)
+        scale = ev.abs().max()
+        stats += [(s - s.T).abs().max(), s.abs().max(), -ev.min(), scale]
+    stats = torch.stack(stats).tolist()
+    for i, name in enumerate(sigmas):
+        asym, amax, neg, scale = stats[4 * i : 4 * i + 4]
+        if asym > COV_RTOL * amax:
+            raise ValueError(
+                f"frechet_distance: {name} must be a symmetric covariance matrix, got max |{name} - "
+                f"{name}^T| = {asym:.3g} (max |{name}| = {amax:.3g})"
+            )
+        if neg > COV_RTOL * scale:
+            raise ValueError(
+                f"frechet_distance: {name} must be positive semi-definite (a covariance), got eigenvalue "
+                f"{-neg:.3g} (largest magnitude {scale:.3g})"
+            )
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     """FID between Gaussians ``N(mu1, sigma1)`` and ``N(mu2, sigma2)``: means (F,), covariances (F, F).
 
@@ -43,6 +81,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     Negative eigenvalues from round-off (singular covariances, e.g. fewer samples than features) are
     clamped to 0; ``eps``: added to both diagonals if the trace term is still not finite (as pytorch-fid).
     Agrees with pytorch-fid's ``scipy.linalg.sqrtm`` formula to ~1e-6 relative on well-conditioned input.
+    Raises ValueError on NaN / inf entries and on a sigma that is not symmetric positive semi-definite
+    (eigenvalues below ``-COV_RTOL`` times the largest magnitude): no covariance has them, and the
+    square roots would silently clamp them to a wrong distance.
     """
     mu1 = _as64(mu1)
     dev = mu1.device
@@ -55,6 +96,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     for name, s in (("sigma1", s1), ("sigma2", s2)):
         if s.shape != (f, f):
             raise ValueError(f"frechet_distance: {name} must be ({f}, {f}), got {tuple(s.shape)}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"frechet_distance: eps must be a finite number >= 0, got {eps!r}")
+    _check_inputs({"mu1": mu1, "mu2": mu2, "sigma1": s1, "sigma2": s2})
     tr_covmean = _trace_sqrt_product(s1, s2)
     if not torch.isfinite(tr_covmean):  # as pytorch-fid: regularise, then retry
         offset = eps * torch.eye(f, dtype=torch.float64, device=dev)
@@ -144,6 +188,11 @@ class FID:
         r, g = self._stats[True], self._stats[False]
         if r.n < 2 or g.n < 2:
             raise ValueError(f"FID.compute: needs >= 2 real and >= 2 generated samples, have {r.n} and {g.n}")
+        # NaN / inf features reach the moments; name the set here rather than mu1 / sigma1 later
+        finite = torch.stack([torch.isfinite(st.m2).all() & torch.isfinite(st.mean).all() for st in (r, g)])
+        bad = [name for name, ok in zip(("real", "generated"), finite.tolist()) if not ok]
+        if bad:
+            raise ValueError(f"FID.compute: the {' and '.join(bad)} features contain NaN or inf")
         return frechet_distance(r.mean, r.cov(), g.mean, g.cov())
 
 

@@ -19,12 +19,10 @@ relu keeps the fractional powers real for anti-correlated images (as pytorch-mss
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.ssim import check_ssim_args, ssim_stats
+from fastgen.ops.ssim import check_ssim_args, is_finite_real, ssim_stats
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -78,12 +76,15 @@ def ms_ssim(
     Returns a scalar (``"mean"``) or ``(B,)`` (``"none"``). Differentiable.
     """
     _check_reduction(reduction, "ms_ssim")
-    check_ssim_args(img1, img2, data_range, window_size, sigma)
+    check_ssim_args(img1, img2, data_range, window_size, sigma, k1, k2)
     w = torch.as_tensor(MS_SSIM_WEIGHTS if weights is None else weights, dtype=torch.float64)
     if w.dim() != 1 or w.numel() < 1:
         raise ValueError(
             f"fastgen.ms_ssim: weights must be a non-empty 1-D sequence, got shape {tuple(w.shape)}"
         )
+    # a NaN weight is a NaN score; a negative one turns relu's 0 into inf
+    if not bool((torch.isfinite(w) & (w >= 0)).all()):
+        raise ValueError(f"fastgen.ms_ssim: weights must be finite and >= 0, got {w.tolist()}")
     scales = w.numel()
     small = min(img1.shape[-2:]) // 2 ** (scales - 1)
     if small < window_size:
@@ -122,7 +123,7 @@ def psnr(
         raise ValueError(
             f"fastgen.psnr: img1 and img2 must have the same shape, got {tuple(img1.shape)} and {tuple(img2.shape)}"
         )
-    if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
+    if not (is_finite_real(data_range) and data_range > 0):
         raise ValueError(f"fastgen.psnr: data_range must be a positive finite number, got {data_range!r}")
     _check_reduction(reduction, "psnr")
     dt = torch.float64 if img1.dtype == torch.float64 else torch.float32

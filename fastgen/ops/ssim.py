@@ -41,6 +41,7 @@ inputs) and is not differentiable itself (no double backward).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +79,19 @@ def gaussian_window(
     return (g / g.sum()).to(dtype=dtype, device=device)
 
 
+def is_finite_real(v) -> bool:
+    """A finite Python / NumPy real scalar (not a bool)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def check_ssim_args(
-    img1: torch.Tensor, img2: torch.Tensor, data_range: float, window_size: int, sigma: float
+    img1: torch.Tensor,
+    img2: torch.Tensor,
+    data_range: float,
+    window_size: int,
+    sigma: float,
+    k1: float = 0.01,
+    k2: float = 0.03,
 ) -> None:
     """Raise ValueError on bad SSIM input (shared by the op and fastgen.metrics)."""
     for name, t in (("img1", img1), ("img2", img2)):
@@ -95,12 +107,21 @@ def check_ssim_args(
         raise _err(f"img1 and img2 must have the same dtype, got {img1.dtype} and {img2.dtype}")
     if img1.device != img2.device:
         raise _err(f"img1 and img2 must be on the same device, got {img1.device} and {img2.device}")
-    if not isinstance(window_size, int) or window_size < 1 or window_size % 2 == 0:
+    if (
+        not isinstance(window_size, numbers.Integral)
+        or isinstance(window_size, bool)
+        or window_size < 1
+        or window_size % 2 == 0
+    ):
         raise _err(f"window_size must be a positive odd int, got {window_size!r}")
-    if not sigma > 0:
-        raise _err(f"sigma must be > 0, got {sigma}")
-    if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
+    # NaN / inf would make every SSIM value NaN (or the window uniform) without an error
+    if not (is_finite_real(sigma) and sigma > 0):
+        raise _err(f"sigma must be a positive finite number, got {sigma!r}")
+    if not (is_finite_real(data_range) and data_range > 0):
         raise _err(f"data_range must be a positive finite number, got {data_range!r}")
+    for name, k in (("k1", k1), ("k2", k2)):
+        if not (is_finite_real(k) and k >= 0):
+            raise _err(f"{name} must be a finite number >= 0, got {k!r}")
     h, w = img1.shape[-2:]
     if h < window_size or w < window_size:
         raise _err(
@@ -359,5 +380,5 @@ def ssim_stats(
     device; H, W >= window_size. Differentiable in both images (analytic backward, see the module
     docstring). Returns float32 (float64 for float64 inputs).
     """
-    check_ssim_args(img1, img2, data_range, window_size, sigma)
+    check_ssim_args(img1, img2, data_range, window_size, sigma, k1, k2)
     return _ssim_op(img1, img2, float(data_range), int(window_size), float(sigma), float(k1), float(k2))
