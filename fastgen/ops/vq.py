@@ -102,13 +102,44 @@ def _dist_matrix(x: torch.Tensor, c: torch.Tensor, distance: str) -> torch.Tenso
     return (1 - (x @ c.transpose(-1, -2)) / (xn * cn)).clamp(0, 2)
 
 
+def _dist_matrix_ref(x: torch.Tensor, c: torch.Tensor, distance: str) -> torch.Tensor:
+    """(..., N, K) float64 distances by the DIRECT forms (``sum((x - c)^2)``; cosine from ``x.c``, ``|x|``,
+    ``|c|``), accumulated one coordinate at a time: every (n, k) entry goes through the same sequence of
+    correctly rounded float64 operations, so identical codes give bit-identical distances (exact ties) on
+    any CPU or GPU. A matmul would not: BLAS rounds two equal columns differently depending on where they
+    fall in its blocking (AVX2 vs AVX-512 paths). Row chunks bound the memory to a few (chunk, K) blocks."""
+    x, c = x.double(), c.double()
+    n, k, dim = x.shape[-2], c.shape[-2], x.shape[-1]
+    out = x.new_empty((*x.shape[:-1], k))
+    ct = c.transpose(-1, -2).unsqueeze(-3)  # (..., 1, D, K): coordinate d of every code is ct[..., d, :]
+    chunk = max(1, (1 << 22) // max(k, 1))
+    for s in range(0, n, chunk):
+        xs = x[..., s : s + chunk, :].unsqueeze(-1)  # (..., rows, D, 1)
+        acc = torch.zeros((*xs.shape[:-2], k), dtype=torch.float64, device=x.device)
+        if distance == "l2":
+            for d in range(dim):
+                diff = xs[..., d, :] - ct[..., d, :]
+                acc += diff * diff
+        else:
+            for d in range(dim):
+                acc += xs[..., d, :] * ct[..., d, :]
+            xn = (xs.squeeze(-1) ** 2).sum(-1, keepdim=True).sqrt().clamp_min(EPS)
+            cn = torch.zeros_like(c[..., 0])
+            for d in range(dim):
+                cn += c[..., d] * c[..., d]
+            acc = (1 - acc / (xn * cn.sqrt().clamp_min(EPS).unsqueeze(-2))).clamp(0, 2)
+        out[..., s : s + chunk, :] = acc
+    return out
+
+
 def vq_nearest_ref(
     x: torch.Tensor, codebook: torch.Tensor, *, distance: str = "l2", return_counts: bool = False
 ) -> VQNearest | VQNearestCounts:
-    """Plain PyTorch in float64: the full (N, K) distance matrix, then argmin (ties -> lowest index).
+    """Plain PyTorch in float64: the full (N, K) matrix of direct-form distances (exact ties stay exact,
+    see :func:`_dist_matrix_ref`), then argmin (ties -> lowest index).
     x: (N, D) with codebook (K, D), or (H, N, D) with (H, K, D). Returns indices int64, dist float32,
     counts int64 (or None)."""
-    d = _dist_matrix(x.double(), codebook.double(), distance)
+    d = _dist_matrix_ref(x, codebook, distance)
     idx = d.argmin(-1)
     dist = d.gather(-1, idx.unsqueeze(-1)).squeeze(-1).float()
     counts = None

@@ -35,7 +35,7 @@ def run(backend, x, c, **kw):
 
 def dist64(x, c, idx, distance):
     """float64 distance of every row to the code ``idx`` picked for it: (..., N)."""
-    d = V._dist_matrix(x.double(), c.double(), distance)
+    d = V._dist_matrix_ref(x, c, distance)
     return d.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
 
 

@@ -1,4 +1,4 @@
-"""fastgen._C.vq_nearest_{cpu,cuda}: indices equal a float64 cdist + argmin reference (a different index
+"""fastgen._C.vq_nearest_{cpu,cuda}: indices equal a float64 direct-form argmin reference (a different index
 only where the two distances tie within fp32 rounding), planted exact ties -> lowest index, odd shapes,
 heads, L2 and cosine, every dtype and every CPU micro-kernel, counts == bincount, errors. On a GPU: the
 CUDA kernel against the same reference and against the CPU kernel at real sizes."""
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen import _ext
+from fastgen.ops import vq as V
 
 C = _ext.C
 HAS_CUDA_EXT = C is not None and hasattr(C, "vq_nearest_cuda")
@@ -52,9 +53,16 @@ def sqnorm(c, cosine):
 
 
 def ref_dist(x, c, cosine):
-    """(H, N, K) float64 distances of the values the kernel sees (16-bit inputs upcast exactly)."""
+    """(H, N, K) float64 distances of the values the kernel sees (16-bit inputs upcast exactly), by direct
+    forms accumulated per coordinate: exact ties stay exact on every CPU (cdist / matmul round by BLAS path).
+    Cosine is 1 - x.c (the kernel's inputs are unit vectors)."""
     x64, c64 = x.double().cpu(), c.double().cpu()
-    return 1 - x64 @ c64.transpose(1, 2) if cosine else torch.cdist(x64, c64) ** 2
+    if not cosine:
+        return V._dist_matrix_ref(x64, c64, "l2")
+    dot = torch.zeros(x64.shape[:-1] + c64.shape[-2:-1], dtype=torch.float64)
+    for j in range(x64.shape[-1]):
+        dot += x64[..., j, None] * c64[..., None, :, j]
+    return 1 - dot
 
 
 def check(x, c, cosine, idx, dist, counts=None):
@@ -226,7 +234,7 @@ def test_exact_reranks_near_ties(isa, dtype):
     x, c = near_tie_problem(dtype)
     cn = c.double().pow(2).sum(-1).to(torch.float64 if dtype == torch.float64 else torch.float32)
     idx, dist, counts = C.vq_nearest_cpu(x, c, cn, False, True, True)
-    d64 = torch.cdist(x.double(), c.double()) ** 2
+    d64 = ref_dist(x, c, False)
     want = d64.argmin(-1)
     assert torch.equal(idx, want), f"{(idx != want).sum()} rows off the float64 argmin"
     torch.testing.assert_close(dist.double(), d64.gather(-1, want[..., None])[..., 0], rtol=0, atol=1e-6)
