@@ -1,8 +1,10 @@
 """Fine-tuning loop: freezing by patterns, parameter groups, AdamW + warm-up / cosine, clipping,
-accumulation, mixed precision, EMA, augmentation hooks, validation with early stopping, exact-resume
-checkpoints, CSV / JSON / PNG logs. See :mod:`fastgen.train.finetune`."""
+accumulation, mixed precision, a guard against non-finite losses / gradients, EMA, augmentation hooks,
+validation with early stopping, exact-resume checkpoints (checksummed, validated before loading, written
+atomically), CSV / JSON / PNG logs. See :mod:`fastgen.train.finetune`."""
 
 from fastgen.train.finetune import (
+    CheckpointError,
     FineTuneConfig,
     FineTuneResult,
     RandomResizedCropFlip,
@@ -21,6 +23,7 @@ from fastgen.train.finetune import (
 )
 
 __all__ = [
+    "CheckpointError",
     "FineTuneConfig",
     "FineTuneResult",
     "RandomResizedCropFlip",

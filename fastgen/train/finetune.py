@@ -20,6 +20,14 @@ update over ``config.grad_accum`` micro-batches drawn from ``train_data`` (any r
   the mean loss.
 * **Mixed precision**: ``precision`` "fp32" | "bf16" | "fp16" → ``torch.autocast(device.type, dtype)``;
   fp16 adds ``torch.amp.GradScaler``. bf16 runs on CPU too.
+* **Non-finite loss or gradients** (an inf input, a NaN target, a diverging lr) never reach the weights:
+  the loss of each micro-batch and the total gradient norm (values the loop already reads) are checked
+  before ``optimizer.step()``. ``on_nonfinite="raise"`` (default) stops with a ``FloatingPointError``
+  naming the step and what was non-finite; ``"skip"`` skips the step (gradients dropped, weights,
+  optimizer state and EMA untouched, a warning, ``skipped`` in the history row) and raises after more
+  than ``max_consecutive_skips`` skipped steps in a row. Under fp16 an inf / NaN gradient is the
+  GradScaler's to handle (it skips the step and lowers the scale; those skips count towards the same
+  limit), but a non-finite loss is handled as above. Skipped steps count as steps.
 * **EMA** (``ema_decay``): ``ema = d * ema + (1 - d) * w`` after every step (buffers copied); validation
   and the best checkpoint use the EMA model.
 * **Augmentation**: ``augment(batch) -> batch`` on the device, per micro-batch (see
@@ -32,7 +40,13 @@ update over ``config.grad_accum`` micro-batches drawn from ``train_data`` (any r
   and the torch / CUDA / numpy / python RNG states, so that a resumed run is bit-identical to an
   uninterrupted one on CPU (the data order of the current epoch is replayed from the RNG state at its
   start, which is exact for loaders whose order and content derive from that RNG — e.g. a shuffling
-  ``DataLoader`` with ``num_workers=0``). Checkpoints are pickles: load only files you trust.
+  ``DataLoader`` with ``num_workers=0``). Each file carries a sha256 of every tensor (and one over the
+  other entries), verified at load; the whole checkpoint is checked against the model, optimizer,
+  scheduler, scaler and EMA before anything is restored, so a corrupt, truncated or mismatched file
+  raises :class:`CheckpointError` naming the file and leaves the trainer untouched. Files are written
+  to a tmp file in the same directory, fsynced and renamed over the target (then the directory is
+  fsynced), so a crash leaves the old or the new file; stale tmp files are removed by the next save.
+  Checkpoints are pickles: load only files you trust.
 * **Logs** (``out_dir``): ``log.csv`` and ``log.json`` (losses, lr, grad norm, validation metrics),
   ``loss_curve.png`` (matplotlib, Agg backend, imported lazily), ``last.pt`` every ``checkpoint_every``
   steps; a tqdm progress bar (plain prints when tqdm is missing or ``progress=False``).
@@ -45,11 +59,15 @@ import copy
 import csv
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import math
 import os
 import random
+import re
+import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +78,8 @@ import torch.nn.functional as F
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("raise", "skip")
+CHECKPOINT_VERSION = 2
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm)
 
 
@@ -97,6 +117,8 @@ class FineTuneConfig:
     progress: bool = True
     plot: bool = True
     verbose: bool = True
+    on_nonfinite: str = "raise"  # "raise" | "skip"
+    max_consecutive_skips: int = 20
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -114,6 +136,15 @@ class FineTuneConfig:
             )
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"FineTuneConfig: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"FineTuneConfig: on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}"
+            )
+        if not isinstance(self.max_consecutive_skips, int) or self.max_consecutive_skips < 0:
+            raise ValueError(
+                "FineTuneConfig: max_consecutive_skips must be an int >= 0, "
+                f"got {self.max_consecutive_skips!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -135,6 +166,7 @@ class FineTuneResult:
     stopped_early: bool
     param_summary: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    skipped_steps: int = 0
 
     @property
     def eval_model(self) -> nn.Module:
@@ -370,6 +402,159 @@ def _state_to_cpu(sd: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
 
 
+# ---- checkpoint files ---------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, is corrupt, or does not fit the trainer it is loaded into."""
+
+
+def _to_cpu_nested(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu")
+    if isinstance(obj, dict):
+        return {k: _to_cpu_nested(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu_nested(v) for v in obj)
+    return obj
+
+
+def _checksums(obj: Any) -> dict[str, Any]:
+    """sha256 of every tensor / ndarray (its dtype, shape and bytes), keyed by its path in ``obj``, and one
+    sha256 over all other leaves (ints, floats, strings: step, history, RNG states) in traversal order."""
+    tensors: dict[str, str] = {}
+    other = hashlib.sha256()
+
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().to("cpu").contiguous().reshape(-1)
+            h = hashlib.sha256(f"{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().data)
+            tensors[path] = h.hexdigest()
+        elif isinstance(x, np.ndarray):
+            h = hashlib.sha256(f"{x.dtype.str}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+            tensors[path] = h.hexdigest()
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}/{i}")
+        elif x is None or isinstance(x, (bool, int, float, str, bytes)):
+            other.update(f"{path}={x!r};".encode())
+        else:  # objects without a canonical byte form: their type only
+            other.update(f"{path}:{type(x).__qualname__};".encode())
+
+    walk(obj, "")
+    return {"algorithm": "sha256", "tensors": tensors, "other": other.hexdigest()}
+
+
+def _verify_checksums(sd: dict[str, Any], path: str) -> None:
+    stored = sd.get("checksum")
+    if stored is None:
+        if sd.get("version", 1) >= 2:
+            raise CheckpointError(f"load_checkpoint: {path}: the checksum entry is missing (corrupt file)")
+        warnings.warn(
+            f"load_checkpoint: {path} has no checksum (saved by an older fastgen); it is not verified",
+            stacklevel=3,
+        )
+        return
+    got = _checksums({k: v for k, v in sd.items() if k != "checksum"})
+    want = stored.get("tensors", {}) if isinstance(stored, dict) else {}
+    bad = sorted(k for k in want.keys() | got["tensors"].keys() if want.get(k) != got["tensors"].get(k))
+    if not isinstance(stored, dict) or stored.get("other") != got["other"]:
+        bad.append("(non-tensor entries: step, history, RNG state, ...)")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(
+            f"load_checkpoint: {path} is corrupt: sha256 checksum mismatch in "
+            f"{', '.join(k.lstrip('/') for k in bad[:5])}{more} (a flipped bit or a partial write); "
+            "nothing was loaded"
+        )
+
+
+def _fsync_dir(d: str) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the file itself is synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a tmp file next to ``path``, fsync, rename over ``path``, fsync the directory: a crash
+    leaves the old file or the new one, never a torn one. Stale tmp files of ``path`` (from a crashed
+    run) are removed first; one writer per path is assumed."""
+    d, base = os.path.split(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    stale = re.compile(re.escape(base) + r"(\.\d+\.[0-9a-f]{8})?\.tmp")
+    for name in os.listdir(d):
+        if stale.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(d, name))
+    tmp = os.path.join(d, f"{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(d, base))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError as e:
+        if e.filename is not None:  # FileNotFoundError & co. already name the file
+            raise
+        raise CheckpointError(f"load_checkpoint: cannot read {path}: {e} (truncated or corrupt file?)") from e
+    except Exception as e:
+        raise CheckpointError(
+            f"load_checkpoint: cannot read {path}: {type(e).__name__}: {e} (truncated or corrupt file?)"
+        ) from e
+    if not isinstance(sd, dict) or "model" not in sd or "optimizer" not in sd:
+        raise CheckpointError(
+            f"load_checkpoint: {path} is not a fastgen.train checkpoint "
+            f"(expected a dict with model / optimizer / ... entries, got {type(sd).__name__})"
+        )
+    return sd
+
+
+def _module_state_problems(what: str, module: nn.Module, sd: Any) -> list[str]:
+    if not isinstance(sd, dict):
+        return [f"{what}: expected a state dict, got {type(sd).__name__}"]
+    own = module.state_dict()
+    out = []
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing:
+        out.append(
+            f"{what}: keys missing from the checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+    if unexpected:
+        out.append(
+            f"{what}: unexpected keys in the checkpoint: {unexpected[:5]}"
+            + (" ..." if len(unexpected) > 5 else "")
+        )
+    for k, v in own.items():
+        if isinstance(v, torch.Tensor) and k in sd:
+            c = sd[k]
+            if not isinstance(c, torch.Tensor) or c.shape != v.shape:
+                shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+                out.append(f"{what}.{k}: checkpoint {shape} vs {tuple(v.shape)}")
+    return out
+
+
 # ---- the trainer --------------------------------------------------------------------------------
 
 
@@ -409,6 +594,7 @@ class Trainer:
             raise ValueError("Trainer: no trainable parameters (everything is frozen)")
         self.summary = param_summary(model, groups)
         self.params = [p for g in groups for p in g["params"]]
+        self.param_names = [n for g in groups for n in g["param_names"]]
         opt_groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
         self.optimizer = torch.optim.AdamW(opt_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -428,6 +614,8 @@ class Trainer:
         self.best_state: dict[str, Any] | None = None
         self.bad_evals = 0
         self.stopped_early = False
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
         self._iter = None
         self._batch_in_epoch = 0
         self._epoch_rng: dict[str, Any] | None = None
@@ -471,34 +659,100 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches. A non-finite loss or gradient norm never
+        reaches the weights: it raises (``on_nonfinite="raise"``) or the step is skipped (``"skip"``; and
+        under fp16 a non-finite gradient is the GradScaler's to skip, as usual). Skipped steps count as
+        steps (schedule and data move on), leave weights, optimizer state and EMA untouched, and are
+        marked ``skipped`` in the history."""
         cfg = self.config
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, extra = 0.0, {}
-        for _ in range(cfg.grad_accum):
-            batch = _to_device(self._next_batch(), self.device)
+        bad: tuple[str, float, str] | None = None  # (what, value, where)
+        for i in range(cfg.grad_accum):
+            batch = self._next_batch()
+            if bad is not None:  # the step is skipped: only keep the data position in step
+                continue
+            batch = _to_device(batch, self.device)
             if cfg.augment is not None:
                 batch = cfg.augment(batch)
             with self._autocast():
                 loss, logs = _split_loss(self.loss_fn(self.model, batch))
             self.scaler.scale(loss.float() / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
+            value = float(loss.detach())  # the sync the loop always had: checking it is free
+            loss_sum += value / cfg.grad_accum
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
-        self.scaler.unscale_(self.optimizer)
-        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            if not math.isfinite(value):
+                bad = ("loss", value, f"micro-batch {i + 1}/{cfg.grad_accum}")
+                self._on_nonfinite(*bad)
+        grad_norm = float("nan")
+        scaler_skip = False
+        if bad is None:
+            self.scaler.unscale_(self.optimizer)
+            max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            if not math.isfinite(grad_norm):
+                if self.scaler.is_enabled():
+                    scaler_skip = True  # normal under fp16: scaler.step skips, scaler.update lowers the scale
+                else:
+                    bad = ("gradient norm", grad_norm, "after backward")
+                    self._on_nonfinite(*bad)
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self._update_ema()
+        if bad is None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        skipped = bad is not None or scaler_skip
+        if skipped:
+            self._count_skip(bad)
+            with warnings.catch_warnings():  # a skipped first step is not the user's scheduler misuse
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                self.scheduler.step()
+        else:
+            self._consecutive_skips = 0
+            self.scheduler.step()
+            self._update_ema()
         self.step += 1
         row = {"step": self.step, "loss": loss_sum, "lr": max(lrs.values()), "grad_norm": grad_norm, **extra}
+        if skipped:
+            row["skipped"] = 1.0
         if len(lrs) > 1:
             row.update({f"lr/{k}": v for k, v in lrs.items()})
         self.history.append(row)
         return row
+
+    def _on_nonfinite(self, what: str, value: float, where: str) -> None:
+        if self.config.on_nonfinite == "raise":
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"Trainer: non-finite {what} ({value}) at step {self.step + 1} ({where}); the optimizer step "
+                "was not taken, so the weights, optimizer state and EMA are unchanged. Look for inf / NaN in "
+                "that batch's inputs or targets, or lower the lr; FineTuneConfig(on_nonfinite='skip') skips "
+                "such steps instead"
+            )
+        warnings.warn(
+            f"Trainer: skipped step {self.step + 1}: non-finite {what} ({value}, {where})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _count_skip(self, bad: tuple[str, float, str] | None) -> None:
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        limit = self.config.max_consecutive_skips
+        if self._consecutive_skips > limit:
+            why = (
+                f"non-finite {bad[0]}"
+                if bad is not None
+                else f"inf / NaN fp16 gradients at every loss scale down to {self.scaler.get_scale():g}"
+            )
+            raise FloatingPointError(
+                f"Trainer: {self._consecutive_skips} consecutive steps skipped (up to step {self.step + 1}; "
+                f"max_consecutive_skips={limit}), the last for {why}; the weights are unchanged by them. "
+                "The data or the model produces inf / NaN at every step"
+            )
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -612,6 +866,8 @@ class Trainer:
                 msg += f", best metric {self.best_metric:.5g} at step {self.best_step}"
             if self.stopped_early:
                 msg += " (early stop)"
+            if self.skipped_steps:
+                msg += f", {self.skipped_steps} steps skipped (non-finite loss or gradients)"
             print(msg, flush=True)
         files = self.write_logs(cfg.out_dir) if cfg.out_dir and finished else {}
         return FineTuneResult(
@@ -625,6 +881,7 @@ class Trainer:
             stopped_early=self.stopped_early,
             param_summary=self.summary,
             files=files,
+            skipped_steps=self.skipped_steps,
         )
 
     # -- logs ----------------------------------------------------------------------------------
@@ -677,8 +934,9 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": CHECKPOINT_VERSION,
             "model": self.model.state_dict(),
+            "param_names": list(self.param_names),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -696,17 +954,99 @@ class Trainer:
                 "bad_evals": self.bad_evals,
                 "stopped_early": self.stopped_early,
             },
+            "nonfinite": {"skipped_steps": self.skipped_steps, "consecutive_skips": self._consecutive_skips},
             "history": self.history,
             "val_history": self.val_history,
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def _state_problems(self, sd: dict[str, Any]) -> list[str]:
+        """Everything that would make :meth:`load_state_dict` fail or restore a different run, found
+        before anything is changed."""
+        version = sd.get("version")
+        if version not in range(1, CHECKPOINT_VERSION + 1):
+            return [
+                f"unsupported checkpoint version {version!r} (this fastgen reads 1..{CHECKPOINT_VERSION})"
+            ]
+        required = ["model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch", "batch_in_epoch",
+                    "iter_open", "epoch_rng", "rng", "early_stopping", "history", "val_history"]  # fmt: skip
+        missing = [k for k in required if k not in sd]
+        if missing:
+            return [f"entries missing: {missing}"]
+        out = _module_state_problems("model", self.model, sd["model"])
+        names = sd.get("param_names")
+        if names is not None and list(names) != self.param_names:
+            diff = sorted(set(names) ^ set(self.param_names))[:5]
+            out.append(
+                f"trainable parameters differ ({len(names)} in the checkpoint vs "
+                f"{len(self.param_names)} here; "
+                f"e.g. {diff or 'same names, another grouping'}): check freeze / unfreeze / new_params"
+            )
+        out += self._optimizer_problems(sd["optimizer"])
+        base_lrs = sd["scheduler"].get("base_lrs", []) if isinstance(sd["scheduler"], dict) else None
+        if base_lrs is None or len(base_lrs) != len(self.optimizer.param_groups):
+            out.append(
+                f"scheduler: {len(base_lrs) if base_lrs is not None else 'no'} parameter groups in the "
+                f"checkpoint vs {len(self.optimizer.param_groups)} here"
+            )
+        if self.scaler.is_enabled() and not sd["scaler"]:
+            out.append("scaler: precision='fp16' here, but the checkpoint has no GradScaler state (not fp16)")
+        if (sd["ema"] is None) != (self.ema_model is None):
+            out.append(
+                f"EMA: {'off' if sd['ema'] is None else 'on'} in the checkpoint, "
+                f"{'off' if self.ema_model is None else 'on'} here (ema_decay)"
+            )
+        elif self.ema_model is not None:
+            out += _module_state_problems("ema", self.ema_model, sd["ema"])
+        best = sd["early_stopping"].get("best_state") if isinstance(sd["early_stopping"], dict) else None
+        if best is not None:
+            out += _module_state_problems("best_state.model", self.model, best.get("model"))
+            if self.ema_model is not None and best.get("ema") is not None:
+                out += _module_state_problems("best_state.ema", self.ema_model, best["ema"])
+        return out
+
+    def _optimizer_problems(self, osd: Any) -> list[str]:
+        groups = self.optimizer.param_groups
+        saved = osd.get("param_groups") if isinstance(osd, dict) else None
+        if not isinstance(saved, list) or not isinstance(osd.get("state"), dict):
+            return ["optimizer: not an optimizer state dict"]
+        if len(saved) != len(groups):
+            return [f"optimizer: {len(saved)} parameter groups in the checkpoint vs {len(groups)} here"]
+        out, index = [], {}
+        for s, g in zip(saved, groups):
+            if s.get("name") != g.get("name") or len(s.get("params", ())) != len(g["params"]):
+                out.append(
+                    f"optimizer: group {s.get('name')!r} with {len(s.get('params', ()))} parameters in the "
+                    f"checkpoint vs {g.get('name')!r} with {len(g['params'])} here"
+                )
+            index.update(zip(s.get("params", ()), g["params"]))
+        names = dict(zip(map(id, self.params), self.param_names))
+        for pid, st in osd["state"].items():
+            p = index.get(pid)
+            if p is None:
+                out.append(f"optimizer: state for parameter {pid!r}, which no group holds")
+                continue
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    out.append(
+                        f"optimizer: {k} of {names.get(id(p), pid)}: "
+                        f"checkpoint {tuple(v.shape)} vs {tuple(p.shape)}"
+                    )
+        return out
+
+    def load_state_dict(self, sd: dict[str, Any], *, source: str = "load_state_dict") -> None:
+        """Restore :meth:`state_dict`; the whole state is checked first, so a checkpoint that does not fit
+        raises :class:`CheckpointError` with the trainer untouched."""
+        problems = self._state_problems(sd) if isinstance(sd, dict) else [f"not a dict: {type(sd).__name__}"]
+        if problems:
+            raise CheckpointError(
+                f"{source}: the checkpoint does not fit this trainer (nothing was loaded):\n  "
+                + "\n  ".join(problems[:20])
+                + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+            )
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])
         self.scaler.load_state_dict(sd["scaler"])
-        if (sd["ema"] is None) != (self.ema_model is None):
-            raise ValueError("load_checkpoint: EMA on/off differs between the checkpoint and the config")
         if self.ema_model is not None:
             self.ema_model.load_state_dict(sd["ema"])
         self.step, self.epoch = sd["step"], sd["epoch"]
@@ -719,20 +1059,41 @@ class Trainer:
             es["best_state"],
         )
         self.bad_evals, self.stopped_early = es["bad_evals"], es["stopped_early"]
+        nf = sd.get("nonfinite", {})
+        self.skipped_steps, self._consecutive_skips = (
+            nf.get("skipped_steps", 0),
+            nf.get("consecutive_skips", 0),
+        )
         self.history, self.val_history = list(sd["history"]), list(sd["val_history"])
         set_rng_state(sd["rng"])
 
     def save_checkpoint(self, path: str) -> str:
-        """Everything needed to resume exactly (see the module docstring); written atomically."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        """Everything needed to resume exactly (see the module docstring), with a sha256 checksum of every
+        tensor; written atomically (tmp file, fsync, rename). Refuses to save non-finite parameters, so a
+        diverged model never replaces a good checkpoint."""
+        for what, module in (("model", self.model), ("ema", self.ema_model)):
+            params = [p for p in module.parameters() if p.is_floating_point()] if module is not None else []
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                bad = [
+                    n
+                    for n, p in module.named_parameters()
+                    if p.is_floating_point() and not torch.isfinite(p).all()
+                ]
+                raise FloatingPointError(
+                    f"save_checkpoint: {what} parameters {bad[:5]} hold inf / NaN; {path} was not written"
+                )
+        sd = _to_cpu_nested(self.state_dict())
+        sd["checksum"] = _checksums(sd)
+        _atomic_save(sd, path)
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore a :meth:`save_checkpoint` file into this trainer (same model / config / data)."""
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        """Restore a :meth:`save_checkpoint` file into this trainer (same model / config / data). The file's
+        checksums and its fit to this trainer are verified before anything changes; any problem raises
+        :class:`CheckpointError` naming the file."""
+        sd = _read_checkpoint(path)
+        _verify_checksums(sd, path)
+        self.load_state_dict(sd, source=f"load_checkpoint({path})")
 
 
 def save_checkpoint(trainer: Trainer, path: str) -> str:
