@@ -31,6 +31,31 @@ def scaled(factor: float) -> settings:
     return settings(max_examples=max(1, int(factor * settings.default.max_examples)))
 
 
+def describe(v) -> str:
+    """A short description of a tensor: shape, dtype, strides, storage offset (failure reports stay readable)."""
+    if isinstance(v, torch.Tensor):
+        dt = str(v.dtype).replace("torch.", "")
+        return f"<{tuple(v.shape)} {dt} strides={v.stride()} offset={v.storage_offset()} {v.device.type}>"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k!r}: {describe(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(describe(x) for x in v) + ")"
+    return repr(v)
+
+
+class Case:
+    """A drawn case: unpacks like a tuple, prints its tensors as shape / dtype / layout."""
+
+    def __init__(self, *items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __repr__(self) -> str:
+        return "Case" + describe(self.items)
+
+
 def backends(*names: str) -> list[str]:
     """``names`` minus the cpp backend when the extension is not built."""
     return [b for b in names if b != "cpp" or HAS_CPP]

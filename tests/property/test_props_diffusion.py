@@ -4,7 +4,18 @@ import math
 
 import pytest
 import torch
-from _props import FLOATS, LAYOUTS, READ_ONLY_LAYOUTS, assert_2x, backends, make, raises_naming, scaled, seeds
+from _props import (
+    FLOATS,
+    LAYOUTS,
+    READ_ONLY_LAYOUTS,
+    Case,
+    assert_2x,
+    backends,
+    make,
+    raises_naming,
+    scaled,
+    seeds,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,7 +102,7 @@ def step_cases(draw, min_batch=1, max_batch=3):
         kw["uncond_output"] = make((b, c_out, *spatial), dtype, layouts[1], gen)
     noise = make(shape, dtype, layouts[1], gen)
     prev = make(shape, dtype, layouts[0], gen)
-    return backend, dtype, sampler, (x, mo, schedule(), t, t_prev, noise, prev), kw
+    return Case(backend, dtype, sampler, (x, mo, schedule(), t, t_prev, noise, prev), kw)
 
 
 def _up(v):
