@@ -800,10 +800,19 @@ class Trainer:
         cfg = self.config
         row = self.evaluate()
         m = row["metric"]
-        better = self.best_metric is None or (
-            m < self.best_metric - cfg.min_delta
-            if cfg.mode == "min"
-            else m > self.best_metric + cfg.min_delta
+        if math.isnan(m):  # NaN compares false both ways: taken as the first best it would never be beaten
+            warnings.warn(
+                f"Trainer: validation metric is NaN at step {self.step}; not an improvement",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        better = not math.isnan(m) and (
+            self.best_metric is None
+            or (
+                m < self.best_metric - cfg.min_delta
+                if cfg.mode == "min"
+                else m > self.best_metric + cfg.min_delta
+            )
         )
         if better:
             self.best_metric, self.best_step, self.bad_evals = m, self.step, 0
@@ -813,7 +822,7 @@ class Trainer:
             }
         else:
             self.bad_evals += 1
-        row["best"] = float(self.best_metric)
+        row["best"] = float(self.best_metric) if self.best_metric is not None else float("nan")
         self.val_history.append(row)
         if cfg.patience is not None and self.bad_evals >= cfg.patience:
             self.stopped_early = True
@@ -1071,18 +1080,20 @@ class Trainer:
         """Everything needed to resume exactly (see the module docstring), with a sha256 checksum of every
         tensor; written atomically (tmp file, fsync, rename). Refuses to save non-finite parameters, so a
         diverged model never replaces a good checkpoint."""
+        sd = _to_cpu_nested(self.state_dict())
         for what, module in (("model", self.model), ("ema", self.ema_model)):
-            params = [p for p in module.parameters() if p.is_floating_point()] if module is not None else []
-            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-                bad = [
-                    n
-                    for n, p in module.named_parameters()
-                    if p.is_floating_point() and not torch.isfinite(p).all()
-                ]
+            if module is None:
+                continue
+            state = sd[what]  # CPU copies: checking them adds no device sync
+            bad = [
+                n
+                for n, _ in module.named_parameters()
+                if n in state and state[n].is_floating_point() and not bool(torch.isfinite(state[n]).all())
+            ]
+            if bad:
                 raise FloatingPointError(
                     f"save_checkpoint: {what} parameters {bad[:5]} hold inf / NaN; {path} was not written"
                 )
-        sd = _to_cpu_nested(self.state_dict())
         sd["checksum"] = _checksums(sd)
         _atomic_save(sd, path)
         return path

@@ -164,6 +164,19 @@ def test_fp16_keeps_grad_scaler_skips_but_raises_on_nonfinite_loss():
     assert t.step == 1
 
 
+@pytest.mark.parametrize(
+    "mode, metrics, best", [("min", [math.nan, 2.0, 1.0], 1.0), ("max", [math.nan, 1.0, 2.0], 2.0)]
+)
+def test_nan_validation_metric_is_never_the_best(mode, metrics, best):
+    it = iter(metrics)
+    t = Trainer(Net(), loader(*make_data()), mse_loss, cfg(max_steps=3, val_every=1, mode=mode, patience=5),
+                metric_fn=lambda m: next(it))  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="validation metric is NaN at step 1"):
+        res = t.fit()
+    assert (res.best_metric, res.best_step) == (best, 3)
+    assert math.isnan(res.val_history[0]["best"]) and t.bad_evals == 0
+
+
 # ---- checkpoints --------------------------------------------------------------------------------
 
 
@@ -209,6 +222,7 @@ class WideHead(Net):
         ({}, {"ema_decay": 0.9}, "EMA: off in the checkpoint, on here"),
         ({}, {"precision": "fp16"}, "no GradScaler state"),
     ],
+    ids=["model", "freeze", "ema", "precision"],
 )
 def test_mismatched_checkpoint_changes_nothing(tmp_path, saved_kw, load_kw, match):
     src = _trainer(**saved_kw)
