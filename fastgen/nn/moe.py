@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.ops.grouped_mm import ACTIVATIONS, grouped_mm, grouped_mm_ref
-from fastgen.ops.moe_gating import Gating, top2_gating
+from fastgen.ops.moe_gating import POLICIES, Gating, check_int, check_real, top2_gating
 from fastgen.ops.moe_permute import Routing, moe_permute, moe_unpermute
 
 DROPPED_TOKENS = ("zero", "residual")
@@ -114,6 +114,8 @@ class Top2MoE(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+            check_int("Top2MoE", name, v, -(2**63))  # the type; the ranges are checked below
         if num_experts < 2:
             raise ValueError(
                 f"Top2MoE: num_experts must be >= 2 for top-2 routing (k > E), got {num_experts}"
@@ -126,12 +128,19 @@ class Top2MoE(nn.Module):
             raise ValueError(
                 f"Top2MoE: dropped_tokens must be one of {DROPPED_TOKENS}, got {dropped_tokens!r}"
             )
-        if capacity_factor is not None and not capacity_factor > 0:
+        if capacity_factor is not None:
+            check_real("Top2MoE", "capacity_factor", capacity_factor, 0.0, lo_open=True)
+        if second_expert_policy not in POLICIES:
             raise ValueError(
-                f"Top2MoE: capacity_factor must be > 0 or None (dropless), got {capacity_factor}"
+                f"Top2MoE: second_expert_policy must be one of {POLICIES}, got {second_expert_policy!r}"
             )
-        if not 0.0 <= jitter_eps < 1.0:
+        check_real("Top2MoE", "second_threshold", second_threshold, 0.0, 1.0)
+        check_int("Top2MoE", "min_capacity", min_capacity, 0)
+        check_real("Top2MoE", "jitter_eps", jitter_eps, 0.0)
+        if jitter_eps >= 1.0:  # the noise factor U[1 - eps, 1 + eps] must stay positive
             raise ValueError(f"Top2MoE: jitter_eps must be in [0, 1), got {jitter_eps}")
+        check_real("Top2MoE", "aux_loss_weight", aux_loss_weight, 0.0)
+        check_real("Top2MoE", "z_loss_weight", z_loss_weight, 0.0)
         world, rank = 1, 0
         if process_group is not None:
             world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)

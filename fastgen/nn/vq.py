@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.ops.moe_gating import check_int, check_real
 from fastgen.ops.vq import DISTANCES, MODES, vq_nearest
 from fastgen.ops.vq_ema import vq_codebook_from_ema, vq_ema_update
 
@@ -110,6 +111,12 @@ class VectorQuantize(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
+        for arg, v in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
+            check_int(name, arg, v, -(2**63))  # the type; the ranges are checked below
+        check_int(name, "kmeans_iters", kmeans_iters, 0)
+        check_real(name, "commitment_weight", commitment_weight, 0.0)
+        check_real(name, "dead_code_threshold", dead_code_threshold, 0.0)
+        check_real(name, "eps", eps, 0.0, lo_open=True)  # Laplace smoothing: 0 divides by empty clusters
         if codebook_size < 1:
             raise ValueError(f"{name}: codebook_size must be >= 1, got {codebook_size} (an empty codebook)")
         if dim < 1 or heads < 1:
@@ -120,8 +127,7 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"{name}: distance must be one of {DISTANCES}, got {distance!r}")
         if mode not in MODES:
             raise ValueError(f"{name}: mode must be one of {MODES}, got {mode!r}")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"{name}: decay must be in [0, 1], got {decay}")
+        check_real(name, "decay", decay, 0.0, 1.0)
         self.dim, self.codebook_size, self.heads, self.dim_head = dim, codebook_size, heads, dim // heads
         self.decay, self.commitment_weight, self.distance, self.ema = decay, commitment_weight, distance, ema
         self.dead_code_threshold, self.kmeans_init, self.kmeans_iters = (
@@ -275,11 +281,27 @@ class VectorQuantize(nn.Module):
     @torch.no_grad()
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (...) (heads = 1) or (..., heads) -> codes (..., dim), always channel-last; -1 -> zeros."""
+        name = type(self).__name__
+        if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+            raise TypeError(
+                f"{name}: indices must be an integer tensor, got {getattr(indices, 'dtype', type(indices))}"
+            )
         if self.heads == 1:
             indices = indices[..., None]
         if indices.shape[-1] != self.heads:
-            raise ValueError(
-                f"{type(self).__name__}: indices must end in heads={self.heads}, got {tuple(indices.shape)}"
+            raise ValueError(f"{name}: indices must end in heads={self.heads}, got {tuple(indices.shape)}")
+        k = self.codebook_size
+        if indices.numel() and indices.device.type == "cpu" and not torch.compiler.is_compiling():
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < -1 or hi >= k:
+                raise ValueError(
+                    f"{name}: indices must lie in [0, codebook_size) = [0, {k}) (or be -1: no code), "
+                    f"got values in [{lo}, {hi}]"
+                )
+        elif indices.numel():  # on the device, without a host sync (as vq_nearest's finite check)
+            torch._assert_async(
+                (indices.min() >= -1) & (indices.max() < k),
+                f"{name}: indices must lie in [0, codebook_size) = [0, {k}) (or be -1: no code)",
             )
         lead = indices.shape[:-1]
         flat = indices.reshape(-1, self.heads).transpose(0, 1).long()  # (h, N)

@@ -26,6 +26,7 @@ Backends: ``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,31 @@ OP = _backend.get_op("moe_gating", "top-2 router: softmax, top-2, logsumexp, per
 
 def _err(msg: str) -> ValueError:
     return ValueError(f"fastgen.top2_gating: {msg}")
+
+
+def check_real(
+    where: str, name: str, value, lo: float, hi: float = math.inf, *, lo_open: bool = False
+) -> float:
+    """``value`` as a float, or a clear error: TypeError unless a real number (bool excluded), ValueError
+    unless finite and in [lo, hi] ((lo, hi] with ``lo_open``). NaN fails every comparison, so it is named
+    here rather than slipping through a ``not x < lo`` test."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi == math.inf else ']'}"
+        raise ValueError(f"{where}: {name} must be in {rng} (finite), got {value}")
+    return v
+
+
+def check_int(where: str, name: str, value, lo: int) -> int:
+    """``value`` as an int >= lo, or TypeError (not an integer: 2.5 would truncate silently) / ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < lo:
+        raise ValueError(f"{where}: {name} must be >= {lo}, got {value}")
+    return value if isinstance(value, torch.SymInt) else int(value)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,14 +117,14 @@ def capacity_for(
     None when ``capacity_factor`` is None (dropless). The ceiling forgives a 1e-9 relative rounding
     error, so that e.g. 1.1 * 10 * 2 / 2 gives 11, not 12.
     """
+    where = "fastgen.capacity_for"
+    check_int(where, "num_tokens", num_tokens, 0)
+    check_int(where, "num_experts", num_experts, 1)
+    check_int(where, "k", k, 1)
+    check_int(where, "min_capacity", min_capacity, 0)
     if capacity_factor is None:
         return None
-    if not capacity_factor > 0 or not math.isfinite(capacity_factor):
-        raise _err(f"capacity_factor must be a positive finite number or None, got {capacity_factor}")
-    if num_experts < 1:
-        raise _err(f"num_experts must be >= 1, got {num_experts}")
-    if min_capacity < 0:
-        raise _err(f"min_capacity must be >= 0, got {min_capacity}")
+    check_real(where, "capacity_factor", capacity_factor, 0.0, lo_open=True)
     exact = capacity_factor * num_tokens * k / num_experts
     return max(int(min_capacity), math.ceil(exact * (1 - 1e-9)))
 
@@ -143,7 +169,7 @@ def top2_gating_ref(
     The routing here is built from the one-hot positions (expert e's kept assignments are rows
     ``offsets[e] + position``, offsets the cumulative kept counts), independently of ``moe_route``.
     """
-    _check(logits, capacity_factor, second_expert_policy, min_capacity)
+    _check(logits, capacity_factor, second_expert_policy, min_capacity, second_threshold)
     if not bool(torch.isfinite(logits).all()):
         raise _err("logits contain NaN or +-inf")
     t, e = logits.shape
@@ -362,7 +388,7 @@ _top2_router_op.register_autograd(_backward, setup_context=_setup_context)
 # =====================================================================================================
 
 
-def _check(logits: torch.Tensor, capacity_factor, policy: str, min_capacity: int) -> None:
+def _check(logits: torch.Tensor, capacity_factor, policy: str, min_capacity: int, threshold=0.2) -> None:
     if not isinstance(logits, torch.Tensor):
         raise _err(f"logits must be a tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -373,10 +399,12 @@ def _check(logits: torch.Tensor, capacity_factor, policy: str, min_capacity: int
         raise _err(f"k > E: top-{K} gating needs at least {K} experts, logits have {logits.shape[1]}")
     if policy not in POLICIES:
         raise _err(f"second_expert_policy must be one of {POLICIES}, got {policy!r}")
-    if capacity_factor is not None and (not capacity_factor > 0 or not math.isfinite(capacity_factor)):
-        raise _err(f"capacity_factor must be a positive finite number or None, got {capacity_factor}")
-    if min_capacity < 0:
-        raise _err(f"min_capacity must be >= 0, got {min_capacity}")
+    where = "fastgen.top2_gating"
+    if capacity_factor is not None:
+        check_real(where, "capacity_factor", capacity_factor, 0.0, lo_open=True)
+    check_int(where, "min_capacity", min_capacity, 0)
+    # g2 = p[e2] / (p[e1] + p[e2]) lies in (0, 0.5]: a threshold outside [0, 1] is a mistake, not a policy
+    check_real(where, "second_threshold", threshold, 0.0, 1.0)
 
 
 def top2_gating(
@@ -402,7 +430,7 @@ def top2_gating(
         probabilities.
     Returns a :class:`Gating`. Gradients flow from gates, aux_loss and z_loss into the logits.
     """
-    _check(logits, capacity_factor, second_expert_policy, min_capacity)
+    _check(logits, capacity_factor, second_expert_policy, min_capacity, second_threshold)
     t, e = logits.shape
     # CPU: a host check, before any kernel; CUDA (and under torch.compile): checked on the device below
     host_check = logits.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -40,6 +40,7 @@ import torch
 
 from fastgen import _backend
 from fastgen._backend import Call
+from fastgen.ops.moe_gating import check_real
 
 try:  # triton is optional (not on every platform)
     import triton
@@ -105,6 +106,7 @@ def vq_codebook_from_ema(
             "fastgen.vq_codebook_from_ema: embed_sum.shape[:-1] must equal cluster_size.shape "
             f"{tuple(cluster_size.shape)}, got {tuple(embed_sum.shape)}"
         )
+    check_real("fastgen.vq_codebook_from_ema", "eps", eps, 0.0, lo_open=True)
     k = cluster_size.shape[-1]
     n = cluster_size.sum(-1, keepdim=True)
     cs = (cluster_size + eps) / (n + k * eps) * n
@@ -295,8 +297,7 @@ def _check(x, indices, cluster_size, embed_sum, decay) -> None:
     for name, t in (("indices", indices), ("cluster_size", cluster_size), ("embed_sum", embed_sum)):
         if t.device != x.device:
             raise _err(f"{name} must be on x's device {x.device}, got {t.device}")
-    if not 0.0 <= float(decay) <= 1.0:
-        raise _err(f"decay must be in [0, 1], got {decay}")
+    check_real("fastgen.vq_ema_update", "decay", decay, 0.0, 1.0)
     if indices.numel() == 0:
         return
     if indices.device.type == "cpu" and not torch.compiler.is_compiling():

@@ -30,3 +30,45 @@ def test_ref_exact_ties_lowest_index(distance, dtype):
     assert torch.equal(ref.indices, want.indices) and torch.equal(ref.dist, want.dist)
     if distance == "l2":
         assert (ref.dist[:24] == 0).all()
+
+
+def test_get_output_from_indices_out_of_range():
+    from fastgen.nn.vq import VectorQuantize
+
+    vq = VectorQuantize(8, 5)
+    assert vq.get_output_from_indices(torch.tensor([[0, 4, -1]])).shape == (1, 3, 8)  # -1: zeros
+    for bad in (5, -2):
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, codebook_size\) = \[0, 5\)"):
+            vq.get_output_from_indices(torch.tensor([[0, bad]]))
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        vq.get_output_from_indices(torch.tensor([[0.0, 1.0]]))
+
+
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        ({"commitment_weight": float("nan")}, ValueError, "commitment_weight must be in"),
+        ({"commitment_weight": -1.0}, ValueError, "commitment_weight must be in"),
+        ({"decay": float("nan")}, ValueError, "decay must be in"),
+        ({"eps": 0.0}, ValueError, r"eps must be in \(0, inf\)"),
+        ({"eps": float("inf")}, ValueError, "eps must be in"),
+        ({"dead_code_threshold": float("nan")}, ValueError, "dead_code_threshold must be in"),
+        ({"kmeans_iters": 2.5}, TypeError, "kmeans_iters must be an int"),
+        ({"commitment_weight": "0.25"}, TypeError, "commitment_weight must be a real number"),
+    ],
+)
+def test_vector_quantize_hyperparameters(kw, err, match):
+    from fastgen.nn.vq import VectorQuantize
+
+    with pytest.raises(err, match=match):
+        VectorQuantize(8, 5, **kw)
+
+
+def test_ema_hyperparameters():
+    from fastgen.ops.vq_ema import vq_codebook_from_ema, vq_ema_update
+
+    cs, es = torch.ones(4), torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="eps must be in"):
+        vq_codebook_from_ema(cs, es, float("nan"))
+    with pytest.raises(ValueError, match="decay must be in"):
+        vq_ema_update(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), cs, es, float("nan"))
