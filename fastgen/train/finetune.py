@@ -982,6 +982,12 @@ class Trainer:
         if missing:
             return [f"entries missing: {missing}"]
         out = _module_state_problems("model", self.model, sd["model"])
+        for key in ("rng", "epoch_rng"):
+            rng = sd[key]
+            if not (rng is None and key == "epoch_rng") and not (
+                isinstance(rng, dict) and {"torch", "numpy", "python"} <= rng.keys()
+            ):
+                out.append(f"{key}: not an RNG state (expected a dict with torch / numpy / python entries)")
         names = sd.get("param_names")
         if names is not None and list(names) != self.param_names:
             diff = sorted(set(names) ^ set(self.param_names))[:5]

@@ -246,13 +246,14 @@ def test_optimizer_state_of_wrong_shape_changes_nothing(tmp_path):
     src.fit(until=2)
     sd = src.state_dict()
     sd["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+    sd["rng"] = {"torch": sd["rng"]["torch"]}  # restored last: failing there would leave a half restore
     dst = _trainer()
     dst.train_step()
     snap = _snapshot(dst)
-    with pytest.raises(
-        CheckpointError, match=r"exp_avg of encoder\.0\.weight: checkpoint \(3,\) vs \(16, 4\)"
-    ):
+    shape = r"exp_avg of encoder\.0\.weight: checkpoint \(3,\) vs \(16, 4\)"
+    with pytest.raises(CheckpointError, match=shape) as e:
         dst.load_state_dict(sd)
+    assert "rng: not an RNG state" in str(e.value)
     _assert_unchanged(dst, snap)
 
 
