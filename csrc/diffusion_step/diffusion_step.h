@@ -197,15 +197,18 @@ FASTGEN_HD StepCoeffs load_coeffs(const float* k) {
 // Classifier-free guidance.
 FASTGEN_HD float guide(float c, float u, float g) { return u + g * (c - u); }
 
-// min(max(v, lo), hi) written as selects, which compile to maxps/minps on x86 and vectorize without
-// -ffast-math (fminf / fmaxf are library calls there). A NaN v gives lo, as fmaxf(NaN, lo) would.
+// Clamp to [lo, hi] that keeps a NaN v (as torch.clamp does, so a NaN model output stays NaN instead of
+// becoming a finite x0), written as selects: v < lo ? lo : v is maxps(lo, v) on x86, which returns its
+// second operand when either is NaN, so the loops vectorize without -ffast-math (fminf / fmaxf are
+// library calls there, and they would drop the NaN).
 FASTGEN_HD float clampf(float v, float lo, float hi) {
-  v = v > lo ? v : lo;
-  return v < hi ? v : hi;
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
 }
 
 // x0 and eps of one element from the sample xv and the (guided, rescaled) model output m, clipped or
-// thresholded as CLIP says (clip: static bound; s: this sample's dynamic threshold, > 0).
+// thresholded as CLIP says (clip: static bound; s: this sample's dynamic threshold, > 0, or NaN when the
+// sample's x0 holds a NaN: then the whole sample is NaN, as in the reference).
 template <int CLIP, class K>
 FASTGEN_HD void predict(const K& k, float xv, float m, float clip, float s, float& x0, float& eps) {
   x0 = k[AX] * xv + k[AM] * m;

@@ -221,9 +221,7 @@ class DDIMSampler(Sampler):
     name = "ddim"
 
     def __init__(self, schedule: NoiseSchedule, *, eta: float = 0.0, **kw: Any):
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        self.eta = float(eta)
+        self.eta = D._check_eta(eta)
         self.needs_noise = self.eta > 0
         super().__init__(schedule, **kw)
 

@@ -40,6 +40,9 @@ cpp (csrc/diffusion_step/*_cpu.cpp), torch (the same math in PyTorch ops, any de
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+import weakref
 from typing import Any
 
 import torch
@@ -383,12 +386,15 @@ if triton is not None:
             m = m * tl.load(rscale_ptr + b)
         x0 = tl.load(coef_ptr + 0) * xv + tl.load(coef_ptr + 1) * m
         eps = tl.load(coef_ptr + 2) * xv + tl.load(coef_ptr + 3) * m
+        # NaN-propagating clamps, as torch.clamp: the default min / max return the non-NaN operand on GPUs
         if CLIP_MODE == 1:
-            x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+            x0 = tl.maximum(x0, -clip, propagate_nan=tl.PropagateNan.ALL)
+            x0 = tl.minimum(x0, clip, propagate_nan=tl.PropagateNan.ALL)
             eps = tl.load(coef_ptr + 4) * xv + tl.load(coef_ptr + 5) * x0
         if CLIP_MODE == 2:
             s = tl.load(thresh_ptr + b)
-            x0 = tl.minimum(tl.maximum(x0, -s), s) / s
+            x0 = tl.maximum(x0, -s, propagate_nan=tl.PropagateNan.ALL)
+            x0 = tl.minimum(x0, s, propagate_nan=tl.PropagateNan.ALL) / s
             eps = tl.load(coef_ptr + 4) * xv + tl.load(coef_ptr + 5) * x0
         if X0_ONLY:
             tl.store(x0_ptr + row + i, tl.abs(x0), mask=mask)
@@ -458,8 +464,22 @@ def _step_triton(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thres
     return out, x0
 
 
-def _step_cpp(*args):
-    return _ext.C.sampler_step_cpu(*args)
+def _step_cpp(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thresh, *rest):
+    # The kernel turns a NaN threshold into a NaN sample, but the C++ entry point refuses thresholds that
+    # are not > 0: such rows (a NaN in that sample's x0, see _quantile_rows) are set to NaN here instead.
+    nan_rows = None
+    if thresh is not None:
+        nan_rows = thresh.isnan()
+        if nan_rows.any():  # a CPU tensor: no device sync
+            thresh = thresh.masked_fill(nan_rows, 1.0)
+        else:
+            nan_rows = None
+    out, x0 = _ext.C.sampler_step_cpu(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thresh, *rest)
+    if nan_rows is not None:
+        for t in (out, x0):
+            if t.numel():
+                t[nan_rows] = math.nan
+    return out, x0
 
 
 def _step_cuda(*args):
@@ -543,26 +563,38 @@ def _norm_pred(prediction_type: str) -> str:
     return PREDICTION_TYPES[prediction_type]
 
 
-def _check_schedule(alphas_cumprod: torch.Tensor, x: torch.Tensor) -> None:
-    if (
-        not isinstance(alphas_cumprod, torch.Tensor)
-        or alphas_cumprod.ndim != 1
-        or alphas_cumprod.numel() == 0
-    ):
-        raise _err("alphas_cumprod must be a non-empty 1-D tensor")
-    if not alphas_cumprod.is_floating_point():
-        raise _err(f"alphas_cumprod must be floating point, got {alphas_cumprod.dtype}")
+def _type_err(msg: str) -> TypeError:
+    return TypeError(f"fastgen.diffusion_step: {msg}")
+
+
+def _check_float_tensor(name: str, t: Any) -> None:
+    """A real floating-point tensor: a complex one would silently lose its imaginary part."""
+    if not isinstance(t, torch.Tensor):
+        raise _type_err(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise _type_err(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_schedule(alphas_cumprod: Any, x: Any) -> _Schedule:
+    """Checks the schedule (its values once per schedule, see ``_schedule``) and returns its cache."""
+    _check_float_tensor("x_t", x)
+    _check_float_tensor("alphas_cumprod", alphas_cumprod)
+    if alphas_cumprod.ndim != 1 or alphas_cumprod.numel() == 0:
+        raise _err(
+            f"alphas_cumprod must be a non-empty 1-D tensor (T,), got shape {tuple(alphas_cumprod.shape)}"
+        )
     if alphas_cumprod.device != x.device:
         raise _err(f"alphas_cumprod is on {alphas_cumprod.device} but x_t is on {x.device}")
+    return _schedule(alphas_cumprod)
 
 
 def _check_t(name: str, t: Any, size: int, allow_minus_one: bool, device: torch.device) -> int | torch.Tensor:
     lo = -1 if allow_minus_one else 0
     if isinstance(t, torch.Tensor):
-        if t.numel() != 1 or t.is_floating_point() or t.is_complex():
-            raise _err(
-                f"{name} must be an int or a one-element integer tensor, got {tuple(t.shape)} {t.dtype}"
-            )
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise _type_err(f"{name} must be an int or a one-element integer tensor, got a {t.dtype} tensor")
+        if t.numel() != 1:
+            raise _err(f"{name} must be an int or a one-element integer tensor, got shape {tuple(t.shape)}")
         t = t.reshape(())
         if t.device.type == "cpu":
             t = int(t)
@@ -574,18 +606,55 @@ def _check_t(name: str, t: Any, size: int, allow_minus_one: bool, device: torch.
                 (t >= lo) & (t < size), f"fastgen.diffusion_step: {name} out of range [{lo}, {size})"
             )
             return t
-    if isinstance(t, bool) or not isinstance(t, int):
+    elif not isinstance(t, int) or isinstance(t, bool):
+        # numpy integers are fine; a float would be truncated (500.9 -> 500), a bool is not a timestep
         try:
-            t = int(t)
-        except (TypeError, ValueError):
-            raise _err(f"{name} must be an int or an integer tensor, got {type(t).__name__}") from None
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)
+        except TypeError:
+            raise _type_err(
+                f"{name} must be an int or a one-element integer tensor, got {type(t).__name__} {t!r}"
+            ) from None
     if not lo <= t < size:
         raise _err(f"{name}={t} out of range [{lo}, {size - 1}] for a schedule of {size} steps")
     return t
 
 
+def _check_before(name_a: str, a: int | torch.Tensor, name_b: str, b: int | torch.Tensor, why: str) -> None:
+    """a < b for the validated timesteps a and b (device tensors: checked on the device, no sync)."""
+    if isinstance(a, int) and isinstance(b, int):
+        if not a < b:
+            raise _err(f"{name_a}={a} must be < {name_b}={b}: {why}")
+    else:
+        torch._assert_async(
+            torch.as_tensor(a < b), f"fastgen.diffusion_step: {name_a} must be < {name_b}: {why}"
+        )
+
+
+_T_PREV_WHY = "a step goes to an earlier, less noisy timestep (-1: the clean sample)"
+
+
+def _check_eta(eta: Any) -> float:
+    """eta as a float: a finite real number >= 0 (inf or NaN would make every sample NaN)."""
+    if (
+        isinstance(eta, torch.Tensor)
+        and eta.numel() == 1
+        and not eta.is_complex()
+        and eta.dtype != torch.bool
+    ):
+        eta = eta.item()
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise _type_err(f"eta must be a real number, got {type(eta).__name__} {eta!r}")
+    eta = float(eta)
+    if not (eta >= 0.0 and math.isfinite(eta)):
+        raise _err(f"eta must be >= 0 and finite, got {eta}")
+    return eta
+
+
 def _flat_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).contiguous()
+    # the row length is spelled out: reshape(0, -1) is ambiguous for an empty batch
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).contiguous()
 
 
 class _Prepared:
@@ -605,12 +674,13 @@ def _prepare(
     needs_noise: bool,
     prev_x0: torch.Tensor | None = None,
 ) -> _Prepared:
-    if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point():
-        raise _err("x_t must be a floating-point tensor")
+    _check_float_tensor("x_t", x_t)
+    _check_float_tensor("model_output", model_output)
+    for name, t in (("uncond_output", uncond_output), ("noise", noise), ("prev_x0", prev_x0)):
+        if t is not None:
+            _check_float_tensor(name, t)
     if x_t.ndim < 2:
         raise _err(f"x_t must be (batch, ...) with at least 2 dims, got shape {tuple(x_t.shape)}")
-    if not isinstance(model_output, torch.Tensor):
-        raise _err("model_output must be a tensor")
     b, c = x_t.shape[0], x_t.shape[1]
     for name, t in (("model_output", model_output), ("uncond_output", uncond_output), ("noise", noise),
                     ("prev_x0", prev_x0)):  # fmt: skip
@@ -668,17 +738,18 @@ def _prepare(
 def _quantile_rows(a: torch.Tensor, q: float) -> torch.Tensor:
     """Row-wise ``torch.quantile(a, q, dim=1)`` (linear interpolation) for any row length.
 
-    torch.quantile refuses inputs over 16M elements; kthvalue has no such limit.
+    torch.quantile refuses inputs over 16M elements; kthvalue has no such limit. As with torch.quantile, a
+    row holding a NaN gets a NaN quantile (kthvalue would rank the NaN and return a finite value).
     """
     n = a.shape[1]
+    row_max = a.amax(dim=1)  # NaN exactly for the rows with a NaN
     rank = torch.tensor(q, dtype=torch.float32) * (n - 1)
     lo, hi = math.floor(rank), math.ceil(rank)
     weight = float(rank - lo)
-    v_lo = a.kthvalue(lo + 1, dim=1).values
-    if hi == lo:
-        return v_lo
-    v_hi = a.kthvalue(hi + 1, dim=1).values
-    return torch.lerp(v_lo, v_hi, weight)
+    v = a.kthvalue(lo + 1, dim=1).values
+    if hi != lo:
+        v = torch.lerp(v, a.kthvalue(hi + 1, dim=1).values, weight)
+    return torch.where(row_max.isnan(), row_max, v)
 
 
 def _parse_threshold(dynamic_threshold: Any) -> tuple[float, float] | None:
@@ -755,6 +826,8 @@ def sampler_step(
         raise _err(f"clip_sample must be > 0, got {clip_sample}")
     p = _prepare(x_t, model_output, uncond_output=uncond_output, guidance_scale=guidance_scale,
                  learned_variance=learned_variance, noise=noise, needs_noise=needs_noise, prev_x0=prev_x0)  # fmt: skip
+    if not isinstance(coeffs, torch.Tensor):
+        raise _type_err(f"coeffs must be a torch.Tensor ({NUM_COEFFS},), got {type(coeffs).__name__}")
     if (
         coeffs.shape != (NUM_COEFFS,)
         or coeffs.dtype not in (torch.float32, torch.float64)
@@ -771,11 +844,13 @@ def sampler_step(
     seed = seed - (1 << 64) if seed >= (1 << 63) else seed  # the op takes int64: keep the bit pattern
     sample_offset = int(sample_offset) & _M32
     g = float(guidance_scale) if guidance_scale is not None else 1.0
-    row_scale = _rescale_factors(p, g, guidance_rescale) if guidance_rescale > 0 else None
+    # an empty batch or sample has nothing to rescale or threshold (and no rows to take statistics of)
+    empty = p.b == 0 or p.n == 0
+    row_scale = _rescale_factors(p, g, guidance_rescale) if guidance_rescale > 0 and not empty else None
     clip = float(clip_sample) if clip_sample is not None else 0.0
     thresh = None
     coeffs = coeffs.contiguous()
-    if thr is not None:
+    if thr is not None and not empty:
         _, absx0 = _sampler_step_op(p.x, p.cond, p.uncond, p.uoff, coeffs, None, None, row_scale, None, g, 0.0,
                                     p.var_mode, 0, 0, sample_offset, False, True)  # fmt: skip
         thresh = _quantile_rows(absx0, thr[0]).clamp(min=1.0, max=thr[1]).to(torch.float32)
@@ -784,25 +859,102 @@ def sampler_step(
     return out.view(p.shape), (x0.view(p.shape) if return_x0 else None)
 
 
-# ---- coefficient cache for the per-step functional API (python-int timesteps only) -----------------
-_COEFF_CACHE: dict[tuple, torch.Tensor] = {}
+# ---- per-schedule state of the per-step functional API: validation once, coefficient cache ----------
+#
+# A step with Python-int timesteps reuses the coefficients built for the same schedule and arguments. The
+# cache must never serve a schedule whose values changed since: the tensor's version counter misses
+# writes through ``.data``, numpy or DLPack, and its address can be reused by a new schedule. So on the
+# CPU an entry is valid while the schedule's content equals the snapshot taken when it was built (a
+# 1000-value torch.equal is a few microseconds). On a GPU that comparison would synchronise with the host
+# on every step, so there an entry is valid for the same tensor object (held by weakref, so a new tensor
+# at the same address misses) at the same version; a write that bypasses the version counter (``.data``,
+# DLPack) is not seen there: pass a new tensor, or call ``clear_schedule_cache()``.
 
 
-def _cached(key: tuple, abar: torch.Tensor, build) -> torch.Tensor:
-    if any(isinstance(k, torch.Tensor) for k in key):
+class _Schedule:
+    """A validated schedule and the coefficients built from it, keyed by the step's arguments."""
+
+    __slots__ = ("coeffs", "ref", "snapshot", "version")
+
+
+_SCHEDULES: dict[tuple, _Schedule] = {}
+_MAX_SCHEDULES = 64
+_MAX_COEFFS_PER_SCHEDULE = 4096
+
+
+def clear_schedule_cache() -> None:
+    """Forget every schedule seen by the per-step functions (and the coefficients built from them)."""
+    _SCHEDULES.clear()
+
+
+def _validate_schedule(abar: torch.Tensor) -> None:
+    """alphas_cumprod in (0, 1] and non-increasing; the last value may be 0 (zero terminal SNR, as a
+    cosine schedule with max_beta=1 gives). A 0 before the end would make every later step pure noise.
+    One host sync per new schedule on a GPU."""
+    if abar.device.type == "meta":
+        return
+    a = abar.detach()
+    in_range = torch.cat([(a[:-1] > 0) & (a[:-1] <= 1), (a[-1:] >= 0) & (a[-1:] <= 1)])
+    increasing = a[1:] > a[:-1]
+    if bool(in_range.all()) and not bool(increasing.any()):
+        return
+    if not bool(in_range.all()):
+        i = int((~in_range).nonzero()[0])
+        raise _err(
+            f"alphas_cumprod must lie in (0, 1] (only its last value may be 0: zero terminal SNR), got "
+            f"alphas_cumprod[{i}]={a[i].item():.6g}"
+        )
+    i = int(increasing.nonzero()[0]) + 1
+    raise _err(
+        f"alphas_cumprod must be non-increasing (noise grows with t), got alphas_cumprod[{i}]="
+        f"{a[i].item():.6g} > alphas_cumprod[{i - 1}]={a[i - 1].item():.6g}"
+    )
+
+
+def _schedule(abar: torch.Tensor) -> _Schedule:
+    key = (abar.data_ptr(), abar.shape[0], abar.stride(0), abar.dtype, abar.device)
+    st = _SCHEDULES.get(key)
+    if st is not None:
+        if st.snapshot is not None:
+            if torch.equal(st.snapshot, abar):
+                return st
+        elif st.ref() is abar and st.version == abar._version:
+            return st
+    _validate_schedule(abar)
+    st = _Schedule()
+    st.coeffs = {}
+    if abar.device.type == "cpu":
+        st.ref, st.version, st.snapshot = None, None, abar.detach().clone()
+    else:
+        st.ref, st.version, st.snapshot = weakref.ref(abar), abar._version, None
+    if len(_SCHEDULES) >= _MAX_SCHEDULES:
+        _SCHEDULES.clear()
+    _SCHEDULES[key] = st
+    return st
+
+
+def _cached(st: _Schedule, key: tuple, build) -> torch.Tensor:
+    if any(isinstance(k, torch.Tensor) for k in key):  # device timesteps: built on the device, no sync
         return build()
-    full = (abar.data_ptr(), abar._version, abar.numel(), abar.dtype, str(abar.device), *key)
-    hit = _COEFF_CACHE.get(full)
+    hit = st.coeffs.get(key)
     if hit is None:
-        if len(_COEFF_CACHE) > 4096:
-            _COEFF_CACHE.clear()
-        hit = _COEFF_CACHE[full] = build()
+        if len(st.coeffs) >= _MAX_COEFFS_PER_SCHEDULE:
+            st.coeffs.clear()
+        hit = st.coeffs[key] = build()
     return hit
 
 
-def _common(kw: dict) -> dict:
-    return {k: kw[k] for k in ("uncond_output", "guidance_scale", "guidance_rescale", "dynamic_threshold",
-                               "seed", "sample_offset") if k in kw}  # fmt: skip
+_STEP_KEYWORDS = frozenset(
+    ("uncond_output", "guidance_scale", "guidance_rescale", "dynamic_threshold", "seed", "sample_offset")
+)
+
+
+def _common(fn: str, kw: dict) -> dict:
+    """The keywords a step passes on to ``sampler_step``; anything else is a typo, refused as Python would."""
+    for k in kw:
+        if k not in _STEP_KEYWORDS:
+            raise TypeError(f"{fn}() got an unexpected keyword argument {k!r}")
+    return kw
 
 
 def ddpm_step(
@@ -830,12 +982,13 @@ def ddpm_step(
     pred = _norm_pred(prediction_type)
     if variance_type not in VARIANCE_TYPES:
         raise _err(f"unknown variance_type {variance_type!r}; expected one of {VARIANCE_TYPES}")
-    _check_schedule(alphas_cumprod, x_t)
+    kwargs = _common("ddpm_step", kwargs)
+    st = _check_schedule(alphas_cumprod, x_t)
     t = _check_t("t", t, alphas_cumprod.numel(), False, x_t.device)
-    coeffs = _cached(("ddpm", pred, variance_type, t), alphas_cumprod,
+    coeffs = _cached(st, ("ddpm", pred, variance_type, t),
                      lambda: ddpm_coeffs(alphas_cumprod, t, pred, variance_type))  # fmt: skip
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=True,
-                        learned_variance=variance_type == "learned_range", **_common(kwargs))  # fmt: skip
+                        learned_variance=variance_type == "learned_range", **kwargs)  # fmt: skip
 
 
 def ddim_step(
@@ -856,30 +1009,33 @@ def ddim_step(
     When x0 is clipped / thresholded, eps is re-derived from the clipped x0 (as ADM/GLIDE do).
     Extra keywords: see ``sampler_step``. Returns (x_prev, pred_x0).
     """
+    kwargs = _common("ddim_step", kwargs)
     pred = _norm_pred(prediction_type)
-    if not eta >= 0.0:
-        raise _err(f"eta must be >= 0, got {eta}")
-    _check_schedule(alphas_cumprod, x_t)
+    eta = _check_eta(eta)
+    st = _check_schedule(alphas_cumprod, x_t)
     size = alphas_cumprod.numel()
     t = _check_t("t", t, size, False, x_t.device)
     t_prev = _check_t("t_prev", t_prev, size, True, x_t.device)
-    coeffs = _cached(("ddim", pred, float(eta), t, t_prev), alphas_cumprod,
-                     lambda: ddim_coeffs(alphas_cumprod, t, t_prev, float(eta), pred))  # fmt: skip
+    _check_before("t_prev", t_prev, "t", t, _T_PREV_WHY)
+    coeffs = _cached(st, ("ddim", pred, eta, t, t_prev),
+                     lambda: ddim_coeffs(alphas_cumprod, t, t_prev, eta, pred))  # fmt: skip
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=eta > 0,
-                        **_common(kwargs))  # fmt: skip
+                        **kwargs)  # fmt: skip
 
 
 def _euler(ancestral: bool, x_t, model_output, alphas_cumprod, t, t_prev, noise, prediction_type, clip_sample,
            kwargs):  # fmt: skip
+    kwargs = _common("euler_ancestral_step" if ancestral else "euler_step", kwargs)
     pred = _norm_pred(prediction_type)
-    _check_schedule(alphas_cumprod, x_t)
+    st = _check_schedule(alphas_cumprod, x_t)
     size = alphas_cumprod.numel()
     t = _check_t("t", t, size, False, x_t.device)
     t_prev = _check_t("t_prev", t_prev, size, True, x_t.device)
-    coeffs = _cached(("euler", pred, ancestral, t, t_prev), alphas_cumprod,
+    _check_before("t_prev", t_prev, "t", t, _T_PREV_WHY)
+    coeffs = _cached(st, ("euler", pred, ancestral, t, t_prev),
                      lambda: euler_coeffs(alphas_cumprod, t, t_prev, pred, ancestral))  # fmt: skip
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=ancestral,
-                        **_common(kwargs))  # fmt: skip
+                        **kwargs)  # fmt: skip
 
 
 def euler_step(x_t, model_output, alphas_cumprod, t, t_prev, *, prediction_type="epsilon", clip_sample=None,
@@ -929,20 +1085,21 @@ def dpm_solver_2m_step(
     (first step) and on the final step (t_prev = -1) the update is first order.
     Returns (x_prev, pred_x0) — pass pred_x0 back as ``prev_x0`` next step.
     """
+    kwargs = _common("dpm_solver_2m_step", kwargs)
     pred = _norm_pred(prediction_type)
     if (prev_x0 is None) != (t_last is None):
         raise _err("prev_x0 and t_last go together (both or neither)")
-    _check_schedule(alphas_cumprod, x_t)
+    st = _check_schedule(alphas_cumprod, x_t)
     size = alphas_cumprod.numel()
     t = _check_t("t", t, size, False, x_t.device)
     t_prev = _check_t("t_prev", t_prev, size, True, x_t.device)
+    _check_before("t_prev", t_prev, "t", t, _T_PREV_WHY)
     if t_last is not None:
         t_last = _check_t("t_last", t_last, size, False, x_t.device)
-    coeffs = _cached(("dpm2m", pred, t, t_prev, t_last), alphas_cumprod,
+        _check_before("t", t, "t_last", t_last, "t_last is the timestep of the previous, noisier step")
+    coeffs = _cached(st, ("dpm2m", pred, t, t_prev, t_last),
                      lambda: dpm_solver_2m_coeffs(alphas_cumprod, t, t_prev, t_last, pred))  # fmt: skip
-    return sampler_step(
-        x_t, model_output, coeffs, clip_sample=clip_sample, prev_x0=prev_x0, **_common(kwargs)
-    )
+    return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, prev_x0=prev_x0, **kwargs)
 
 
 def counter_normal(
