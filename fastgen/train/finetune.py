@@ -453,7 +453,8 @@ def _checksums(obj: Any) -> dict[str, Any]:
 def _verify_checksums(sd: dict[str, Any], path: str) -> None:
     stored = sd.get("checksum")
     if stored is None:
-        if sd.get("version", 1) >= 2:
+        version = sd.get("version", 1)
+        if not isinstance(version, int) or version >= 2:
             raise CheckpointError(f"load_checkpoint: {path}: the checksum entry is missing (corrupt file)")
         warnings.warn(
             f"load_checkpoint: {path} has no checksum (saved by an older fastgen); it is not verified",
