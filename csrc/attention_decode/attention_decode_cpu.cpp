@@ -26,6 +26,7 @@ namespace decode {
 namespace {
 
 constexpr int64_t kTile = 64;
+constexpr int64_t kBlock = 4096;  // keys per running accumulator (see attend_chunk)
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -45,11 +46,12 @@ inline A dot(const A* __restrict__ a, const A* __restrict__ b, int64_t n) {
   return s;
 }
 
-// Online-softmax attention of all R query rows of (b, h) over keys [j0, j1): leaves the unnormalised
-// accumulator in acc (R x D), the running max in m and the running sum in l. K/V rows are read in place
-// when T is the accumulation type, else converted once per tile into kbuf / vbuf (kTile x D).
+// Online-softmax attention of all R query rows of (b, h) over keys [j0, j1) (at most kBlock of them):
+// leaves the unnormalised accumulator in acc (R x D), the running max in m and the running sum in l. K/V
+// rows are read in place when T is the accumulation type, else converted once per tile into kbuf / vbuf
+// (kTile x D).
 template <typename T, typename A>
-void attend_chunk(const DecodeParams<T>& p, int64_t b, int64_t h, int64_t j0, int64_t j1, const A* qf,
+void attend_block(const DecodeParams<T>& p, int64_t b, int64_t h, int64_t j0, int64_t j1, const A* qf,
                   const int64_t* lim, A* acc, A* m, A* l, A* kbuf, A* vbuf, A* s) {
   constexpr bool kInPlace = std::is_same_v<T, A>;
   const int64_t R = p.Sq * p.G, D = p.D;
@@ -90,10 +92,12 @@ void attend_chunk(const DecodeParams<T>& p, int64_t b, int64_t h, int64_t j0, in
         s[t] = dot(qr, krow[t], D);
         mx = s[t] > mx ? s[t] : mx;
       }
-      const A corr = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first tile
+      // every score so far -inf: exponentiate against 0 (exp(-inf - -inf) would be NaN), as the reference
+      const A mu = mx == neg_inf ? A(0) : mx;
+      const A corr = std::exp(m[r] - mu);  // exp(-inf) = 0 on the first tile
       A sum = 0;
       for (int64_t t = 0; t < nv; ++t) {
-        s[t] = std::exp(s[t] - mx);
+        s[t] = std::exp(s[t] - mu);
         sum += s[t];
       }
       l[r] = l[r] * corr + sum;
@@ -107,6 +111,46 @@ void attend_chunk(const DecodeParams<T>& p, int64_t b, int64_t h, int64_t j0, in
       }
     }
   }
+}
+
+// attend_block over any key range, kBlock keys at a time, each block's (acc, m, l) folded into the
+// running one with the log-sum-exp rescaling. A float32 running sum grows by one key at a time only within
+// a block: over 2^24 keys one accumulator would stall (x + 3 == x past 2^26) and give a wrong mean.
+template <typename T, typename A>
+void attend_chunk(const DecodeParams<T>& p, int64_t b, int64_t h, int64_t j0, int64_t j1, const A* qf,
+                  const int64_t* lim, A* acc, A* m, A* l, A* bacc, A* bm, A* bl, A* kbuf, A* vbuf, A* s) {
+  const int64_t R = p.Sq * p.G, D = p.D;
+  if (j1 - j0 <= kBlock) {
+    attend_block<T, A>(p, b, h, j0, j1, qf, lim, acc, m, l, kbuf, vbuf, s);
+    return;
+  }
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  for (int64_t r = 0; r < R; ++r) {
+    m[r] = neg_inf;
+    l[r] = 0;
+  }
+  std::fill(acc, acc + R * D, A(0));
+  for (int64_t cb = j0; cb < j1; cb += kBlock) {
+    attend_block<T, A>(p, b, h, cb, std::min(j1, cb + kBlock), qf, lim, bacc, bm, bl, kbuf, vbuf, s);
+    for (int64_t r = 0; r < R; ++r) {
+      const A mx = std::max(m[r], bm[r]);
+      const A mu = mx == neg_inf ? A(0) : mx;
+      const A ca = std::exp(m[r] - mu), cb_ = std::exp(bm[r] - mu);
+      l[r] = l[r] * ca + bl[r] * cb_;
+      m[r] = mx;
+      A* __restrict__ ar = acc + r * D;
+      const A* __restrict__ br = bacc + r * D;
+      for (int64_t d = 0; d < D; ++d) ar[d] = ar[d] * ca + br[d] * cb_;
+    }
+  }
+}
+
+// log-sum-exp of a row from its running max and sum: -inf with no visible key, NaN when the sum is NaN
+// (a NaN / inf input), so that the split merge propagates it rather than dropping the split as empty.
+template <typename A>
+inline A row_lse(A m, A l) {
+  if (l == A(0)) return -std::numeric_limits<A>::infinity();
+  return m + std::log(l);
 }
 
 template <typename T>
@@ -134,12 +178,15 @@ void run(const DecodeArgs& a) {
   }
 
   at::parallel_for(0, BH * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(R * D * 2 + 3 * R + kTile * D * 2 + kTile);
+    std::vector<A> buf(R * D * 3 + 5 * R + kTile * D * 2 + kTile);
     A* qf = buf.data();
     A* acc = qf + R * D;
-    A* m = acc + R * D;
+    A* bacc = acc + R * D;
+    A* m = bacc + R * D;
     A* l = m + R;
-    A* kbuf = l + R;
+    A* bm = l + R;
+    A* bl = bm + R;
+    A* kbuf = bl + R;
     A* vbuf = kbuf + kTile * D;
     A* s = vbuf + kTile * D;
     std::vector<int64_t> lim(R);
@@ -155,9 +202,9 @@ void run(const DecodeArgs& a) {
         const T* qr = p.q + b * p.q_s0 + i * p.q_s1 + (h * p.G + g) * p.q_s2;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<A>(qr[d]) * static_cast<A>(a.scale);
       }
-      attend_chunk<T, A>(p, b, h, j0, j1, qf, lim.data(), acc, m, l, kbuf, vbuf, s);
+      attend_chunk<T, A>(p, b, h, j0, j1, qf, lim.data(), acc, m, l, bacc, bm, bl, kbuf, vbuf, s);
       for (int64_t r = 0; r < R; ++r) {
-        const A inv = l[r] > 0 ? A(1) / l[r] : A(0);  // no visible key: zeros
+        const A inv = l[r] == A(0) ? A(0) : A(1) / l[r];  // no visible key: zeros; a NaN sum stays NaN
         const A* ar = acc + r * D;
         if (S == 1) {
           const int64_t i = r / p.G, g = r % p.G;
@@ -166,7 +213,7 @@ void run(const DecodeArgs& a) {
         } else {
           A* o = wo + ((bh * S + split) * R + r) * D;
           for (int64_t d = 0; d < D; ++d) o[d] = ar[d] * inv;
-          wl[(bh * S + split) * R + r] = l[r] > 0 ? m[r] + std::log(l[r]) : neg_inf;
+          wl[(bh * S + split) * R + r] = row_lse(m[r], l[r]);
         }
       }
     }
@@ -179,21 +226,20 @@ void run(const DecodeArgs& a) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / R, r = task % R;
       const int64_t b = bh / p.Hkv, h = bh % p.Hkv, i = r / p.G, g = r % p.G;
-      A mx = neg_inf;
+      A mx = neg_inf;  // std::max skips a NaN lse; its weight below is NaN and reaches den and o
       for (int64_t sp = 0; sp < S; ++sp) mx = std::max(mx, wl[(bh * S + sp) * R + r]);
+      const A mu = mx == neg_inf ? A(0) : mx;
       std::fill(o.begin(), o.end(), A(0));
       A den = 0;
-      if (mx != neg_inf) {
-        for (int64_t sp = 0; sp < S; ++sp) {
-          const A lse = wl[(bh * S + sp) * R + r];
-          if (lse == neg_inf) continue;
-          const A w = std::exp(lse - mx);
-          den += w;
-          const A* src = wo + ((bh * S + sp) * R + r) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
-        }
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const A lse = wl[(bh * S + sp) * R + r];
+        if (lse == neg_inf) continue;  // a split without visible keys (its partial is all zeros)
+        const A w = std::exp(lse - mu);
+        den += w;
+        const A* src = wo + ((bh * S + sp) * R + r) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
       }
-      const A inv = den > 0 ? A(1) / den : A(0);
+      const A inv = den == A(0) ? A(0) : A(1) / den;
       T* dst = p.out + ((b * p.Sq + i) * p.Hq + h * p.G + g) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
     }

@@ -249,7 +249,7 @@ class MultiheadAttention(nn.Module):
             if mask is not None:
                 s = s.masked_fill(~mask, float("-inf"))
             # softmax that gives 0 (not NaN) for a row with no visible key, with finite gradients
-            row_max = s.detach().amax(-1, keepdim=True)
+            row_max = s.detach().amax(-1, keepdim=True) if src else s.new_zeros((*s.shape[:-1], 1))
             row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
             ex = torch.exp(s - row_max)
             denom = ex.sum(-1, keepdim=True)
@@ -316,6 +316,14 @@ class MultiheadAttention(nn.Module):
             )
         if key.shape[sdim] != value.shape[sdim]:
             raise _err(f"key {_shape(key)} and value {_shape(value)} differ in sequence length")
+        pdt = self.out_proj.weight.dtype
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != pdt:
+                # torch's module fails inside F.linear with "mat1 and mat2 must have the same dtype"
+                raise TypeError(
+                    f"fastgen.nn.MultiheadAttention: {name} has dtype {t.dtype}, expected {pdt} like the "
+                    f"module's parameters (convert the input, or the module with .to({t.dtype}))"
+                )
         for name, t, want in (
             ("query", query, self.embed_dim),
             ("key", key, self.kdim),

@@ -203,6 +203,22 @@ def _torch_scores(q, k, bias, mask, causal, scale, dt):
     return s
 
 
+def _torch_softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, lse) of scores s (..., sk): p = 0 and lse = -inf for a row with no visible key.
+
+    p is normalised by its own sum after subtracting the row max, as SDPA does, not as exp(s - lse): where
+    the scores are huge (an HF-style finfo.min mask over a whole row, a bias of 1e30) lse = m + log(sum)
+    rounds to m, and exp(s - lse) would be off by the factor sum."""
+    if s.shape[-1] == 0:
+        return s, s.new_full(s.shape[:-1], -math.inf)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == -math.inf, torch.zeros_like(m), m)  # NaN / +inf rows stay non-finite
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    p = e / torch.where(den == 0, torch.ones_like(den), den)
+    return p, (m + torch.log(den)).squeeze(-1)
+
+
 def _expand_kv(x, hq):
     return x.repeat_interleave(hq // x.shape[1], dim=1) if x.shape[1] != hq else x
 
@@ -226,8 +242,7 @@ def _fwd_torch(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dro
         bs = None if bias is None else bias[bi, :, :sq, :sk]
         ms = None if mask is None else mask[bi, :, :sq, :sk]
         s = _torch_scores(qs, ks, bs, ms, causal, scale, dt)
-        l_ = torch.logsumexp(s, -1)  # -inf for an empty row
-        p = torch.exp(s - torch.where(torch.isfinite(l_), l_, torch.zeros_like(l_))[..., None])
+        p, l_ = _torch_softmax(s)
         if keeps is not None:
             p = p * keeps[n] / (1.0 - dropout_p)
         vh = _expand_kv(vs.transpose(0, 1).to(dt)[None], hq)[0]
@@ -253,8 +268,7 @@ def _bwd_torch(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, ca
         qs, ks, vs = q[bi, q0 : q0 + sq], k[bi, k0 : k0 + sk], v[bi, k0 : k0 + sk]
         bs = None if bias is None else bias[bi, :, :sq, :sk]
         ms = None if mask is None else mask[bi, :, :sq, :sk]
-        s = _torch_scores(qs, ks, bs, ms, causal, scale, dt)
-        p = torch.exp(s - lse[bi, :, q0 : q0 + sq].to(dt)[..., None])  # lse = +inf: p = 0
+        p, _ = _torch_softmax(_torch_scores(qs, ks, bs, ms, causal, scale, dt))
         do = dout[bi, q0 : q0 + sq].transpose(0, 1).to(dt)  # (H, sq, Dv)
         vh = _expand_kv(vs.transpose(0, 1).to(dt)[None], hq)[0]
         kh = _expand_kv(ks.transpose(0, 1).to(dt)[None], hq)[0]
@@ -335,8 +349,10 @@ if triton is not None:
             s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
             tile = (offs_m[:, None] < sq) & (offs_n[None, :] < sk)
             if HAS_BIAS:
+                # scores in natural-log units: bias * log2(e) overflows float32 for an HF-style
+                # finfo.min mask (-inf for every key, where SDPA gives the uniform average)
                 bias = tl.load(Bias + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=tile, other=0.0)
-                s += bias.to(tl.float32) * 1.4426950408889634
+                s = s * 0.6931471805599453 + bias.to(tl.float32)
             if HAS_MASK:
                 keep = tl.load(Mask + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=tile, other=1)
                 s = tl.where(keep != 0, s, float("-inf"))
@@ -346,8 +362,12 @@ if triton is not None:
                     s = tl.where(offs_n[None, :] <= offs_m[:, None] + off, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
+            if HAS_BIAS:
+                p = tl.math.exp2((s - m_use[:, None]) * 1.4426950408889634)
+                alpha = tl.math.exp2((m_i - m_use) * 1.4426950408889634)
+            else:
+                p = tl.math.exp2(s - m_use[:, None])
+                alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if DROPOUT:
@@ -411,9 +431,11 @@ if triton is not None:
             Out += b64 * sob + q0 * som + h * soh
             tl.store(Out + offs_m[:, None] * som + offs_dv[None, :], out.to(Out.dtype.element_ty),
                      mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV))  # fmt: skip
-            lse = tl.where(
-                empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-            )
+            log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+            if HAS_BIAS:  # m_i in natural-log units
+                lse = tl.where(empty, float("inf"), m_i + log2_l * 0.6931471805599453)
+            else:
+                lse = tl.where(empty, float("inf"), (m_i + log2_l) * 0.6931471805599453)
             tl.store(Lse + b64 * slb + h * slh + q0 + offs_m, lse, mask=offs_m < sq)
 
     @triton.jit
@@ -444,13 +466,16 @@ if triton is not None:
     def _bwd_p(q, k, Bias, Mask, lse, offs_m, offs_n, sq, sk, off, sbm, sbn, smm, smn, qk_scale,
                CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                PRECISION: tl.constexpr):  # fmt: skip
-        """Probabilities p (BLOCK_M, BLOCK_N) recomputed from lse (log2 domain); 0 where hidden."""
+        """Probabilities p (BLOCK_M, BLOCK_N) recomputed from lse (natural log; +inf for an empty row);
+        0 where hidden. With a bias the scores stay in natural-log units, as in the forward."""
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         tile = (offs_m[:, None] < sq) & (offs_n[None, :] < sk)
         if HAS_BIAS:
             bias = tl.load(Bias + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=tile, other=0.0)
-            s += bias.to(tl.float32) * 1.4426950408889634
-        p = tl.math.exp2(s - lse[:, None])
+            s = s * 0.6931471805599453 + bias.to(tl.float32)
+            p = tl.math.exp2((s - lse[:, None]) * 1.4426950408889634)
+        else:
+            p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
         vis = tile
         if HAS_MASK:
             keep = tl.load(Mask + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=tile, other=0)
@@ -517,7 +542,7 @@ if triton is not None:
                                 mask=mrow & (offs_d[None, :] < D), other=0.0)  # fmt: skip
                     do = tl.load(DOh + offs_m[:, None] * sdm + offs_dv[None, :],
                                  mask=mrow & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
-                    lse = tl.load(Lh + offs_m, mask=offs_m < sq, other=float("inf")) * 1.4426950408889634
+                    lse = tl.load(Lh + offs_m, mask=offs_m < sq, other=float("inf"))
                     delta = tl.load(Dh + offs_m, mask=offs_m < sq, other=0.0)
                     p = _bwd_p(q, k, Bh, Mh, lse, offs_m, offs_n, sq, sk, off, sbm, sbn, smm, smn, qk_scale,
                                CAUSAL, HAS_BIAS, HAS_MASK, PRECISION)  # fmt: skip
@@ -571,7 +596,7 @@ if triton is not None:
             do = tl.load(DO + b64 * sdb + h * sdh + qrow[:, None] * sdm + offs_dv[None, :],
                          mask=mrow & (offs_dv[None, :] < DV), other=0.0)  # fmt: skip
             lbase = b64 * slb + h * slh + q0
-            lse = tl.load(Lse + lbase + offs_m, mask=offs_m < sq, other=float("inf")) * 1.4426950408889634
+            lse = tl.load(Lse + lbase + offs_m, mask=offs_m < sq, other=float("inf"))
             delta = tl.load(Delta + lbase + offs_m, mask=offs_m < sq, other=0.0)
             K += b64 * skb + hk * skh + k0 * skn
             V += b64 * svb + hk * svh + k0 * svn
@@ -923,6 +948,19 @@ def _check_dropout(dropout_p: float) -> float:
     return dropout_p
 
 
+def _check_scale(scale: float | None, d: int) -> float:
+    """The softmax scale as a float, default 1 / sqrt(d). Any finite value (zero and negative included, as
+    SDPA and attention_decode); NaN / inf would only give an all-NaN output."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"fastgen.attention: scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise _err(f"scale must be finite, got {scale}")
+    return scale
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
@@ -972,9 +1010,7 @@ def flash_attention(
         raise _err(f"head_dim must be positive, got query {d}, value {value.shape[3]}")
     causal_mode = _causal_mode(causal)
     dropout_p = _check_dropout(dropout_p)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    scale = float(scale)
+    scale = _check_scale(scale, d)
     full = (b, hq, sq, sk)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
@@ -1069,23 +1105,32 @@ def scaled_dot_product_attention(
 
 
 def _check_cu(name: str, cu: torch.Tensor, total: int, max_len: int, device: torch.device) -> torch.Tensor:
+    """Validate cu_seqlens in int64 (an int64 value past 2^31 must not wrap into range), then narrow it to
+    the int32 the kernels take. CPU tensors are checked on the host with the offending value in the
+    message; device tensors with torch._assert_async (no sync: a failure surfaces at the next one)."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
         raise _err(f"{name} must be a 1-D tensor (batch + 1,), got {getattr(cu, 'shape', type(cu))}")
     if cu.dtype not in (torch.int32, torch.int64):
         raise _err(f"{name} must be int32 (or int64), got {cu.dtype}")
     if cu.device != device:
         raise _err(f"{name} is on {cu.device} but q is on {device}")
-    cu = cu.to(torch.int32)
-    lens = cu[1:] - cu[:-1]
-    # on the device, without a host sync (a CUDA failure surfaces at the next synchronisation)
-    torch._assert_async(cu[0] == 0, f"fastgen.attention: {name}[0] must be 0")
-    torch._assert_async(cu[-1] == total, f"fastgen.attention: {name}[-1] must equal the total tokens {total}")
-    if lens.numel():
-        torch._assert_async(lens.min() >= 0, f"fastgen.attention: {name} must be non-decreasing")
-        torch._assert_async(
-            lens.max() <= max_len, f"fastgen.attention: a sequence in {name} is longer than max"
-        )
-    return cu
+    if total > torch.iinfo(torch.int32).max:
+        raise _err(f"{name}: {total} total tokens do not fit the kernels' int32 offsets")
+    c64 = cu.to(torch.int64)
+    lens = c64[1:] - c64[:-1]
+    checks = [
+        (c64[0] == 0, f"{name}[0] must be 0"),
+        (c64[-1] == total, f"{name}[-1] must equal the total tokens {total}"),
+        (lens >= 0, f"{name} must be non-decreasing"),
+        (lens <= max_len, f"{name} has a sequence longer than max_seqlen {max_len}"),
+    ]
+    for cond, msg in checks:
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(cond.all()):
+                raise _err(f"{msg}, got {name} = {c64.tolist() if c64.numel() <= 16 else _shape(c64)}")
+        elif cond.numel():
+            torch._assert_async(cond.all(), f"fastgen.attention: {msg}")
+    return cu.to(torch.int32)
 
 
 def flash_attn_varlen(
@@ -1128,7 +1173,7 @@ def flash_attn_varlen(
     if max_q < 0 or max_k < 0:
         raise _err(f"max_seqlen_q / max_seqlen_k must be >= 0, got {max_q}, {max_k}")
     dropout_p = _check_dropout(dropout_p)
-    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    scale = _check_scale(scale, q.shape[2])
     if q.shape[0] == 0:
         return q.new_zeros((0, q.shape[1], v.shape[2]))
     qq, kk, vv = (_last_dim_contiguous(t)[None] for t in (q, k, v))

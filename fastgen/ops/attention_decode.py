@@ -65,12 +65,17 @@ def _desc(t: torch.Tensor) -> str:
 # =====================================================================================================
 
 
-def _assert_values(cond: torch.Tensor, msg: str) -> None:
+def _assert_values(cond: torch.Tensor, msg: str, values: tuple[str, torch.Tensor] | None = None) -> None:
     """Raise ValueError(msg) unless every element of ``cond`` is true. CPU tensors are checked on the
-    host; device tensors (and traced graphs) with torch._assert_async, which never synchronises and fails
-    at the next synchronisation point."""
+    host, and ``values`` = (name, tensor shaped like cond) puts the first offending value in the message;
+    device tensors (and traced graphs) with torch._assert_async, which never synchronises and fails at
+    the next synchronisation point."""
     if cond.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(cond.all()):
+            if values is not None:
+                bad = (~cond).nonzero()[0].tolist()
+                idx = ", ".join(map(str, bad))
+                msg = f"{msg}; got {values[0]}[{idx}] = {int(values[1][tuple(bad)])}"
             raise _err(msg)
     else:
         torch._assert_async(cond.all(), f"fastgen.attention_decode: {msg}")
@@ -139,9 +144,6 @@ def _check(q, k, v, cache_seqlens, block_table, scale, num_splits, paged):
             raise _err(f"block_table is on {block_table.device} but q is on {q.device}")
         if k.shape[1] == 0:
             raise _err(f"page_size must be >= 1, got {kn} {tuple(k.shape)}")
-        block_table = block_table.to(torch.int32)
-        if block_table.shape[1] > 1 and block_table.stride(1) != 1:
-            block_table = block_table.contiguous()
         capacity = block_table.shape[1] * k.shape[1]
     else:
         capacity = k.shape[1]
@@ -152,20 +154,27 @@ def _check(q, k, v, cache_seqlens, block_table, scale, num_splits, paged):
         raise _err(f"scale must be finite, got {scale}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise _err(f"num_splits must be an int >= 0 (0: heuristic), got {num_splits!r}")
-    seqlens = cache_seqlens.to(torch.int32).contiguous()
+    # validated in their own dtype (int64 values past 2^31 must not wrap into range), then narrowed
     _assert_values(
         (cache_seqlens >= 0) & (cache_seqlens <= capacity),
         f"cache_seqlens out of range [0, {capacity}] (the cache holds {capacity} tokens per sequence)",
+        ("cache_seqlens", cache_seqlens),
     )
-    if paged and block_table.numel() > 0:
-        page = k.shape[1]
-        pages = (cache_seqlens.to(torch.int64) + page - 1) // page
-        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < pages[:, None]
-        in_range = (block_table >= 0) & (block_table < k.shape[0])
-        _assert_values(
-            in_range | ~used,
-            f"block_table entries of used pages must be in [0, {k.shape[0]}) (num_pages of {kn})",
-        )
+    seqlens = cache_seqlens.to(torch.int32).contiguous()
+    if paged:
+        if block_table.numel() > 0:
+            page = k.shape[1]
+            pages = (cache_seqlens.to(torch.int64) + page - 1) // page
+            used = torch.arange(block_table.shape[1], device=q.device)[None, :] < pages[:, None]
+            in_range = (block_table >= 0) & (block_table < k.shape[0])
+            _assert_values(
+                in_range | ~used,
+                f"block_table entries of used pages must be in [0, {k.shape[0]}) (num_pages of {kn})",
+                ("block_table", block_table),
+            )
+        block_table = block_table.to(torch.int32)
+        if block_table.shape[1] > 1 and block_table.stride(1) != 1:
+            block_table = block_table.contiguous()
     return q, seqlens, block_table, scale
 
 
@@ -178,7 +187,7 @@ def _gather_pages(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tenso
     """(num_pages, page, H, D) pages + (B, P) table -> (B, P * page, H, D) logical caches."""
     idx = block_table.long().clamp(0, max(pages.shape[0] - 1, 0))
     g = pages[idx]  # (B, P, page, H, D)
-    return g.reshape(g.shape[0], -1, *pages.shape[2:])
+    return g.reshape(g.shape[0], block_table.shape[1] * pages.shape[1], *pages.shape[2:])
 
 
 def _attend_torch(q, k, v, seqlens, scale, causal, dtype):
@@ -186,6 +195,8 @@ def _attend_torch(q, k, v, seqlens, scale, causal, dtype):
     least float32). Returns (B, Sq, Hq, D) contiguous in ``dtype``."""
     b, sq, hq, d = q.shape
     length, hkv = k.shape[1], k.shape[2]
+    if length == 0:  # no key at all: every row sees none and gets zeros (as the kernels and SDPA)
+        return torch.zeros((b, sq, hq, d), dtype=dtype, device=q.device)
     g = hq // hkv
     sdt = torch.promote_types(dtype, torch.float32)
     qd = (q.to(dtype) * scale).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * sq, d)
@@ -414,10 +425,20 @@ def kv_cache_append(
         raise _err(
             f"kv_cache_append: cache_seqlens must be ({b},) on {k_cache.device}, got {_desc(cache_seqlens)}"
         )
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        # an expanded (stride-0) or otherwise self-overlapping cache would take several tokens in one slot
+        if torch._debug_has_internal_overlap(cache) == 1:
+            raise _err(
+                f"kv_cache_append: {name} has internal overlap (shape {tuple(cache.shape)}, strides "
+                f"{cache.stride()}; e.g. an expand()ed tensor): it must own one memory slot per element"
+            )
+    if k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel() > 0:
+        raise _err("kv_cache_append: k_cache and v_cache are the same memory; they must be separate caches")
     s_new = k_new.shape[1]
     _assert_values(
         (cache_seqlens >= 0) & (cache_seqlens + s_new <= length),
         f"kv_cache_append: cache_seqlens + s_new ({s_new}) must be in [0, {length}] (max_seqlen of the cache)",
+        ("cache_seqlens", cache_seqlens),
     )
     if s_new == 0 or b == 0:
         return

@@ -267,3 +267,26 @@ def test_bad_input_errors():
         f(x, x[:1], x[:1])
     with pytest.raises(TypeError, match=r"expects a torch\.nn\.MultiheadAttention"):
         MultiheadAttention.from_torch(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("tgt, src", [(0, 0), (L, 0), (0, S)])
+def test_empty_sequences_match_torch(need_weights, tgt, src):
+    t, f = pair(batch_first=True)
+    q = torch.randn(N, tgt, E, dtype=torch.float64)
+    kv = torch.randn(N, src, E, dtype=torch.float64)
+    (o1, w1), (o2, w2) = t(q, kv, kv, need_weights=need_weights), f(q, kv, kv, need_weights=need_weights)
+    assert o2.shape == o1.shape and (w1 is None) == (w2 is None)
+    torch.testing.assert_close(o2, o1)  # no key: the output projection of zeros, as torch
+    if w1 is not None:
+        assert w2.shape == w1.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+def test_input_dtype_must_match_the_parameters(dtype):
+    f = MultiheadAttention(E, H, batch_first=True)  # float32 parameters; torch fails inside F.linear
+    x = torch.ones(N, L, E, dtype=dtype)
+    with pytest.raises(TypeError, match=f"query has dtype {dtype}, expected torch.float32"):
+        f(x, x, x)
+    with pytest.raises(TypeError, match=f"value has dtype {dtype}"):
+        f(x.float(), x.float(), x)
