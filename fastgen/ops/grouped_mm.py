@@ -595,7 +595,10 @@ def _check_tensor(name: str, t, dims: int, layout: str) -> None:
 
 
 def _check_offsets(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    offsets = offsets.to(torch.int32)
+    """Checked in the caller's dtype, THEN narrowed to the kernels' int32: int64 offsets past 2^31 would
+    wrap to small, plausible values (2^32 + 1 -> 1) and pass a check made after the cast."""
+    if rows >= 2**31:
+        raise _err(f"x has R = {rows} rows; at most 2^31 - 1 (the offsets are int32)")
     if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
         off = offsets.tolist()
         if off[0] < 0 or any(b < a for a, b in itertools.pairwise(off)) or off[-1] > rows:
@@ -609,7 +612,7 @@ def _check_offsets(offsets: torch.Tensor, rows: int) -> torch.Tensor:
             torch._assert_async(
                 (offsets[1:] - offsets[:-1]).min() >= 0, "fastgen.grouped_mm: offsets must be non-decreasing"
             )
-    return offsets
+    return offsets.to(torch.int32)  # exact once 0 <= offsets <= R < 2^31 holds
 
 
 def grouped_mm(

@@ -33,6 +33,7 @@ argsort / index_select, any device, float64 too).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -66,22 +67,23 @@ class Routing(NamedTuple):
     counts: torch.Tensor
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(f"fastgen.moe_permute: {msg}")
+def _err(msg: str, op: str = "moe_permute") -> ValueError:
+    """op: the public function the user called (moe_route / moe_permute / moe_unpermute)."""
+    return ValueError(f"fastgen.{op}: {msg}")
 
 
 def _desc(t: torch.Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
-def _assert_values(cond: torch.Tensor, msg: str) -> None:
+def _assert_values(cond: torch.Tensor, msg: str, op: str) -> None:
     """ValueError(msg) unless all of ``cond``: on the host for CPU tensors, torch._assert_async (no
     synchronisation) on devices and in traced graphs."""
     if cond.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(cond.all()):
-            raise _err(msg)
+            raise _err(msg, op)
     else:
-        torch._assert_async(cond.all(), f"fastgen.moe_permute: {msg}")
+        torch._assert_async(cond.all(), f"fastgen.{op}: {msg}")
 
 
 # =====================================================================================================
@@ -91,80 +93,86 @@ def _assert_values(cond: torch.Tensor, msg: str) -> None:
 
 def _check_route(expert_idx, num_experts, capacity, valid) -> int:
     """Validate moe_route's arguments; returns capacity as an int (-1: dropless)."""
+    err = functools.partial(_err, op="moe_route")
     if not isinstance(expert_idx, torch.Tensor):
-        raise _err(f"expert_idx must be a tensor, got {type(expert_idx).__name__}")
+        raise err(f"expert_idx must be a tensor, got {type(expert_idx).__name__}")
     if expert_idx.ndim != 2 or expert_idx.dtype not in INDEX_DTYPES:
-        raise _err(f"expert_idx must be a 2-D (tokens, k) int32 / int64 tensor, got {_desc(expert_idx)}")
+        raise err(f"expert_idx must be a 2-D (tokens, k) int32 / int64 tensor, got {_desc(expert_idx)}")
     if expert_idx.shape[1] < 1:
-        raise _err(f"expert_idx must have k >= 1 columns, got shape {tuple(expert_idx.shape)}")
+        raise err(f"expert_idx must have k >= 1 columns, got shape {tuple(expert_idx.shape)}")
     if (
         isinstance(num_experts, bool)
         or not isinstance(num_experts, int)
         or not 1 <= num_experts <= MAX_EXPERTS
     ):
-        raise _err(f"num_experts must be an int in [1, {MAX_EXPERTS}], got {num_experts!r}")
+        raise err(f"num_experts must be an int in [1, {MAX_EXPERTS}], got {num_experts!r}")
     if capacity is None:
         cap = -1
     elif isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-        raise _err(f"capacity must be None (dropless) or an int >= 0, got {capacity!r}")
+        raise err(f"capacity must be None (dropless) or an int >= 0, got {capacity!r}")
     else:
         cap = capacity
     if valid is not None:
         if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
             got = _desc(valid) if isinstance(valid, torch.Tensor) else type(valid).__name__
-            raise _err(
+            raise err(
                 f"valid must be a bool tensor of expert_idx's shape {tuple(expert_idx.shape)}, got {got}"
             )
         if valid.shape != expert_idx.shape:
-            raise _err(
+            raise err(
                 f"valid has shape {tuple(valid.shape)}, expected {tuple(expert_idx.shape)} like expert_idx"
             )
         if valid.device != expert_idx.device:
-            raise _err(f"valid is on {valid.device} but expert_idx is on {expert_idx.device}")
+            raise err(f"valid is on {valid.device} but expert_idx is on {expert_idx.device}")
     if expert_idx.shape[0] * expert_idx.shape[1] >= 2**31:
-        raise _err(f"at most 2^31 - 1 assignments (tokens x k), got {tuple(expert_idx.shape)}")
+        raise err(f"at most 2^31 - 1 assignments (tokens x k), got {tuple(expert_idx.shape)}")
     if expert_idx.numel() > 0:
         in_range = (expert_idx >= 0) & (expert_idx < num_experts)
         if valid is not None:
             in_range = in_range | ~valid
         _assert_values(
-            in_range, f"expert_idx entries (where valid) must be in [0, {num_experts}) (num_experts)"
+            in_range,
+            f"expert_idx entries (where valid) must be in [0, {num_experts}) (num_experts)",
+            "moe_route",
         )
     return cap
 
 
 def _check_routing(
-    routing, tokens: int, name: str, device: torch.device
+    routing, tokens: int, name: str, device: torch.device, op: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a Routing against ``tokens`` rows of ``name``; returns (dest, src) contiguous."""
+    """Validate a Routing against ``tokens`` rows of the argument ``name`` (on ``device``); returns
+    (dest, src) contiguous."""
+    err = functools.partial(_err, op=op)
     if not isinstance(routing, tuple) or len(routing) != 4:
-        raise _err(f"routing must be the Routing returned by moe_route, got {type(routing).__name__}")
+        raise err(f"routing must be the Routing returned by moe_route, got {type(routing).__name__}")
     dest, src = routing[0], routing[1]
     for n, t in (("routing.dest", dest), ("routing.src", src)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
             got = _desc(t) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise _err(f"{n} must be an int32 tensor, got {got}")
+            raise err(f"{n} must be an int32 tensor, got {got}")
         if t.device != device:
-            raise _err(f"{n} is on {t.device} but {name} is on {device}")
+            raise err(f"{n} is on {t.device} but {name} is on {device}")
     if dest.ndim != 2 or dest.shape[1] < 1:
-        raise _err(f"routing.dest must be (tokens, k) with k >= 1, got {_desc(dest)}")
+        raise err(f"routing.dest must be (tokens, k) with k >= 1, got {_desc(dest)}")
     t_, k = dest.shape
     if t_ != tokens:
-        raise _err(f"routing.dest has {t_} tokens ({tuple(dest.shape)}) but {name} has {tokens} rows")
+        raise err(f"routing.dest has {t_} tokens ({tuple(dest.shape)}) but {name} has {tokens} rows")
     if tuple(src.shape) != (t_ * k,):
-        raise _err(f"routing.src has shape {tuple(src.shape)}, expected ({t_ * k},) (tokens * k)")
+        raise err(f"routing.src has shape {tuple(src.shape)}, expected ({t_ * k},) (tokens * k)")
     return dest.contiguous(), src.contiguous()
 
 
-def _check_rows(t, name: str, rows: int | None, what: str) -> None:
+def _check_rows(t, name: str, rows: int | None, what: str, op: str) -> None:
+    err = functools.partial(_err, op=op)
     if not isinstance(t, torch.Tensor):
-        raise _err(f"{name} must be a tensor, got {type(t).__name__}")
+        raise err(f"{name} must be a tensor, got {type(t).__name__}")
     if t.ndim != 2:
-        raise _err(f"{name} must be 2-D {what}, got shape {tuple(t.shape)}")
+        raise err(f"{name} must be 2-D {what}, got shape {tuple(t.shape)}")
     if t.dtype not in ALL_DTYPES:
-        raise _err(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        raise err(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if rows is not None and t.shape[0] != rows:
-        raise _err(f"{name} has {t.shape[0]} rows ({tuple(t.shape)}), expected {rows} {what}")
+        raise err(f"{name} has {t.shape[0]} rows ({tuple(t.shape)}), expected {rows} {what}")
 
 
 # =====================================================================================================
@@ -237,8 +245,8 @@ def _combine_torch(buf, dest, gates, acc_dtype):
 
 def moe_permute_ref(x: torch.Tensor, routing: Routing, upcast: bool = False) -> torch.Tensor:
     """``moe_permute`` in plain PyTorch (index_select); ``upcast``: float64 result."""
-    _check_rows(x, "x", None, "(tokens, d)")
-    dest, src = _check_routing(routing, x.shape[0], "x", x.device)
+    _check_rows(x, "x", None, "(tokens, d)", "moe_permute")
+    dest, src = _check_routing(routing, x.shape[0], "x", x.device, "moe_permute")
     return _gather_torch(x, dest, src, None, torch.float64 if upcast else x.dtype)
 
 
@@ -654,43 +662,47 @@ def moe_route(
 def moe_permute(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Gather token rows into the expert-sorted buffer: (T, d) -> (T*k, d), buf[row] = x[src[row] // k],
     zeros on unused rows. Differentiable in x (dx[t] = sum over kept j of dbuf[dest[t, j]])."""
-    _check_rows(x, "x", None, "(tokens, d)")
-    dest, src = _check_routing(routing, x.shape[0], "x", x.device)
-    _check_index_ranges(dest, src)
+    _check_rows(x, "x", None, "(tokens, d)", "moe_permute")
+    dest, src = _check_routing(routing, x.shape[0], "x", x.device, "moe_permute")
+    _check_index_ranges(dest, src, "moe_permute")
     return _gather_op(x.contiguous(), dest, src, None)
 
 
 def _check_unpermute(buf, routing, gates):
+    err = functools.partial(_err, op="moe_unpermute")
     if not isinstance(routing, tuple) or len(routing) != 4 or not isinstance(routing[0], torch.Tensor):
-        raise _err(f"routing must be the Routing returned by moe_route, got {type(routing).__name__}")
+        raise err(f"routing must be the Routing returned by moe_route, got {type(routing).__name__}")
     if routing[0].ndim != 2:
-        raise _err(f"routing.dest must be (tokens, k), got {_desc(routing[0])}")
+        raise err(f"routing.dest must be (tokens, k), got {_desc(routing[0])}")
     t, k = routing[0].shape
-    _check_rows(buf, "buf", t * k, "(tokens * k rows, d)")
+    _check_rows(buf, "buf", t * k, "(tokens * k rows, d)", "moe_unpermute")
     if not isinstance(gates, torch.Tensor):
-        raise _err(f"gates must be a tensor, got {type(gates).__name__}")
+        raise err(f"gates must be a tensor, got {type(gates).__name__}")
     if gates.dtype not in ALL_DTYPES:
-        raise _err(f"gates must be float16, bfloat16, float32 or float64, got {gates.dtype}")
+        raise err(f"gates must be float16, bfloat16, float32 or float64, got {gates.dtype}")
     if gates.ndim != 2 or gates.shape[1] != k:
-        raise _err(f"gates must be (tokens, k) = (.., {k}) like routing.dest, got shape {tuple(gates.shape)}")
+        raise err(f"gates must be (tokens, k) = (.., {k}) like routing.dest, got shape {tuple(gates.shape)}")
     if gates.shape[0] != t:
-        raise _err(
-            f"gates has {gates.shape[0]} tokens ({tuple(gates.shape)}), expected {t} like routing.dest"
-        )
+        raise err(f"gates has {gates.shape[0]} tokens ({tuple(gates.shape)}), expected {t} like routing.dest")
     if gates.device != buf.device:
-        raise _err(f"gates is on {gates.device} but buf is on {buf.device}")
-    dest, src = _check_routing(routing, t, "routing.dest", buf.device)
+        raise err(f"gates is on {gates.device} but buf is on {buf.device}")
+    # the Routing's tensors must sit with buf (t comes from routing.dest itself, so its count holds)
+    dest, src = _check_routing(routing, t, "buf", buf.device, "moe_unpermute")
     return dest, src, gates
 
 
-def _check_index_ranges(dest, src) -> None:
+def _check_index_ranges(dest, src, op: str) -> None:
     n = src.shape[0]
     if n:
         _assert_values(
-            (dest >= -1) & (dest < n), f"routing.dest entries must be in [-1, {n}) (a Routing from moe_route)"
+            (dest >= -1) & (dest < n),
+            f"routing.dest entries must be in [-1, {n}) (a Routing from moe_route)",
+            op,
         )
         _assert_values(
-            (src >= -1) & (src < n), f"routing.src entries must be in [-1, {n}) (a Routing from moe_route)"
+            (src >= -1) & (src < n),
+            f"routing.src entries must be in [-1, {n}) (a Routing from moe_route)",
+            op,
         )
 
 
@@ -701,5 +713,5 @@ def moe_unpermute(buf: torch.Tensor, routing: Routing, gates: torch.Tensor) -> t
     Differentiable in buf and gates.
     """
     dest, src, gates = _check_unpermute(buf, routing, gates)
-    _check_index_ranges(dest, src)
+    _check_index_ranges(dest, src, "moe_unpermute")
     return _combine_op(buf.contiguous(), dest, src, gates.contiguous())

@@ -54,3 +54,37 @@ def test_top2moe_hyperparameters(kw, err, match):
     args = {"d_model": 8, "d_ff": 16, "num_experts": 4} | kw
     with pytest.raises(err, match=match):
         Top2MoE(**args)
+
+
+@pytest.mark.parametrize("bad", [[0, 2**32 + 1, 2**32 + 3], [0, 2**32, 2], [-(2**32), 1, 3]])
+def test_grouped_mm_int64_offsets_checked_before_narrowing(bad):
+    from fastgen.ops.grouped_mm import grouped_mm
+
+    x, w = torch.randn(3, 4), torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+        grouped_mm(x, w, torch.tensor(bad, dtype=torch.int64))
+    ok = grouped_mm(x, w, torch.tensor([0, 1, 3], dtype=torch.int64))
+    torch.testing.assert_close(ok, torch.cat([x[:1] @ w[0], x[1:] @ w[1]]))
+
+
+def test_moe_messages_name_the_op_and_the_tensors():
+    from fastgen.ops.moe_permute import moe_permute, moe_route, moe_unpermute
+
+    with pytest.raises(ValueError, match=r"^fastgen\.moe_route: expert_idx entries"):
+        moe_route(torch.tensor([[0, 5]]), 4)
+    with pytest.raises(ValueError, match=r"^fastgen\.moe_route: num_experts"):
+        moe_route(torch.tensor([[0, 1]]), 0)
+    routing = moe_route(torch.tensor([[0, 1], [1, 2]]), 4)
+    buf = moe_permute(torch.randn(2, 3), routing)
+    gates = torch.ones(2, 2)
+    meta = type(routing)(*(t.to("meta") for t in routing))
+    with pytest.raises(
+        ValueError, match=r"^fastgen\.moe_unpermute: routing\.dest is on meta but buf is on cpu"
+    ):
+        moe_unpermute(buf, meta, gates)
+    with pytest.raises(ValueError, match=r"^fastgen\.moe_unpermute: gates has 3 tokens"):
+        moe_unpermute(buf, routing, torch.ones(3, 2))
+    with pytest.raises(
+        ValueError, match=r"^fastgen\.moe_permute: x has|^fastgen\.moe_permute: routing\.dest has"
+    ):
+        moe_permute(torch.randn(3, 3), routing)
