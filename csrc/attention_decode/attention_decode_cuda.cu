@@ -229,7 +229,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       den = fmaf(sm_l[g][r], w, den);
       num = fmaf(sm_acc[g][r][d], w, num);
     }
-    const float o = den > 0.0f ? num / den : 0.0f;
+    // den == 0: no visible key (zeros); a NaN den (a NaN / inf input) must stay NaN, as the reference
+    const float o = den == 0.0f ? 0.0f : num / den;
     const int row = r0 + r;
     if (S == 1) {
       const int64_t i = row / p.G, g = row % p.G;
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     } else {
       const int64_t slot = (bh * S + split) * R + row;
       ws_o[slot * p.D + d] = o;
-      if (d == 0) ws_lse[slot] = den > 0.0f ? mx + log2f(den) : -INFINITY;
+      if (d == 0) ws_lse[slot] = den == 0.0f ? -INFINITY : mu + log2f(den);  // NaN den: NaN lse
     }
   }
 }
@@ -260,17 +261,19 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   for (int s = lane; s < S; s += 32) mx = fmaxf(mx, ws_lse[(bh * S + s) * R + row]);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  // fmaxf skips a NaN lse; its weight below is NaN and carries it into den and the output
+  const float mu = mx == -INFINITY ? 0.0f : mx;
   float den = 0.0f;
   for (int s = lane; s < S; s += 32) {
     const float lse = ws_lse[(bh * S + s) * R + row];
-    const float w = (mx == -INFINITY || lse == -INFINITY) ? 0.0f : exp2f(lse - mx);
+    const float w = lse == -INFINITY ? 0.0f : exp2f(lse - mu);
     sm_w[warp][s] = w;
     den += w;
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) den += __shfl_xor_sync(0xffffffffu, den, off);
   __syncwarp();
-  const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+  const float inv = den == 0.0f ? 0.0f : 1.0f / den;
   T* dst = p.out + ((b * p.Sq + i) * p.Hq + h * p.G + g) * p.D;
   for (int64_t d = lane; d < p.D; d += 32) {
     float o = 0.0f;
