@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.models.common import check_id_range, check_positive_int
 from fastgen.ops.attention import flash_attn_varlen, scaled_dot_product_attention
 
 __all__ = [
@@ -492,12 +493,20 @@ class CLIP(nn.Module):
         """text: (B, L) token ids, L <= context_length (causal attention: shorter rows need no padding
         mask). Returns (B, embed_dim): the ``ln_final`` output at the eot position, projected."""
         ctx = self.config.context_length
-        if text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
+        if (
+            not isinstance(text, torch.Tensor)
+            or text.dim() != 2
+            or text.dtype not in (torch.int64, torch.int32)
+        ):
             raise _err(
-                f"text: expected (batch, length) int64 / int32 token ids, got {tuple(text.shape)} {text.dtype}"
+                "text: expected (batch, length) int64 / int32 token ids, got "
+                f"{tuple(getattr(text, 'shape', ()))} {getattr(text, 'dtype', type(text).__name__)}"
             )
         if text.shape[1] > ctx:
             raise _err(f"text: length {text.shape[1]} exceeds context_length {ctx}")
+        if text.shape[1] == 0:
+            raise _err(f"text: needs length >= 1 (the eot position is pooled), got {tuple(text.shape)}")
+        check_id_range("text", text, self.config.vocab_size, _err)
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
         x = x[torch.arange(x.shape[0], device=x.device), self.eot_index(text)]
@@ -824,6 +833,7 @@ class SimpleTokenizer:
     ) -> torch.Tensor:
         """(len(texts), context_length) int64: sot, the text's ids, eot, zero padding. A text that does not
         fit raises, unless ``truncate`` (then it is cut and its last token set to eot)."""
+        check_positive_int("context_length", context_length, _err)
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = torch.zeros(len(texts), context_length, dtype=torch.long)
         for i, text in enumerate(texts):

@@ -1,10 +1,48 @@
-"""Pieces every autoregressive model here shares: token-id validation and logit sampling."""
+"""Pieces every model here shares: argument and token-id validation, and logit sampling."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
+
+
+def is_int(v) -> bool:
+    """A Python / NumPy integer, not a bool (True would silently mean 1)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_finite_real(v) -> bool:
+    """A finite Python / NumPy real number, not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_positive_int(name: str, v, err: Callable[[str], Exception], *, allow_none: bool = False) -> None:
+    """Raise ``err(message)`` unless ``v`` is an int >= 1 (or None where ``allow_none``)."""
+    if v is None and allow_none:
+        return
+    if not is_int(v) or v < 1:
+        raise err(f"{name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
+
+
+def check_finite(name: str, v, err: Callable[[str], Exception]) -> None:
+    """Raise ``err(message)`` unless ``v`` is a finite real number (NaN / inf scales give NaN logits)."""
+    if not is_finite_real(v):
+        raise err(f"{name} must be a finite number, got {v!r}")
+
+
+def check_sampling_args(
+    temperature: float, top_k: int | None, top_p: float | None, err: Callable[[str], Exception]
+) -> None:
+    """Raise ``err(message)`` unless temperature is finite and >= 0, top_k None or an int >= 1 and top_p
+    None or in (0, 1]. Python scalars only: no device work."""
+    if not (is_finite_real(temperature) and temperature >= 0):
+        raise err(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    check_positive_int("top_k", top_k, err, allow_none=True)
+    if top_p is not None and not (is_finite_real(top_p) and 0 < top_p <= 1):
+        raise err(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
 def check_integer_ids(name: str, t: torch.Tensor, err: Callable[[str], Exception]) -> None:
@@ -15,9 +53,9 @@ def check_integer_ids(name: str, t: torch.Tensor, err: Callable[[str], Exception
 
 def check_id_range(name: str, t: torch.Tensor, vocab: int, err: Callable[[str], Exception]) -> None:
     """Raise ``err(message)`` unless every value of ``t`` lies in [0, vocab). It reads two scalars back from
-    the device, so it is skipped while torch.compile traces."""
+    the device (one sync), so it is skipped while torch.compile traces."""
     if t.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(t.min()), int(t.max())
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()
         if lo < 0 or hi >= vocab:
             raise err(f"{name} must lie in [0, {vocab}), got values in [{lo}, {hi}]")
 
@@ -32,10 +70,7 @@ def sample_logits(
 ) -> torch.Tensor:
     """One token per row of logits (B, V): temperature, then top-k, then top-p filtering, then a draw
     from the softmax with ``generator``. temperature == 0 is greedy (argmax). Returns (B,) int64."""
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(
-            f"fastgen.models: need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
-        )
+    check_sampling_args(temperature, top_k, top_p, lambda m: ValueError(f"fastgen.models.sample_logits: {m}"))
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

@@ -67,7 +67,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastgen
-from fastgen.models.common import check_id_range, check_integer_ids, sample_logits
+from fastgen.models.common import (
+    check_finite,
+    check_id_range,
+    check_integer_ids,
+    check_positive_int,
+    check_sampling_args,
+    sample_logits,
+)
 from fastgen.nn.vq import decode_tokens
 
 try:
@@ -559,12 +566,16 @@ class DALLE(nn.Module):
         prediction of every text token and every image token (image_logits is (B, 1, image_vocab), the
         first image token, when image_tokens is None).
         """
+        check_positive_int("grid", grid, _err, allow_none=True)
         ids, _ = self._text_ids(text)
         x = self._embed_text(ids)
         if image_tokens is not None:
-            flat, grid = self._image_flat(image_tokens)
+            flat, tok_grid = self._image_flat(image_tokens)
+            if grid is not None and grid != tok_grid:
+                raise _err(f"grid {grid} does not match image_tokens' grid {tok_grid}")
+            grid = tok_grid
             x = torch.cat([x, self._embed_image(flat[:, :-1], 0, grid)], dim=1)
-        h = self._trunk(x, grid or self.cfg.image_grid)
+        h = self._trunk(x, self.cfg.image_grid if grid is None else grid)
         vt, n_text = self.cfg.text_vocab_size, self.cfg.text_seq_len
         w = self.to_logits.weight
         return F.linear(h[:, :n_text], w[:vt]), F.linear(h[:, n_text:], w[vt:])
@@ -606,9 +617,10 @@ class DALLE(nn.Module):
         KV-cache path). return_images: also return the dVAE decoding, (B, 3, 8 grid, 8 grid) in [0, 1].
         """
         cfg = self.cfg
-        grid = grid or cfg.image_grid
-        if not isinstance(grid, int) or grid < 1:
-            raise _err(f"grid must be a positive int, got {grid!r}")
+        check_positive_int("grid", grid, _err, allow_none=True)
+        grid = cfg.image_grid if grid is None else int(grid)
+        check_sampling_args(temperature, top_k, top_p, _err)
+        check_finite("cond_scale", cond_scale, _err)
         n_img = grid * grid
         ids, _ = self._text_ids(text_tokens)
         b = ids.shape[0]

@@ -59,7 +59,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastgen
-from fastgen.models.common import check_id_range, check_integer_ids, sample_logits
+from fastgen.models.common import (
+    check_id_range,
+    check_integer_ids,
+    check_sampling_args,
+    is_finite_real,
+    is_int,
+    sample_logits,
+)
 from fastgen.nn.moe import MoEAux, Top2MoE
 from fastgen.ops.grouped_mm import activation_ref
 
@@ -435,6 +442,14 @@ class GLaM(nn.Module):
         targets) and the info dict (see the module docstring)."""
         cfg = self.config
         _check_tokens("tokens", tokens, cfg.vocab_size, cfg.max_seq_len)
+        if targets is not None:
+            check_integer_ids("targets", targets, _err)  # float targets would be truncated by .long()
+            if targets.shape != tokens.shape:
+                raise _err(f"targets must have the shape of tokens {tuple(tokens.shape)}, got "
+                           f"{tuple(targets.shape)}")  # fmt: skip
+            bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
+            if not torch.compiler.is_compiling() and bool(bad.any()):
+                raise _err(f"targets must lie in [0, {cfg.vocab_size}) or be {IGNORE_INDEX}")
         h, auxes = self._trunk(tokens)
         logits = self._logits(h)
         zero = logits.new_zeros((), dtype=torch.float32)
@@ -451,12 +466,6 @@ class GLaM(nn.Module):
         }
         loss = None
         if targets is not None:
-            if not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape:
-                raise _err(f"targets must have the shape of tokens {tuple(tokens.shape)}, got "
-                           f"{tuple(getattr(targets, 'shape', ()))}")  # fmt: skip
-            bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
-            if not torch.compiler.is_compiling() and bool(bad.any()):
-                raise _err(f"targets must lie in [0, {cfg.vocab_size}) or be {IGNORE_INDEX}")
             lm = F.cross_entropy(
                 logits.flatten(0, 1).float(), targets.flatten().long(), ignore_index=IGNORE_INDEX
             )
@@ -491,19 +500,16 @@ class GLaM(nn.Module):
         """
         cfg = self.config
         _check_tokens("prompt", prompt, cfg.vocab_size, cfg.max_seq_len)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise _err(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         b, p = prompt.shape
         total = p + max_new_tokens
         if total > cfg.max_seq_len:
             raise _err(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) = {total} > max_seq_len "
                        f"({cfg.max_seq_len})")  # fmt: skip
-        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-            raise _err(
-                f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
-            )
-        if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-            raise _err(f"eos_id must lie in [0, {cfg.vocab_size}), got {eos_id}")
+        check_sampling_args(temperature, top_k, top_p, _err)
+        if eos_id is not None and not (is_int(eos_id) and 0 <= eos_id < cfg.vocab_size):
+            raise _err(f"eos_id must be None or an int in [0, {cfg.vocab_size}), got {eos_id!r}")
         dev = prompt.device
         gen = None
         if seed is not None:
@@ -578,6 +584,9 @@ def train_step(
     """One optimizer step on ``batch``: (B, S + 1) tokens (inputs batch[:, :-1], targets batch[:, 1:]) or a
     (tokens, targets) pair. Returns loss, lm_loss, aux_loss and dropped (assignments, all MoE layers) as
     Python numbers. Under expert parallelism, average replicated gradients first (e.g. DDP)."""
+    # a NaN max norm would scale every gradient to NaN without an error
+    if max_grad_norm is not None and not (is_finite_real(max_grad_norm) and max_grad_norm > 0):
+        raise _err(f"max_grad_norm must be None or a positive finite number, got {max_grad_norm!r}")
     tokens, targets = (batch[:, :-1], batch[:, 1:]) if isinstance(batch, torch.Tensor) else batch
     model.train()
     optimizer.zero_grad(set_to_none=True)

@@ -79,6 +79,13 @@ import torch.nn.functional as F
 import fastgen
 from fastgen.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule
 from fastgen.diffusion.samplers import INIT_NOISE_STEP
+from fastgen.models.common import (
+    check_finite,
+    check_id_range,
+    check_integer_ids,
+    check_positive_int,
+    is_finite_real,
+)
 from fastgen.ops.diffusion_step import counter_normal
 
 
@@ -545,21 +552,17 @@ class GLIDE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Checks (B, L) tokens and pads them (and the mask, False) on the right to ``text_ctx``."""
         cfg = self.cfg
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
-            raise _err(
-                f"tokens must be an integer tensor (batch, seq), got {getattr(tokens, 'shape', tokens)}"
-            )
+        check_integer_ids("tokens", tokens, _err)
+        if tokens.dim() != 2:
+            raise _err(f"tokens must be an integer tensor (batch, seq), got shape {tuple(tokens.shape)}")
         b, n = tokens.shape
         if n > cfg.text_ctx:
             raise _err(f"too many tokens: {n} > text_ctx {cfg.text_ctx} (truncate the prompt)")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.n_vocab):
-            raise _err(
-                f"token ids must lie in [0, {cfg.n_vocab}), got [{int(tokens.min())}, {int(tokens.max())}]"
-            )
+        check_id_range("token ids", tokens, cfg.n_vocab, _err)
         if mask is None:
             mask = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
-        if tuple(mask.shape) != (b, n):
-            raise _err(f"mask must have the tokens' shape {(b, n)}, got {tuple(mask.shape)}")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, n):
+            raise _err(f"mask must have the tokens' shape {(b, n)}, got {tuple(getattr(mask, 'shape', ()))}")
         pad = cfg.text_ctx - n
         tokens = F.pad(tokens.long(), (0, pad), value=cfg.pad_token)
         mask = F.pad(mask.bool(), (0, pad), value=False)
@@ -708,8 +711,11 @@ def sample_base(
     tokens (B, L), mask (B, L) bool; ``guidance_scale`` None: conditional only (no doubled batch).
     ``steps``: a ``space_timesteps`` spec ("100" as released). Same ``seed`` -> same images.
     """
+    check_positive_int("image_size", image_size, _err, allow_none=True)
+    if guidance_scale is not None:
+        check_finite("guidance_scale", guidance_scale, _err)
     device = next(model.parameters()).device
-    size = image_size or model.cfg.image_size
+    size = model.cfg.image_size if image_size is None else image_size
     tokens, mask = model.prepare_tokens(tokens.to(device), None if mask is None else mask.to(device))
     b = tokens.shape[0]
     if guidance_scale is not None:
@@ -742,11 +748,18 @@ def sample_upsample(
     cfg = model.cfg
     if not cfg.super_res:
         raise _err("sample_upsample needs an upsampler (super_res=True) model")
+    check_positive_int("image_size", image_size, _err, allow_none=True)
+    # a NaN / inf temperature is a NaN x_T: every sample NaN without an error
+    if not (is_finite_real(upsample_temp) and upsample_temp > 0):
+        raise _err(f"upsample_temp must be a positive finite number, got {upsample_temp!r}")
     device = next(model.parameters()).device
     if low_res.dim() != 4 or low_res.shape[1] != cfg.in_channels:
         raise _err(f"low_res must be (batch, {cfg.in_channels}, h, w), got {tuple(low_res.shape)}")
     scale = cfg.image_size // cfg.low_res_size
-    h, w = (image_size, image_size) if image_size else (low_res.shape[2] * scale, low_res.shape[3] * scale)
+    if image_size is None:
+        h, w = low_res.shape[2] * scale, low_res.shape[3] * scale
+    else:
+        h = w = image_size
     low_res = low_res.to(device, torch.float32)
     text = model.encode_text(tokens.to(device), None if mask is None else mask.to(device))
     if text.xf_out.shape[0] != low_res.shape[0]:
@@ -836,13 +849,16 @@ def training_losses(
     ``p_uncond``: probability that a sample's text is replaced by the empty prompt (CFG training).
     """
     cfg = model.cfg
-    if not 0.0 <= p_uncond <= 1.0:
-        raise _err(f"p_uncond must be in [0, 1], got {p_uncond}")
+    if not (is_finite_real(p_uncond) and 0.0 <= p_uncond <= 1.0):
+        raise _err(f"p_uncond must be in [0, 1], got {p_uncond!r}")
     model._check_image(x0)
     b, c = x0.shape[:2]
-    t = torch.as_tensor(t, device=x0.device).long()
-    if t.shape != (b,) or int(t.min()) < 0 or int(t.max()) >= cfg.diffusion_steps:
-        raise _err(f"t must be (batch,) = ({b},) in [0, {cfg.diffusion_steps}), got {tuple(t.shape)}")
+    # a float t would be truncated to the wrong step (0.9 -> 0) by the table lookups
+    check_integer_ids("t", t, _err)
+    if t.shape != (b,):
+        raise _err(f"t must be (batch,) = ({b},) int in [0, {cfg.diffusion_steps}), got {tuple(t.shape)}")
+    check_id_range("t", t, cfg.diffusion_steps, _err)
+    t = t.to(device=x0.device, dtype=torch.long)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     sched = training_schedule(cfg).to(x0.device)
