@@ -128,8 +128,8 @@ def check_ssim_args(
             f"images of {h}x{w} pixels are smaller than the {window_size}x{window_size} window "
             "('valid' filtering needs H, W >= window_size)"
         )
-    if img1.shape[0] == 0 or img1.shape[1] == 0:
-        raise _err(f"empty batch or no channels: shape {tuple(img1.shape)}")
+    if img1.shape[1] == 0:  # an empty batch is fine (an empty result), no channels has no mean
+        raise _err(f"images need at least one channel, got shape {tuple(img1.shape)}")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -271,6 +271,8 @@ def _ssim_triton(x, y, data_range, window_size, sigma, k1, k2):
     out_r = block_r - window_size + 1
     tr, tc = triton.cdiv(ho, out_r), triton.cdiv(wo, block_c)
     n_tiles = b * c * tr * tc
+    if n_tiles == 0:  # empty batch: no launch (a zero-size grid is an error)
+        return x.new_zeros((b, c, 2), dtype=torch.float32)
     nprog = _num_programs(x.device, n_tiles)
     win = gaussian_window(window_size, sigma, dtype=torch.float32, device=x.device)
     scratch = torch.empty(nprog * 5 * block_r * block_c, dtype=torch.float32, device=x.device)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastgen
 from fastgen.metrics import FID, frechet_distance, inception_score, ms_ssim, psnr, ssim
 
 
@@ -91,3 +92,16 @@ def test_fid_names_non_finite_features(real):
 def test_inception_score_rejects_bool_splits():
     with pytest.raises(ValueError, match="splits"):
         inception_score(torch.full((4, 2), 0.5), True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ssim_empty_batch_is_an_empty_result(backend):
+    x = torch.rand(0, 2, 16, 16, requires_grad=True)
+    with fastgen.use_backend(backend, op="ssim"):
+        per_image = ssim(x, torch.rand(0, 2, 16, 16), reduction="none")
+        assert per_image.shape == (0,)
+        assert ms_ssim(x, x.detach(), weights=[0.5, 0.5], window_size=7, reduction="none").shape == (0,)
+    per_image.sum().backward()
+    assert x.grad.shape == x.shape
+    with pytest.raises(ValueError, match="at least one channel"):
+        ssim(torch.rand(1, 0, 16, 16), torch.rand(1, 0, 16, 16))
