@@ -16,7 +16,9 @@ float32 from the original values with the direct forms (``sum((x - c)^2)``; cosi
 ``|c|^2``), so the index is the argmin of the float32 direct-form distances (which is the float64
 answer unless two codes are closer than float32 resolves). The expanded form loses
 ``~eps32 (|x|^2 + |c|^2)`` to cancellation, float16 / bfloat16 rounding of a fast scan much more; the
-re-rank is what makes near-ties come out right.
+re-rank is what makes near-ties come out right. Magnitudes: inputs beyond 2^+-40 (float32 / bfloat16) are
+first rescaled by powers of two (exact; see :func:`_prepare`), so ``||x||^2`` never overflows float32 (nor
+l2's squares underflow); ``dist`` is returned at the caller's scale (inf where it exceeds float32).
 
 Triton kernel (CUDA; CPU tensors only under ``TRITON_INTERPRET=1`` when forced): one launch over all heads,
 grid ``(cdiv(N, BLOCK_N), H)``. A program takes BLOCK_N rows of x and streams code tiles (BLOCK_K x D,
@@ -425,13 +427,67 @@ def _(x, codebook, distance, mode, return_counts):
 # =====================================================================================================
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            raise _err(f"{name} contains NaN or inf")
-    elif t.numel():
-        # on the device, without a host sync (a CUDA failure surfaces at the next synchronisation)
-        torch._assert_async(torch.isfinite(t).all(), f"fastgen.vq_nearest: {name} contains NaN or inf")
+# Powers of two the inputs are kept within before the expanded form: |values| <= 2^40 keeps every
+# ||x||^2, x.c and ||c||^2 far inside float32's range (2^128) for any D < 2^40; >= 2^-40 keeps the squares
+# of l2 above float32's normal minimum (2^-126). float16 (|values| <= 65504) never needs it.
+_POW2_RANGE = {torch.float32: 40, torch.bfloat16: 40, torch.float64: 300}
+
+
+def _times_pow2(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """t * 2^e, exact (barring underflow of elements far below the row's maximum): two factors, so that each
+    power of two stays inside t's dtype even for |e| ~ 150."""
+    e1 = torch.div(e, 2, rounding_mode="floor")
+    return t * torch.exp2((e - e1).to(t.dtype)) * torch.exp2(e1.to(t.dtype))
+
+
+def _host_checks(t: torch.Tensor) -> bool:
+    """Value checks may read back to the host (CPU tensors outside a traced graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _prepare(x: torch.Tensor, c: torch.Tensor, distance: str):
+    """Finiteness check, then a power-of-two rescale of inputs whose magnitude would overflow (or, for l2,
+    underflow) float32 in the expanded form: x (H, N, D), c (H, K, D) -> x, c, dist_factor ((H, 1) float64
+    or None: multiply the winning distances by it).
+
+    l2: one factor per head for x and its codebook (d(s x, s c) = s^2 d(x, c) exactly for s = 2^-e: the
+    argmin and the tie order are unchanged). cosine: one factor per row and per code, scaling down only
+    (scale-invariant; rows below eps keep their clamped-norm meaning).
+    CPU: the check is on the host (it raises a ValueError) and the rescale runs only when needed. CUDA and
+    traced graphs: no host sync, so the check is a device assert and the rescale always runs, with factor
+    1 for ordinary data (bit-identical results; the cost is one elementwise pass over x and the codebook,
+    against the O(N K D) scan). The max-abs reduction replaces a separate isfinite pass."""
+    host = _host_checks(x)
+    inf = float("inf")
+    rx = torch.linalg.vector_norm(x, ord=inf, dim=-1)  # (H, N): max |x| per row, NaN if any NaN
+    rc = torch.linalg.vector_norm(c, ord=inf, dim=-1)  # (H, K)
+    for name, r in (("x", rx), ("codebook", rc)):
+        if not r.numel():
+            continue
+        if host:
+            if not bool(torch.isfinite(r).all()):
+                raise _err(f"{name} contains NaN or inf")
+        else:
+            torch._assert_async(torch.isfinite(r).all(), f"fastgen.vq_nearest: {name} contains NaN or inf")
+    lim = _POW2_RANGE.get(x.dtype)
+    if lim is None or not x.numel():
+        return x, c, None
+    hi, lo = 2.0**lim, 2.0**-lim
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if distance == "l2":
+        m = torch.maximum(rx.amax(-1), rc.amax(-1)).to(stat)  # (H,); x.numel() > 0 so N, K >= 1
+        need = (m > hi) | ((m < lo) & (m > 0))
+        if host and not bool(need.any()):
+            return x, c, None
+        e = torch.where(need, torch.frexp(m).exponent, 0)[:, None]  # max |.| -> [0.5, 1)
+        factor = torch.exp2(2 * e.double())
+        return _times_pow2(x, -e[..., None]), _times_pow2(c, -e[..., None]), factor
+    need_x, need_c = rx > hi, rc > hi
+    if host and not bool(need_x.any() or need_c.any()):
+        return x, c, None
+    ex = torch.where(need_x, torch.frexp(rx.to(stat)).exponent, 0)
+    ec = torch.where(need_c, torch.frexp(rc.to(stat)).exponent, 0)
+    return _times_pow2(x, -ex[..., None]), _times_pow2(c, -ec[..., None]), None
 
 
 def vq_nearest(
@@ -481,13 +537,14 @@ def vq_nearest(
         raise _err(f"codebook is empty (K = 0), shape {tuple(codebook.shape)}")
     if x.shape[-1] == 0:
         raise _err(f"x has D = 0, shape {tuple(x.shape)}")
-    _check_finite("x", x)
-    _check_finite("codebook", codebook)
     single = x.dim() == 2
     x3 = x.unsqueeze(0) if single else x
     c3 = codebook.unsqueeze(0) if single else codebook
     with torch.no_grad():
-        idx, dist, counts = _vq_nearest_op(x3.detach(), c3.detach(), distance, mode, return_counts)
+        x3, c3, factor = _prepare(x3.detach(), c3.detach(), distance)
+        idx, dist, counts = _vq_nearest_op(x3, c3, distance, mode, return_counts)
+        if factor is not None:  # back to the caller's scale (inf where the true distance exceeds float32)
+            dist = (dist.double() * factor).float()
     if single:
         idx, dist = idx[0], dist[0]
         counts = counts[0] if return_counts else counts
