@@ -18,7 +18,9 @@ and equal for q, k and v. With ``len = cache_seqlens[b]`` and query token i (0-b
                = { j : j < len }                   (causal=False)
     out[b, i, hq] = softmax_{j in visible(i)}(scale * q[b, i, hq] . k[b, j, hq // G]) @ v[b, :, hq // G]
 
-``scale`` defaults to 1/sqrt(head_dim). A query that sees no key (e.g. ``len = 0``) gets zeros, never NaN.
+``scale`` defaults to 1/sqrt(head_dim) and must be finite. A query that sees no key (e.g. ``len = 0``) gets
+zeros, never NaN; a NaN / inf among the keys, values or query a row sees gives what the reference gives
+(NaN), whichever split holds it.
 Cache entries at positions >= len are never read by the kernels (they may hold anything, NaN included).
 
 The kernels follow flash-decoding (Dao, Haziza, Massa, Sizov 2023): the keys of each (sequence, KV head)
