@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "attention_decode/attention_decode.h"
+#include "cpu_isa.h"
 #include "diffusion_step/diffusion_step.h"
 #include "moe_permute/moe_permute.h"
 #include "vq/vq.h"
@@ -422,6 +423,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "True iff fastgen._C was built with its CUDA sources");
+  m.def(
+      "cpu_isa", [] { return std::string(fastgen::cpu::isa_name(fastgen::cpu::selected_isa())); },
+      "The SIMD path the C++ CPU kernels take now: the CPU's best, capped by FASTGEN_CPU_ISA=scalar|avx2|avx512");
+  m.def(
+      "cpu_isa_best", [] { return std::string(fastgen::cpu::isa_name(fastgen::cpu::best_isa())); },
+      "The best SIMD path this CPU supports (scalar, avx2 = AVX2+FMA, avx512 = AVX-512F)");
   const auto args = std::make_tuple(
       py::arg("x"), py::arg("cond"), py::arg("uncond"), py::arg("uncond_row_offset"), py::arg("coeffs"),
       py::arg("prev_x0"), py::arg("noise"), py::arg("row_scale"), py::arg("thresh"), py::arg("guidance_scale"),

@@ -49,6 +49,16 @@ def report() -> str:
     if _ext.C is not None:
         ext += " with CUDA sources" if _ext.C.has_cuda() else " (C++ CPU only)"
     lines.append(f"  {'fastgen._C':<20} {ext}")
+    if _ext.C is not None and hasattr(_ext.C, "cpu_isa"):
+        cap = os.environ.get("FASTGEN_CPU_ISA")
+        try:
+            isa = _ext.C.cpu_isa()
+        except ValueError as e:  # a bad FASTGEN_CPU_ISA: show it rather than fail the whole report
+            isa = f"error: {e}"
+        lines.append(
+            f"  {'C++ CPU SIMD path':<20} {isa} (this CPU's best: {_ext.C.cpu_isa_best()}; "
+            f"FASTGEN_CPU_ISA={cap or '(not set)'})"
+        )
     forced = os.environ.get(_backend.ENV_VAR)
     lines.append(
         f"  {_backend.ENV_VAR:<20} {forced or '(not set: automatic, ' + ' > '.join(_backend.BACKEND_ORDER) + ')'}"

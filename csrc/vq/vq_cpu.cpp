@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
 #include "vq/vq.h"
 
 namespace fastgen {
@@ -115,26 +116,6 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* __restrict__ xp
   }
 }
 #endif
-
-enum class Isa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The best micro-kernel this CPU runs; FASTGEN_VQ_ISA=generic|avx2 caps it (tests cover every path).
-Isa pick_isa() {
-  Isa best = Isa::kGeneric;
-#ifdef FASTGEN_VQ_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) {
-    best = Isa::kAvx512;
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    best = Isa::kAvx2;
-  }
-#endif
-  if (const char* env = std::getenv("FASTGEN_VQ_ISA")) {
-    if (std::strcmp(env, "generic") == 0) best = Isa::kGeneric;
-    if (std::strcmp(env, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
-  }
-  return best;
-}
 
 template <typename acc_t>
 inline bool better(acc_t d, acc_t best) {  // codes arrive in ascending order: "<" keeps the lowest on ties
@@ -388,14 +369,16 @@ void vq_nearest_cpu_impl(const VqArgs& a) {
   if (st == at::kDouble) {
     nearest<double, double, 6, 4>(a, &tile_generic<double, 6>);
   } else {
+    // Read before any work: a bad FASTGEN_CPU_ISA is an error, raised before the kernel runs.
+    const cpu::Isa isa = cpu::selected_isa();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "vq_nearest_cpu", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        switch (pick_isa()) {
+        switch (isa) {
 #ifdef FASTGEN_VQ_X86
-          case Isa::kAvx512:
+          case cpu::Isa::kAvx512:
             nearest<scalar_t, float, kMR5, kNR5>(a, &tile_avx512);
             return;
-          case Isa::kAvx2:
+          case cpu::Isa::kAvx2:
             nearest<scalar_t, float, kMR2, kNR2>(a, &tile_avx2);
             return;
 #endif

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastgen
 from fastgen import _ext
 from fastgen.ops import vq as V
 
@@ -20,14 +21,36 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-@pytest.fixture(params=["native", "avx2", "generic"])
+ISAS = ("scalar", "avx2", "avx512")
+
+
+@pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
-    """Every CPU micro-kernel (the best this CPU runs is 'native'; the others cap it)."""
-    if request.param == "native":
-        monkeypatch.delenv("FASTGEN_VQ_ISA", raising=False)
-    else:
-        monkeypatch.setenv("FASTGEN_VQ_ISA", request.param)
+    """Every CPU micro-kernel this CPU runs, selected with FASTGEN_CPU_ISA (paths above the CPU's best skip)."""
+    best = C.cpu_isa_best() if C is not None else "scalar"
+    if ISAS.index(request.param) > ISAS.index(best):
+        pytest.skip(f"this CPU's best SIMD path is {best}")
+    monkeypatch.setenv("FASTGEN_CPU_ISA", request.param)
+    assert C.cpu_isa() == request.param
     return request.param
+
+
+def test_cpu_isa_override(monkeypatch):
+    """FASTGEN_CPU_ISA caps the path at the CPU's best; an unknown value is an error naming the variable,
+    raised before the kernel runs."""
+    best = C.cpu_isa_best()
+    monkeypatch.delenv("FASTGEN_CPU_ISA", raising=False)
+    assert C.cpu_isa() == best
+    monkeypatch.setenv("FASTGEN_CPU_ISA", "avx512")
+    assert C.cpu_isa() == best  # never above what the CPU runs
+    monkeypatch.setenv("FASTGEN_CPU_ISA", "scalar")
+    assert C.cpu_isa() == "scalar"
+    monkeypatch.setenv("FASTGEN_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="FASTGEN_CPU_ISA=sse9"):
+        C.cpu_isa()
+    x, c = torch.randn(4, 8), torch.randn(5, 8)
+    with fastgen.use_backend("cpp"), pytest.raises(ValueError, match="FASTGEN_CPU_ISA"):
+        fastgen.vq_nearest(x, c)
 
 
 def nearest(device, *args):

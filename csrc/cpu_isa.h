@@ -1,0 +1,59 @@
+// Which SIMD path the C++ CPU kernels take: the best one this CPU runs (cpuid), capped by the
+// environment variable FASTGEN_CPU_ISA=scalar|avx2|avx512, read at every call so that tests can run
+// every path the machine supports in one process. A value naming a path above the CPU's best is capped
+// to the best (the kernels never execute instructions the CPU lacks); an unknown value is an error.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fastgen {
+namespace cpu {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+// The best path this CPU supports (AVX2 needs FMA too; AVX-512 means AVX-512F).
+inline Isa best_isa() {
+  static const Isa best = [] {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+    return Isa::kScalar;
+  }();
+  return best;
+}
+
+inline Isa selected_isa() {
+  const Isa best = best_isa();
+  const char* env = std::getenv("FASTGEN_CPU_ISA");
+  if (env == nullptr || env[0] == '\0') return best;
+  Isa want;
+  if (std::strcmp(env, "scalar") == 0) {
+    want = Isa::kScalar;
+  } else if (std::strcmp(env, "avx2") == 0) {
+    want = Isa::kAvx2;
+  } else if (std::strcmp(env, "avx512") == 0) {
+    want = Isa::kAvx512;
+  } else {
+    TORCH_CHECK_VALUE(false, "FASTGEN_CPU_ISA=", env, " is not one of scalar, avx2, avx512");
+  }
+  return static_cast<int>(want) < static_cast<int>(best) ? want : best;
+}
+
+}  // namespace cpu
+}  // namespace fastgen
