@@ -14,6 +14,7 @@ or ``model_fn`` may return the tuple ``(cond, uncond)`` itself.
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -125,6 +126,12 @@ class Sampler:
         noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused step from schedule index ``i`` to ``i - 1``. Returns (x_prev, pred_x0)."""
+        try:  # 5.5 would index the coefficient table with a float; True is not a step
+            if isinstance(i, bool):
+                raise TypeError
+            i = operator.index(i)
+        except TypeError:
+            raise TypeError(f"step index i must be an int, got {type(i).__name__} {i!r}") from None
         if not 0 <= i < self.num_steps:
             raise ValueError(f"step index i={i} out of range [0, {self.num_steps - 1}]")
         uncond = None

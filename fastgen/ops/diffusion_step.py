@@ -933,14 +933,17 @@ def _schedule(abar: torch.Tensor) -> _Schedule:
     return st
 
 
-def _cached(st: _Schedule, key: tuple, build) -> torch.Tensor:
+def _cached(st: _Schedule, key: tuple, dtype: torch.dtype, build) -> torch.Tensor:
+    """The coefficients of ``key`` in the type sampler_step runs them in for samples of ``dtype``."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
     if any(isinstance(k, torch.Tensor) for k in key):  # device timesteps: built on the device, no sync
-        return build()
+        return build().to(ct)
+    key = (*key, ct)
     hit = st.coeffs.get(key)
     if hit is None:
         if len(st.coeffs) >= _MAX_COEFFS_PER_SCHEDULE:
             st.coeffs.clear()
-        hit = st.coeffs[key] = build()
+        hit = st.coeffs[key] = build().to(ct)
     return hit
 
 
@@ -985,7 +988,7 @@ def ddpm_step(
     kwargs = _common("ddpm_step", kwargs)
     st = _check_schedule(alphas_cumprod, x_t)
     t = _check_t("t", t, alphas_cumprod.numel(), False, x_t.device)
-    coeffs = _cached(st, ("ddpm", pred, variance_type, t),
+    coeffs = _cached(st, ("ddpm", pred, variance_type, t), x_t.dtype,
                      lambda: ddpm_coeffs(alphas_cumprod, t, pred, variance_type))  # fmt: skip
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=True,
                         learned_variance=variance_type == "learned_range", **kwargs)  # fmt: skip
@@ -1017,7 +1020,7 @@ def ddim_step(
     t = _check_t("t", t, size, False, x_t.device)
     t_prev = _check_t("t_prev", t_prev, size, True, x_t.device)
     _check_before("t_prev", t_prev, "t", t, _T_PREV_WHY)
-    coeffs = _cached(st, ("ddim", pred, eta, t, t_prev),
+    coeffs = _cached(st, ("ddim", pred, eta, t, t_prev), x_t.dtype,
                      lambda: ddim_coeffs(alphas_cumprod, t, t_prev, eta, pred))  # fmt: skip
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=eta > 0,
                         **kwargs)  # fmt: skip
@@ -1032,7 +1035,7 @@ def _euler(ancestral: bool, x_t, model_output, alphas_cumprod, t, t_prev, noise,
     t = _check_t("t", t, size, False, x_t.device)
     t_prev = _check_t("t_prev", t_prev, size, True, x_t.device)
     _check_before("t_prev", t_prev, "t", t, _T_PREV_WHY)
-    coeffs = _cached(st, ("euler", pred, ancestral, t, t_prev),
+    coeffs = _cached(st, ("euler", pred, ancestral, t, t_prev), x_t.dtype,
                      lambda: euler_coeffs(alphas_cumprod, t, t_prev, pred, ancestral))  # fmt: skip
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=ancestral,
                         **kwargs)  # fmt: skip
@@ -1097,7 +1100,7 @@ def dpm_solver_2m_step(
     if t_last is not None:
         t_last = _check_t("t_last", t_last, size, False, x_t.device)
         _check_before("t", t, "t_last", t_last, "t_last is the timestep of the previous, noisier step")
-    coeffs = _cached(st, ("dpm2m", pred, t, t_prev, t_last),
+    coeffs = _cached(st, ("dpm2m", pred, t, t_prev, t_last), x_t.dtype,
                      lambda: dpm_solver_2m_coeffs(alphas_cumprod, t, t_prev, t_last, pred))  # fmt: skip
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, prev_x0=prev_x0, **kwargs)
 

@@ -157,4 +157,10 @@ def test_sampler_bad_input():
         DDIMSampler(full).sample(lambda x, t: x, (2, 3), x_T=torch.zeros(3, 3), progress=False)
     with pytest.raises(ValueError, match=r"step index i=100 out of range"):
         DDIMSampler(full).step(100, torch.zeros(1, 2), torch.zeros(1, 2))
+    for i in (5.5, True, "5"):
+        with pytest.raises(TypeError, match="step index i must be an int"):
+            DDIMSampler(full).step(i, torch.zeros(1, 2), torch.zeros(1, 2))
+    for eta in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="eta"):
+            DDIMSampler(full, eta=eta)
     assert math.isfinite(DDIMSampler(full).init_noise_sigma())
