@@ -12,5 +12,11 @@ scheduler is built. Needs ``pip install diffusers``.
 
 from fastgen.diffusers.ddim import DDIMScheduler
 from fastgen.diffusers.ddpm import DDPMScheduler
+from fastgen.diffusers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-__all__ = ["DDIMScheduler", "DDPMScheduler"]
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+]

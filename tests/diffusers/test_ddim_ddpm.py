@@ -7,8 +7,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from diffusers_loop import fake_model, rel_err, sample_loop  # noqa: E402
+
 import fastgen.diffusers as fd  # noqa: E402
-from tests.diffusers._loop import fake_model, rel_err, sample_loop  # noqa: E402
 
 TRAINED = torch.linspace(1e-4, 0.03, 1000).tolist()
 
