@@ -247,6 +247,11 @@ class EulerSampler(Sampler):
         if self.ancestral:
             self.name = "euler_ancestral"
         super().__init__(schedule, **kw)
+        if not float(schedule.alphas_cumprod[-1]) > 0:
+            raise ValueError(
+                "Euler samplers need alphas_cumprod > 0 at every step; this schedule ends at zero SNR "
+                "(alphas_cumprod[-1] = 0), where sigma = sqrt((1 - a) / a) is infinite"
+            )
 
     def _table(self, abar, idx):
         return D.euler_coeffs(abar, idx, idx - 1, self.prediction_type, self.ancestral)

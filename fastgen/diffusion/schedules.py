@@ -266,7 +266,8 @@ class NoiseSchedule:
             used by Euler / Karras samplers (Karras et al. 2022, arXiv:2206.00364).
 
     Args:
-        betas: (T,) values in (0, 1]; converted to float64.
+        betas: (T,) values in (0, 1], only the last one may be 1 (which gives zero terminal SNR,
+            alphas_cumprod[-1] = 0, e.g. the cosine schedule with max_beta=1); converted to float64.
         timestep_map: optional (T,) ints, see above.
     """
 
@@ -278,6 +279,13 @@ class NoiseSchedule:
         if bad.any():
             i = int(bad.nonzero()[0])
             raise ValueError(f"betas must lie in (0, 1], got betas[{i}]={betas[i].item()}")
+        ones = (betas[:-1] == 1).nonzero()
+        if ones.numel():
+            # alphas_cumprod would be 0 from there on: every later step pure noise, with 0/0 in respacing
+            i = int(ones[0])
+            raise ValueError(
+                f"betas[{i}] = 1 before the last step: only the last beta may be 1 (zero terminal SNR)"
+            )
         t = betas.numel()
         self.num_timesteps = t
         self.betas = betas

@@ -633,6 +633,7 @@ def _check_before(name_a: str, a: int | torch.Tensor, name_b: str, b: int | torc
 
 
 _T_PREV_WHY = "a step goes to an earlier, less noisy timestep (-1: the clean sample)"
+_ZERO_SNR_WHY = "alphas_cumprod is 0 there (zero terminal SNR): Euler's sigma would be infinite"
 
 
 def _check_eta(eta: Any) -> float:
@@ -874,7 +875,7 @@ def sampler_step(
 class _Schedule:
     """A validated schedule and the coefficients built from it, keyed by the step's arguments."""
 
-    __slots__ = ("coeffs", "ref", "snapshot", "version")
+    __slots__ = ("coeffs", "ref", "snapshot", "version", "zero_snr_end")
 
 
 _SCHEDULES: dict[tuple, _Schedule] = {}
@@ -887,17 +888,18 @@ def clear_schedule_cache() -> None:
     _SCHEDULES.clear()
 
 
-def _validate_schedule(abar: torch.Tensor) -> None:
+def _validate_schedule(abar: torch.Tensor) -> bool:
     """alphas_cumprod in (0, 1] and non-increasing; the last value may be 0 (zero terminal SNR, as a
     cosine schedule with max_beta=1 gives). A 0 before the end would make every later step pure noise.
-    One host sync per new schedule on a GPU."""
+    Returns whether the last value is 0. One host sync per new schedule on a GPU."""
     if abar.device.type == "meta":
-        return
+        return False
     a = abar.detach()
     in_range = torch.cat([(a[:-1] > 0) & (a[:-1] <= 1), (a[-1:] >= 0) & (a[-1:] <= 1)])
     increasing = a[1:] > a[:-1]
-    if bool(in_range.all()) and not bool(increasing.any()):
-        return
+    ok, zero_end = torch.stack([in_range.all() & ~increasing.any(), a[-1] == 0]).tolist()
+    if ok:
+        return zero_end
     if not bool(in_range.all()):
         i = int((~in_range).nonzero()[0])
         raise _err(
@@ -920,8 +922,8 @@ def _schedule(abar: torch.Tensor) -> _Schedule:
                 return st
         elif st.ref() is abar and st.version == abar._version:
             return st
-    _validate_schedule(abar)
     st = _Schedule()
+    st.zero_snr_end = _validate_schedule(abar)
     st.coeffs = {}
     if abar.device.type == "cpu":
         st.ref, st.version, st.snapshot = None, None, abar.detach().clone()
@@ -1035,6 +1037,8 @@ def _euler(ancestral: bool, x_t, model_output, alphas_cumprod, t, t_prev, noise,
     t = _check_t("t", t, size, False, x_t.device)
     t_prev = _check_t("t_prev", t_prev, size, True, x_t.device)
     _check_before("t_prev", t_prev, "t", t, _T_PREV_WHY)
+    if st.zero_snr_end:  # sigma = sqrt((1 - a) / a) is infinite there
+        _check_before("t", t, "the last step", size - 1, _ZERO_SNR_WHY)
     coeffs = _cached(st, ("euler", pred, ancestral, t, t_prev), x_t.dtype,
                      lambda: euler_coeffs(alphas_cumprod, t, t_prev, pred, ancestral))  # fmt: skip
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=ancestral,

@@ -163,4 +163,7 @@ def test_sampler_bad_input():
     for eta in (float("inf"), float("nan"), -1.0):
         with pytest.raises(ValueError, match="eta"):
             DDIMSampler(full, eta=eta)
+    zero_snr = NoiseSchedule.from_name("cosine", 20, max_beta=1.0)
+    with pytest.raises(ValueError, match="zero SNR"):
+        EulerSampler(zero_snr)
     assert math.isfinite(DDIMSampler(full).init_noise_sigma())

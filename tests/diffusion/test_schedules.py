@@ -246,9 +246,12 @@ def test_to_copies():
 
 
 def test_noise_schedule_errors():
-    for bad in ([], [[0.1, 0.2]], [0.1, 0.0], [0.1, 1.5], [float("nan")]):
+    for bad in ([], [[0.1, 0.2]], [0.1, 0.0], [0.1, 1.5], [float("nan")], [0.1, 1.0, 0.2]):
         with pytest.raises(ValueError, match="betas"):
             NoiseSchedule(bad)
+    # a beta of 1 at the last step is zero terminal SNR: alphas_cumprod[-1] == 0, and respacing keeps it
+    zsnr = NoiseSchedule([0.1, 0.2, 1.0])
+    assert zsnr.alphas_cumprod[-1] == 0 and zsnr.respace([0, 2]).alphas_cumprod[-1] == 0
     with pytest.raises(ValueError, match="timestep_map"):
         NoiseSchedule([0.1, 0.2], timestep_map=[0, 1, 2])
     with pytest.raises(ValueError, match="timestep_map"):

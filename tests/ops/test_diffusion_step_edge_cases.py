@@ -174,6 +174,11 @@ def test_zero_terminal_snr_schedule_is_accepted():
     out, x0 = D.ddim_step(x, mo, abar, 49, 40, prediction_type="v_prediction")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(x0, -mo)  # at zero SNR, v = -x0
+    for step in (D.euler_step, D.euler_ancestral_step):  # sigma is infinite at zero SNR
+        with pytest.raises(ValueError, match="zero terminal SNR"):
+            step(x, mo, abar, 49, 40)
+        out, _ = step(x, mo, abar, 48, 40)
+        assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", WITH_T_PREV)
