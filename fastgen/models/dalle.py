@@ -435,7 +435,7 @@ class _Attention(nn.Module):
             else:
                 m = _causal_rows(pos, end, x.device) if mask is None else mask[pos:end, :end]
                 o = _sdpa(q, kc[:, :end], vc[:, :end], m, plain, causal=False)
-        return self.proj(o.reshape(b, s, -1))
+        return self.proj(o.reshape(b, s, self.n_heads * self.head_dim))
 
 
 def _causal_rows(pos: int, end: int, device) -> torch.Tensor:

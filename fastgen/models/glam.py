@@ -293,7 +293,7 @@ class _Attention(nn.Module):
             else:
                 rows = torch.arange(pos, end, device=x.device)[:, None]
                 o = _sdpa(q, kc[:, :end], vc[:, :end], plain, torch.arange(end, device=x.device) <= rows)
-        return self.wo(o.reshape(b, s, -1))
+        return self.wo(o.reshape(b, s, self.n_heads * self.head_dim))
 
 
 class _FFN(nn.Module):

@@ -375,7 +375,7 @@ class AttentionBlock(nn.Module):
         q, k, v = (qkv[:, :, i].transpose(-1, -2) for i in range(3))  # (B, H, n, ch)
         mask = None
         if xf_out is not None:
-            ekv = self.encoder_kv(xf_out.to(x.dtype)).reshape(b, h, 2, ch, -1)
+            ekv = self.encoder_kv(xf_out.to(x.dtype)).reshape(b, h, 2, ch, xf_out.shape[-1])
             k = torch.cat([ekv[:, :, 0].transpose(-1, -2), k], dim=2)
             v = torch.cat([ekv[:, :, 1].transpose(-1, -2), v], dim=2)
             if key_mask is not None:

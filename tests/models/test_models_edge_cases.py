@@ -149,3 +149,14 @@ def test_glide_rejects_bool_tokens_and_nan_upsample_temp(glide_model):
             glide.sample_upsample(
                 up, torch.zeros(1, 3, 8, 8), torch.ones(1, 3, dtype=torch.long), progress=False, **kw
             )
+
+
+def test_empty_batch_gives_empty_results(glam_model, dalle_model, glide_model):
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    logits, loss, _ = glam_model(empty, empty)
+    assert logits.shape == (0, 2, glam_model.config.vocab_size) and loss.isnan()  # as F.cross_entropy
+    assert glam_model.generate(empty, 2, use_cache=True).shape == (0, 4)
+    assert dalle_model.generate_images(empty, cond_scale=2.0, progress=False).shape == (0, 4, 4)
+    assert dalle_model.logits(empty, torch.zeros(0, 4, 4, dtype=torch.long))[1].shape == (0, 16, 32)
+    x = torch.zeros(0, 3, 16, 16)
+    assert glide_model(x, torch.zeros(0, dtype=torch.long), empty).shape == (0, 6, 16, 16)
