@@ -163,6 +163,8 @@ class FID:
     def update(self, images_or_features: torch.Tensor, real: bool) -> None:
         """Add a batch to the real (``real=True``) or generated set: images for the extractor, or (N, F)."""
         x = images_or_features
+        if not isinstance(real, bool):  # the set is a dict key: 1 / "yes" would fail or mix sets
+            raise TypeError(f"FID.update: real must be True or False, got {real!r}")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FID.update: expected a torch.Tensor, got {type(x).__name__}")
         if self.feature_extractor is not None:

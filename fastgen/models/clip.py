@@ -286,6 +286,8 @@ def interpolate_pos_embed(
     Returns (1 + GH * GW, C) in pos's dtype.
     """
     (gh, gw), (nh, nw) = _pair(old_grid), _pair(new_grid)
+    if min(gh, gw, nh, nw) < 1:
+        raise _err(f"old_grid and new_grid must be positive, got {(gh, gw)} and {(nh, nw)}")
     if pos.dim() != 2 or pos.shape[0] != 1 + gh * gw:
         raise _err(f"pos: expected (1 + {gh}*{gw}, C) = ({1 + gh * gw}, C), got {tuple(pos.shape)}")
     if mode not in INTERP_MODES:

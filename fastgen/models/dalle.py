@@ -367,6 +367,7 @@ class DiscreteVAE(nn.Module):
 def interpolate_pos_embed(table: torch.Tensor, size: int) -> torch.Tensor:
     """A (n, d) row or column positional table resampled to (size, d) by linear interpolation
     (``F.interpolate(..., mode="linear", align_corners=False)``); the table itself when n == size."""
+    check_positive_int("size", size, _err)
     if table.shape[0] == size:
         return table
     return (

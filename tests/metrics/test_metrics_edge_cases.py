@@ -105,3 +105,8 @@ def test_ssim_empty_batch_is_an_empty_result(backend):
     assert x.grad.shape == x.shape
     with pytest.raises(ValueError, match="at least one channel"):
         ssim(torch.rand(1, 0, 16, 16), torch.rand(1, 0, 16, 16))
+
+
+def test_fid_update_requires_bool_real():
+    with pytest.raises(TypeError, match="real must be True or False"):
+        FID().update(torch.zeros(2, 3), real="yes")

@@ -160,3 +160,10 @@ def test_empty_batch_gives_empty_results(glam_model, dalle_model, glide_model):
     assert dalle_model.logits(empty, torch.zeros(0, 4, 4, dtype=torch.long))[1].shape == (0, 16, 32)
     x = torch.zeros(0, 3, 16, 16)
     assert glide_model(x, torch.zeros(0, dtype=torch.long), empty).shape == (0, 6, 16, 16)
+
+
+def test_pos_embed_interpolation_rejects_empty_grids():
+    with pytest.raises(ValueError, match="new_grid must be positive"):
+        clip.interpolate_pos_embed(torch.zeros(5, 4), 2, 0)
+    with pytest.raises(ValueError, match="size"):
+        dalle.interpolate_pos_embed(torch.zeros(4, 8), 0)
