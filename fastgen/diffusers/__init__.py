@@ -12,11 +12,13 @@ scheduler is built. Needs ``pip install diffusers``.
 
 from fastgen.diffusers.ddim import DDIMScheduler
 from fastgen.diffusers.ddpm import DDPMScheduler
+from fastgen.diffusers.dpm_solver import DPMSolverMultistepScheduler
 from fastgen.diffusers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
 ]
