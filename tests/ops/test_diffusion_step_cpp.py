@@ -290,6 +290,19 @@ def test_cpu_empty_inputs():
         assert out.shape == (B, N) and x0.shape == (B, N)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("clip_mode", [1, 2])
+def test_cpu_clip_keeps_nan(dtype, clip_mode):
+    """A NaN x0 stays NaN through the clip / threshold (torch.clamp semantics), in every lane of a tile."""
+    args = make_case(dtype, 2, 1001, clip_mode=clip_mode)
+    nan_at = [0, 7, 500, 1000]
+    args[1][1, nan_at] = float("nan")  # model output of sample 1
+    out, x0 = C.sampler_step_cpu(*args)
+    for t in (out, x0):
+        assert t[1].isnan().nonzero().flatten().tolist() == nan_at
+        assert not t[0].isnan().any()
+
+
 def test_cpu_large_parallel():
     """Several threads' worth of tiles (the parallel_for path), fp32 and bf16."""
     for dtype in (torch.float32, torch.bfloat16):
