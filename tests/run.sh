@@ -14,3 +14,22 @@ MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --no-build-isolation --no-deps -e .
 "$PY" -m ruff format --check .
 "$PY" -m fastgen.info
 "$PY" -m pytest -q -m "not slow" "$@"
+# Portability (DESIGN rule 12): the oracles and the C++ kernels again on the CPU paths other x86-64
+# machines take, an AVX2-only machine and the SSE baseline, for ATen's kernels, MKL's BLAS, oneDNN and
+# fastgen's own SIMD paths (each is capped at what this CPU runs). Inductor gets its own cache per pass:
+# its cache keys do not include ATEN_CPU_CAPABILITY. Arguments given to this script select the tests of
+# these passes too; FASTGEN_PORTABILITY=0 skips them.
+if [ "${FASTGEN_PORTABILITY:-1}" != 0 ]; then
+  targets=("$@")
+  [ ${#targets[@]} -eq 0 ] && targets=(tests/ops tests/nn tests/metrics tests/diffusion tests/property)
+  for pass in "avx2 AVX2 AVX2" "scalar SSE4_2 SSE41"; do
+    read -r isa mkl onednn <<<"$pass"
+    aten=$isa
+    [ "$isa" = scalar ] && aten=default
+    echo "portability pass: FASTGEN_CPU_ISA=$isa ATEN_CPU_CAPABILITY=$aten MKL_ENABLE_INSTRUCTIONS=$mkl ONEDNN_MAX_CPU_ISA=$onednn"
+    cache=$(mktemp -d)
+    FASTGEN_CPU_ISA=$isa ATEN_CPU_CAPABILITY=$aten MKL_ENABLE_INSTRUCTIONS=$mkl ONEDNN_MAX_CPU_ISA=$onednn \
+      TORCHINDUCTOR_CACHE_DIR=$cache "$PY" -m pytest -q -m "not slow" -p no:cacheprovider "${targets[@]}"
+    rm -rf "$cache"
+  done
+fi
