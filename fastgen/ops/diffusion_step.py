@@ -35,6 +35,13 @@ element) so that a sample does not change with the batch size or the backend (se
 
 Backends (see ``python -m fastgen.info``): cuda (csrc/diffusion_step/*_cuda.cu), triton (below),
 cpp (csrc/diffusion_step/*_cpu.cpp), torch (the same math in PyTorch ops, any device / dtype).
+
+The per-step functions (``ddpm_step``, ``ddim_step``, ...) take timesteps as Python / numpy ints or
+one-element integer tensors, ``alphas_cumprod`` in (0, 1] and non-increasing (only its last value may be
+0: zero terminal SNR), checked once per schedule; their coefficients are cached per schedule (see
+``_schedule``). NaN propagates as in the references: a NaN in a sample's x0 makes that element NaN, and
+under dynamic thresholding the whole sample (its threshold is NaN, as torch.quantile's). Empty batches
+or samples give empty results.
 """
 
 from __future__ import annotations
@@ -1008,7 +1015,8 @@ def ddim_step(
     clip_sample: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DDIM step t -> t_prev (Song et al. 2021); ``t_prev = -1`` steps to the clean sample (a' = 1).
+    """DDIM step t -> t_prev (Song et al. 2021); ``t_prev < t``, ``t_prev = -1`` steps to the clean sample
+    (a' = 1). ``eta``: a finite real >= 0 (0: deterministic, 1: DDPM's posterior noise).
 
     x' = sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z, s = eta sqrt((1-a')/(1-a)) sqrt(1 - a/a').
     When x0 is clipped / thresholded, eps is re-derived from the clipped x0 (as ADM/GLIDE do).
@@ -1050,7 +1058,8 @@ def euler_step(x_t, model_output, alphas_cumprod, t, t_prev, *, prediction_type=
     """Euler step (Karras et al. 2022) in sigma space: x = x0 + sigma eps, sigma = sqrt((1-a)/a).
 
     x' = x + (sigma' - sigma) d with d = (x - x0)/sigma; the model must have been called on
-    ``x / sqrt(sigma^2 + 1)`` (see ``euler_model_input_scale``). ``t_prev = -1`` ends at sigma = 0.
+    ``x / sqrt(sigma^2 + 1)`` (see ``euler_model_input_scale``). ``t_prev < t``; ``t_prev = -1`` ends at
+    sigma = 0. ``t`` must not be a zero-SNR step (alphas_cumprod 0, infinite sigma).
     Returns (x_prev, pred_x0).
     """
     return _euler(
@@ -1086,10 +1095,10 @@ def dpm_solver_2m_step(
     clip_sample: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPM-Solver++(2M) step t -> t_prev (Lu et al. 2022, multistep, midpoint).
+    """DPM-Solver++(2M) step t -> t_prev (Lu et al. 2022, multistep, midpoint); ``t_prev < t``.
 
-    ``prev_x0``/``t_last``: the pred_x0 returned by the previous step and that step's t; without them
-    (first step) and on the final step (t_prev = -1) the update is first order.
+    ``prev_x0``/``t_last``: the pred_x0 returned by the previous step and that step's t (``t_last > t``);
+    without them (first step) and on the final step (t_prev = -1) the update is first order.
     Returns (x_prev, pred_x0) — pass pred_x0 back as ``prev_x0`` next step.
     """
     kwargs = _common("dpm_solver_2m_step", kwargs)
