@@ -289,3 +289,20 @@ def test_cache_sees_in_place_edits():
     out, _ = D.euler_step(x, mo, abar, 20, 10)
     ref, _ = D.euler_step_ref(x.double(), mo.double(), abar.clone(), 20, 10, compute_dtype=torch.float64)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cache_on_gpu_tracks_the_tensor_and_its_version():
+    """On a GPU the cache keys on the tensor object (not its address) and its version counter."""
+    x, mo = inputs(device="cuda")
+    first = schedule(device="cuda")
+    D.ddim_step(x, mo, first, 20, 10)
+    del first
+    second = schedule(80, device="cuda")[::2].contiguous()  # likely at the freed schedule's address
+    out, _ = D.ddim_step(x, mo, second, 20, 10)
+    ref, _ = _ddim_ref(x.cpu(), mo.cpu(), second.cpu(), 20, 10)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-5)
+    second[20] = second[20] * 0.9  # an in-place write bumps the version
+    out, _ = D.ddim_step(x, mo, second, 20, 10)
+    ref, _ = _ddim_ref(x.cpu(), mo.cpu(), second.cpu(), 20, 10)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-5)
