@@ -122,11 +122,16 @@ def remember_timesteps(sched: Any) -> None:
 
 
 def split_guidance(
-    model_output: torch.Tensor, sample: torch.Tensor, guidance_scale: float | None
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    guidance_scale: float | None,
+    guidance_rescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(cond, uncond) from a pipeline's doubled batch ``[uncond; text]`` (the order of diffusers'
     ``noise_pred.chunk(2)``), or (model_output, None) without guidance."""
     if guidance_scale is None:
+        if guidance_rescale:
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} needs guidance_scale")
         return model_output, None
     b = sample.shape[0]
     if model_output.shape[0] != 2 * b:
@@ -205,7 +210,7 @@ def fused(
         coeffs,
         uncond_output=uncond,
         guidance_scale=guidance_scale if uncond is not None else None,
-        guidance_rescale=guidance_rescale,
+        guidance_rescale=guidance_rescale if uncond is not None else 0.0,
         learned_variance=learned_variance,
         needs_noise=noise is not None,
         noise=noise,

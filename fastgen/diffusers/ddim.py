@@ -100,7 +100,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         t_prev = t - self.config.num_train_timesteps // self.num_inference_steps
         if not 0 <= t < len(self.alphas_cumprod):
             raise ValueError(f"timestep={t} out of range [0, {len(self.alphas_cumprod) - 1}]")
-        cond, uncond = F.split_guidance(model_output, sample, guidance_scale)
+        cond, uncond = F.split_guidance(model_output, sample, guidance_scale, guidance_rescale)
         clip = F.threshold_args(self.config)
         keep_eps = bool(clip) and not use_clipped_model_output
         coeffs = F.cached_coeffs(

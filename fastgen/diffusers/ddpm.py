@@ -109,7 +109,7 @@ class DDPMScheduler(diffusers.DDPMScheduler):
         if not 0 <= t < len(self.alphas_cumprod):
             raise ValueError(f"timestep={t} out of range [0, {len(self.alphas_cumprod) - 1}]")
         t_prev = self._fg_prev_timestep(t)
-        cond, uncond = F.split_guidance(model_output, sample, guidance_scale)
+        cond, uncond = F.split_guidance(model_output, sample, guidance_scale, guidance_rescale)
         coeffs = F.cached_coeffs(self, ("ddpm", t, t_prev), sample.device, lambda: self._fg_build(t, t_prev))
         learned = self.config.variance_type == "learned_range"
         if learned:

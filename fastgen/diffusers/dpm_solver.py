@@ -121,7 +121,7 @@ class DPMSolverMultistepScheduler(diffusers.DPMSolverMultistepScheduler):
             cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
         )
         order = 1 if (cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final) else 2
-        cond, uncond = F.split_guidance(model_output, sample, guidance_scale)
+        cond, uncond = F.split_guidance(model_output, sample, guidance_scale, guidance_rescale)
         if cfg.variance_type in ("learned", "learned_range") and cfg.prediction_type == "epsilon":
             c = sample.shape[1]
             cond = cond[:, :c]

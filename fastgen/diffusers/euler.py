@@ -117,7 +117,7 @@ class EulerDiscreteScheduler(_EulerBase, diffusers.EulerDiscreteScheduler):
             sigma = self.sigmas[i]
             return _update(_x0(self.config.prediction_type, sigma), sigma, self.sigmas[i + 1] - sigma)
 
-        cond, uncond = F.split_guidance(model_output, sample, guidance_scale)
+        cond, uncond = F.split_guidance(model_output, sample, guidance_scale, guidance_rescale)
         coeffs = F.cached_coeffs(self, ("euler", i), sample.device, build)
         prev_sample, x0 = F.fused(
             sample,
@@ -168,7 +168,7 @@ class EulerAncestralDiscreteScheduler(_EulerBase, diffusers.EulerAncestralDiscre
             c[D.NOISE_MASK] = 1.0
             return c
 
-        cond, uncond = F.split_guidance(model_output, sample, guidance_scale)
+        cond, uncond = F.split_guidance(model_output, sample, guidance_scale, guidance_rescale)
         coeffs = F.cached_coeffs(self, ("euler_a", i), sample.device, build)
         noise = F.draw_noise(cond, generator)
         prev_sample, x0 = F.fused(

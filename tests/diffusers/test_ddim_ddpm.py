@@ -80,3 +80,59 @@ def test_ddpm_full_chain_without_set_timesteps_prev():
             x = s.step(fake_model(x, t), t, x, generator=g).prev_sample
         out.append(x)
     assert rel_err(out[1], out[0]) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "name,config,match",
+    [
+        ("DDPMScheduler", {"variance_type": "learned"}, "variance_type='learned' is not supported"),
+        ("DDPMScheduler", {"variance_type": "fixed_large_log"}, "variance_type='fixed_large_log'"),
+        ("DDIMScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.0}, "dynamic_thresholding_ratio=0.0"),
+        ("DDIMScheduler", {"clip_sample_range": -1.0}, "clip_sample_range=-1.0"),
+    ],
+)  # fmt: skip
+def test_unsupported_options_raise_at_construction(name, config, match):
+    ref = getattr(diffusers, name)(**config)
+    with pytest.raises(ValueError, match=f"fastgen.diffusers.{name}: {match}"):
+        getattr(fd, name).from_config(ref.config)
+    with pytest.raises(ValueError, match=match):
+        getattr(fd, name)(**config)
+
+
+def test_step_argument_errors():
+    s = fd.DDIMScheduler()
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(x, 10, x)
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match=r"eta must be a finite real >= 0, got -0\.5"):
+        s.step(x, s.timesteps[0], x, eta=-0.5)
+    with pytest.raises(ValueError, match=r"guidance_rescale=0\.5 needs guidance_scale"):
+        s.step(x, s.timesteps[0], x, guidance_rescale=0.5)
+    d = fd.DDPMScheduler(variance_type="learned_range")
+    d.set_timesteps(4)
+    with pytest.raises(ValueError, match=r"2 x 3 channels"):
+        d.step(x, d.timesteps[0], x)
+    with pytest.raises(ValueError, match="not one of the scheduler's timesteps"):
+        d.step(torch.randn(1, 6, 4, 4), 5, x)
+
+
+def test_config_round_trips_through_diffusers(tmp_path):
+    ours = fd.DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False)
+    ours.save_pretrained(tmp_path)
+    back = diffusers.DDIMScheduler.from_pretrained(tmp_path)
+    assert back.config.prediction_type == "v_prediction" and back.config.timestep_spacing == "trailing"
+    again = fd.DDIMScheduler.from_pretrained(tmp_path)
+    assert isinstance(again, fd.DDIMScheduler)
+    assert {k: v for k, v in again.config.items() if not k.startswith("_")} == {
+        k: v for k, v in ours.config.items() if not k.startswith("_")
+    }
+
+
+def test_empty_batch_gives_empty_result():
+    for name in ("DDIMScheduler", "DDPMScheduler"):
+        s = getattr(fd, name)()
+        s.set_timesteps(4)
+        x = torch.randn(0, 3, 4, 4)
+        out = s.step(x, s.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+        assert out.prev_sample.shape == x.shape and out.pred_original_sample.shape == x.shape
