@@ -661,8 +661,8 @@ def _check_eta(eta: Any) -> float:
 
 
 def _flat_rows(t: torch.Tensor) -> torch.Tensor:
-    # the row length is spelled out: reshape(0, -1) is ambiguous for an empty batch
-    return t.reshape(t.shape[0], math.prod(t.shape[1:])).contiguous()
+    # flatten, not reshape(b, -1): -1 is ambiguous for an empty batch
+    return t.flatten(1).contiguous()
 
 
 class _Prepared:
