@@ -115,10 +115,19 @@ def host_timestep(sched: Any, timestep: Any) -> int:
 
 
 def remember_timesteps(sched: Any) -> None:
-    """Called after diffusers' ``set_timesteps``: forget the coefficients of the old schedule."""
-    sched._fg_coeffs = {}
+    """Called after diffusers' ``set_timesteps``. Pipelines call it before every generation: the per-step
+    coefficients are kept while the schedule (timesteps and sigmas) is the same, and dropped otherwise."""
     ts = getattr(sched, "timesteps", None)
     sched._fg_host_timesteps = ts.tolist() if isinstance(ts, torch.Tensor) else None
+    sigmas = getattr(sched, "sigmas", None)
+    fingerprint = (
+        tuple(sched._fg_host_timesteps or ()),
+        tuple(sigmas.tolist()) if isinstance(sigmas, torch.Tensor) else None,
+        getattr(sched, "num_inference_steps", None),
+    )
+    if getattr(sched, "_fg_fingerprint", None) != fingerprint:
+        sched._fg_coeffs = {}
+        sched._fg_fingerprint = fingerprint
 
 
 def split_guidance(
