@@ -30,6 +30,7 @@ scores; the CPU path). ``python -m fastgen.info`` shows which serves what here.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -117,7 +118,10 @@ def attention_ref(
     if vis is not None:
         allowed = allowed & vis
     s = s.masked_fill(~allowed, float("-inf"))
-    row_max = s.amax(-1, keepdim=True)
+    if s.shape[-1] == 0:  # no key at all: zeros, as SDPA (p @ v is an empty sum); amax has no identity
+        row_max = s.new_zeros((*s.shape[:-1], 1))
+    else:
+        row_max = s.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)
     denom = e.sum(-1, keepdim=True)
@@ -1070,6 +1074,22 @@ def scaled_dot_product_attention(
             f"query, key, value must have the same number of dims (>= 3), got {_shape(query)}, "
             f"{_shape(key)}, {_shape(value)}"
         )
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise _err(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise _err(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        # checked here, under its own name: flash_attention would report it as its bias / mask argument
+        want = (*query.shape[:-1], key.shape[-2])
+        try:
+            fits = attn_mask.dim() <= len(want) and torch.broadcast_shapes(want, attn_mask.shape) == want
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise _err(
+                f"attn_mask of shape {_shape(attn_mask)} is not broadcastable to (..., heads, seq_q, seq_k) "
+                f"= {want}"
+            )
     lead = query.shape[:-3] if query.dim() > 3 else ()
     if query.dim() == 3:
         query, key, value = query[:, None], key[:, None], value[:, None]
@@ -1089,14 +1109,10 @@ def scaled_dot_product_attention(
         )
     bias = mask = None
     if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise _err(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
         if attn_mask.dtype == torch.bool:
             mask = attn_mask
-        elif attn_mask.is_floating_point():
-            bias = attn_mask
         else:
-            raise _err(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+            bias = attn_mask
     out = flash_attention(query, key, value, bias=bias, mask=mask, causal=bool(is_causal), scale=scale,
                     dropout_p=dropout_p)  # fmt: skip
     if len(lead) != 1 or out.dim() != len(lead) + 3:
@@ -1104,7 +1120,20 @@ def scaled_dot_product_attention(
     return out
 
 
-def _check_cu(name: str, cu: torch.Tensor, total: int, max_len: int, device: torch.device) -> torch.Tensor:
+def _check_max_seqlen(name: str, value: int) -> int:
+    """max_seqlen_q / max_seqlen_k as a non-negative int: it sizes the launch grid, so a float would be
+    truncated silently and a negative value would launch nothing."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"fastgen.attention: {name} must be an int, got {type(value).__name__} {value!r}")
+    value = operator.index(value)
+    if value < 0:
+        raise _err(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_cu(
+    name: str, cu: torch.Tensor, total: int, max_len: int, max_name: str, device: torch.device
+) -> torch.Tensor:
     """Validate cu_seqlens in int64 (an int64 value past 2^31 must not wrap into range), then narrow it to
     the int32 the kernels take. CPU tensors are checked on the host with the offending value in the
     message; device tensors with torch._assert_async (no sync: a failure surfaces at the next one)."""
@@ -1122,7 +1151,7 @@ def _check_cu(name: str, cu: torch.Tensor, total: int, max_len: int, device: tor
         (c64[0] == 0, f"{name}[0] must be 0"),
         (c64[-1] == total, f"{name}[-1] must equal the total tokens {total}"),
         (lens >= 0, f"{name} must be non-decreasing"),
-        (lens <= max_len, f"{name} has a sequence longer than max_seqlen {max_len}"),
+        (lens <= max_len, f"{name} has a sequence longer than {max_name} = {max_len}"),
     ]
     for cond, msg in checks:
         if device.type == "cpu" and not torch.compiler.is_compiling():
@@ -1165,13 +1194,12 @@ def flash_attn_varlen(
         raise _err(f"v {_shape(v)} does not match k {_shape(k)} in tokens and heads")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise _err(f"q heads {q.shape[1]} must be a multiple of k/v heads {k.shape[1]}")
-    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, q.device)
-    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
+    max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_q, "max_seqlen_q", q.device)
+    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_k, "max_seqlen_k", q.device)
     if cu_q.numel() != cu_k.numel():
         raise _err(f"cu_seqlens_q has {cu_q.numel()} entries but cu_seqlens_k has {cu_k.numel()}")
-    max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
-    if max_q < 0 or max_k < 0:
-        raise _err(f"max_seqlen_q / max_seqlen_k must be >= 0, got {max_q}, {max_k}")
     dropout_p = _check_dropout(dropout_p)
     scale = _check_scale(scale, q.shape[2])
     if q.shape[0] == 0:

@@ -125,6 +125,8 @@ def _check(q, k, v, cache_seqlens, block_table, scale, num_splits, paged):
     for name, t in ((kn, k), (vn, v)):
         if d > 1 and t.stride(-1) != 1:
             raise _err(f"{name} must have a contiguous last dim, got strides {t.stride()}")
+    if d > 1 and q.stride(-1) != 1:
+        q = q.contiguous()  # the kernels read q rows densely; q is a few tokens, the copy costs nothing
     if not paged and k.shape[0] != b:
         raise _err(f"{kn} has batch {k.shape[0]} ({tuple(k.shape)}), expected {b} like q")
     if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (b,):
@@ -390,6 +392,24 @@ def attention_decode_paged(
     return _decode_paged_op(q, k_pages, v_pages, bt, seqlens, scale, bool(causal), int(num_splits))
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[start, end) byte range of t's elements within its storage (t non-empty)."""
+    start = t.storage_offset() * t.element_size()
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views may share memory: the same storage and intersecting byte extents. Conservative
+    (interleaved views that never touch read as overlapping), metadata only: no sync, no kernel."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1
+
+
 def kv_cache_append(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -434,8 +454,11 @@ def kv_cache_append(
                 f"kv_cache_append: {name} has internal overlap (shape {tuple(cache.shape)}, strides "
                 f"{cache.stride()}; e.g. an expand()ed tensor): it must own one memory slot per element"
             )
-    if k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel() > 0:
-        raise _err("kv_cache_append: k_cache and v_cache are the same memory; they must be separate caches")
+    if _overlap(k_cache, v_cache):
+        raise _err(
+            "kv_cache_append: k_cache and v_cache are the same memory or overlap (v_cache spans bytes "
+            f"{_extent(v_cache)} of k_cache's storage, k_cache {_extent(k_cache)}); they must be separate caches"
+        )
     s_new = k_new.shape[1]
     _assert_values(
         (cache_seqlens >= 0) & (cache_seqlens + s_new <= length),

@@ -123,6 +123,45 @@ def test_triton_hf_mask_row_backward_is_finite():
         torch.testing.assert_close(a.grad, b.grad.float(), atol=1e-5, rtol=1e-5)
 
 
+def test_references_with_no_keys_give_zeros_like_sdpa():
+    q = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    kv = torch.randn(2, 3, 0, 8, dtype=torch.float64)
+    sdpa = F.scaled_dot_product_attention(q, kv, kv)
+    assert torch.equal(sdpa, torch.zeros_like(q))  # the convention the references follow
+    assert torch.equal(A.attention_ref(q, kv, kv), sdpa)
+    assert torch.equal(A.attention_ref(q, kv, kv, is_causal="bottom_right"), sdpa)
+    packed = torch.randn(3, 2, 4)
+    empty = packed[:0]
+    cq, ck = torch.tensor([0, 1, 3]), torch.tensor([0, 0, 0])  # every sequence without keys
+    assert torch.equal(A.flash_attn_varlen_ref(packed, empty, empty, cq, ck), torch.zeros_like(packed))
+    zero = torch.tensor([0, 0])  # a packed batch of total 0
+    assert A.flash_attn_varlen_ref(empty, empty, empty, zero, zero).shape == (0, 2, 4)
+
+
+def test_sdpa_mask_errors_name_attn_mask():
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 6, 8)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(5, 5\) is not broadcastable"):
+        A.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must be a tensor"):  # a 3-D query used to hit .dim()
+        A.scaled_dot_product_attention(q[0], k[0], k[0], attn_mask=[[True] * 6] * 5)
+
+
+@pytest.mark.parametrize(
+    "which, value, error, match",
+    [
+        ("max_seqlen_k", -1, ValueError, "max_seqlen_k must be >= 0, got -1"),
+        ("max_seqlen_q", 3.5, TypeError, "max_seqlen_q must be an int, got float"),
+        ("max_seqlen_k", True, TypeError, "max_seqlen_k must be an int, got bool"),
+    ],
+)
+def test_varlen_max_seqlen_must_be_a_non_negative_int(which, value, error, match):
+    t = torch.randn(5, 2, 4)
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    args = {"max_seqlen_q": 3, "max_seqlen_k": 3, which: value}
+    with pytest.raises(error, match=match):
+        A.flash_attn_varlen(t, t, t, cu, cu, **args)
+
+
 # =====================================================================================================
 # fastgen.ops.attention_decode
 # =====================================================================================================
@@ -217,7 +256,39 @@ def test_kv_cache_append_refuses_aliased_cache(which):
         AD.kv_cache_append(good, good, new, new, torch.tensor([0, 1]))
 
 
-# ---- GPU ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", DECODE_CPU)
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_q_with_strided_last_dim(backend, paged):
+    """q views whose last dim is not contiguous (a broadcast token, every other element) are copied by the
+    Python layer; the C++ kernel used to refuse them with a RuntimeError."""
+    _, k, v, lens = _decode_inputs(length=12)
+    base = torch.randn(2, 1, 1, 16)
+    q = base[..., ::2].expand(2, 1, 4, 8)  # strides (16, 16, 0, 2)
+    ref = AD.attention_decode_ref(q, k, v, lens)
+    with fastgen.use_backend(backend, op="attention_decode"):
+        if paged:  # the same caches as 2 pages of 6 per sequence
+            kp, vp = (t.reshape(4, 6, 2, 8) for t in (k, v))
+            bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+            out = AD.attention_decode_paged(q, kp, vp, bt, lens)
+        else:
+            out = AD.attention_decode(q, k, v, lens)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_append_refuses_partially_overlapping_caches():
+    mem = torch.zeros(2 * 6 * 2 * 3 + 1)
+    k_cache = mem[:-1].view(2, 6, 2, 3)
+    v_cache = mem[1:].view(2, 6, 2, 3)  # k_cache shifted by one element
+    new = torch.randn(2, 1, 2, 3)
+    with pytest.raises(ValueError, match="k_cache and v_cache are the same memory or overlap"):
+        AD.kv_cache_append(k_cache, v_cache, new, new, torch.tensor([0, 1]))
+    assert not mem.any()  # refused before any write
+    halves = torch.zeros(2, 2, 6, 2, 3)  # disjoint halves of one storage are fine
+    AD.kv_cache_append(halves[0], halves[1], new, new * 2, torch.tensor([0, 1]))
+    assert torch.equal(halves[1, 1, 1], 2 * new[1, 0])
+
+
+# ---- GPU ---# ---- GPU ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
