@@ -80,6 +80,7 @@ class Sampler:
                 f"schedule must be a fastgen.diffusion.NoiseSchedule, got {type(schedule).__name__}"
             )
         self.schedule = schedule
+        D.check_step_options(guidance_scale, guidance_rescale, clip_sample, dynamic_threshold)
         self.prediction_type = D._norm_pred(prediction_type)
         self.clip_sample = clip_sample
         self.dynamic_threshold = dynamic_threshold

@@ -643,6 +643,29 @@ _T_PREV_WHY = "a step goes to an earlier, less noisy timestep (-1: the clean sam
 _ZERO_SNR_WHY = "alphas_cumprod is 0 there (zero terminal SNR): Euler's sigma would be infinite"
 
 
+def check_step_options(
+    guidance_scale: Any, guidance_rescale: Any, clip_sample: Any, dynamic_threshold: Any
+) -> tuple[float, float] | None:
+    """Validates the guidance / clipping options every step takes (samplers check them once, at
+    construction); returns the parsed dynamic threshold."""
+    for name, v in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale),
+                    ("clip_sample", clip_sample)):  # fmt: skip
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise _type_err(f"{name} must be a real number, got {type(v).__name__} {v!r}")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise _err(f"guidance_scale must be finite, got {guidance_scale}")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise _err(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    if guidance_rescale > 0 and guidance_scale is None:
+        raise _err("guidance_rescale needs guidance_scale")
+    thr = _parse_threshold(dynamic_threshold)
+    if clip_sample is not None and thr is not None:
+        raise _err("clip_sample and dynamic_threshold are exclusive; pass one")
+    if clip_sample is not None and not clip_sample > 0:
+        raise _err(f"clip_sample must be > 0, got {clip_sample}")
+    return thr
+
+
 def _check_eta(eta: Any) -> float:
     """eta as a float: a finite real number >= 0 (inf or NaN would make every sample NaN)."""
     if (
@@ -821,17 +844,7 @@ def sampler_step(
     Returns:
         (x_prev, pred_x0): pred_x0 is None when ``return_x0`` is False.
     """
-    if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
-        raise _err(f"guidance_scale must be finite, got {guidance_scale}")
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise _err(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
-    if guidance_rescale > 0 and guidance_scale is None:
-        raise _err("guidance_rescale needs guidance_scale")
-    thr = _parse_threshold(dynamic_threshold)
-    if clip_sample is not None and thr is not None:
-        raise _err("clip_sample and dynamic_threshold are exclusive; pass one")
-    if clip_sample is not None and not clip_sample > 0:
-        raise _err(f"clip_sample must be > 0, got {clip_sample}")
+    thr = check_step_options(guidance_scale, guidance_rescale, clip_sample, dynamic_threshold)
     p = _prepare(x_t, model_output, uncond_output=uncond_output, guidance_scale=guidance_scale,
                  learned_variance=learned_variance, noise=noise, needs_noise=needs_noise, prev_x0=prev_x0)  # fmt: skip
     if not isinstance(coeffs, torch.Tensor):

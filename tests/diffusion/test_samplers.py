@@ -163,6 +163,12 @@ def test_sampler_bad_input():
     for eta in (float("inf"), float("nan"), -1.0):
         with pytest.raises(ValueError, match="eta"):
             DDIMSampler(full, eta=eta)
+    # guidance / clipping options are checked at construction, not at the first step
+    for kw, err in (({"guidance_scale": float("nan")}, ValueError), ({"guidance_scale": "3"}, TypeError),
+                    ({"guidance_scale": 3.0, "guidance_rescale": float("nan")}, ValueError),
+                    ({"clip_sample": float("nan")}, ValueError), ({"clip_sample": True}, TypeError)):  # fmt: skip
+        with pytest.raises(err, match=list(kw)[-1]):
+            DDIMSampler(full, **kw)
     zero_snr = NoiseSchedule.from_name("cosine", 20, max_beta=1.0)
     with pytest.raises(ValueError, match="zero SNR"):
         EulerSampler(zero_snr)
