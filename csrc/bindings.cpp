@@ -174,6 +174,23 @@ void check_bshd(const at::Tensor& t, const char* name, at::ScalarType st, const 
               " must have a contiguous last dim, got strides ", t.strides());
 }
 
+bool is_index(const at::Tensor& t) {
+  return t.defined() && (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong);
+}
+
+// Element (i, j) of a CPU int32 / int64 tensor of up to 2 dims, read in its own type: an int64 value past
+// 2^31 must be checked as itself, not as what it would wrap to in int32.
+int64_t index_at(const at::Tensor& t, int64_t i, int64_t j = 0) {
+  const int64_t off = i * t.stride(0) + (t.dim() > 1 ? j * t.stride(1) : 0);
+  return t.scalar_type() == at::kLong ? t.const_data_ptr<int64_t>()[off] : t.const_data_ptr<int32_t>()[off];
+}
+
+// The int32 view the kernels take, last dim contiguous (a no-op for an int32 tensor already laid out so).
+at::Tensor narrow_index(const at::Tensor& t) {
+  at::Tensor n = t.to(at::kInt);
+  return n.dim() > 0 && n.size(-1) > 1 && n.stride(-1) != 1 ? n.contiguous() : n;
+}
+
 at::Tensor attention_decode(bool cuda, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
                             double scale, bool causal, int64_t num_splits) {
@@ -195,43 +212,67 @@ at::Tensor attention_decode(bool cuda, const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, "attention_decode: head_dim must be in [1, ", kMaxHeadDim, "], got ", D);
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "attention_decode: heads_q (", Hq, ") must be a multiple of heads_kv (",
               Hkv, ")");
-  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
-                  cache_seqlens.is_contiguous() && cache_seqlens.device() == q.device(),
-              "attention_decode: cache_seqlens must be a contiguous int32 (", B, ",) tensor on ", q.device(),
-              ", got ", cache_seqlens.scalar_type(), " ", cache_seqlens.sizes(), " on ", cache_seqlens.device());
+  TORCH_CHECK(is_index(cache_seqlens) && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  cache_seqlens.device() == q.device(),
+              "attention_decode: cache_seqlens must be an int32 or int64 (", B, ",) tensor on ", q.device(), ", got ",
+              cache_seqlens.scalar_type(), " ", cache_seqlens.sizes(), " on ", cache_seqlens.device());
   int64_t capacity = k.size(1);
   if (block_table.has_value()) {
     const at::Tensor& bt = *block_table;
-    TORCH_CHECK(bt.scalar_type() == at::kInt && bt.dim() == 2 && bt.size(0) == B && bt.stride(1) == 1 &&
-                    bt.device() == q.device(),
-                "attention_decode: block_table must be int32 (", B, ", max_pages) with a contiguous last dim on ",
-                q.device(), ", got ", bt.scalar_type(), " ", bt.sizes(), " on ", bt.device());
+    TORCH_CHECK(is_index(bt) && bt.dim() == 2 && bt.size(0) == B && bt.device() == q.device(),
+                "attention_decode: block_table must be int32 or int64 (", B, ", max_pages) on ", q.device(), ", got ",
+                bt.scalar_type(), " ", bt.sizes(), " on ", bt.device());
     TORCH_CHECK(k.size(1) >= 1, "attention_decode: page_size must be >= 1");
     capacity = bt.size(1) * k.size(1);
   } else {
     TORCH_CHECK(k.size(0) == B, "attention_decode: k_cache batch ", k.size(0), " != q batch ", B);
   }
-  if (!cuda) {  // values: cheap on the CPU; on a GPU the Python layer asserts them without a host sync
-    const int32_t* len = cache_seqlens.data_ptr<int32_t>();
+  // Values are checked in the tensors' own dtype, before the narrowing to int32 (which must not wrap).
+  capacity = std::min<int64_t>(capacity, std::numeric_limits<int32_t>::max());
+  if (!cuda) {  // cheap on the CPU
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(len[b] >= 0 && len[b] <= capacity, "attention_decode: cache_seqlens[", b, "] = ", len[b],
+      const int64_t len = index_at(cache_seqlens, b);
+      TORCH_CHECK(len >= 0 && len <= capacity, "attention_decode: cache_seqlens[", b, "] = ", len,
                   " out of range [0, ", capacity, "]");
       if (block_table.has_value()) {
-        const int64_t pages = (len[b] + k.size(1) - 1) / k.size(1);
-        const int32_t* row = block_table->data_ptr<int32_t>() + b * block_table->stride(0);
+        const int64_t pages = (len + k.size(1) - 1) / k.size(1);
         for (int64_t i = 0; i < pages; ++i) {
-          TORCH_CHECK(row[i] >= 0 && row[i] < k.size(0), "attention_decode: block_table[", b, ", ", i, "] = ", row[i],
+          const int64_t page = index_at(*block_table, b, i);
+          TORCH_CHECK(page >= 0 && page < k.size(0), "attention_decode: block_table[", b, ", ", i, "] = ", page,
                       " out of range [0, ", k.size(0), ")");
         }
       }
     }
+  } else if (cache_seqlens.scalar_type() == at::kLong ||
+             (block_table.has_value() && block_table->scalar_type() == at::kLong)) {
+    // On a GPU the Python layer asserts the values (in their own dtype) and passes int32, so this costs
+    // its calls nothing; a direct int64 call gets the same sync-free asserts (they fail at the next sync).
+    // The kernels clamp whatever reaches them, so a failed assert never reads out of bounds.
+    const at::Tensor len = cache_seqlens.to(at::kLong);
+    at::_assert_async(((len >= 0) & (len <= capacity)).all(),
+                      "attention_decode: cache_seqlens out of range [0, capacity]");
+    if (block_table.has_value() && block_table->numel() > 0) {
+      const at::Tensor& bt = *block_table;
+      const at::Tensor pages = (len.clamp(0, capacity) + k.size(1) - 1).div(k.size(1), "floor");
+      const at::Tensor used = at::arange(bt.size(1), len.options()).unsqueeze(0) < pages.unsqueeze(1);
+      at::_assert_async((((bt >= 0) & (bt < k.size(0))) | used.logical_not()).all(),
+                        "attention_decode: block_table entries of used pages out of range [0, num_pages)");
+    }
+  }
+  // int64 values that failed an async assert are clamped before the narrowing, so none wraps into range
+  const at::Tensor seqlens = narrow_index(
+      cache_seqlens.scalar_type() == at::kLong ? cache_seqlens.clamp(-1, capacity) : cache_seqlens);
+  std::optional<at::Tensor> table;
+  if (block_table.has_value()) {
+    table = narrow_index(block_table->scalar_type() == at::kLong ? block_table->clamp(-1, k.size(0))
+                                                                 : *block_table);
   }
   DecodeArgs a;
   a.q = q;
   a.k = k;
   a.v = v;
-  a.seqlens = cache_seqlens;
-  a.block_table = block_table;
+  a.seqlens = seqlens.is_contiguous() ? seqlens : seqlens.contiguous();
+  a.block_table = table;
   a.out = at::empty({B, q.size(1), Hq, D}, q.options());
   a.scale = scale;
   a.causal = causal;
@@ -262,8 +303,9 @@ constexpr const char* kDecodeDoc = R"doc(KV-cache decoding attention (flash-deco
 attention_decode_{cpu,cuda}(q, k_cache, v_cache, cache_seqlens, block_table, scale, causal, num_splits) -> out
 
 q: (B, Sq, Hq, D); k_cache, v_cache: (B, L, Hkv, D), or (num_pages, page_size, Hkv, D) with block_table int32
-(B, max_pages); last dims contiguous, Hq % Hkv == 0, D <= 256. cache_seqlens: int32 (B,), valid keys per
-sequence including the Sq new tokens. causal: query i sees keys j < cache_seqlens[b] - Sq + i + 1. num_splits:
+or int64 (B, max_pages); last dims contiguous, Hq % Hkv == 0, D <= 256. cache_seqlens: int32 or int64 (B,),
+valid keys per sequence including the Sq new tokens (values checked in their own dtype: on the CPU before any
+kernel, on CUDA by sync-free asserts for int64 inputs; int32 CUDA values are the caller's to check). causal: query i sees keys j < cache_seqlens[b] - Sq + i + 1. num_splits:
 chunks of the cache per (b, head), 0 = heuristic. out: (B, Sq, Hq, D) in q's dtype, zero where a query sees
 no key. Math: fastgen/ops/attention_decode.py.
 )doc";

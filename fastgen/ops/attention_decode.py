@@ -158,7 +158,9 @@ def _check(q, k, v, cache_seqlens, block_table, scale, num_splits, paged):
         raise _err(f"scale must be finite, got {scale}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise _err(f"num_splits must be an int >= 0 (0: heuristic), got {num_splits!r}")
-    # validated in their own dtype (int64 values past 2^31 must not wrap into range), then narrowed
+    # validated in their own dtype (int64 values past 2^31 must not wrap into range), then narrowed; a
+    # paged cache can hold more than the kernels' int32 lengths address
+    capacity = min(capacity, torch.iinfo(torch.int32).max)
     _assert_values(
         (cache_seqlens >= 0) & (cache_seqlens <= capacity),
         f"cache_seqlens out of range [0, {capacity}] (the cache holds {capacity} tokens per sequence)",

@@ -244,6 +244,36 @@ def test_decode_int64_indices_validated_before_narrowing():
         AD.attention_decode_paged(q, pages, pages, bt, torch.tensor([8, 3]))
 
 
+def test_decode_lengths_past_int32_are_refused_not_wrapped():
+    q, kp = torch.randn(1, 1, 1, 8), torch.randn(1, 4096, 1, 8)
+    bt = torch.zeros(1, 2**19, dtype=torch.int32)  # 2^31 keys of capacity, all on page 0
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = 2147483648"):  # wrapped to -2^31 before
+        AD.attention_decode_paged(q, kp, kp, bt, torch.tensor([2**31]))
+
+
+@pytest.mark.skipif("cpp" not in DECODE_CPU, reason="the C++ extension is not built")
+def test_decode_cpp_entry_validates_int64_indices_itself():
+    """fastgen._C.attention_decode_cpu takes int32 or int64 index tensors and checks their values in their
+    own dtype before narrowing, without relying on the Python layer."""
+    from fastgen import _ext
+
+    q, k, v, _ = _decode_inputs(length=12)
+    f = _ext.C.attention_decode_cpu
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[1\] = 4294967300 out of range"):
+        f(q, k, v, torch.tensor([3, 2**32 + 4]), None, 0.5, True, 0)
+    pages = torch.randn(4, 6, 2, 8)
+    bt = torch.tensor([[0, 1], [2**32 + 1, 0]])  # wraps to the valid page 1
+    with pytest.raises(RuntimeError, match=r"block_table\[1, 0\] = 4294967297 out of range"):
+        f(q, pages, pages, torch.tensor([8, 3]), bt, 0.5, True, 0)
+    lens = torch.tensor([12, 9])
+    ref = AD.attention_decode_ref(q, k, v, lens, scale=0.5)
+    torch.testing.assert_close(f(q, k, v, lens, None, 0.5, True, 0).double(), ref, atol=1e-5, rtol=1e-5)
+    bt = torch.tensor([[1, 0], [3, 2]]).t().contiguous().t()  # int64, column-major
+    kp, vp = (t.reshape(4, 6, 2, 8)[[1, 0, 3, 2]] for t in (k, v))
+    out = f(q, kp, vp, lens, bt, 0.5, True, 0)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("which", ["k_cache", "v_cache"])
 def test_kv_cache_append_refuses_aliased_cache(which):
     good = torch.zeros(2, 4, 1, 8)
