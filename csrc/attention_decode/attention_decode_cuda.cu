@@ -7,7 +7,8 @@
 // group. The block's kThreads threads form NG key groups of TPK threads; a key group reads one K row and
 // one V row per step with 16-byte loads (TPK threads x 16 B cover a head_dim of up to HD), kUnroll keys
 // in flight per thread. Scores are reduced across the TPK lanes with warp shuffles and every key group
-// keeps its own online softmax (running max m, sum l, float32 accumulator over its D slice) per row; the
+// keeps its own online softmax (running max m, sum l, float32 accumulator over its D slice) per row,
+// folded every kFoldKeys keys into the group's slot of shared memory (a long split stays accurate); the
 // NG groups are merged through shared memory at the end. With one split the block writes the output;
 // with several it writes the normalised partial out and its log2-sum-exp to float32 workspaces and
 // decode_combine_kernel merges the splits. Exponentials are exp2 of log2(e)-prescaled scores.
@@ -37,6 +38,10 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kRows = 8;  // query rows per block (e.g. a GQA group of 8 at seq_q = 1)
+// Keys a key group adds to its running (m, l, acc) before folding them into its slot of shared memory:
+// a float32 running sum grown one key at a time over millions of keys loses the small terms (over 2^24
+// keys it stalls outright), as in the C++ kernel's kBlock.
+constexpr int kFoldKeys = 4096;
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T, int HD>
@@ -95,10 +100,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int D = static_cast<int>(p.D);
   const int len = static_cast<int>(seq_len(p, b));
 
-  // this split's keys: an equal share of the sequence, rounded up to whole block iterations
-  const int chunk = ((len + S - 1) / S + C::STEP - 1) / C::STEP * C::STEP;
-  const int j0 = min(len, split * chunk);
-  const int j1 = min(len, j0 + chunk);
+  // this split's keys: an equal share of the sequence, rounded up to whole block iterations (in int64: len
+  // may be close to 2^31)
+  const int64_t chunk = ((len + int64_t{S} - 1) / S + C::STEP - 1) / C::STEP * C::STEP;
+  const int j0 = static_cast<int>(min(int64_t{len}, split * chunk));
+  const int j1 = static_cast<int>(min(int64_t{len}, j0 + chunk));
 
   float q[kRows][EPT];
   int lim[kRows];
@@ -127,6 +133,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   jend = min(jend, j1);
 
+  // (m, l, acc): the running softmax of the current kFoldKeys keys, in registers; (sm_m, sm_l, sm_acc)[grp]:
+  // the earlier ones folded together, in shared memory (no extra registers). Every lane of a key group
+  // holds the same m / l (the scores are reduced across the group) and only its own D slice of sm_acc.
   float m[kRows], l[kRows], acc[kRows][EPT];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -134,11 +143,57 @@ __global__ void __launch_bounds__(kThreads, 2)
     l[r] = 0.0f;
 #pragma unroll
     for (int e = 0; e < EPT; ++e) acc[r][e] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < PACKS; ++c) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sm_acc[grp][r][(c * TPK + lane) * VEC + e] = 0.0f;
+    }
+    if (lane == 0) {
+      sm_m[grp][r] = -INFINITY;
+      sm_l[grp][r] = 0.0f;
+    }
   }
+  __syncwarp();  // a key group lies within one warp (TPK divides 32)
+  // log-sum-exp fold of the running state into the folded one (a NaN sum stays NaN), then a fresh start.
+  // Called by every thread of the block together; the group's lanes read sm_m / sm_l before lane 0
+  // rewrites them.
+  auto fold = [&]() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float fm = sm_m[grp][r];
+      const float mx = fmaxf(fm, m[r]);
+      const float mu = mx == -INFINITY ? 0.0f : mx;
+      const float ca = exp2f(fm - mu), cb = exp2f(m[r] - mu);
+      const float fl = sm_l[grp][r] * ca + l[r] * cb;
+      __syncwarp();
+      if (lane == 0) {
+        sm_m[grp][r] = mx;
+        sm_l[grp][r] = fl;
+      }
+      m[r] = -INFINITY;
+      l[r] = 0.0f;
+#pragma unroll
+      for (int c = 0; c < PACKS; ++c) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          float& f = sm_acc[grp][r][(c * TPK + lane) * VEC + e];
+          f = f * ca + acc[r][c * VEC + e] * cb;
+          acc[r][c * VEC + e] = 0.0f;
+        }
+      }
+    }
+    __syncwarp();
+  };
+  constexpr int kFoldIters = kFoldKeys / UNROLL;  // block iterations between folds
+  int since_fold = 0;
 
   const T* kbase = p.k + h * p.k_s2;
   const T* vbase = p.v + h * p.v_s2;
   for (int jb = j0; jb < jend; jb += C::STEP) {  // block-uniform bounds: every lane reaches the shuffles
+    if (++since_fold > kFoldIters) {
+      fold();
+      since_fold = 1;
+    }
     Pack16<T> kp[UNROLL][PACKS], vp[UNROLL][PACKS];
     int jj[UNROLL];
 #pragma unroll
@@ -203,18 +258,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   // merge the NG key groups of the block
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (lane == 0) {
-      sm_m[grp][r] = m[r];
-      sm_l[grp][r] = l[r];
-    }
-#pragma unroll
-    for (int c = 0; c < PACKS; ++c) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) sm_acc[grp][r][(c * TPK + lane) * VEC + e] = acc[r][c * VEC + e];
-    }
-  }
+  fold();
   __syncthreads();
   for (int idx = threadIdx.x; idx < nr * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;

@@ -333,3 +333,19 @@ def test_gpu_decode_non_finite_inputs_propagate_like_reference(splits, which, id
         out = AD.attention_decode(q, k, v, lens, num_splits=splits)
     assert torch.equal(out.isnan(), ref.isnan())
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_long_split_accumulates_exactly():
+    """2^27 keys in one split (every page of the table is one 4096-key page): 2^24 keys per key group of
+    the kernel. All scores are equal and every value is 3, so the output is exactly 3; a per-key float32
+    running accumulator goes wrong past 2^24 / 3 keys (the kernel folds every 4096 keys, as the C++ one)."""
+    page, n = 4096, 2**27
+    kp = torch.zeros(1, page, 1, 4, device="cuda")
+    vp = torch.full((1, page, 1, 4), 3.0, device="cuda")
+    bt = torch.zeros(1, n // page, dtype=torch.int32, device="cuda")
+    q = torch.ones(1, 1, 1, 4, device="cuda")
+    lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    with fastgen.use_backend("cuda", op="attention_decode"):
+        out = AD.attention_decode_paged(q, kp, vp, bt, lens, num_splits=1)
+    assert torch.equal(out.cpu(), torch.full((1, 1, 1, 4), 3.0))
