@@ -344,6 +344,20 @@ def diffusion_step_cases():
     return out
 
 
+def adaptive_pool_cases():
+    """fastgen.ops.adaptive_pool._blocks: NCHW (wide over output columns) and token grids (wide over channels)."""
+    out = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for mode in (0, 1, 2):
+            for label, bj, bc in (("nchw", 64, 16), ("tokens", 8, 128)):
+                if dt != "fp32" and label == "tokens" and mode == 2:
+                    continue
+                out.append(Case("adaptive_pool", "_grid_pool_kernel", f"{dt} MODE={mode} {label}",
+                                dict(Src=dt, Dst=dt, Idx="i64" if mode == 1 else dt),
+                                dict(MODE=mode, BLOCK_J=bj, BLOCK_C=bc), archs=ARCHS_BOTH))  # fmt: skip
+    return out
+
+
 MODULES = {
     "attention": attention_cases,
     "grouped_mm": grouped_mm_cases,
@@ -353,6 +367,7 @@ MODULES = {
     "vq_ema": vq_ema_cases,
     "ssim": ssim_cases,
     "diffusion_step": diffusion_step_cases,
+    "adaptive_pool": adaptive_pool_cases,
 }
 
 

@@ -26,3 +26,7 @@ __all__ = [
     "swap_attention",
     "unswap_attention",
 ]
+
+from fastgen.nn.pool import AdaptiveGridPool
+
+__all__ += ["AdaptiveGridPool"]

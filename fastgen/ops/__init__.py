@@ -87,3 +87,7 @@ __all__ = [
     "vq_nearest",
     "vq_nearest_ref",
 ]
+
+from fastgen.ops.adaptive_pool import adaptive_grid_pool, adaptive_grid_pool_ref, adaptive_grid_pool_tokens
+
+__all__ += ["adaptive_grid_pool", "adaptive_grid_pool_ref", "adaptive_grid_pool_tokens"]
