@@ -89,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(bool cuda, const at::Tensor& x, 
   TORCH_CHECK(!(clip > 0 && thresh.has_value()), "sampler_step: clip (", clip,
               ") and thresh are exclusive: pass clip <= 0 with thresh");
   if (thresh.has_value() && thresh->is_cpu()) {  // on a GPU this would need a host sync: documented only
-    TORCH_CHECK(thresh->gt(0).all().item<bool>(), "sampler_step: thresh must be > 0 everywhere");
+    // A NaN threshold (a NaN in that sample's x0) passes: the kernel turns it into a NaN sample.
+    TORCH_CHECK(!thresh->le(0).any().item<bool>(), "sampler_step: thresh must be > 0 (or NaN) everywhere");
   }
 
   StepArgs a;

@@ -471,22 +471,8 @@ def _step_triton(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thres
     return out, x0
 
 
-def _step_cpp(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thresh, *rest):
-    # The kernel turns a NaN threshold into a NaN sample, but the C++ entry point refuses thresholds that
-    # are not > 0: such rows (a NaN in that sample's x0, see _quantile_rows) are set to NaN here instead.
-    nan_rows = None
-    if thresh is not None:
-        nan_rows = thresh.isnan()
-        if nan_rows.any():  # a CPU tensor: no device sync
-            thresh = thresh.masked_fill(nan_rows, 1.0)
-        else:
-            nan_rows = None
-    out, x0 = _ext.C.sampler_step_cpu(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thresh, *rest)
-    if nan_rows is not None:
-        for t in (out, x0):
-            if t.numel():
-                t[nan_rows] = math.nan
-    return out, x0
+def _step_cpp(*args):
+    return _ext.C.sampler_step_cpu(*args)
 
 
 def _step_cuda(*args):
