@@ -77,6 +77,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen.train import distributed as _dist
+from fastgen.train.distributed import STRATEGIES
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("raise", "skip")
 CHECKPOINT_VERSION = 2
@@ -119,6 +122,9 @@ class FineTuneConfig:
     verbose: bool = True
     on_nonfinite: str = "raise"  # "raise" | "skip"
     max_consecutive_skips: int = 20
+    strategy: str | None = None  # "ddp" | "fsdp" | "none"; None: "ddp" when the world size is > 1
+    shard_data: bool = True  # split every train / val batch over the ranks (False: data is rank-specific)
+    fsdp_blocks: Sequence[str] | None = None  # module-name globs sharded one by one (None: ModuleList items)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -139,6 +145,10 @@ class FineTuneConfig:
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"FineTuneConfig: on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}"
+            )
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"FineTuneConfig: strategy must be one of {STRATEGIES} or None, got {self.strategy!r}"
             )
         if not isinstance(self.max_consecutive_skips, int) or self.max_consecutive_skips < 0:
             raise ValueError(
@@ -531,6 +541,52 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
     return sd
 
 
+DCP_META = "fastgen_trainer.pt"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_meta(path: str) -> dict[str, Any]:
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(
+            f"load_checkpoint: cannot read {path}: {type(e).__name__}: {e} (truncated or corrupt file?)"
+        ) from e
+    if not isinstance(meta, dict) or meta.get("format") != "dcp":
+        raise CheckpointError(f"load_checkpoint: {path} is not the trainer state of a fastgen DCP checkpoint")
+    return meta
+
+
+def _clone_tree(obj: Any) -> Any:
+    """Fresh tensors (DTensors keep their sharding) for DCP to load into, so that a failed load leaves the
+    live weights untouched."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tree(v) for v in obj]
+    return obj
+
+
+def _flatten(obj: Any) -> dict[str, Any]:
+    """The keys DCP stores a nested state dict under."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    return flatten_state_dict(obj)[0]
+
+
 def _module_state_problems(what: str, module: nn.Module, sd: Any) -> list[str]:
     if not isinstance(sd, dict):
         return [f"{what}: expected a state dict, got {type(sd).__name__}"]
@@ -584,12 +640,22 @@ class Trainer:
         if cfg.patience is not None and val_data is None and metric_fn is None:
             raise ValueError("Trainer: early stopping (patience) needs val_data or metric_fn")
         if cfg.device is not None:
-            self.device = torch.device(cfg.device)
+            self.device = _dist.local_device(torch.device(cfg.device))
             model.to(self.device)
         else:
             p = next(model.parameters(), None)
             self.device = p.device if p is not None else torch.device("cpu")
+        self._setup_distributed()
         self.frozen = apply_freeze(model, cfg.freeze, cfg.unfreeze)
+        self.ddp: nn.Module | None = None
+        self.fsdp_blocks: list[str] = []
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=ids)
+        elif self.strategy == "fsdp":
+            self.fsdp_blocks = _dist.apply_fsdp(model, cfg.precision, cfg.fsdp_blocks)
         groups = param_groups(model, cfg)
         if not groups:
             raise ValueError("Trainer: no trainable parameters (everything is frozen)")
@@ -621,8 +687,63 @@ class Trainer:
         self._batch_in_epoch = 0
         self._epoch_rng: dict[str, Any] | None = None
         self._replay = False
-        if cfg.verbose:
+        if cfg.verbose and self.is_main:
             print(format_summary(self.summary))
+
+    # -- distributed ---------------------------------------------------------------------------
+
+    def _setup_distributed(self) -> None:
+        """Join the torchrun process group if the environment describes one, pick the strategy, and give
+        every rank rank 0's RNG state (sharded data needs the same order on every rank)."""
+        cfg = self.config
+        up = _dist.init_distributed(self.device)
+        self.world, self.rank = (_dist.world_size(), _dist.rank()) if up else (1, 0)
+        self.strategy = cfg.strategy or ("ddp" if self.world > 1 else "none")
+        if self.strategy != "none" and not up:
+            raise ValueError(
+                f"FineTuneConfig: strategy={self.strategy!r} needs a torch.distributed process group "
+                "(launch with torchrun, or call torch.distributed.init_process_group first); "
+                "use strategy='none' for a single process"
+            )
+        if self.strategy == "none" and self.world > 1:
+            raise ValueError(
+                f"FineTuneConfig: strategy='none' in a process group of {self.world} ranks would train "
+                f"{self.world} unsynchronised copies; use 'ddp' or 'fsdp'"
+            )
+        if self.strategy == "fsdp":
+            for what, bad in (
+                ("ema_decay", cfg.ema_decay is not None),
+                ("precision='fp16'", cfg.precision == "fp16"),
+            ):
+                if bad:
+                    raise ValueError(
+                        f"FineTuneConfig: {what} is not supported with strategy='fsdp' "
+                        "(use bf16 / no EMA, or strategy='ddp')"
+                    )
+        if self.world > 1:
+            _dist.broadcast_rng_state()
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (or without a process group): the rank that logs, prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy != "none"
+
+    def _shard(self, batch: Any, what: str) -> Any:
+        if self.world == 1 or not self.config.shard_data:
+            return batch
+        return _dist.shard_batch(batch, self.rank, self.world, what)
+
+    def _sync_context(self, final: bool):
+        """No gradient all-reduce / reduce-scatter on the non-final micro-steps of an accumulated step."""
+        if self.ddp is not None and not final:
+            return self.ddp.no_sync()
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(final)
+        return contextlib.nullcontext()
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -670,29 +791,44 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, extra = 0.0, {}
         bad: tuple[str, float, str] | None = None  # (what, value, where)
+        fwd = self.ddp if self.ddp is not None else self.model
         for i in range(cfg.grad_accum):
             batch = self._next_batch()
-            if bad is not None:  # the step is skipped: only keep the data position in step
+            # the step is skipped: only keep the data position in step (every rank must run every
+            # micro-batch under a process group, or the gradient collectives would not pair up)
+            if bad is not None and not self.distributed:
                 continue
-            batch = _to_device(batch, self.device)
+            batch = _to_device(self._shard(batch, "train_data"), self.device)
             if cfg.augment is not None:
                 batch = cfg.augment(batch)
-            with self._autocast():
-                loss, logs = _split_loss(self.loss_fn(self.model, batch))
-            self.scaler.scale(loss.float() / cfg.grad_accum).backward()
+            with self._sync_context(final=i == cfg.grad_accum - 1):
+                with self._autocast():
+                    loss, logs = _split_loss(self.loss_fn(fwd, batch))
+                self.scaler.scale(loss.float() / cfg.grad_accum).backward()
             value = float(loss.detach())  # the sync the loop always had: checking it is free
             loss_sum += value / cfg.grad_accum
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
-            if not math.isfinite(value):
+            if not math.isfinite(value) and bad is None:
                 bad = ("loss", value, f"micro-batch {i + 1}/{cfg.grad_accum}")
+                if not self.distributed:
+                    self._on_nonfinite(*bad)
+        if self.distributed:  # the logged loss is the global one; a NaN on one rank is seen by all
+            keys = sorted(extra)
+            reduced = _dist.all_reduce_mean([loss_sum, *(extra[k] for k in keys)], self.device)
+            loss_sum, extra = reduced[0], dict(zip(keys, reduced[1:]))
+            bad = None if math.isfinite(loss_sum) else ("loss", loss_sum, "mean over the ranks")
+            if bad is not None:
                 self._on_nonfinite(*bad)
         grad_norm = float("nan")
         scaler_skip = False
         if bad is None:
             self.scaler.unscale_(self.optimizer)
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                norm = norm.full_tensor()
+            grad_norm = float(norm)
             if not math.isfinite(grad_norm):
                 if self.scaler.is_enabled():
                     scaler_skip = True  # normal under fp16: scaler.step skips, scaler.update lowers the scale
@@ -784,8 +920,9 @@ class Trainer:
             if self.val_data is not None:
                 tot, n = 0.0, 0
                 for batch in self.val_data:
+                    batch = _to_device(self._shard(batch, "val_data"), self.device)
                     with self._autocast():
-                        loss, _ = _split_loss(self.loss_fn(model, _to_device(batch, self.device)))
+                        loss, _ = _split_loss(self.loss_fn(model, batch))
                     tot, n = tot + float(loss), n + 1
                 row["val_loss"] = tot / max(n, 1)
             if self.metric_fn is not None:
@@ -795,6 +932,9 @@ class Trainer:
                 row["metric"] = row["val_loss"]
         finally:
             model.train(was)
+        if self.distributed:  # mean over the ranks, bit-identical everywhere: early stopping agrees
+            keys = [k for k in row if k != "step"]
+            row.update(zip(keys, _dist.all_reduce_mean([row[k] for k in keys], self.device)))
         return row
 
     def _validate(self) -> None:
@@ -837,7 +977,7 @@ class Trainer:
         stop = cfg.max_steps if until is None else min(until, cfg.max_steps)
         has_val = self.val_data is not None or self.metric_fn is not None
         bar = None
-        if cfg.progress and self.step < stop:
+        if cfg.progress and self.step < stop and self.is_main:
             try:
                 from tqdm.auto import tqdm
 
@@ -855,11 +995,11 @@ class Trainer:
                     post["val"] = f"{self.val_history[-1]['metric']:.4g}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-            elif cfg.verbose and cfg.log_every and self.step % cfg.log_every == 0:
+            elif cfg.verbose and self.is_main and cfg.log_every and self.step % cfg.log_every == 0:
                 val = f" val {self.val_history[-1]['metric']:.4g}" if self.val_history else ""
                 print(f"step {self.step}/{stop} loss {row['loss']:.4g} lr {row['lr']:.3g}{val}", flush=True)
             if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint(os.path.join(cfg.out_dir, "last.pt"))
+                self.save_checkpoint(os.path.join(cfg.out_dir, "last" if self.distributed else "last.pt"))
         if bar is not None:
             bar.close()
         finished = self.stopped_early or self.step >= cfg.max_steps
@@ -870,7 +1010,7 @@ class Trainer:
             self.model.load_state_dict(self.best_state["model"])
             if self.ema_model is not None:
                 self.ema_model.load_state_dict(self.best_state["ema"])
-        if cfg.verbose and finished:
+        if cfg.verbose and finished and self.is_main:
             msg = f"finetune: {self.step} steps in {time.perf_counter() - t0:.1f}s"
             if self.best_metric is not None:
                 msg += f", best metric {self.best_metric:.5g} at step {self.best_step}"
@@ -879,7 +1019,7 @@ class Trainer:
             if self.skipped_steps:
                 msg += f", {self.skipped_steps} steps skipped (non-finite loss or gradients)"
             print(msg, flush=True)
-        files = self.write_logs(cfg.out_dir) if cfg.out_dir and finished else {}
+        files = self.write_logs(cfg.out_dir) if cfg.out_dir and finished and self.is_main else {}
         return FineTuneResult(
             model=self.model,
             ema_model=self.ema_model,
@@ -1061,6 +1201,10 @@ class Trainer:
             )
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
+        self._restore_rest(sd)
+
+    def _restore_rest(self, sd: dict[str, Any]) -> None:
+        """Everything but the model and optimizer weights (shared by the .pt and DCP formats)."""
         self.scheduler.load_state_dict(sd["scheduler"])
         self.scaler.load_state_dict(sd["scaler"])
         if self.ema_model is not None:
@@ -1083,10 +1227,29 @@ class Trainer:
         self.history, self.val_history = list(sd["history"]), list(sd["val_history"])
         set_rng_state(sd["rng"])
 
-    def save_checkpoint(self, path: str) -> str:
+    def save_checkpoint(self, path: str, format: str | None = None) -> str:
         """Everything needed to resume exactly (see the module docstring), with a sha256 checksum of every
         tensor; written atomically (tmp file, fsync, rename). Refuses to save non-finite parameters, so a
-        diverged model never replaces a good checkpoint."""
+        diverged model never replaces a good checkpoint.
+
+        ``format``: "pt" (one file) or "dcp" (a ``torch.distributed.checkpoint`` directory, see
+        :meth:`_save_dcp`); None: "dcp" under DDP / FSDP, else "pt". Under a process group every rank
+        must call this (it is collective)."""
+        fmt = format or ("dcp" if self.distributed else "pt")
+        if fmt not in ("pt", "dcp"):
+            raise ValueError(f"save_checkpoint: format must be 'pt', 'dcp' or None, got {format!r}")
+        if fmt == "dcp":
+            return self._save_dcp(path)
+        if self.strategy == "fsdp":
+            raise ValueError("save_checkpoint: strategy='fsdp' shards the weights: use format='dcp'")
+        if self.world > 1:  # DDP replicas are identical: rank 0 writes, the others wait for the file
+            if self.is_main:
+                self._save_pt(path)
+            torch.distributed.barrier()
+            return path
+        return self._save_pt(path)
+
+    def _save_pt(self, path: str) -> str:
         sd = _to_cpu_nested(self.state_dict())
         for what, module in (("model", self.model), ("ema", self.ema_model)):
             if module is None:
@@ -1108,10 +1271,245 @@ class Trainer:
     def load_checkpoint(self, path: str) -> None:
         """Restore a :meth:`save_checkpoint` file into this trainer (same model / config / data). The file's
         checksums and its fit to this trainer are verified before anything changes; any problem raises
-        :class:`CheckpointError` naming the file."""
+        :class:`CheckpointError` naming the file. A DCP directory may come from another world size."""
+        if os.path.isdir(path):
+            return self._load_dcp(path)
+        if self.strategy == "fsdp":
+            raise CheckpointError(
+                f"load_checkpoint({path}): strategy='fsdp' loads DCP checkpoint directories only "
+                "(save_checkpoint(path, format='dcp') from a single process writes one)"
+            )
         sd = _read_checkpoint(path)
         _verify_checksums(sd, path)
         self.load_state_dict(sd, source=f"load_checkpoint({path})")
+
+    # -- DCP checkpoints (DDP / FSDP, resharded on load) ----------------------------------------------
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def _dcp_tensors(self) -> tuple[dict[str, Any], bool]:
+        """The sharded / replicated tensor state (FQN-keyed, as ``get_state_dict`` gives it) and whether
+        the optimizer had no state yet (``get_state_dict`` materialises it with a zero-lr step: that
+        state must not be saved, nor kept)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        fresh = not self.optimizer.state
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        if fresh:
+            self.optimizer.state.clear()
+        out: dict[str, Any] = {"model": msd}
+        if not fresh:
+            out["optim"] = osd
+        if self.ema_model is not None:
+            out["ema"] = self.ema_model.state_dict()
+        if self.best_state is not None:
+            out["best_model"] = self.best_state["model"]
+            if self.best_state.get("ema") is not None:
+                out["best_ema"] = self.best_state["ema"]
+        return out, fresh
+
+    def _dcp_meta(self, fresh: bool) -> dict[str, Any]:
+        return _to_cpu_nested(
+            {
+                "version": CHECKPOINT_VERSION,
+                "format": "dcp",
+                "world_size": self.world,
+                "strategy": self.strategy,
+                "param_names": list(self.param_names),
+                "optimizer_fresh": fresh,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema_model is not None,
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self._batch_in_epoch,
+                "iter_open": self._iter is not None or self._replay,
+                "epoch_rng": self._epoch_rng,
+                "rng": get_rng_state(),
+                "early_stopping": {
+                    "best_metric": self.best_metric,
+                    "best_step": self.best_step,
+                    "best_state": self.best_state is not None,
+                    "best_ema": self.best_state is not None and self.best_state.get("ema") is not None,
+                    "bad_evals": self.bad_evals,
+                    "stopped_early": self.stopped_early,
+                },
+                "nonfinite": {
+                    "skipped_steps": self.skipped_steps,
+                    "consecutive_skips": self._consecutive_skips,
+                },
+                "history": self.history,
+                "val_history": self.val_history,
+            }
+        )
+
+    def _save_dcp(self, path: str) -> str:
+        """A ``torch.distributed.checkpoint`` directory: the model / optimizer / EMA / best weights as DCP
+        shards (each rank writes its own; loadable on another world size and strategy) plus
+        ``fastgen_trainer.pt`` from rank 0 (step, data position, RNG, scheduler, scaler, early stopping,
+        history, and the sha256 of every DCP file). Written to ``<path>.tmp`` and renamed over ``path``
+        once complete, so a crash leaves the old or the new checkpoint. Collective: every rank calls it;
+        ``path`` must be on a file system that every rank sees."""
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+
+        path = os.path.abspath(path)
+        state, fresh = self._dcp_tensors()
+        bad = [
+            f"{what}.{n}"
+            for what in ("model", "ema")
+            for n, v in state.get(what, {}).items()
+            if isinstance(v, torch.Tensor)
+            and v.is_floating_point()
+            and not bool(torch.isfinite(_local(v)).all())
+        ]
+        nbad = len(bad)
+        if self.world > 1:  # FSDP shards are checked where they live: every rank must agree to stop
+            t = torch.tensor([nbad], device=self.device)
+            torch.distributed.all_reduce(t)
+            nbad = int(t)
+        if nbad:
+            raise FloatingPointError(
+                f"save_checkpoint: parameters {bad[:5] or '(on another rank)'} hold inf / NaN; "
+                f"{path} was not written"
+            )
+        tmp = path + ".tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self._barrier()
+        dcp.save(state, checkpoint_id=tmp)
+        self._barrier()
+        if self.is_main:
+            meta = self._dcp_meta(fresh)
+            meta["files"] = {f: _sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+            meta["checksum"] = _checksums(meta)
+            _atomic_save(meta, os.path.join(tmp, DCP_META))
+            old = path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.exists(path):
+                os.replace(path, old)
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
+            shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return path
+
+    def _load_dcp(self, path: str) -> None:
+        """Restore a :meth:`_save_dcp` directory, possibly written by another world size or strategy (DCP
+        reshards). Checksums and the fit of every tensor's name and global shape are verified first; any
+        problem raises :class:`CheckpointError` with the trainer untouched. Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        src = f"load_checkpoint({path})"
+        meta_path = os.path.join(path, DCP_META)
+        problems: list[str] = []
+        meta: dict[str, Any] = {}
+        if not os.path.isfile(meta_path):
+            problems.append(f"no {DCP_META}: not a fastgen DCP checkpoint, or its save did not finish")
+        else:
+            meta = _read_meta(meta_path)
+            _verify_checksums(meta, meta_path)
+            if self.is_main:  # rank 0 hashes the shards once for everybody
+                for f, want in meta.get("files", {}).items():
+                    fp = os.path.join(path, f)
+                    got = _sha256_file(fp) if os.path.isfile(fp) else "missing"
+                    if got != want:
+                        problems.append(
+                            f"{f}: {'missing' if got == 'missing' else 'sha256 mismatch (corrupt)'}"
+                        )
+        if self.world > 1:
+            box = [problems]
+            torch.distributed.broadcast_object_list(box, src=0)
+            problems = box[0]
+        fresh_before = not self.optimizer.state
+        try:
+            if not problems:
+                template, _ = self._dcp_tensors()
+                if meta["optimizer_fresh"]:
+                    template.pop("optim", None)
+                elif "optim" not in template:
+                    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+                    template["optim"] = get_state_dict(self.model, self.optimizer)[1]
+                if meta["early_stopping"]["best_state"]:
+                    template["best_model"] = template["model"]
+                    if meta["early_stopping"]["best_ema"] and "ema" in template:
+                        template["best_ema"] = template["ema"]
+                else:
+                    template.pop("best_model", None)
+                    template.pop("best_ema", None)
+                template = _clone_tree(template)
+                problems = self._dcp_problems(meta, path, template)
+            if problems:
+                raise CheckpointError(
+                    f"{src}: the checkpoint does not fit this trainer (nothing was loaded):\n  "
+                    + "\n  ".join(problems[:20])
+                    + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+                )
+            dcp.load(template, checkpoint_id=path)
+        except BaseException:
+            if fresh_before:  # the template materialised optimizer state: the trainer stays untouched
+                self.optimizer.state.clear()
+            raise
+        set_model_state_dict(self.model, template["model"])
+        if "optim" in template:
+            set_optimizer_state_dict(self.model, self.optimizer, template["optim"])
+        else:  # saved before the first step: no optimizer state, as in an uninterrupted run
+            self.optimizer.state.clear()
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(template["ema"])
+        self.best_state = None
+        if "best_model" in template:
+            self.best_state = {"model": _state_to_cpu(template["best_model"]), "ema": None}
+            if "best_ema" in template:
+                self.best_state["ema"] = _state_to_cpu(template["best_ema"])
+        es = dict(meta["early_stopping"])
+        es["best_state"] = self.best_state
+        self._restore_rest({**meta, "early_stopping": es})
+
+    def _dcp_problems(self, meta: dict[str, Any], path: str, template: dict[str, Any]) -> list[str]:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        out = []
+        if meta.get("version") not in range(2, CHECKPOINT_VERSION + 1) or meta.get("format") != "dcp":
+            return [
+                f"{DCP_META}: unsupported version / format {meta.get('version')!r} / {meta.get('format')!r}"
+            ]
+        if list(meta["param_names"]) != self.param_names:
+            diff = sorted(set(meta["param_names"]) ^ set(self.param_names))[:5]
+            out.append(
+                f"trainable parameters differ ({len(meta['param_names'])} in the checkpoint vs "
+                f"{len(self.param_names)} here; e.g. {diff or 'same names, another grouping'})"
+            )
+        if meta["ema"] != (self.ema_model is not None):
+            out.append(
+                f"EMA: {'on' if meta['ema'] else 'off'} in the checkpoint, {'on' if self.ema_model is not None else 'off'} here"
+            )
+        if self.scaler.is_enabled() and not meta["scaler"]:
+            out.append("scaler: precision='fp16' here, but the checkpoint has no GradScaler state (not fp16)")
+        if len(meta["scheduler"].get("base_lrs", [])) != len(self.optimizer.param_groups):
+            out.append("scheduler: another number of parameter groups")
+        saved = FileSystemReader(path).read_metadata().state_dict_metadata
+        flat = _flatten(template)
+        for k, v in flat.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            md = saved.get(k)
+            if md is None:
+                out.append(f"{k}: missing from the checkpoint")
+            elif not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(v.shape):
+                got = tuple(md.size) if isinstance(md, TensorStorageMetadata) else type(md).__name__
+                out.append(f"{k}: checkpoint {got} vs {tuple(v.shape)}")
+        for k in saved:
+            if k.startswith("model.") and k not in flat:
+                out.append(f"{k}: unexpected in the checkpoint (not a tensor of this model)")
+        return out
 
 
 def save_checkpoint(trainer: Trainer, path: str) -> str:
