@@ -17,9 +17,19 @@ Attention: q, k, v from one ``in_proj`` (OpenAI layout) into :func:`fastgen.scal
 (``is_causal`` for text), so ``fastgen.use_backend(...)`` swaps the kernel; a packed batch of images of
 different sizes (:meth:`CLIP.encode_image_list`) goes through :func:`fastgen.flash_attn_varlen`.
 
-Variable image size: any image whose sides are multiples of ``patch_size`` is accepted; the positional
-embedding of the patch grid (the class token's entry kept apart) is interpolated from the trained grid
-(see :func:`interpolate_pos_embed`). The result is cached per (grid_h, grid_w, dtype, device) and
+Variable image size (``CLIPConfig.size_strategy``, also settable per tower as ``visual.size_strategy``):
+
+* ``"interpolate"`` (default): any image whose sides are multiples of ``patch_size``; the positional
+  embedding of the patch grid (the class token's entry kept apart) is interpolated from the trained grid
+  (:func:`interpolate_pos_embed`; ``pos_interp_mode`` / ``pos_interp_antialias``, default bicubic with
+  antialias as open_clip and timm).
+* ``"adaptive_pool"``: the patch grid (multiples of ``patch_size``) is pooled to the trained grid with
+  :func:`fastgen.ops.adaptive_grid_pool` (``pool_mode`` "avg" or "max"), and the trained positional
+  embedding is used unchanged; the sequence length is the trained one at every input size.
+* ``"resize"``: the image (any size) is resized to ``image_size`` first (``F.interpolate`` with
+  ``pos_interp_mode`` / ``pos_interp_antialias``).
+
+All three apply per image in the packed varlen path (:meth:`CLIP.encode_image_list`). The interpolated table is cached per (grid_h, grid_w, dtype, device) and
 keyed on the parameter's version counter, so an in-place update (optimizer step, ``load_state_dict``)
 invalidates it. Whenever a gradient can reach the parameter (grad mode on and ``requires_grad``) it is
 recomputed on every call instead, so fine-tuning at a new size trains the pos-embed correctly.
@@ -42,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.models.common import check_id_range, check_positive_int
+from fastgen.ops.adaptive_pool import adaptive_grid_pool
 from fastgen.ops.attention import flash_attn_varlen, scaled_dot_product_attention
 
 __all__ = [
@@ -61,12 +72,21 @@ __all__ = [
 ACTIVATIONS = ("quick_gelu", "gelu")
 EOT_RULES = ("argmax", "eos_id")
 INTERP_MODES = ("bicubic", "bilinear")
+SIZE_STRATEGIES = ("interpolate", "adaptive_pool", "resize")
+POOL_MODES = ("avg", "max")
 # keys of the OpenAI JIT archive's state_dict that are not parameters
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
 def _err(msg: str) -> ValueError:
     return ValueError(f"fastgen.models.clip: {msg}")
+
+
+def check_size_strategy(strategy: str, pool_mode: str = "avg") -> None:
+    if strategy not in SIZE_STRATEGIES:
+        raise _err(f"size_strategy must be one of {SIZE_STRATEGIES}, got {strategy!r}")
+    if pool_mode not in POOL_MODES:
+        raise _err(f"pool_mode must be one of {POOL_MODES}, got {pool_mode!r}")
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:
@@ -92,7 +112,9 @@ class CLIPConfig:
     ``"gelu"`` (erf). ``eot_rule``: which text position is pooled: ``"argmax"`` = the position of the
     largest token id (OpenAI: the eot token has the largest id), ``"eos_id"`` = the first position equal
     to ``eos_token_id`` (HF's rule when its ``eos_token_id != 2``). ``pos_interp_mode`` /
-    ``pos_interp_antialias``: how the image pos-embed is resampled for other grids.
+    ``pos_interp_antialias``: how the image pos-embed (or, with ``size_strategy="resize"``, the image)
+    is resampled for other sizes. ``size_strategy``: ``"interpolate"`` | ``"adaptive_pool"`` |
+    ``"resize"`` (see the module docstring); ``pool_mode``: ``"avg"`` | ``"max"`` for adaptive_pool.
     """
 
     embed_dim: int = 512
@@ -115,6 +137,8 @@ class CLIPConfig:
     ln_eps: float = 1e-5
     pos_interp_mode: str = "bicubic"
     pos_interp_antialias: bool = True
+    size_strategy: str = "interpolate"
+    pool_mode: str = "avg"
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int):
@@ -137,6 +161,7 @@ class CLIPConfig:
             raise _err("eot_rule='eos_id' needs eos_token_id")
         if self.pos_interp_mode not in INTERP_MODES:
             raise _err(f"pos_interp_mode must be one of {INTERP_MODES}, got {self.pos_interp_mode!r}")
+        check_size_strategy(self.size_strategy, self.pool_mode)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -348,6 +373,8 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps, **kw)
         self.proj = nn.Parameter(torch.empty(w, cfg.embed_dim, **kw))
         self._pos_cache: dict[tuple, tuple[int, int, torch.Tensor]] = {}
+        self.size_strategy = cfg.size_strategy
+        self.pool_mode = cfg.pool_mode
 
     def pos_embed(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """(1 + gh * gw, width): the pos-embed for a (gh, gw) patch grid (see the module docstring)."""
@@ -373,16 +400,29 @@ class VisionTransformer(nn.Module):
         return out
 
     def _check(self, x: torch.Tensor, name: str = "image") -> None:
+        check_size_strategy(self.size_strategy, self.pool_mode)
         c, p = self.cfg.in_channels, self.cfg.patch_size
         if x.dim() != 4 or x.shape[1] != c:
             raise _err(f"{name}: expected (batch, {c}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
+        if self.size_strategy == "resize" and h > 0 and w > 0:
+            return
         if h % p or w % p or h == 0 or w == 0:
             raise _err(f"{name}: height and width must be positive multiples of patch_size {p}, got {h}x{w}")
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + gh * gw, width): class token + patches + pos-embed."""
+        cfg = self.cfg
+        size = _pair(cfg.image_size)
+        if self.size_strategy == "resize" and tuple(x.shape[-2:]) != size:
+            dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            x = F.interpolate(
+                x.to(dt), size=size, mode=cfg.pos_interp_mode, align_corners=False,
+                antialias=cfg.pos_interp_antialias,
+            )  # fmt: skip
         x = self.conv1(x.to(self.conv1.weight.dtype))
+        if self.size_strategy == "adaptive_pool" and tuple(x.shape[-2:]) != self.grid_size:
+            x = adaptive_grid_pool(x, self.grid_size, self.pool_mode)
         b, w, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(b, 1, w)
