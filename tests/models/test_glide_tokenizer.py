@@ -1,0 +1,118 @@
+"""The GLIDE tokenizer against transformers' GPT-2 tokenizer built from the same (tiny, test-made) files."""
+
+import collections
+import gzip
+import itertools
+import json
+
+import pytest
+import torch
+
+from fastgen.models.glide_tokenizer import GlideTokenizer, byte_to_unicode, pre_tokenize
+
+regex = pytest.importorskip("regex")
+transformers = pytest.importorskip("transformers")
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+TRAIN = (
+    "an oil painting of a corgi. a corgi wearing a red bowtie and a purple party hat. "
+    "a painting of the ocean at sunset; a photo of the city at night, in the style of van gogh. "
+) * 3
+CORPUS = [
+    "an oil painting of a corgi",
+    "A Corgi",
+    "a CORGI's hat, they'll say: it's 2024!! we've 3.14 cats   and\tdogs\n\nend  ",
+    "  leading spaces, trailing ones   ",
+    "naïve café — über straße, ÉCOLE 東京 2½ ①²  🐕‍🦺 emoji\u00a0nbsp\u3000ideographic\u2009thin",
+    "tabs\t\t\tand\r\nnewlines \n x 'd 'll 'm 're 's 't 've '",
+    "",
+    " ",
+    "unseenwordszq xyzzy 12345678901234567890",
+]
+
+
+def _train_merges(text, n_merges):
+    words = collections.Counter(
+        tuple(byte_to_unicode()[b] for b in piece.encode()) for piece in regex.findall(GPT2_PATTERN, text)
+    )
+    merges = []
+    for _ in range(n_merges):
+        pairs = collections.Counter()
+        for w, c in words.items():
+            for p in itertools.pairwise(w):
+                pairs[p] += c
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        new = collections.Counter()
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] += c
+        words = new
+    return merges
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bpe")
+    merges = _train_merges(TRAIN, 80)
+    vocab = [byte_to_unicode()[b] for b in range(256)] + [a + b for a, b in merges] + ["<|endoftext|>"]
+    encoder = {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}
+    (d / "encoder.json").write_text(json.dumps(encoder))
+    bpe = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    (d / "vocab.bpe").write_text(bpe)
+    (d / "vocab.bpe.gz").write_bytes(gzip.compress(bpe.encode()))
+    hf = d / "hf"  # the same files under the names transformers loads from a local directory
+    hf.mkdir()
+    (hf / "vocab.json").write_text(json.dumps(encoder))
+    (hf / "merges.txt").write_text(bpe)
+    return d
+
+
+@pytest.mark.parametrize("text", [*CORPUS, TRAIN])
+def test_pre_tokenize_matches_the_gpt2_pattern(text):
+    assert pre_tokenize(text) == regex.findall(GPT2_PATTERN, text)
+
+
+def test_encode_equals_gpt2_tokenizer_on_lower_cased_text(files):
+    ours = GlideTokenizer(files / "encoder.json", files / "vocab.bpe.gz")
+    hf = transformers.GPT2Tokenizer.from_pretrained(str(files / "hf"))
+    assert len(ours.ranks) > 60 and ours.end_token == ours.n_vocab - 1
+    for text in [*CORPUS, TRAIN]:
+        ids = ours.encode(text)
+        assert ids == hf.encode(text.lower(), add_special_tokens=False), text
+        assert ids == ours.encode(text.lower())
+        assert ours.decode(ids) == text.lower()
+    assert len(ours.encode("an oil painting of a corgi")) < len(
+        "an oil painting of a corgi"
+    )  # merges applied
+
+
+def test_padded_tokens_and_mask_and_call(files):
+    tok = GlideTokenizer(files / "encoder.json", files / "vocab.bpe")
+    ids = tok.encode("a corgi")
+    padded, mask = tok.padded_tokens_and_mask(ids, 8)
+    assert padded == ids + [tok.end_token] * (8 - len(ids)) and mask == [True] * len(ids) + [False] * (
+        8 - len(ids)
+    )
+    long = list(range(10))
+    assert tok.padded_tokens_and_mask(long, 4) == (long[:4], [True] * 4)
+    tokens, m = tok(["a corgi", ""], text_ctx=6)
+    assert tokens.dtype == torch.long and m.dtype == torch.bool and tokens.shape == m.shape == (2, 6)
+    assert tokens[1].eq(tok.end_token).all() and not m[1].any()
+    assert tok.decode(torch.tensor(ids)) == "a corgi"
+    with pytest.raises(ValueError, match="text_ctx"):
+        tok.padded_tokens_and_mask(ids, -1)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tok.decode([10**6])
+    with pytest.raises(TypeError, match="text must be a str"):
+        tok.encode(b"bytes")
