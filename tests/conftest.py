@@ -10,11 +10,31 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+# Resumable runs (benchmarks/gpu_check.sh full): with FASTGEN_RESUME_FILE set, every test that passes (or
+# skips) appends its node id there the moment it finishes, and a later run deselects those ids, so a run
+# cut off by a time limit continues where it stopped.
+RESUME_FILE = os.environ.get("FASTGEN_RESUME_FILE")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+    if RESUME_FILE and os.path.exists(RESUME_FILE):
+        with open(RESUME_FILE) as f:
+            done = set(f.read().split())
+        keep = [item for item in items if item.nodeid not in done]
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
+        items[:] = keep
+
+
+def pytest_runtest_logreport(report):
+    if RESUME_FILE and (
+        (report.when == "call" and report.passed) or (report.when == "setup" and report.skipped)
+    ):
+        with open(RESUME_FILE, "a") as f:  # one short O_APPEND write per test: safe across xdist workers
+            f.write(report.nodeid + "\n")
 
 
 @pytest.fixture(autouse=True)
