@@ -40,7 +40,8 @@ sequence each step (the oracle of the tests).
 **Expert parallelism.** ``GLaM(cfg, process_group=pg)`` hands ``pg`` to every Top2MoE: each rank holds
 E / world experts of each MoE layer and everything else replicated. Every rank must run each forward (and
 each generate step: early stopping at ``eos_id`` is off under a group, all ranks run max_new_tokens steps).
-Replicated parameters' gradients must be averaged across ranks as under DDP (``train_step`` does not).
+Replicated parameters' gradients must be averaged across ranks: :func:`train_step` does it (and composes
+expert with data parallelism over a 2-D mesh, ``dp_group``); a custom loop calls ``sync_moe_grads``.
 :meth:`GLaM.load_dense_state_dict` loads a single-process state dict into a rank's shard.
 
 ``model.impl = "torch"`` runs the plain-PyTorch baseline of the benchmarks: ``F.scaled_dot_product_attention``,
@@ -67,7 +68,7 @@ from fastgen.models.common import (
     is_int,
     sample_logits,
 )
-from fastgen.nn.moe import MoEAux, Top2MoE
+from fastgen.nn.moe import MoEAux, Top2MoE, sync_moe_grads
 from fastgen.ops.grouped_mm import activation_ref
 
 try:
@@ -580,10 +581,16 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     *,
     max_grad_norm: float | None = None,
+    dp_group: Any = None,
 ) -> dict[str, float]:
     """One optimizer step on ``batch``: (B, S + 1) tokens (inputs batch[:, :-1], targets batch[:, 1:]) or a
     (tokens, targets) pair. Returns loss, lm_loss, aux_loss and dropped (assignments, all MoE layers) as
-    Python numbers. Under expert parallelism, average replicated gradients first (e.g. DDP)."""
+    this rank's Python numbers.
+
+    Distributed (every rank its own batch): under expert parallelism (``model.process_group``) and / or
+    data parallelism over ``dp_group`` (a 2-D mesh: ``fastgen.train.distributed.moe_mesh``), gradients
+    are averaged (:func:`fastgen.nn.moe.sync_moe_grads`) before clipping, so the step is the
+    single-process step on the mean of the ranks' losses. Do not wrap the model in DDP as well."""
     # a NaN max norm would scale every gradient to NaN without an error
     if max_grad_norm is not None and not (is_finite_real(max_grad_norm) and max_grad_norm > 0):
         raise _err(f"max_grad_norm must be None or a positive finite number, got {max_grad_norm!r}")
@@ -592,6 +599,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     _, loss, info = model(tokens, targets)
     loss.backward()
+    if model.process_group is not None or dp_group is not None:
+        sync_moe_grads(model, model.process_group, dp_group)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()

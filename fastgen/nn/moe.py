@@ -15,8 +15,9 @@ itself (``"residual"``, i.e. the layer is the identity for it). ``capacity_facto
 Expert parallelism: with ``process_group`` of size P the layer holds experts
 ``[rank * E / P, (rank + 1) * E / P)``; each rank routes its own tokens, sends each expert's rows to its
 owner with ``all_to_all_single`` and gets the results back the same way (differentiable both ways). The
-router is replicated (keep it in sync as with DDP); the capacity applies to each rank's tokens (GShard's
-groups). ``Top2MoE.load_dense_state_dict`` loads a single-process state dict into the shard.
+router is replicated (:func:`sync_moe_grads` averages its gradients, also over a data-parallel group);
+the capacity applies to each rank's tokens (GShard's groups). ``Top2MoE.load_dense_state_dict`` loads a
+single-process state dict into the shard.
 """
 
 from __future__ import annotations
@@ -273,6 +274,43 @@ class Top2MoE(nn.Module):
         lo, hi = self.first_expert, self.first_expert + self.num_local_experts
         local = {k: (v[lo:hi] if k in ("w1", "w2", "b1", "b2") else v) for k, v in state.items()}
         self.load_state_dict(local)
+
+
+def sync_moe_grads(model: nn.Module, ep_group: Any = None, dp_group: Any = None) -> None:
+    """Average the gradients of a model whose Top2MoE layers are expert parallel over ``ep_group`` and
+    which is data parallel over ``dp_group`` (a 2-D (dp, ep) mesh; either may be None for size 1), so that
+    the update is the single-process one on the mean of the ``dp * ep`` ranks' losses (every rank holds
+    its own tokens). Replicated parameters (router, attention, embeddings, dense FFNs) are averaged over
+    all ranks. An expert shard already holds the gradient of every EP peer's tokens (summed by the
+    all-to-all's backward), so it is summed over ``dp_group`` only and divided by ``dp * ep``. Call it
+    between ``backward()`` and clipping / ``optimizer.step()``; every rank must call it."""
+    ep = dist.get_world_size(ep_group) if ep_group is not None else 1
+    dp = dist.get_world_size(dp_group) if dp_group is not None else 1
+    expert_ids = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, Top2MoE) and mod.world > 1:
+            if mod.world != ep:
+                raise ValueError(
+                    f"sync_moe_grads: {name or 'model'} shards its experts over {mod.world} ranks but "
+                    f"ep_group has {ep}; pass the group the model was built with"
+                )
+            expert_ids.update(id(p) for p in (mod.w1, mod.w2, mod.b1, mod.b2) if p is not None)
+    if ep * dp == 1:
+        return
+    replicated = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in expert_ids]
+    experts = [p.grad for p in model.parameters() if p.grad is not None and id(p) in expert_ids]
+    for grads, groups in ((replicated, (ep_group, dp_group)), (experts, (dp_group,))):
+        if not grads:
+            continue
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per group, not one per tensor
+        for g in groups:
+            if g is not None and dist.get_world_size(g) > 1:
+                dist.all_reduce(flat, group=g)
+        flat /= ep * dp
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def top2_moe_dense_ref(x: torch.Tensor, moe: Top2MoE, gating: Gating, *, upcast: bool = True) -> torch.Tensor:
