@@ -46,6 +46,10 @@ The text attention splits ``c_qkv``'s output per head first: (B, T, heads, [q | 
 * Fully convolutional: any H, W that are multiples of ``2 ** (len(channel_mult) - 1)``.
 * Upsampler (``super_res``): ``low_res`` is resized to x's size (bilinear, align_corners=False) and
   concatenated to x on channels, so ``input_blocks.0.0`` takes 2 x in_channels.
+* Inpainting (``inpaint``, the release's ``InpaintText2ImUNet`` / ``SuperResInpaintText2ImUNet``): the
+  first conv sees ``cat([x_t, image * mask, mask])`` (7 channels), then the resized ``low_res`` LAST for
+  the upsampler (10); mask (B, 1, H, W), 1 = keep, 0 = fill. Every other parameter is unchanged
+  ("glide-base-inpaint": 385,037,638 parameters, "glide-upsample-inpaint": 398,368,198).
 
 **Sampling** (:func:`sample_base`, :func:`sample_upsample`, :func:`text_to_image`) runs the fused steps of
 ``fastgen.diffusion`` (DDPM with the learned-range variance, x0 clipped to [-1, 1] as the release's
@@ -132,6 +136,7 @@ class GLIDEConfig:
     mask_padding_keys: bool = False
     super_res: bool = False
     low_res_size: int | None = None
+    inpaint: bool = False  # input_blocks.0.0 also takes [image * mask, mask] (the release's Inpaint*UNet)
     diffusion_steps: int = 1000
     noise_schedule: str = "squaredcos_cap_v2"
     learn_sigma: bool = True
@@ -156,6 +161,12 @@ class GLIDEConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels * (2 if self.learn_sigma else 1)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels into ``input_blocks.0.0``: [x_t, image * mask, mask, bilinear(low_res)] as present."""
+        c = self.in_channels
+        return c + (c + 1 if self.inpaint else 0) + (c if self.super_res else 0)
 
     @property
     def downsample_factor(self) -> int:
@@ -218,6 +229,14 @@ PRESETS: dict[str, GLIDEConfig] = {
         low_res_size=8,
     ),
 }
+# the released inpainting models (first conv: 7 = 3 + 3 + 1 and 10 = 3 + 3 + 1 + 3 input channels)
+for _name, _of in (
+    ("glide-base-inpaint", "glide-base"),
+    ("glide-upsample-inpaint", "glide-upsample"),
+    ("glide-inpaint-tiny", "glide-tiny"),
+    ("glide-upsample-inpaint-tiny", "glide-upsample-tiny"),
+):
+    PRESETS[_name] = replace(PRESETS[_of], inpaint=True)
 
 
 def from_name(name: str, **overrides) -> GLIDEConfig:
@@ -469,8 +488,8 @@ class GLIDE(nn.Module):
 
     ``forward(x, timesteps, tokens, mask, low_res=None)``: x (B, in_channels, H, W) with H, W multiples of
     ``cfg.downsample_factor``; timesteps (B,) original training steps; tokens (B, L <= text_ctx) long;
-    mask (B, L) bool (True = real token); low_res (B, in_channels, h, w) for the upsampler.
-    Returns (B, out_channels, H, W) = [eps; v] in x's dtype.
+    mask (B, L) bool (True = real token); low_res (B, in_channels, h, w) for the upsampler;
+    inpaint_image (B, in_channels, H, W) and inpaint_mask (B, 1, H, W) for the inpainting models. Returns (B, out_channels, H, W) = [eps; v] in x's dtype.
     ``attention_impl``: "fastgen" (``fastgen.flash_attention``) or "torch" (plain
     ``F.scaled_dot_product_attention``, the benchmark baseline).
     """
@@ -481,7 +500,7 @@ class GLIDE(nn.Module):
         self.attention_impl = "fastgen"
         mc, ted = cfg.model_channels, cfg.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        in_ch = cfg.in_channels * (2 if cfg.super_res else 1)
+        in_ch = cfg.input_channels
         ch = input_ch = int(cfg.channel_mult[0] * mc)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_ch, ch, 3, padding=1))])
         chans, ds = [ch], 1
@@ -614,6 +633,8 @@ class GLIDE(nn.Module):
         *,
         low_res: torch.Tensor | None = None,
         text: TextEmbedding | None = None,
+        inpaint_image: torch.Tensor | None = None,
+        inpaint_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         self._check_image(x)
@@ -624,6 +645,11 @@ class GLIDE(nn.Module):
         if timesteps.shape != (b,):
             raise _err(f"timesteps must be (batch,) = ({b},), got {tuple(timesteps.shape)}")
         h = x.to(self.dtype)
+        if cfg.inpaint:
+            image, keep = check_inpaint_inputs(inpaint_image, inpaint_mask, x)
+            h = torch.cat([h, (image * keep).to(h.dtype), keep.to(h.dtype)], dim=1)
+        elif inpaint_image is not None or inpaint_mask is not None:
+            raise _err("inpaint_image / inpaint_mask are for the inpainting models (inpaint=True) only")
         if cfg.super_res:
             if low_res is None or low_res.dim() != 4 or low_res.shape[:2] != x.shape[:2]:
                 raise _err(
@@ -654,6 +680,25 @@ class GLIDE(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb, xf_out, key_mask, plain)
         return self.out(h).to(x.dtype)
+
+
+def check_inpaint_inputs(
+    image: torch.Tensor | None, mask: torch.Tensor | None, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks the known image (B, C, H, W) and mask (B, 1, H, W) (1 = keep, 0 = fill) against x."""
+    b, c, h, w = x.shape
+    for name, t, ch in (("inpaint_image", image, c), ("inpaint_mask", mask, 1)):
+        if not isinstance(t, torch.Tensor):
+            raise _err(f"the inpainting model needs {name} ({b}, {ch}, {h}, {w}), got {type(t).__name__}")
+        if tuple(t.shape) != (b, ch, h, w):
+            raise _err(
+                f"{name} must have shape {(b, ch, h, w)} (x is {tuple(x.shape)}), got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point() and not (name == "inpaint_mask" and t.dtype == torch.bool):
+            raise _err(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise _err(f"{name} is on {t.device} but x is on {x.device}")
+    return image, mask.to(image.dtype)
 
 
 def count_parameters(module: nn.Module) -> int:
