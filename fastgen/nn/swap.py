@@ -65,15 +65,18 @@ def _fastgen_sdpa(*args, **kwargs):
 # =====================================================================================================
 
 _use_fastgen: contextvars.ContextVar[bool] = contextvars.ContextVar("fastgen_sdpa_scope", default=False)
-_lock = threading.RLock()
-_active = 0  # wrapped calls running, all threads together
+# the flag's stand-in while torch.compile traces: dynamo follows reads and writes of a module global (and
+# replays them), not a ContextVar or a lock, so the traced path holds neither
+_traced_use = False
+_lock = threading.RLock()  # guards _targets / _saved; taken at swap / unswap and by eager scopes only
 _targets: dict[tuple[int, str], list[Any]] = {}  # (id(namespace dict), name) -> [dict, name, refcount]
 _saved: dict[tuple[int, str], Any] = {}  # original values while patched
 
 
 def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
     def scaled_dot_product_attention(*args, **kwargs):
-        if _use_fastgen.get():
+        use = _traced_use if torch.compiler.is_compiling() else _use_fastgen.get()
+        if use:
             return _fastgen_sdpa(*args, **kwargs)
         return original(*args, **kwargs)
 
@@ -82,29 +85,17 @@ def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
     return scaled_dot_product_attention
 
 
-def _install(key: tuple[int, str]) -> None:
-    ns, name, _ = _targets[key]
-    if key in _saved:
-        return
-    _saved[key] = ns[name]
-    ns[name] = _dispatcher(ns[name])
-
-
-def _uninstall(key: tuple[int, str]) -> None:
-    if key in _saved:
-        ns, name, _ = _targets[key]
-        ns[name] = _saved.pop(key)
-
-
 def _register_target(ns: dict, name: str) -> tuple[int, str]:
+    """Put the dispatcher in ``ns[name]`` (reference-counted): it stays while a swapped module or a scope
+    needs it, and serves torch's original to every call outside a fastgen scope."""
     key = (id(ns), name)
     with _lock:
         if key in _targets:
             _targets[key][2] += 1
         else:
             _targets[key] = [ns, name, 1]
-            if _active:
-                _install(key)
+            _saved[key] = ns[name]
+            ns[name] = _dispatcher(ns[name])
     return key
 
 
@@ -115,42 +106,44 @@ def _unregister_target(key: tuple[int, str]) -> None:
             return
         entry[2] -= 1
         if entry[2] == 0:
-            _uninstall(key)
+            ns, name, _ = entry
+            ns[name] = _saved.pop(key)
             del _targets[key]
-
-
-_F_KEY = _register_target(F.__dict__, _SDPA_NAME)  # always a target (never unregistered)
 
 
 @contextlib.contextmanager
 def sdpa_scope(enabled: bool = True) -> Iterator[None]:
     """Within the block, in this thread / context, ``F.scaled_dot_product_attention`` (and the registered
-    module-level aliases) call fastgen's op when ``enabled`` (torch's when not). Re-entrant."""
-    global _active
-    with _lock:
-        _active += 1
-        if _active == 1:
-            for key in _targets:
-                _install(key)
+    module-level aliases) call fastgen's op when ``enabled`` (torch's when not). Re-entrant. Eager only:
+    under torch.compile the swapped modules' forwards switch fastgen on themselves (see _run_scoped)."""
+    key = _register_target(F.__dict__, _SDPA_NAME)
     token = _use_fastgen.set(enabled)
     try:
         yield
     finally:
         _use_fastgen.reset(token)
-        with _lock:
-            _active -= 1
-            if _active == 0:
-                for key in list(_saved):
-                    _uninstall(key)
+        _unregister_target(key)
+
+
+def _run_scoped(enabled: bool, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    global _traced_use
+    if torch.compiler.is_compiling():
+        # the dispatchers are in place since the swap; only the flag changes, in a global dynamo traces
+        prev, _traced_use = _traced_use, enabled
+        out = fn(*args, **kwargs)
+        _traced_use = prev
+        return out
+    with sdpa_scope(enabled):  # keeps F's dispatcher even for a deepcopy that outlives its original
+        return fn(*args, **kwargs)
 
 
 def _scoped_forward(self, *args, **kwargs):
     # bound to the module as an instance attribute, so deepcopy rebinds it to the copy
-    inner = self.__dict__.get("_fastgen_inner_forward")
-    with sdpa_scope(self.__dict__.get("_fastgen_sdpa_enabled", True)):
-        if inner is not None:
-            return inner(*args, **kwargs)
-        return type(self).forward(self, *args, **kwargs)
+    d = self.__dict__
+    inner = d.get("_fastgen_inner_forward")
+    if inner is None:
+        return _run_scoped(d.get("_fastgen_sdpa_enabled", True), type(self).forward, (self, *args), kwargs)
+    return _run_scoped(d.get("_fastgen_sdpa_enabled", True), inner, args, kwargs)
 
 
 class FastgenProcessor:
@@ -161,8 +154,7 @@ class FastgenProcessor:
         self.processor = processor
 
     def __call__(self, *args, **kwargs):
-        with sdpa_scope(True):
-            return self.processor(*args, **kwargs)
+        return _run_scoped(True, self.processor, args, kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name == "processor":  # not set yet (unpickling)
@@ -273,7 +265,7 @@ def _wrap_forward(module: nn.Module, enabled: bool, aliases: list[tuple[dict, st
     d["_fastgen_inner_forward"] = d["forward"] if had_inner else None
     d["_fastgen_sdpa_enabled"] = enabled
     d["forward"] = types.MethodType(_scoped_forward, module)
-    keys = [_register_target(ns, name) for ns, name in aliases]
+    keys = _register_targets(module, aliases)
 
     def undo():
         inner = d.pop("_fastgen_inner_forward", None)
@@ -282,10 +274,21 @@ def _wrap_forward(module: nn.Module, enabled: bool, aliases: list[tuple[dict, st
             d["forward"] = inner
         else:
             d.pop("forward", None)
-        for key in keys:
-            _unregister_target(key)
+        keys()
 
     return undo
+
+
+def _register_targets(owner: Any, aliases: list[tuple[dict, str]]) -> Callable[[], None]:
+    """Dispatchers for F's SDPA and ``aliases`` while ``owner`` is swapped: released by the returned
+    callable (unswap) or when ``owner`` is garbage collected, whichever comes first (once)."""
+    keys = [_register_target(F.__dict__, _SDPA_NAME)] + [_register_target(ns, n) for ns, n in aliases]
+    return weakref.finalize(owner, _release, keys)
+
+
+def _release(keys: list[tuple[int, str]]) -> None:
+    for key in keys:
+        _unregister_target(key)
 
 
 def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filter = None) -> SwapReport:
@@ -339,7 +342,7 @@ def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filte
                 new_of[id(child)] = MultiheadAttention.from_torch(child)
             new = new_of[id(child)]
             parent._modules[child_name] = new
-            undo.append(lambda p=parent, c=child_name, old=child: p._modules.__setitem__(c, old))
+            undo.append(_undo_setitem(parent, child_name, child))
             if first:
                 report.replaced.append(
                     (
@@ -356,7 +359,7 @@ def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filte
             and any(isinstance(getattr(layer, "self_attn", None), MultiheadAttention) for layer in m.layers)
         ):
             m.use_nested_tensor = False
-            undo.append(lambda m=m: setattr(m, "use_nested_tensor", True))
+            undo.append(_undo_setattr(m, "use_nested_tensor", True))
             report.notes.append(
                 f"{named[id(m)] or '<root>'}: use_nested_tensor=False (torch's nested fast path)"
             )
@@ -397,6 +400,24 @@ def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filte
     return report
 
 
+def _undo_setitem(parent: nn.Module, name: str, old: nn.Module) -> Callable[[], None]:
+    # the undo list lives in a WeakKeyDictionary keyed by the model: holding the parent (often the model
+    # itself) strongly would keep the model, and F's dispatcher, alive forever
+    ref = weakref.ref(parent)
+
+    def undo():
+        p = ref()
+        if p is not None:
+            p._modules[name] = old
+
+    return undo
+
+
+def _undo_setattr(m: nn.Module, name: str, value: Any) -> Callable[[], None]:
+    ref = weakref.ref(m)  # as _undo_setitem: the undo list must not keep the model alive
+    return lambda: ref() is not None and setattr(ref(), name, value)
+
+
 def _disable_layer_fast_path(parent, new, parent_name, report, undo) -> None:
     if isinstance(parent, nn.TransformerEncoderLayer) and parent.self_attn is new:
         # the layer's inference fast path skips self_attn.forward whenever no module has hooks
@@ -427,13 +448,13 @@ def _swap_processor(qual, m, proc, wanted, report, undo) -> None:
     if isinstance(proc, nn.Module):
         undo.append(_wrap_forward(proc, True, aliases))
     else:
-        keys = [_register_target(ns, n) for ns, n in aliases]
-        _set_processor(m, FastgenProcessor(proc))
+        wrapper = FastgenProcessor(proc)
+        keys = _register_targets(wrapper, aliases)
+        _set_processor(m, wrapper)
 
         def restore(m=m, proc=proc, keys=keys):
             _set_processor(m, proc)
-            for key in keys:
-                _unregister_target(key)
+            keys()
 
         undo.append(restore)
     seen = "calls scaled_dot_product_attention" if refs else "no SDPA call seen in its source, wrapped anyway"

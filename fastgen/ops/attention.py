@@ -1026,6 +1026,8 @@ def flash_attention(
                 f"mask must be a bool tensor (True = attend), got {getattr(mask, 'dtype', type(mask))}"
             )
         mask = _broadcast("mask", mask, full, query.device)
+    if not _torch_sdpa_why_not(query, value, bias, mask, dropout_p, seed, deterministic):
+        return _via_torch_sdpa(query, key, value, bias, mask, causal_mode, scale, dropout_p)
     q = _last_dim_contiguous(query.transpose(1, 2))
     k = _last_dim_contiguous(key.transpose(1, 2))
     v = _last_dim_contiguous(value.transpose(1, 2))
@@ -1034,6 +1036,70 @@ def flash_attention(
     out, _ = _attention_fwd_op(q, k, v, bias, mask, None, None, sq, sk, causal_mode, scale, dropout_p,
                                _draw_seed(dropout_p, seed), _deterministic(deterministic))  # fmt: skip
     return out.transpose(1, 2)
+
+
+# =====================================================================================================
+# torch's own fused SDPA: where fastgen's default backend would be the torch one (a CPU tensor, or no Triton)
+# and SDPA can express the call, it serves it (rule 11: its fused CPU kernels are tiled and faster than the
+# torch backend's materialised scores); fastgen's backends serve what only they do
+# =====================================================================================================
+
+_TORCH_SDPA = torch._C._nn.scaled_dot_product_attention  # torch's, even while swap patches F's
+# torch >= 2.5 gives zeros for a row with every key masked (its safe softmax), fastgen's convention
+_SDPA_ZERO_ROWS = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@torch.compiler.assume_constant_result
+def _default_backend(device_type: str, dtype: torch.dtype, d: int, dv: int) -> str:
+    """The backend a call would get with nothing forced ("" when one is forced: it serves as asked)."""
+    if OP.forced_backend() is not None:
+        return ""
+    call = Call(torch.device(device_type), dtype, {"head_dim": d, "head_dim_v": dv})
+    return OP.dispatch(call).name
+
+
+def _torch_sdpa_why_not(query, value, bias, mask, dropout_p, seed, deterministic) -> list[str]:
+    """Why torch's SDPA cannot serve this flash_attention call (empty: it serves it)."""
+    why = []
+    if _default_backend(query.device.type, query.dtype, query.shape[-1], value.shape[-1]) != "torch":
+        why.append("a fastgen kernel serves this device / dtype (or a backend is forced)")
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        why.append("bias needs a gradient")
+    if bias is not None and bias.dtype != query.dtype:
+        why.append(f"bias dtype {bias.dtype} differs from the inputs' {query.dtype} (SDPA would round it)")
+    if dropout_p > 0 and seed is not None:
+        why.append("dropout with an explicit seed")
+    if deterministic and query.device.type != "cpu":
+        why.append("deterministic backward requested off CPU")
+    if (bias is not None or mask is not None) and not _SDPA_ZERO_ROWS:
+        why.append("this torch gives NaN for fully masked rows")
+    return why
+
+
+def _via_torch_sdpa(query, key, value, bias, mask, causal, scale, dropout_p):
+    """flash_attention's semantics through torch's SDPA: bias and mask (already broadcast views) become
+    one attn_mask; a causal pattern SDPA's is_causal cannot say (with a mask, or bottom-right with
+    Sq != Sk) becomes part of it."""
+    sq, sk = query.shape[-2], key.shape[-2]
+    attn = bias
+    if mask is not None:
+        attn = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+    is_causal = False
+    if causal != NO_CAUSAL:
+        if attn is None and (causal == TOP_LEFT or sq == sk):
+            is_causal = True
+        else:
+            vis = _visible(sq, sk, causal, query.device)
+            if attn is None:
+                attn = vis
+            elif attn.dtype == torch.bool:
+                attn = attn & vis
+            else:
+                attn = attn.masked_fill(~vis, float("-inf"))
+    if attn is not None and attn.dim() == 4 and attn.stride(0) == 0 and attn.stride(1) == 0:
+        attn = attn[:1, :1]  # SDPA broadcasts: no per-(batch, head) copy of a shared mask
+    return _TORCH_SDPA(query, key, value, attn, dropout_p, is_causal, scale=scale,
+                       enable_gqa=query.shape[1] != key.shape[1])  # fmt: skip
 
 
 def _broadcast(name: str, t: torch.Tensor, full: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """swap_attention / unswap_attention: every kind of attention module, outputs equal before and after."""
 
 import copy
+import gc
+import math
 import threading
 
 import pytest
@@ -19,10 +21,12 @@ TORCH_SDPA = F.scaled_dot_product_attention
 
 @pytest.fixture
 def fastgen_calls(monkeypatch):
-    """Counts calls of fastgen's fused op (every fastgen attention path goes through it)."""
+    """Counts calls of fastgen's attention: its fused op or, where torch's SDPA serves the call for it
+    (CPU), fastgen's route to it (every fastgen attention path goes through one of them)."""
     calls = []
-    real = fa._attention_fwd_op
-    monkeypatch.setattr(fa, "_attention_fwd_op", lambda *a: calls.append(1) or real(*a))
+    for name in ("_attention_fwd_op", "_via_torch_sdpa"):
+        real = getattr(fa, name)
+        monkeypatch.setattr(fa, name, lambda *a, _real=real: calls.append(1) or _real(*a))
     return calls
 
 
@@ -130,7 +134,8 @@ def test_swap_model_matches_and_reports(fastgen_calls):
     text = str(report)
     assert "[mha] cross" in text and "[processor] unet.0" in text and "[sdpa-forward] vit" in text
     assert isinstance(model.cross, MultiheadAttention) and len(model.state_dict()) == n_params
-    assert F.scaled_dot_product_attention is TORCH_SDPA  # patched only during calls
+    # F's SDPA is fastgen's dispatcher while the model is swapped (torch's outside swapped calls)
+    assert getattr(F.scaled_dot_product_attention, "__wrapped__", None) is TORCH_SDPA
 
     out = model(x, ctx, kpm)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -151,6 +156,7 @@ def test_swap_model_matches_and_reports(fastgen_calls):
     torch.testing.assert_close(model(x, ctx, kpm), ref)
     assert not fastgen_calls
     assert unswap_attention(model) == 0
+    assert F.scaled_dot_product_attention is TORCH_SDPA
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
@@ -200,6 +206,7 @@ def test_include_exclude_and_pinning(fastgen_calls):
 
 
 def test_patch_is_scoped_reentrant_threadsafe_and_exception_safe(fastgen_calls):
+    gc.collect()  # swapped modules of earlier tests hold F's dispatcher until they are collected
     q = torch.randn(1, 2, 4, 8)
     seen, inside, release = {}, threading.Event(), threading.Event()
 
@@ -237,6 +244,10 @@ def test_patch_is_scoped_reentrant_threadsafe_and_exception_safe(fastgen_calls):
     swap_attention(b)
     with pytest.raises(KeyError):
         b(q)
+    before = len(fastgen_calls)
+    F.scaled_dot_product_attention(q, q, q)  # the dispatcher stays while b is swapped, serving torch's
+    assert len(fastgen_calls) == before + 0
+    unswap_attention(b)
     assert F.scaled_dot_product_attention is TORCH_SDPA
     assert globals()["sdpa_alias"] is TORCH_SDPA
 
@@ -294,3 +305,69 @@ def test_errors():
     seq = nn.Sequential(MyMHA(8, 2))
     report = swap_attention(seq)
     assert not report.replaced and "MyMHA subclasses" in str(report) and type(seq[0]) is MyMHA
+
+
+def _route(monkeypatch):
+    seen = []
+    for name in ("_attention_fwd_op", "_via_torch_sdpa"):
+        real = getattr(fa, name)
+        monkeypatch.setattr(fa, name, lambda *a, _n=name, _r=real: seen.append(_n) or _r(*a))
+    return seen
+
+
+@pytest.mark.parametrize(
+    "kw, route",
+    [
+        ({}, "_via_torch_sdpa"),
+        ({"mask": True, "causal": "bottom_right"}, "_via_torch_sdpa"),
+        ({"bias": True, "mask": True, "causal": True}, "_via_torch_sdpa"),
+        ({"bias": "grad"}, "_attention_fwd_op"),  # the bias gradient is fastgen's
+        ({"dropout_p": 0.5, "seed": 3}, "_attention_fwd_op"),  # a seeded dropout stream is fastgen's
+    ],
+)
+def test_cpu_dispatch_serves_sdpa_expressible_calls_through_torch_sdpa(monkeypatch, kw, route):
+    # rule 11: torch's fused CPU SDPA serves what it can express; the result is fastgen's either way
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :2, :3], v[:, :2, :3]  # GQA, Sq != Sk
+    args = dict(kw)
+    if "mask" in args:
+        args["mask"] = torch.rand(2, 1, 5, 3, generator=g) > 0.3
+    if "bias" in args:
+        args["bias"] = torch.randn(1, 4, 5, 3, generator=g, dtype=torch.float64).mul(30)
+        args["bias"].requires_grad_(kw["bias"] == "grad")
+    seen = _route(monkeypatch)
+    out = fa.flash_attention(q, k, v, **args)
+    assert seen == [route]
+    if "dropout_p" not in kw:
+        bias, mask = args.get("bias"), args.get("mask")
+        attn = (
+            mask
+            if bias is None
+            else bias.detach()
+            if mask is None
+            else bias.detach().masked_fill(~mask, -math.inf)
+        )
+        ref = fa.attention_ref(q, k, v, attn, args.get("causal", False), enable_gqa=True)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    with fastgen.use_backend("torch"):  # a forced backend serves as asked
+        fa.flash_attention(q, k, v)
+    assert seen[-1] == "_attention_fwd_op"
+
+
+def test_compile_fullgraph_on_swapped_modules(fastgen_calls):
+    # no lock, contextvar or patching in the traced path: dynamo traces fastgen's dispatch into one graph
+    torch.manual_seed(0)
+    blk = ViTBlock(16, 2)
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+    )
+    x = torch.randn(2, 7, 16)
+    for m in (blk, enc):
+        ref = m(x)
+        swap_attention(m)
+        fastgen_calls.clear()
+        out = torch.compile(m, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert fastgen_calls  # fastgen's attention served the compiled call
+        unswap_attention(m)
