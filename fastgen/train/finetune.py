@@ -544,6 +544,14 @@ def _read_checkpoint(path: str) -> dict[str, Any]:
 DCP_META = "fastgen_trainer.pt"
 
 
+@contextlib.contextmanager
+def _quiet_single_process_dcp():
+    """DCP warns when used without a process group; a single-process DCP checkpoint is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        yield
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -1381,7 +1389,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         self._barrier()
-        dcp.save(state, checkpoint_id=tmp)
+        with _quiet_single_process_dcp():
+            dcp.save(state, checkpoint_id=tmp)
         self._barrier()
         if self.is_main:
             meta = self._dcp_meta(fresh)
@@ -1451,7 +1460,8 @@ class Trainer:
                     + "\n  ".join(problems[:20])
                     + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
                 )
-            dcp.load(template, checkpoint_id=path)
+            with _quiet_single_process_dcp():
+                dcp.load(template, checkpoint_id=path)
         except BaseException:
             if fresh_before:  # the template materialised optimizer state: the trainer stays untouched
                 self.optimizer.state.clear()

@@ -5,6 +5,7 @@ the order of a few float64 additions (all-reduce of 2 shards vs one batch): orac
 import os
 import socket
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -41,6 +42,19 @@ def _recording_loss(seen):
     def loss(model, batch):
         seen.append(batch[0].clone())
         return _loss(model, batch)
+
+    return loss
+
+
+def _poisoned_loss(rank):
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        x = batch[0].clone()
+        if rank == 1 and len(calls) == 3:  # step 2, first micro-batch
+            x[0, 0] = float("nan")
+        return _loss(model, (x, batch[1]))
 
     return loss
 
@@ -112,6 +126,15 @@ def _worker(rank, world, port, outdir):
         t.save_checkpoint(os.path.join(outdir, "fsdp_step2"))
         t.fit()
         out["fsdp"] = _record(t)
+        t = _trainer("fsdp", rank, precision="bf16", max_steps=2, val_every=0)  # MixedPrecisionPolicy
+        t.fit()
+        out["fsdp_bf16"] = _record(t)
+        # a NaN in rank 1's half of one batch: every rank skips that step, none diverges or hangs
+        t = _trainer("ddp", rank, loss=_poisoned_loss(rank), on_nonfinite="skip", val_every=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t.fit()
+        out["skip"] = dict(_record(t), skipped=[h.get("skipped", 0.0) for h in t.history])
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -121,6 +144,7 @@ def test_ddp_and_fsdp_equal_single_process_and_resume_across_world_sizes():
     seen = []
     single = _trainer("none", loss=_recording_loss(seen))
     single.fit(until=2)
+    ref2 = _record(single)
     with tempfile.TemporaryDirectory() as d:
         single.save_checkpoint(os.path.join(d, "single_step2"), format="dcp")
         single.fit()
@@ -146,6 +170,14 @@ def test_ddp_and_fsdp_equal_single_process_and_resume_across_world_sizes():
             torch.testing.assert_close(res[0][run]["model"][k], v, **TOL, msg=f"{run}: {k}")
         assert res[0][run]["losses"] == pytest.approx(ref["losses"], rel=1e-10), run
         assert res[0][run]["val"] == pytest.approx(ref["val"], rel=1e-10), run
+    for r in range(2):
+        assert res[r]["skip"]["skipped"] == [0.0, 1.0, 0.0, 0.0, 0.0], r
+        for k, v in res[0]["skip"]["model"].items():
+            assert torch.isfinite(v).all() and torch.equal(res[1]["skip"]["model"][k], v)
+        assert len(res[r]["fsdp_bf16"]["losses"]) == 2
+        for k, v in res[0]["fsdp_bf16"]["model"].items():
+            assert v.dtype == torch.float64 and torch.equal(res[1]["fsdp_bf16"]["model"][k], v)
+            torch.testing.assert_close(v, ref2["model"][k], atol=0.02, rtol=0)  # bf16 compute, 2 steps
     for k in ref["model"]:
         assert torch.equal(res[0]["ddp_resumed"]["model"][k], res[0]["ddp"]["model"][k])  # exact resume
     for name, r in resumed.items():
