@@ -71,6 +71,27 @@ def test_info_lists_every_op_and_backend():
     for name in ("cuda", "triton", "cpp", "torch"):
         assert f"    {name}" in text
     assert torch.__version__ in text
+    # ops probed with the dtypes their backends declare: no false alarm for the integer-only moe_route
+    route = text.split("op moe_route")[1].split("\nop ")[0]
+    assert "int32 -> " in route and "float32" not in route.split("\n")[1]
+    # a reason shared by several backends is printed once, in the legend
+    if "[1]" in text:
+        assert text.count("\n  [1] ") == 1
+
+
+def test_info_json(capsys):
+    import json
+
+    from fastgen import info
+
+    info.main(["--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["versions"]["torch"] == torch.__version__
+    assert set(data["ops"]["moe_route"]["chosen"]) == {"int32", "int64"}
+    for op in data["ops"].values():
+        assert set(op["backends"]) <= {"cuda", "triton", "cpp", "torch"}
+    with pytest.raises(SystemExit, match="usage"):
+        info.main(["--yaml"])
 
 
 def test_import_without_extension_warns_once_and_serves():
