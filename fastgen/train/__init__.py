@@ -1,7 +1,8 @@
 """Fine-tuning loop: freezing by patterns, parameter groups, AdamW + warm-up / cosine, clipping,
 accumulation, mixed precision, a guard against non-finite losses / gradients, EMA, augmentation hooks,
 validation with early stopping, exact-resume checkpoints (checksummed, validated before loading, written
-atomically), CSV / JSON / PNG logs. See :mod:`fastgen.train.finetune`."""
+atomically), CSV / JSON / PNG logs, and under ``torchrun`` DDP / FSDP2 with sharded data and DCP
+checkpoints (:mod:`fastgen.train.distributed`). See :mod:`fastgen.train.finetune`."""
 
 from fastgen.train.finetune import (
     CheckpointError,

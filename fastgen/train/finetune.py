@@ -50,6 +50,26 @@ update over ``config.grad_accum`` micro-batches drawn from ``train_data`` (any r
 * **Logs** (``out_dir``): ``log.csv`` and ``log.json`` (losses, lr, grad norm, validation metrics),
   ``loss_curve.png`` (matplotlib, Agg backend, imported lazily), ``last.pt`` every ``checkpoint_every``
   steps; a tqdm progress bar (plain prints when tqdm is missing or ``progress=False``).
+* **Distributed** (``torchrun``; :mod:`fastgen.train.distributed`): the trainer joins the process group
+  the environment describes (env://; nccl on CUDA, gloo on CPU; a group initialised by the caller is
+  used as is) and applies ``strategy``: "ddp" (the default with more than one rank) wraps the model in
+  ``DistributedDataParallel``; "fsdp" applies FSDP2 ``fully_shard`` to each block (``fsdp_blocks`` globs,
+  default the items of the outermost ``nn.ModuleList``\ s) and to the root, with a
+  ``MixedPrecisionPolicy`` (bf16 parameters, fp32 gradient reduction) under ``precision="bf16"``; "none"
+  is one process. ``loss_fn`` receives the wrapped model (call its forward). Data: every rank iterates the
+  same ``train_data`` / ``val_data`` with rank 0's RNG state (broadcast at start) and takes its contiguous
+  ``1 / world`` of every batch (``shard_data``; batch sizes must be divisible by the world size), so the
+  ranks see distinct samples, the global batch is the single-process one and exact resume holds on any
+  world size. Non-final micro-steps of ``grad_accum`` skip the gradient all-reduce (``no_sync`` /
+  ``set_requires_gradient_sync``). Logged losses, validation losses and ``metric_fn`` values are the
+  means over the ranks (one float64 all-reduce, rank 0's result broadcast), so early stopping and the
+  non-finite guard decide identically everywhere. Rank 0 alone prints, shows the progress bar and writes
+  the logs. Checkpoints are ``torch.distributed.checkpoint`` directories (``last/`` under
+  ``out_dir``; ``save_checkpoint(path, format="dcp")`` also from one process): every rank writes its
+  shards, rank 0 the trainer state with the sha256 of every shard file, to ``<path>.tmp`` renamed over
+  ``path`` when complete; loading verifies the checksums and every tensor's name and global shape first
+  and reshards, so a checkpoint resumes on another world size or strategy (2 -> 1, 1 -> 2, DDP -> FSDP).
+  Not supported with "fsdp": ``ema_decay`` and fp16.
 """
 
 from __future__ import annotations
@@ -1209,14 +1229,14 @@ class Trainer:
             )
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
+        if self.ema_model is not None:
+            self.ema_model.load_state_dict(sd["ema"])
         self._restore_rest(sd)
 
     def _restore_rest(self, sd: dict[str, Any]) -> None:
         """Everything but the model and optimizer weights (shared by the .pt and DCP formats)."""
         self.scheduler.load_state_dict(sd["scheduler"])
         self.scaler.load_state_dict(sd["scaler"])
-        if self.ema_model is not None:
-            self.ema_model.load_state_dict(sd["ema"])
         self.step, self.epoch = sd["step"], sd["epoch"]
         self._batch_in_epoch, self._epoch_rng = sd["batch_in_epoch"], sd["epoch_rng"]
         self._iter, self._replay = None, bool(sd["iter_open"])

@@ -190,18 +190,20 @@ def test_ddp_and_fsdp_equal_single_process_and_resume_across_world_sizes():
 
 
 def test_dcp_checkpoint_single_process_exact_resume_and_corruption(tmp_path):
-    full = _trainer("none")
+    full = _trainer("none", ema_decay=0.9)
     full.fit()
-    t = _trainer("none")
+    t = _trainer("none", ema_decay=0.9)
     t.fit(until=3)
     path = t.save_checkpoint(str(tmp_path / "ck"), format="dcp")
     assert os.path.isdir(path) and not os.path.exists(path + ".tmp")
     again = t.save_checkpoint(path, format="dcp")  # over an existing checkpoint: replaced whole
-    u = _trainer("none")
+    u = _trainer("none", ema_decay=0.9)
     u.load_checkpoint(again)
     u.fit()
     for k, v in _full_state(full).items():
         assert torch.equal(_full_state(u)[k], v), k
+        assert torch.equal(u.ema_model.state_dict()[k], full.ema_model.state_dict()[k]), k
+    assert u.best_step == full.best_step and u.best_metric == full.best_metric
     assert [h["loss"] for h in u.history] == [h["loss"] for h in full.history]
     shard = next(f for f in sorted(os.listdir(path)) if f.endswith(".distcp"))
     with open(os.path.join(path, shard), "r+b") as f:  # one flipped byte
@@ -242,3 +244,11 @@ def test_shard_batch_and_strategy_errors():
         _trainer("ddp")
     with pytest.raises(ValueError, match="format must be"):
         _trainer("none").save_checkpoint("x", format="safetensors")
+
+
+@pytest.mark.slow
+def test_bench_rows():
+    from fastgen.train.bench import run
+
+    rows = run(steps=2, warmup=1, width=16, depth=1, batch=8)
+    assert [r["world"] for r in rows[:3]] == [1, 2, 2] and all(r["steps_per_s"] > 0 for r in rows)

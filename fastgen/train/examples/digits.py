@@ -1,6 +1,10 @@
 r"""Fine-tuning a VQ-VAE to a held-out domain of real handwritten digits (scikit-learn's ``load_digits``).
 
     python -m fastgen.train.examples.digits [--out digits_out] [--quick]
+    torchrun --nproc-per-node 2 -m fastgen.train.examples.digits --quick --strategy ddp   # or fsdp
+
+Under ``torchrun`` every run is data parallel (``--strategy``; each batch is split over the ranks, so the
+global batch and the results match one process); rank 0 prints and writes ``--out``.
 
 Data: 1797 8x8 grayscale digits (bundled with scikit-learn, no download), scaled to [0, 1] and upsampled
 to 16x16 (bilinear). Base domain: digits 0-6; held-out domain: digits 7-9, split (fixed seed) into a small
@@ -30,8 +34,12 @@ Writes to ``--out``: ``base.pt``, per-run logs (``<run>/log.csv``, ``log.json``,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -41,6 +49,10 @@ from torch.utils.data import DataLoader
 
 from fastgen.nn import VectorQuantize
 from fastgen.train import FineTuneConfig, RandomResizedCropFlip, finetune
+from fastgen.train import distributed as tdist
+
+# FineTuneConfig.strategy for every run of the example (set by --strategy); batches split over the ranks
+STRATEGY: str | None = None
 
 BASE_CLASSES = tuple(range(7))
 HELD_CLASSES = (7, 8, 9)
@@ -149,6 +161,11 @@ def recon_mse(x: torch.Tensor):
     return lambda model: float(F.mse_loss(reconstruct(model, x), x))
 
 
+def _loader(data, batch_size: int) -> DataLoader:
+    # every batch is split evenly over the ranks: a ragged last batch is dropped under torchrun
+    return DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=tdist.world_size() > 1)
+
+
 def train_classifier(data, steps: int, out: str, progress: bool) -> DigitClassifier:
     torch.manual_seed(1)
     xt, yt = data["base_train"]
@@ -164,8 +181,8 @@ def train_classifier(data, steps: int, out: str, progress: bool) -> DigitClassif
 
     cfg = FineTuneConfig(max_steps=steps, lr=3e-3, warmup_steps=steps // 10, val_every=max(steps // 5, 1),
                          mode="max", augment=aug, out_dir=os.path.join(out, "classifier"), progress=progress,
-                         verbose=False)  # fmt: skip
-    res = finetune(clf, DataLoader(list(zip(xt, yt)), batch_size=64, shuffle=True), ce, cfg, metric_fn=acc)
+                         verbose=False, strategy=STRATEGY)  # fmt: skip
+    res = finetune(clf, _loader(list(zip(xt, yt)), 64), ce, cfg, metric_fn=acc)
     print(f"feature classifier (digits 0-6): val accuracy {res.best_metric:.3f}")
     return clf.eval()
 
@@ -230,7 +247,34 @@ def plot_reconstructions(x: torch.Tensor, models: dict[str, nn.Module], path: st
     plt.close(fig)
 
 
+def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain full tensors also from an FSDP-sharded model (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # not cpu_offload: that option leaves the other ranks an empty dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().cpu() for k, v in sd.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Parses ``argv``; under torchrun rank 0 prints and writes ``--out``, the other ranks run silently
+    into a temporary directory (every rank must run every forward of a sharded model)."""
+    global STRATEGY
+    p = _parser()
+    a = p.parse_args(argv)
+    STRATEGY = a.strategy
+    tdist.init_distributed()
+    if tdist.rank() == 0:
+        return _main(a)
+    a.out = tempfile.mkdtemp(prefix="digits_rank")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _main(a)
+    finally:
+        shutil.rmtree(a.out, ignore_errors=True)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="digits_out")
     p.add_argument("--quick", action="store_true", help="fewer steps (CI smoke run, < 40 s)")
@@ -244,7 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (small convs: 1 is fastest on a busy CPU)"
     )
-    a = p.parse_args(argv)
+    p.add_argument(
+        "--strategy", choices=["ddp", "fsdp", "none"], default=None,
+        help="under torchrun: ddp (the default with several processes) or fsdp (FSDP2)",
+    )  # fmt: skip
+    return p
+
+
+def _main(a: argparse.Namespace) -> dict[str, dict[str, float]]:
     torch.set_num_threads(a.threads)
     base_steps = a.base_steps or (200 if a.quick else 1500)
     ft_steps = a.ft_steps or (80 if a.quick else 400)
@@ -265,12 +316,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     base_cfg = FineTuneConfig(
         max_steps=base_steps, lr=2e-3, warmup_steps=base_steps // 20, val_every=max(base_steps // 5, 1),
         augment=RandomResizedCropFlip(sizes=[12, 16, 20], scale=(0.8, 1.0), flip_p=0.5),
-        out_dir=os.path.join(a.out, "base"), progress=progress, verbose=False,
+        out_dir=os.path.join(a.out, "base"), progress=progress, verbose=False, strategy=STRATEGY,
     )  # fmt: skip
     print(f"[1] base model on digits 0-6 ({len(xb)} images, {base_steps} steps)")
-    finetune(base, DataLoader(xb, batch_size=64, shuffle=True), ae_loss, base_cfg, metric_fn=recon_mse(xbv))
+    finetune(base, _loader(xb, 64), ae_loss, base_cfg, metric_fn=recon_mse(xbv))
     base_path = os.path.join(a.out, "base.pt")
-    torch.save(base.state_dict(), base_path)
+    torch.save(_full_state_dict(base), base_path)
 
     # 2a. fine-tune from the checkpoint; 2b. from scratch, same data, same steps and stopping rule
     xt, xv, xtest = data["held_train"][0], data["held_val"][0], data["held_test"][0]
@@ -285,10 +336,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             extra = {}
         cfg = FineTuneConfig(
             max_steps=ft_steps, lr=2e-3, warmup_steps=ft_steps // 20, val_every=max(ft_steps // 20, 1),
-            patience=6, out_dir=os.path.join(a.out, name), progress=progress, verbose=False, **extra,
+            patience=6, out_dir=os.path.join(a.out, name), progress=progress, verbose=False, strategy=STRATEGY,
+            **extra,
         )  # fmt: skip
         print(f"[2] {name}: {len(xt)} images of digits 7-9, up to {ft_steps} steps")
-        dl = DataLoader(xt, batch_size=32, shuffle=True)
+        dl = _loader(xt, 32)
         runs[name] = finetune(model, dl, ae_loss, cfg, metric_fn=recon_mse(xv))
         r = runs[name]
         s = r.param_summary
