@@ -65,6 +65,9 @@ def init_distributed(device: torch.device | str = "cpu") -> bool:
             f"init_distributed: WORLD_SIZE={os.environ['WORLD_SIZE']} but {missing} are not set; "
             "launch with torchrun or set the env:// variables"
         )
+    device = local_device(torch.device(device))
+    if device.type == "cuda":  # nccl collectives (and object broadcasts) use the current device
+        torch.cuda.set_device(device)
     dist.init_process_group(default_backend(device), init_method="env://")
     return True
 

@@ -5,6 +5,7 @@ import os
 import socket
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,39 +30,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, outdir):
+def _worker(rank, world, port, outdir, meshes):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         cfg, dense, tokens = _setup()
         out = {}
-        for dp, ep in MESHES:
+        for dp, ep in meshes:
             mesh = moe_mesh(dp, ep)
             model = GLaM(cfg, process_group=mesh.get_group("ep"))
             model.load_dense_state_dict(dense.state_dict())
             opt = torch.optim.SGD(model.parameters(), lr=1.0)
-            train_step(model, tokens[2 * rank : 2 * rank + 2], opt, dp_group=mesh.get_group("dp"))
+            n = tokens.shape[0] // world
+            train_step(model, tokens[n * rank : n * rank + n], opt, dp_group=mesh.get_group("dp"))
             out[(dp, ep)] = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_glam_train_step_expert_x_data_parallel_equals_single_process():
-    world = 2
+@pytest.mark.parametrize(
+    "world,meshes", [(2, MESHES), pytest.param(4, [(2, 2)], marks=pytest.mark.slow, id="4-2x2")]
+)
+def test_glam_train_step_expert_x_data_parallel_equals_single_process(world, meshes):
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, _free_port(), d), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), d, meshes), nprocs=world, join=True)
         res = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)]
     cfg, dense, tokens = _setup()
     opt = torch.optim.SGD(dense.parameters(), lr=1.0)
     opt.zero_grad()
+    n = tokens.shape[0] // world
     for r in range(world):  # the objective: the mean of the ranks' losses (GShard groups)
-        _, loss, _ = dense(tokens[2 * r : 2 * r + 2, :-1], tokens[2 * r : 2 * r + 2, 1:])
+        _, loss, _ = dense(tokens[n * r : n * r + n, :-1], tokens[n * r : n * r + n, 1:])
         (loss / world).backward()
     opt.step()
     want = dense.state_dict()
-    for dp, ep in MESHES:
+    for dp, ep in meshes:
         el = cfg.num_experts // ep
         for r in range(world):
             lo = (r % ep) * el  # mesh rank r = dp_index * ep + ep_index

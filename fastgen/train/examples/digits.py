@@ -161,6 +161,16 @@ def recon_mse(x: torch.Tensor):
     return lambda model: float(F.mse_loss(reconstruct(model, x), x))
 
 
+def _plain(model: nn.Module, ctor) -> nn.Module:
+    """An FSDP-trained model as a plain one (FSDP2 gathers its sharded weights only inside forward, and the
+    evaluation calls submodules too); other models are returned as they are."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return model
+    plain = ctor()
+    plain.load_state_dict(_full_state_dict(model))
+    return plain
+
+
 def _loader(data, batch_size: int) -> DataLoader:
     # every batch is split evenly over the ranks: a ragged last batch is dropped under torchrun
     return DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=tdist.world_size() > 1)
@@ -184,7 +194,7 @@ def train_classifier(data, steps: int, out: str, progress: bool) -> DigitClassif
                          verbose=False, strategy=STRATEGY)  # fmt: skip
     res = finetune(clf, _loader(list(zip(xt, yt)), 64), ce, cfg, metric_fn=acc)
     print(f"feature classifier (digits 0-6): val accuracy {res.best_metric:.3f}")
-    return clf.eval()
+    return _plain(clf, DigitClassifier).eval()
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, clf: DigitClassifier) -> dict[str, float]:
@@ -320,6 +330,7 @@ def _main(a: argparse.Namespace) -> dict[str, dict[str, float]]:
     )  # fmt: skip
     print(f"[1] base model on digits 0-6 ({len(xb)} images, {base_steps} steps)")
     finetune(base, _loader(xb, 64), ae_loss, base_cfg, metric_fn=recon_mse(xbv))
+    base = _plain(base, VQAutoencoder)
     base_path = os.path.join(a.out, "base.pt")
     torch.save(_full_state_dict(base), base_path)
 
@@ -346,7 +357,7 @@ def _main(a: argparse.Namespace) -> dict[str, dict[str, float]]:
         s = r.param_summary
         print(f"    trainable {s['trainable']:,}/{s['total']:,} params; {r.steps} steps, best val MSE "
               f"{r.best_metric:.5f} at step {r.best_step}{' (early stop)' if r.stopped_early else ''}")  # fmt: skip
-        models[name] = model
+        models[name] = _plain(model, VQAutoencoder)
 
     # 3. evaluation on the held-out test split
     results = {name: evaluate(m, xtest, clf) for name, m in models.items()}
