@@ -179,7 +179,24 @@ def _sdpa_aliases(ns: dict) -> list[str]:
     ]
 
 
+_refs_cache: weakref.WeakKeyDictionary[Any, tuple[bool | None, list[tuple[dict, str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _class_refs_sdpa(cls: Any) -> tuple[bool | None, list[tuple[dict, str]]]:
+    # reading and parsing a class's source costs milliseconds; a transformers model has dozens of classes
+    try:
+        return _refs_cache[cls]
+    except (KeyError, TypeError):
+        pass
+    found = _class_refs_sdpa_uncached(cls)
+    with contextlib.suppress(TypeError):
+        _refs_cache[cls] = found
+    return found
+
+
+def _class_refs_sdpa_uncached(cls: Any) -> tuple[bool | None, list[tuple[dict, str]]]:
     """Whether the source of ``cls`` or a base (outside torch / fastgen) refers to SDPA, as an attribute
     ``*.scaled_dot_product_attention`` or as a name bound to it in the class's module; also the module
     globals to patch. None when no source could be read."""
@@ -313,6 +330,7 @@ def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filte
 
     report = SwapReport()
     undo = _undo.setdefault(model, [])
+    _swap_transformers(model, wanted, report, undo)
 
     # (a) nn.MultiheadAttention -> fastgen MultiheadAttention, in every parent that holds it
     named = dict((id(m), n) for n, m in reversed(list(model.named_modules(remove_duplicate=False))))
@@ -397,7 +415,78 @@ def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filte
         if any(w == "" or qual.startswith(w + ".") for w in wrapped):
             undo.append(_wrap_forward(m, False, aliases))
             report.notes.append(f"{qual}: pinned to torch's SDPA inside a swapped parent")
+    if not report.replaced:
+        _explain_nothing_replaced(model, report)
     return report
+
+
+def _swap_transformers(model: nn.Module, wanted, report: SwapReport, undo: list) -> None:
+    """A transformers PreTrainedModel: switch its attention implementation to "fastgen" (its
+    AttentionInterface entry), which every attention module of the model dispatches through."""
+    tf = sys.modules.get("transformers")
+    pretrained = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+    if pretrained is None or not isinstance(model, pretrained):
+        return
+    name = type(model).__name__
+    why = wanted("", model)
+    if why is not None:
+        report.skipped.append(("", f"{name}: attn_implementation not switched (the root module is {why})"))
+        return
+    can = getattr(model, "_can_set_attn_implementation", lambda: True)
+    if not callable(getattr(model, "set_attn_implementation", None)) or not can():
+        report.skipped.append(
+            (
+                "",
+                f"{name} does not dispatch attention through transformers' AttentionInterface: "
+                "attn_implementation not switched (its modules are searched for SDPA calls instead)",
+            )
+        )
+        return
+    from fastgen.integrations import transformers as integration  # registers "fastgen"
+
+    prev = model.config._attn_implementation
+    if prev == integration.NAME:
+        report.notes.append(f"{name}: attn_implementation is already 'fastgen'")
+        return
+    model.set_attn_implementation(integration.NAME)
+    ref = weakref.ref(model)
+    undo.append(lambda: ref() is not None and ref().set_attn_implementation(prev))
+    n = len(_attention_leaves(model))
+    report.replaced.append(
+        (
+            "",
+            "transformers",
+            f"{name}: attn_implementation {prev!r} -> 'fastgen' ({n} attention modules dispatch through "
+            "transformers' AttentionInterface; calls fastgen cannot serve fall back per call to the "
+            "model's own implementation, counted in fastgen.integrations.transformers.FALLBACKS)",
+        )
+    )
+
+
+def _looks_like_attention(m: nn.Module) -> bool:
+    name = type(m).__name__.lower()
+    return name.endswith(("attention", "attn", "selfattention")) and not isinstance(m, nn.ModuleList)
+
+
+def _attention_leaves(model: nn.Module) -> list[str]:
+    """Qualified names of the modules that look like attention and hold none that does (BertAttention
+    holds BertSelfAttention: one attention)."""
+    names = [q for q, m in model.named_modules() if _looks_like_attention(m)]
+    return [q for q in names if not any(o.startswith(q + ".") or (q == "" and o) for o in names)]
+
+
+def _explain_nothing_replaced(model: nn.Module, report: SwapReport) -> None:
+    looks = [q or "<root>" for q in _attention_leaves(model)]
+    if not looks:
+        return
+    shown = ", ".join(looks[:3]) + (", ..." if len(looks) > 3 else "")
+    report.notes.append(
+        f"{len(looks)} module(s) look like attention ({shown}) but none is an nn.MultiheadAttention, has a "
+        "diffusers-style processor or calls F.scaled_dot_product_attention: they compute attention in their "
+        "own code, which swap_attention cannot see. What to do: call fastgen.scaled_dot_product_attention "
+        "(or use fastgen.nn.MultiheadAttention) in them; for transformers models load or switch them with "
+        "attn_implementation='fastgen' (import fastgen.integrations.transformers)"
+    )
 
 
 def _undo_setitem(parent: nn.Module, name: str, old: nn.Module) -> Callable[[], None]:
