@@ -775,19 +775,26 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
 
+    def _open_epoch(self):
+        # a DistributedSampler (rank-specific data, shard_data=False) reshuffles only when told the epoch
+        sampler = getattr(self.train_data, "sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(self.epoch)
+        return iter(self.train_data)
+
     def _next_batch(self) -> Any:
         if self._replay:  # after load_checkpoint: replay the epoch's order, then restore the RNG
             self._replay = False
             now = get_rng_state()
             set_rng_state(self._epoch_rng)
-            self._iter = iter(self.train_data)
+            self._iter = self._open_epoch()
             for _ in range(self._batch_in_epoch):
                 next(self._iter)
             set_rng_state(now)
         while True:
             if self._iter is None:
                 self._epoch_rng = get_rng_state()
-                self._iter = iter(self.train_data)
+                self._iter = self._open_epoch()
                 self._batch_in_epoch = 0
             try:
                 batch = next(self._iter)

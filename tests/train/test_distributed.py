@@ -252,3 +252,20 @@ def test_bench_rows():
 
     rows = run(steps=2, warmup=1, width=16, depth=1, batch=8)
     assert [r["world"] for r in rows[:3]] == [1, 2, 2] and all(r["steps_per_s"] > 0 for r in rows)
+
+
+def test_distributed_sampler_gets_the_epoch():
+    """Rank-specific data (shard_data=False): a DistributedSampler is told each epoch, also on resume."""
+    ds = torch.utils.data.TensorDataset(torch.randn(16, 6).double(), torch.randn(16, 3).double())
+    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=1, shuffle=True, seed=3)
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler)  # 2 batches per epoch
+    torch.manual_seed(0)
+    t = Trainer(Net().double(), dl, _loss, FineTuneConfig(max_steps=5, progress=False, verbose=False))
+    t.fit(until=3)
+    sd = t.state_dict()
+    assert sampler.epoch == 1 and t.epoch == 1
+    t.fit()
+    assert sampler.epoch == 2
+    t.load_state_dict(sd)
+    t.fit()  # replays epoch 1's order
+    assert sampler.epoch == 2 and t.step == 5
