@@ -225,11 +225,15 @@ def test_dcp_checkpoint_refuses_another_model(tmp_path):
     t = _trainer("none")
     t.fit(until=1)
     path = t.save_checkpoint(str(tmp_path / "ck"), format="dcp")
-    torch.manual_seed(0)
-    other = Trainer(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3)).double(), [(torch.zeros(4, 6).double(),
-                    torch.zeros(4, 3).double())], _loss, FineTuneConfig(progress=False, verbose=False))  # fmt: skip
-    with pytest.raises(CheckpointError, match="does not fit"):
+    net = Net().double()
+    net.head = nn.Linear(6, 4).double()  # another head width, same names
+    data = [(torch.zeros(4, 6).double(), torch.zeros(4, 4).double())]
+    other = Trainer(net, data, _loss, FineTuneConfig(progress=False, verbose=False))
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"model\.head\.weight: checkpoint \(3, 6\) vs \(4, 6\)"):
         other.load_checkpoint(path)
+    assert not other.optimizer.state and other.step == 0  # untouched
+    assert all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())
 
 
 def test_shard_batch_and_strategy_errors():
