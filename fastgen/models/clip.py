@@ -11,7 +11,12 @@ Module and parameter names are those of the OpenAI release (``visual.conv1.weigh
 ``visual.transformer.resblocks.N.attn.in_proj_weight``, ``mlp.c_fc``, ``text_projection``, ...), so an
 OpenAI / open_clip ``state_dict`` loads as is (:meth:`CLIP.load_openai_state_dict`); Hugging Face
 ``CLIPModel`` weights go through :func:`convert_hf_clip_state_dict` and :func:`config_from_hf`.
-Only the ViT towers are implemented (the ModifiedResNet image towers of RN50 etc. are not).
+ResNet image towers (RN50, RN101, RN50x4, RN50x16, RN50x64: ``vision_layers`` a 4-tuple of block counts)
+are :class:`ModifiedResNet`: a three-conv stem, bottleneck blocks whose strided ones average-pool
+(anti-aliased, 2x2) instead of striding their convs, and :class:`AttentionPool2d`, one attention query
+(the mean feature) over the final feature grid plus a learned positional embedding, through
+:func:`fastgen.scaled_dot_product_attention`. Parameter names are OpenAI's (``visual.layer1.0.conv1``,
+``visual.layer2.0.downsample.0``, ``visual.attnpool.q_proj``, ...).
 
 Attention: q, k, v from one ``in_proj`` (OpenAI layout) into :func:`fastgen.scaled_dot_product_attention`
 (``is_causal`` for text), so ``fastgen.use_backend(...)`` swaps the kernel; a packed batch of images of
@@ -58,7 +63,9 @@ from fastgen.ops.attention import flash_attn_varlen, scaled_dot_product_attentio
 __all__ = [
     "CLIP",
     "PRESETS",
+    "AttentionPool2d",
     "CLIPConfig",
+    "ModifiedResNet",
     "SimpleTokenizer",
     "clip_loss",
     "config_from_hf",
@@ -72,6 +79,7 @@ __all__ = [
 ACTIVATIONS = ("quick_gelu", "gelu")
 EOT_RULES = ("argmax", "eos_id")
 INTERP_MODES = ("bicubic", "bilinear")
+RESNET_STRIDE = 32  # the ResNet tower's total downsampling: its "patch"
 SIZE_STRATEGIES = ("interpolate", "adaptive_pool", "resize")
 POOL_MODES = ("avg", "max")
 # keys of the OpenAI JIT archive's state_dict that are not parameters
@@ -121,7 +129,7 @@ class CLIPConfig:
     image_size: int | tuple[int, int] = 224
     patch_size: int = 32
     vision_width: int = 768
-    vision_layers: int = 12
+    vision_layers: int | tuple[int, int, int, int] = 12
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
     in_channels: int = 3
@@ -141,6 +149,16 @@ class CLIPConfig:
     pool_mode: str = "avg"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vision_layers, int):
+            self.vision_layers = tuple(int(n) for n in self.vision_layers)
+            if len(self.vision_layers) != 4 or min(self.vision_layers) < 1:
+                raise _err(
+                    f"vision_layers must be an int (ViT) or 4 block counts >= 1 (ResNet), got {self.vision_layers}"
+                )
+            if self.patch_size != RESNET_STRIDE:
+                raise _err(
+                    f"a ResNet tower downsamples by {RESNET_STRIDE}: patch_size must be {RESNET_STRIDE}, got {self.patch_size}"
+                )
         if not isinstance(self.image_size, int):
             self.image_size = _pair(self.image_size)
         h, w = _pair(self.image_size)
@@ -151,6 +169,8 @@ class CLIPConfig:
             )
         for name in ("vision", "text"):
             width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if name == "vision" and self.is_resnet:
+                width = width * 32  # the attention pool runs on the last stage's 32 * width channels
             if heads <= 0 or width % heads:
                 raise _err(f"{name}_width ({width}) must be a multiple of {name}_heads ({heads})")
         if self.act not in ACTIVATIONS:
@@ -162,6 +182,10 @@ class CLIPConfig:
         if self.pos_interp_mode not in INTERP_MODES:
             raise _err(f"pos_interp_mode must be one of {INTERP_MODES}, got {self.pos_interp_mode!r}")
         check_size_strategy(self.size_strategy, self.pool_mode)
+
+    @property
+    def is_resnet(self) -> bool:
+        return not isinstance(self.vision_layers, int)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -177,12 +201,30 @@ def _openai_vit(embed_dim, image_size, patch, v_width, v_layers, t_width, t_laye
     )  # fmt: skip
 
 
+def _openai_rn(embed_dim, image_size, layers, v_width, t_width) -> CLIPConfig:
+    return CLIPConfig(
+        embed_dim=embed_dim, image_size=image_size, patch_size=RESNET_STRIDE, vision_width=v_width,
+        vision_layers=layers, vision_heads=v_width * 32 // 64, text_width=t_width, text_heads=t_width // 64,
+        text_layers=12,
+    )  # fmt: skip
+
+
 PRESETS: dict[str, CLIPConfig] = {
     # the published OpenAI sizes (vision heads = width / 64, text heads = width / 64)
     "ViT-B/32": _openai_vit(512, 224, 32, 768, 12, 512, 12),
     "ViT-B/16": _openai_vit(512, 224, 16, 768, 12, 512, 12),
     "ViT-L/14": _openai_vit(768, 224, 14, 1024, 24, 768, 12),
     "ViT-L/14@336": _openai_vit(768, 336, 14, 1024, 24, 768, 12),
+    # ResNet towers: (blocks per stage), stem width; attention-pool heads = 32 * width / 64
+    "RN50": _openai_rn(1024, 224, (3, 4, 6, 3), 64, 512),
+    "RN101": _openai_rn(512, 224, (3, 4, 23, 3), 64, 512),
+    "RN50x4": _openai_rn(640, 288, (4, 6, 10, 6), 80, 640),
+    "RN50x16": _openai_rn(768, 384, (6, 8, 18, 8), 96, 768),
+    "RN50x64": _openai_rn(1024, 448, (3, 15, 36, 10), 128, 1024),
+    "tiny-rn": CLIPConfig(
+        embed_dim=32, image_size=64, patch_size=RESNET_STRIDE, vision_width=8, vision_layers=(1, 1, 1, 1),
+        vision_heads=4, context_length=32, vocab_size=258, text_width=64, text_heads=4, text_layers=2,
+    ),
     # test sizes; vocab 258 = SimpleTokenizer's byte-level fallback
     "tiny": CLIPConfig(
         embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=4,
@@ -456,6 +498,157 @@ class VisionTransformer(nn.Module):
         return self._head(x[cu[:-1].long()])
 
 
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> [avgpool(stride)] -> 1x1 (x4 channels), BN + ReLU after each; the shortcut is
+    avgpool(stride) -> 1x1 conv -> BN when the shape changes (OpenAI's anti-aliased strided block)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False, **kw)
+        self.bn1 = nn.BatchNorm2d(planes, **kw)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False, **kw)
+        self.bn2 = nn.BatchNorm2d(planes, **kw)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False, **kw)
+        self.bn3 = nn.BatchNorm2d(out, **kw)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride > 1 or inplanes != out:
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(inplanes, out, 1, bias=False, **kw)),
+                        ("1", nn.BatchNorm2d(out, **kw)),
+                    ]
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(self.avgpool(y)))
+        return self.relu3(y + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """One attention query over a feature grid: (B, C, h, w) -> (B, output_dim).
+
+    tokens = [mean over the grid; the h * w features] + positional_embedding (1 + gh * gw, C) -- the
+    trained (gh, gw) table, interpolated or the grid adaptive-pooled for other sizes (``size_strategy``);
+    out = c_proj(MHA(q = q_proj(tokens[0]), k = k_proj(tokens), v = v_proj(tokens))).
+    """
+
+    def __init__(self, grid: tuple[int, int], embed_dim: int, heads: int, output_dim: int, cfg: CLIPConfig,
+                 device=None, dtype=None) -> None:  # fmt: skip
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.grid_size = grid
+        self.heads = heads
+        self.cfg = cfg
+        self.positional_embedding = nn.Parameter(torch.empty(grid[0] * grid[1] + 1, embed_dim, **kw))
+        self.k_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, **kw)
+        self.c_proj = nn.Linear(embed_dim, output_dim, **kw)
+
+    def forward(
+        self, x: torch.Tensor, size_strategy: str = "interpolate", pool_mode: str = "avg"
+    ) -> torch.Tensor:
+        if size_strategy == "adaptive_pool" and tuple(x.shape[-2:]) != self.grid_size:
+            x = adaptive_grid_pool(x, self.grid_size, pool_mode)
+        b, c, gh, gw = x.shape
+        x = x.flatten(2).transpose(1, 2)  # (B, gh * gw, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        pos = self.positional_embedding
+        if (gh, gw) != self.grid_size:
+            pos = interpolate_pos_embed(pos, self.grid_size, (gh, gw), self.cfg.pos_interp_mode,
+                                        self.cfg.pos_interp_antialias)  # fmt: skip
+        x = x + pos.to(x.dtype)
+        h, d = self.heads, c // self.heads
+        q = self.q_proj(x[:, :1]).view(b, 1, h, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, -1, h, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, -1, h, d).transpose(1, 2)
+        o = scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c)
+        return self.c_proj(o)
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet image tower: (B, C, H, W) -> (B, embed_dim). See the module docstring.
+
+    stem: 3x3/2 conv (width/2) -> 3x3 conv (width/2) -> 3x3 conv (width), each BN + ReLU, then 2x2 avgpool;
+    stages layer1..4 of ``vision_layers`` bottlenecks, planes width * (1, 2, 4, 8), strides (1, 2, 2, 2);
+    attnpool over the (H/32, W/32) grid of 32 * width channels, 32 * width / 64 heads by default.
+    """
+
+    def __init__(self, cfg: CLIPConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        w = cfg.vision_width
+        self.cfg = cfg
+        self.grid_size = cfg.grid_size
+        self.size_strategy = cfg.size_strategy
+        self.pool_mode = cfg.pool_mode
+        self.conv1 = nn.Conv2d(cfg.in_channels, w // 2, 3, stride=2, padding=1, bias=False, **kw)
+        self.bn1 = nn.BatchNorm2d(w // 2, **kw)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(w // 2, w // 2, 3, padding=1, bias=False, **kw)
+        self.bn2 = nn.BatchNorm2d(w // 2, **kw)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(w // 2, w, 3, padding=1, bias=False, **kw)
+        self.bn3 = nn.BatchNorm2d(w, **kw)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+        inplanes = w
+        for i, (n, stride) in enumerate(zip(cfg.vision_layers, (1, 2, 2, 2))):
+            planes = w * 2**i
+            blocks = [Bottleneck(inplanes, planes, stride, **kw)]
+            inplanes = planes * Bottleneck.expansion
+            blocks += [Bottleneck(inplanes, planes, 1, **kw) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.attnpool = AttentionPool2d(self.grid_size, w * 32, cfg.vision_heads, cfg.embed_dim, cfg, **kw)
+
+    def _check(self, x: torch.Tensor, name: str = "image") -> None:
+        check_size_strategy(self.size_strategy, self.pool_mode)
+        c = self.cfg.in_channels
+        if x.dim() != 4 or x.shape[1] != c:
+            raise _err(f"{name}: expected (batch, {c}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if min(h, w) < RESNET_STRIDE:
+            raise _err(
+                f"{name}: height and width must be >= {RESNET_STRIDE} (the tower's stride), got {h}x{w}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        cfg = self.cfg
+        size = _pair(cfg.image_size)
+        if self.size_strategy == "resize" and tuple(x.shape[-2:]) != size:
+            dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            x = F.interpolate(x.to(dt), size=size, mode=cfg.pos_interp_mode, align_corners=False,
+                              antialias=cfg.pos_interp_antialias)  # fmt: skip
+        x = x.to(self.conv1.weight.dtype)
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x, self.size_strategy, self.pool_mode)
+
+    def forward_list(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images of different sizes, each (C, H, W) or (1, C, H, W): one forward each (a CNN has no
+        packed form), stacked."""
+        if len(images) == 0:
+            raise _err("images: expected a non-empty list")
+        return torch.cat([self(img.unsqueeze(0) if img.dim() == 3 else img) for img in images])
+
+
 class CLIP(nn.Module):
     """CLIP with OpenAI's module names. See the module docstring for the math and the formats."""
 
@@ -463,7 +656,7 @@ class CLIP(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         cfg = self.config = config
-        self.visual = VisionTransformer(cfg, **kw)
+        self.visual = ModifiedResNet(cfg, **kw) if cfg.is_resnet else VisionTransformer(cfg, **kw)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width, **kw)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width, **kw))
         self.transformer = Transformer(
@@ -478,12 +671,18 @@ class CLIP(nn.Module):
     def reset_parameters(self) -> None:
         """OpenAI's initialisation (``CLIP.initialize_parameters`` and ``VisionTransformer.__init__``)."""
         v, cfg = self.visual, self.config
-        scale = cfg.vision_width**-0.5
-        for p in (v.class_embedding, v.positional_embedding, v.proj):
-            p.normal_(0, scale)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        for tower in (self.transformer, v.transformer):
+        if cfg.is_resnet:
+            self._reset_resnet(v)
+            towers = (self.transformer,)
+        else:
+            scale = cfg.vision_width**-0.5
+            for p in (v.class_embedding, v.positional_embedding, v.proj):
+                p.normal_(0, scale)
+            towers = (self.transformer, v.transformer)
+            v._pos_cache.clear()
+        for tower in towers:
             attn_std, fc_std = tower.width**-0.5, (2 * tower.width) ** -0.5
             proj_std = attn_std * (2 * tower.layers) ** -0.5
             for block in tower.resblocks:
@@ -496,7 +695,22 @@ class CLIP(nn.Module):
                 nn.init.zeros_(block.attn.in_proj_bias)
         nn.init.normal_(self.text_projection, std=cfg.text_width**-0.5)
         self.logit_scale.fill_(math.log(1 / 0.07))
-        v._pos_cache.clear()
+
+    @staticmethod
+    def _reset_resnet(v: ModifiedResNet) -> None:
+        """OpenAI's: default conv / BN init, the attention pool at std c^-0.5, each block's last BN scale
+        zeroed (every residual branch starts as the identity)."""
+        for m in v.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+                m.reset_parameters()
+        pool = v.attnpool
+        std = pool.c_proj.in_features**-0.5
+        pool.positional_embedding.normal_(0, pool.positional_embedding.shape[1] ** -0.5)
+        for lin in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+            nn.init.normal_(lin.weight, std=std)
+        for m in v.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
 
     def set_attention_fn(self, fn: Callable[..., torch.Tensor] | None) -> CLIP:
         """Serve the padded attention calls with ``fn`` (SDPA's signature), e.g.
@@ -589,12 +803,16 @@ class CLIP(nn.Module):
         the key names are this module's, so this is ``load_state_dict`` minus the JIT archive's extra
         entries (input_resolution, context_length, vocab_size, attn_mask)."""
         sd = {k: v for k, v in state_dict.items() if k not in _OPENAI_EXTRA_KEYS}
-        pos = sd.get("visual.positional_embedding")
-        if pos is not None and pos.shape != self.visual.positional_embedding.shape:
+        key = (
+            "visual.attnpool.positional_embedding" if self.config.is_resnet else "visual.positional_embedding"
+        )
+        own = self.state_dict()[key]
+        pos = sd.get(key)
+        if pos is not None and pos.shape != own.shape:
             raise _err(
-                f"visual.positional_embedding: checkpoint {tuple(pos.shape)} vs model "
-                f"{tuple(self.visual.positional_embedding.shape)}; resize it with resize_pos_embed(sd, "
-                f"{self.visual.grid_size}) (any image size still runs: the model interpolates on the fly)"
+                f"{key}: checkpoint {tuple(pos.shape)} vs model {tuple(own.shape)}; resize it with "
+                f"resize_pos_embed(sd, {self.visual.grid_size}, key={key!r}) (any image size still runs: "
+                "the model interpolates on the fly)"
             )
         return self.load_state_dict(sd, strict=strict)
 
@@ -641,6 +859,8 @@ def config_from_openai_state_dict(state_dict: Mapping[str, Any], **overrides: An
     counts are not in the weights: width / 64 (OpenAI's rule) unless overridden; act defaults to
     quick_gelu, eot_rule to argmax."""
     sd = state_dict
+    if "visual.attnpool.positional_embedding" in sd:
+        return _resnet_config(sd, **overrides)
     v_width, _, patch, _ = sd["visual.conv1.weight"].shape
     n = sd["visual.positional_embedding"].shape[0] - 1
     side = math.isqrt(n)
@@ -653,6 +873,32 @@ def config_from_openai_state_dict(state_dict: Mapping[str, Any], **overrides: An
         "vision_layers": _count_blocks(sd, "visual.transformer.resblocks."),
         "vision_heads": max(v_width // 64, 1),
         "vision_mlp_ratio": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / v_width,
+        "in_channels": sd["visual.conv1.weight"].shape[1],
+        "context_length": sd["positional_embedding"].shape[0],
+        "vocab_size": sd["token_embedding.weight"].shape[0],
+        "text_width": t_width,
+        "text_heads": max(t_width // 64, 1),
+        "text_layers": _count_blocks(sd, "transformer.resblocks."),
+        "text_mlp_ratio": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / t_width,
+    }
+    kw.update(overrides)
+    return CLIPConfig(**kw)
+
+
+def _resnet_config(sd: Mapping[str, Any], **overrides: Any) -> CLIPConfig:
+    """OpenAI's build_model for the ResNet towers: stage depths from the block keys, the stem width
+    from layer1's first conv, the input size from the attention pool's grid."""
+    n = sd["visual.attnpool.positional_embedding"].shape[0] - 1
+    side = math.isqrt(n)
+    v_width = sd["visual.layer1.0.conv1.weight"].shape[1]
+    t_width = sd["ln_final.weight"].shape[0]
+    kw: dict[str, Any] = {
+        "embed_dim": sd["text_projection"].shape[1],
+        "image_size": side * RESNET_STRIDE if side * side == n else overrides.get("image_size"),
+        "patch_size": RESNET_STRIDE,
+        "vision_width": v_width,
+        "vision_layers": tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5)),
+        "vision_heads": max(v_width * 32 // 64, 1),
         "in_channels": sd["visual.conv1.weight"].shape[1],
         "context_length": sd["positional_embedding"].shape[0],
         "vocab_size": sd["token_embedding.weight"].shape[0],
