@@ -73,9 +73,13 @@ def init_distributed(device: torch.device | str = "cpu") -> bool:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun; other devices are unchanged."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    """``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun, else the current CUDA device
+    (DDP needs an explicit device index); other devices are unchanged."""
+    if device.type == "cuda" and device.index is None:
+        if "LOCAL_RANK" in os.environ:
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -273,3 +273,40 @@ def test_distributed_sampler_gets_the_epoch():
     t.load_state_dict(sd)
     t.fit()  # replays epoch 1's order
     assert sampler.epoch == 2 and t.step == 5
+
+
+def _gpu_worker(rank, world, port, outdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        out = {}
+        for strategy, kw in (("ddp", {}), ("fsdp", {"precision": "bf16"})):
+            t = _trainer(strategy, rank, device="cuda", max_steps=3, **kw)
+            t.fit(until=2)
+            t.save_checkpoint(os.path.join(outdir, f"{strategy}_step2"))
+            t.fit()
+            u = _trainer(strategy, rank, device="cuda", max_steps=3, **kw)
+            u.load_checkpoint(os.path.join(outdir, f"{strategy}_step2"))
+            u.fit()
+            out[strategy] = (_record(t), _record(u))
+        torch.save(out, os.path.join(outdir, f"gpu{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_gpu_nccl_ddp_and_fsdp_bf16_one_process():
+    """One GPU: a 1-rank nccl group (DDP equals plain exactly; FSDP2 with bf16 compute), DCP resume exact."""
+    plain = _trainer("none", device="cuda", max_steps=3)
+    plain.fit()
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_gpu_worker, args=(1, _free_port(), d), nprocs=1, join=True)
+        res = torch.load(os.path.join(d, "gpu0.pt"))
+    for strategy, (full, resumed) in res.items():
+        for k, v in full["model"].items():
+            assert torch.equal(resumed["model"][k], v), (strategy, k)
+            if strategy == "ddp":
+                assert torch.equal(v.cpu(), plain.model.state_dict()[k].cpu()), k
+            else:
+                torch.testing.assert_close(v.cpu(), plain.model.state_dict()[k].cpu(), atol=0.02, rtol=0)
