@@ -21,8 +21,8 @@ first rescaled by powers of two (exact; see :func:`_prepare`), so ``||x||^2`` ne
 l2's squares underflow); ``dist`` is returned at the caller's scale (inf where it exceeds float32).
 
 Triton kernel (CUDA; CPU tensors only under ``TRITON_INTERPRET=1`` when forced): one launch over all heads,
-grid ``(cdiv(N, BLOCK_N), H)``. A program takes BLOCK_N rows of x and streams code tiles (BLOCK_K x D,
-BLOCK_D at a time) through ``tl.dot``; ``||c||^2`` (cosine: ``1 / max(|c|, eps)``) is precomputed once,
+grid ``(cdiv(N, BLOCK_N) * H,)`` (heads folded into x: no 65,535 limit on H). A program takes BLOCK_N
+rows of x and streams code tiles (BLOCK_K x D, BLOCK_D at a time) through ``tl.dot``; ``||c||^2`` (cosine: ``1 / max(|c|, eps)``) is precomputed once,
 O(K). Each distance is packed with its code index into one int64 key ``(float bits << 32) | k`` (the
 distance is >= 0, so its bits order like the float): one integer min-reduction gives the minimum and the
 lowest index on ties, across tiles too. The N x K matrix is never stored; extra memory is O(N + K).
@@ -222,10 +222,12 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
         COSINE: tl.constexpr, RERANK: tl.constexpr, COUNTS: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """indices / dist of BLOCK_N rows of head program_id(1) against all K codes (see the module doc).
+        """indices / dist of BLOCK_N rows of one head against all K codes (see the module doc).
         CN: (H, K) float32, ||c||^2 (l2) or 1 / max(|c|, eps) (cosine)."""
-        pid = tl.program_id(0)
-        hh = tl.program_id(1).to(tl.int64)
+        # heads folded into grid x (grid y / z stop at 65,535): program = head * row_blocks + row_block
+        row_blocks = tl.cdiv(N, BLOCK_N)
+        pid = tl.program_id(0) % row_blocks
+        hh = (tl.program_id(0) // row_blocks).to(tl.int64)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         xp = X + hh * sxh + offs_n.to(tl.int64)[:, None] * sxn
@@ -348,7 +350,7 @@ def _vq_triton(x, c, distance, mode, return_counts):
     if n and h:
         bn, bk, bd, warps, stages = _config(x.dtype, d, mode)
         exact = mode == "exact"
-        _vq_kernel[(triton.cdiv(n, bn), h)](
+        _vq_kernel[(triton.cdiv(n, bn) * h,)](
             x, c, cn.contiguous(), idx, dist, counts, n, k, d,
             *x.stride(), *c.stride(), *idx.stride(),
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, R=RERANK if exact else 1, COSINE=distance == "cosine",
@@ -385,7 +387,19 @@ def _cxx(name: str):
     return run
 
 
-OP.register("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.cuda_available,
+def _cuda_check(call: Call) -> list[str]:
+    """The CUDA kernel is fp32 SIMT: half-precision fast mode belongs to the Triton kernel's tensor cores
+    (it serves it whenever Triton is usable here)."""
+    if call.get("mode") == "fast" and call.dtype in (torch.float16, torch.bfloat16):
+        if _backend.triton_available():  # reasons Triton cannot run here: the CUDA kernel serves
+            return []
+        return [
+            f"{str(call.dtype).replace('torch.', '')} fast mode is served by the Triton tensor-core kernel"
+        ]
+    return []
+
+
+OP.register("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.cuda_available, check=_cuda_check,
             note="fp32 SIMT tiles, split-K over the codebook when rows are few; exact: top-R + fp32 direct-form re-rank")(_cxx("vq_nearest_cuda"))  # fmt: skip
 OP.register("cpp", devices=("cpu",), dtypes=(*KERNEL_DTYPES, torch.float64), available=_backend.cpp_available,
             note="register-blocked AVX-512 / AVX2 / portable micro-kernels; exact: top-R + fp32 direct-form re-rank")(_cxx("vq_nearest_cpu"))  # fmt: skip

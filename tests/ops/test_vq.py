@@ -288,3 +288,19 @@ def test_gpu_near_ties_multihead(dtype, unit):
         "l2",
         "exact",
     )
+
+
+def test_gpu_dispatch_sends_half_fast_mode_to_triton(monkeypatch):
+    """On a GPU the fp32 SIMT CUDA kernel serves exact mode and fp32; fp16 / bf16 fast mode goes to the
+    Triton tensor-core kernel when Triton is usable (the CUDA kernel still serves it when it is not)."""
+    from fastgen import _backend
+
+    check = V.OP.backends["cuda"].check
+    dev = torch.device("cuda")
+    monkeypatch.setattr(_backend, "triton_available", lambda: [])
+    for dtype in (torch.float16, torch.bfloat16):
+        assert check(Call(dev, dtype, {"mode": "fast"})), dtype
+        assert check(Call(dev, dtype, {"mode": "exact"})) == []
+    assert check(Call(dev, torch.float32, {"mode": "fast"})) == []
+    monkeypatch.setattr(_backend, "triton_available", lambda: ["no triton"])
+    assert check(Call(dev, torch.bfloat16, {"mode": "fast"})) == []
