@@ -374,7 +374,11 @@ def swap_attention(model: nn.Module, *, include: _Filter = None, exclude: _Filte
         if (
             isinstance(m, nn.TransformerEncoder)
             and getattr(m, "use_nested_tensor", False)
-            and any(isinstance(getattr(layer, "self_attn", None), MultiheadAttention) for layer in m.layers)
+            and any(
+                isinstance(getattr(layer, "self_attn", None), MultiheadAttention)
+                and _fastgen_kernel_serves(layer.self_attn)
+                for layer in m.layers
+            )
         ):
             m.use_nested_tensor = False
             undo.append(_undo_setattr(m, "use_nested_tensor", True))
@@ -507,8 +511,25 @@ def _undo_setattr(m: nn.Module, name: str, value: Any) -> Callable[[], None]:
     return lambda: ref() is not None and setattr(ref(), name, value)
 
 
+def _fastgen_kernel_serves(mha: nn.Module) -> bool:
+    """Whether a fastgen kernel (not torch's own SDPA) would serve this module's attention where its
+    weights are now: only then is torch's fused inference fast path worth turning off (rule 11)."""
+    w = next(mha.parameters(), None)
+    if w is None or not w.is_floating_point():
+        return True
+    head_dim = max(1, getattr(mha, "head_dim", 64))
+    return _attention_ops._default_backend(w.device.type, w.dtype, head_dim, head_dim) != "torch"
+
+
 def _disable_layer_fast_path(parent, new, parent_name, report, undo) -> None:
     if isinstance(parent, nn.TransformerEncoderLayer) and parent.self_attn is new:
+        if not _fastgen_kernel_serves(new):
+            report.notes.append(
+                f"{parent_name or '<root>'}: torch's TransformerEncoderLayer inference fast path kept (eval + "
+                "no_grad calls): where the weights are, fastgen would run torch's SDPA, and the fused fast "
+                "path is faster still; swap after moving the model to its device"
+            )
+            return
         # the layer's inference fast path skips self_attn.forward whenever no module has hooks
         handle = new.register_forward_pre_hook(_noop_hook)
         undo.append(handle.remove)

@@ -165,7 +165,7 @@ def test_transformer_encoder_eval_fast_path_is_replaced(fastgen_calls):
     model = Model().eval()
     x, ctx, kpm = data()
     keep = ~kpm[..., None]  # torch's nested-tensor path zeroes padded positions: compare the others
-    with torch.no_grad():
+    with torch.no_grad(), fastgen.use_backend("torch"):  # forced: fastgen is asked to serve every call
         ref_enc = model.encoder(x, src_key_padding_mask=kpm)
         ref = model(x, ctx)
         swap_attention(model)
@@ -175,6 +175,19 @@ def test_transformer_encoder_eval_fast_path_is_replaced(fastgen_calls):
         torch.testing.assert_close(model(x, ctx), ref, atol=1e-5, rtol=1e-5)
         assert len(fastgen_calls) == 8
     assert not model.training and not model.cross.training  # modes preserved
+
+
+def test_transformer_encoder_fast_path_kept_where_torch_sdpa_would_serve(fastgen_calls):
+    # rule 11: on CPU fastgen would run torch's SDPA anyway; torch's fused inference fast path is faster
+    model = Model().eval()
+    x, _, kpm = data()
+    report = swap_attention(model)
+    assert "fast path kept" in str(report) and model.encoder.use_nested_tensor
+    with torch.no_grad():
+        model.encoder(x, src_key_padding_mask=kpm)
+    assert not fastgen_calls  # torch's fast path served inference
+    model.encoder(x, src_key_padding_mask=kpm)  # with grad: fastgen's module serves
+    assert len(fastgen_calls) == 2
 
 
 def test_include_exclude_and_pinning(fastgen_calls):
