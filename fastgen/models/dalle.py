@@ -28,9 +28,18 @@ Text and image tokens have separate embedding tables in one d_model space. Text 
 (``text_pad_id``, default 0) at text position i is embedded as its own learned token ``text_vocab + i``
 (the paper's "special padding token for each of the 256 text positions"), or as the ordinary pad id with
 ``per_position_pad=False``. Shorter text is right-padded with the pad id to ``text_seq_len``. Positional
-embeddings: a learned table for BOS + text, and row + column tables for the image grid, linearly
-interpolated (:func:`interpolate_pos_embed`) when the model runs on another grid (trained at 16x16, run
-at 24x24). Blocks are pre-LN (attention, GELU MLP); the head is one final LayerNorm and one linear map
+embeddings: a learned table for BOS + text, and row + column tables for the image grid.
+
+Other grids (``DALLEConfig.size_strategy``; trained at 16x16, run at 24x24):
+
+* ``"interpolate"`` (default): the row and column tables are resampled to the new grid
+  (:func:`interpolate_pos_embed`, ``pos_interp_mode`` "linear" (default) or "nearest");
+* ``"resize"``: image tokens of another grid are resized (nearest, tokens are discrete:
+  :func:`resize_tokens`) to the trained grid, so ``logits`` / the loss are those of the trained grid;
+  ``generate_images(grid=G)`` samples at the trained grid and resizes the tokens to G x G;
+* ``"adaptive_pool"`` is refused: the transformer predicts every image position one by one, so pooling
+  the token grid would change what is being modelled (it is a strategy for encoders such as CLIP's
+  towers). The dVAE is fully convolutional: any H, W multiple of 8 works with nothing to do. Blocks are pre-LN (attention, GELU MLP); the head is one final LayerNorm and one linear map
 whose first ``text_vocab`` rows give the logits on text positions and the last ``image_vocab`` rows the
 logits on image positions (logits are restricted to the right vocabulary by construction).
 
@@ -85,6 +94,8 @@ except ImportError:  # pragma: no cover - tqdm is a dependency, but keep generat
 LOGIT_LAPLACE_EPS = 0.1
 GROUP_COUNT = 4  # the release's encoder / decoder: 4 groups, 3 resamplings -> 8x
 ATTN_TYPES = ("full", "row", "column", "conv")
+SIZE_STRATEGIES = ("interpolate", "resize")
+POS_INTERP_MODES = ("linear", "nearest")
 
 
 def _err(msg: str) -> ValueError:
@@ -140,9 +151,20 @@ class DALLEConfig:
     image_loss_weight: float = 7 / 8
     norm_eps: float = 1e-5
     dvae: DVAEConfig | None = field(default_factory=DVAEConfig)
+    size_strategy: str = "interpolate"  # or "resize" (see the module docstring)
+    pos_interp_mode: str = "linear"  # or "nearest": how the image row / column tables are resampled
 
     def __post_init__(self) -> None:
         self.attn_types = tuple(self.attn_types)
+        if self.size_strategy == "adaptive_pool":
+            raise _err(
+                "size_strategy='adaptive_pool' does not apply to an autoregressive image-token model (every "
+                "position is predicted, pooling would change them); use 'interpolate' or 'resize'"
+            )
+        if self.size_strategy not in SIZE_STRATEGIES:
+            raise _err(f"size_strategy must be one of {SIZE_STRATEGIES}, got {self.size_strategy!r}")
+        if self.pos_interp_mode not in POS_INTERP_MODES:
+            raise _err(f"pos_interp_mode must be one of {POS_INTERP_MODES}, got {self.pos_interp_mode!r}")
         if self.d_model % self.n_heads:
             raise _err(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if self.attn_types and len(self.attn_types) != self.n_layers:
@@ -364,17 +386,28 @@ class DiscreteVAE(nn.Module):
 # =====================================================================================================
 
 
-def interpolate_pos_embed(table: torch.Tensor, size: int) -> torch.Tensor:
-    """A (n, d) row or column positional table resampled to (size, d) by linear interpolation
-    (``F.interpolate(..., mode="linear", align_corners=False)``); the table itself when n == size."""
+def interpolate_pos_embed(table: torch.Tensor, size: int, mode: str = "linear") -> torch.Tensor:
+    """A (n, d) row or column positional table resampled to (size, d): ``F.interpolate(..., mode="linear",
+    align_corners=False)`` or ``mode="nearest"`` (``nearest-exact``: source ``floor((i + 0.5) n / size)``);
+    the table itself when n == size."""
     check_positive_int("size", size, _err)
+    if mode not in POS_INTERP_MODES:
+        raise _err(f"mode must be one of {POS_INTERP_MODES}, got {mode!r}")
     if table.shape[0] == size:
         return table
-    return (
-        F.interpolate(table.t()[None].float(), size=size, mode="linear", align_corners=False)[0]
-        .t()
-        .to(table.dtype)
-    )
+    kw = {"align_corners": False} if mode == "linear" else {}
+    t_mode = "linear" if mode == "linear" else "nearest-exact"
+    return F.interpolate(table.t()[None].float(), size=size, mode=t_mode, **kw)[0].t().to(table.dtype)
+
+
+def resize_tokens(tokens: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, g, g) token ids -> (B, size, size) by nearest (``nearest-exact``) resampling of the grid."""
+    check_positive_int("size", size, _err)
+    g = tokens.shape[-1]
+    if g == size:
+        return tokens
+    src = ((torch.arange(size, device=tokens.device) + 0.5) * g / size).floor().long().clamp_(max=g - 1)
+    return tokens[:, src][:, :, src]
 
 
 def attention_mask(
@@ -528,7 +561,10 @@ class DALLE(nn.Module):
         b, gh, gw = image_tokens.shape
         if gh != gw or gh == 0:
             raise _err(f"image_tokens must be a square grid (B, grid, grid), got {tuple(image_tokens.shape)}")
-        return image_tokens.reshape(b, gh * gw).long(), gh
+        if self.cfg.size_strategy == "resize" and gh != self.cfg.image_grid:
+            image_tokens = resize_tokens(image_tokens, self.cfg.image_grid)
+            gh = self.cfg.image_grid
+        return image_tokens.reshape(b, gh * gh).long(), gh
 
     def _mask(self, kind: str, grid: int, device) -> torch.Tensor | None:
         if kind == "full":
@@ -547,8 +583,9 @@ class DALLE(nn.Module):
     def _embed_image(self, flat: torch.Tensor, start: int, grid: int) -> torch.Tensor:
         """flat: (B, n) image tokens with raster indices start..start+n-1 -> (B, n, d)."""
         idx = torch.arange(start, start + flat.shape[1], device=flat.device)
-        rows = interpolate_pos_embed(self.image_row_emb, grid)
-        cols = interpolate_pos_embed(self.image_col_emb, grid)
+        mode = self.cfg.pos_interp_mode
+        rows = interpolate_pos_embed(self.image_row_emb, grid, mode)
+        cols = interpolate_pos_embed(self.image_col_emb, grid, mode)
         return self.image_emb(flat) + rows[idx // grid] + cols[idx % grid]
 
     def _trunk(self, x: torch.Tensor, grid: int, caches=None, pos: int = 0) -> torch.Tensor:
@@ -565,15 +602,18 @@ class DALLE(nn.Module):
 
         Returns (text_logits (B, text_seq_len, text_vocab), image_logits (B, grid**2, image_vocab)): the
         prediction of every text token and every image token (image_logits is (B, 1, image_vocab), the
-        first image token, when image_tokens is None).
+        first image token, when image_tokens is None). With ``size_strategy="resize"`` the image tokens
+        are first resized to the trained grid (and image_logits is (B, image_grid**2, image_vocab)).
         """
         check_positive_int("grid", grid, _err, allow_none=True)
+        if self.cfg.size_strategy == "resize" and image_tokens is None:
+            grid = None
         ids, _ = self._text_ids(text)
         x = self._embed_text(ids)
         if image_tokens is not None:
+            if grid is not None and grid != image_tokens.shape[-1]:
+                raise _err(f"grid {grid} does not match image_tokens' grid {image_tokens.shape[-1]}")
             flat, tok_grid = self._image_flat(image_tokens)
-            if grid is not None and grid != tok_grid:
-                raise _err(f"grid {grid} does not match image_tokens' grid {tok_grid}")
             grid = tok_grid
             x = torch.cat([x, self._embed_image(flat[:, :-1], 0, grid)], dim=1)
         h = self._trunk(x, self.cfg.image_grid if grid is None else grid)
@@ -616,10 +656,12 @@ class DALLE(nn.Module):
         global generator). grid: the token grid (default cfg.image_grid; others interpolate the image
         positional tables). use_cache=False recomputes the whole sequence every step (the oracle of the
         KV-cache path). return_images: also return the dVAE decoding, (B, 3, 8 grid, 8 grid) in [0, 1].
+        With ``size_strategy="resize"`` the tokens are sampled at the trained grid and resized to grid.
         """
         cfg = self.cfg
         check_positive_int("grid", grid, _err, allow_none=True)
-        grid = cfg.image_grid if grid is None else int(grid)
+        out_grid = cfg.image_grid if grid is None else int(grid)
+        grid = cfg.image_grid if cfg.size_strategy == "resize" else out_grid
         check_sampling_args(temperature, top_k, top_p, _err)
         check_finite("cond_scale", cond_scale, _err)
         n_img = grid * grid
@@ -662,7 +704,7 @@ class DALLE(nn.Module):
                 new = tokens[:, j : j + 1].repeat(2, 1) if guided else tokens[:, j : j + 1]
                 e = self._embed_image(new, j, grid)
                 x = e if use_cache else torch.cat([x, e], dim=1)
-        tokens = tokens.view(b, grid, grid)
+        tokens = resize_tokens(tokens.view(b, grid, grid), out_grid)
         if not return_images:
             return tokens
         if self.dvae is None:

@@ -91,3 +91,71 @@ def test_bad_config_is_refused(kw, match):
 def test_non_multiple_of_patch_still_refused_without_resize():
     with pytest.raises(ValueError, match="multiples of patch_size"):
         _model("adaptive_pool").encode_image(torch.randn(1, 3, 45, 32, dtype=DT))
+
+
+# ---- DALL-E: interpolate (linear / nearest tables) and resize (nearest token grids) ---------------------
+
+
+def _dalle(**kw):
+    from fastgen.models import dalle
+
+    torch.manual_seed(0)
+    m = dalle.DALLE(dalle.from_name("dalle-tiny", dvae=None, **kw)).eval()
+    with torch.no_grad():  # non-zero positional tables (they start at zero)
+        m.image_row_emb.normal_()
+        m.image_col_emb.normal_()
+    return m
+
+
+def test_dalle_resize_tokens_is_nearest_exact():
+    from fastgen.models.dalle import resize_tokens
+
+    t = torch.randint(0, 32, (2, 4, 4))
+    for size in (3, 4, 6, 9):
+        want = F.interpolate(t[:, None].double(), size=(size, size), mode="nearest-exact")[:, 0].long()
+        assert torch.equal(resize_tokens(t, size), want)
+    row = resize_tokens(torch.arange(4).view(1, 1, 4).expand(1, 4, 4), 6)[0, 0]
+    assert row.tolist() == [0, 1, 1, 2, 3, 3]  # floor((i + 0.5) * 4 / 6)
+
+
+def test_dalle_resize_equals_the_trained_grid():
+    from fastgen.models.dalle import resize_tokens
+
+    m, ref = _dalle(size_strategy="resize"), _dalle()
+    text = torch.randint(1, 48, (2, 6))
+    tok6 = torch.randint(0, 32, (2, 6, 6))
+    with torch.no_grad():
+        lt, li = m.logits(text, tok6)
+        rt, ri = ref.logits(text, resize_tokens(tok6, 4))
+        assert li.shape == (2, 16, 32)
+        torch.testing.assert_close((lt, li), (rt, ri))
+        torch.testing.assert_close(m(text, tok6), ref(text, resize_tokens(tok6, 4)))
+        gen = m.generate_images(text, grid=6, seed=3, progress=False, temperature=0)
+        want = resize_tokens(ref.generate_images(text, grid=4, seed=3, progress=False, temperature=0), 6)
+    assert torch.equal(gen, want)
+
+
+def test_dalle_nearest_tables():
+    from fastgen.models.dalle import interpolate_pos_embed
+
+    m = _dalle(pos_interp_mode="nearest")
+    table = m.image_row_emb.detach()
+    src = [int(((i + 0.5) * 4 / 6) // 1) for i in range(6)]
+    torch.testing.assert_close(interpolate_pos_embed(table, 6, "nearest"), table[src])
+    with torch.no_grad():  # runs at another grid with the nearest tables
+        assert m.logits(torch.randint(1, 48, (1, 6)), torch.randint(0, 32, (1, 6, 6)))[1].shape == (1, 36, 32)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"size_strategy": "adaptive_pool"}, "autoregressive"),
+        ({"size_strategy": "crop"}, "size_strategy must be one of"),
+        ({"pos_interp_mode": "bicubic"}, "pos_interp_mode must be one of"),
+    ],
+)
+def test_dalle_bad_strategy_refused(kw, match):
+    from fastgen.models import dalle
+
+    with pytest.raises(ValueError, match=match):
+        dalle.from_name("dalle-tiny", **kw)
