@@ -173,3 +173,32 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastgen.adaptive_grid_pool.default, (x, 4, 9, True))
     g = torch.randn(2, 3, 3, 2)
     torch.library.opcheck(torch.ops.fastgen.adaptive_grid_pool_backward.default, (g, 5, 7, False))
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_smoke
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("layout", ("nchw", "tokens"))
+def test_gpu_real_shapes_within_2x_of_torch(dtype, layout):
+    b, c, (h, w), out = 16, 768, (24, 24), (16, 16)
+    x64 = torch.randn(b, c, h, w, device="cuda", dtype=torch.float64)
+    g = torch.randn(b, c, *out, device="cuda", dtype=torch.float64)
+    x = x64.to(dtype)
+    if layout == "tokens":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.requires_grad_(True)
+    with fastgen.use_backend("triton"):
+        y = adaptive_grid_pool(x, out)
+        (dx,) = torch.autograd.grad(y, x, g.to(dtype))
+    xr = x64.clone().requires_grad_(True)
+    yr = F.adaptive_avg_pool2d(xr, out)
+    (dr,) = torch.autograd.grad(yr, xr, g)
+    xt = x64.to(dtype).requires_grad_(True)
+    yt = F.adaptive_avg_pool2d(xt, out)
+    (dt,) = torch.autograd.grad(yt, xt, g.to(dtype))
+    for ours, same_dtype, ref in ((y, yt, yr), (dx, dt, dr)):
+        err = (ours.double() - ref).abs().max()
+        assert err <= 2 * (same_dtype.double() - ref).abs().max() + 1e-5
+    ym, im = adaptive_grid_pool(x.detach(), out, "max", return_indices=True)
+    rm, ri = F.adaptive_max_pool2d(x.detach(), out, return_indices=True)
+    assert torch.equal(ym, rm) and torch.equal(im, ri)
