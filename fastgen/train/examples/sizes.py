@@ -108,9 +108,11 @@ def evaluate(model, x8, y, size: int, strategy: str, bs: int = 256) -> tuple[flo
     x = at_size(x8, size)
     try:
         model(x[:bs])  # warm-up (pos-embed cache, kernels)
-        t0 = time.perf_counter()
-        pred = torch.cat([model(x[i : i + bs]).argmax(-1) for i in range(0, len(y), bs)])
-        dt = time.perf_counter() - t0
+        dt = float("inf")
+        for _ in range(3):  # best of three passes: the test split is small, one pass is noisy
+            t0 = time.perf_counter()
+            pred = torch.cat([model(x[i : i + bs]).argmax(-1) for i in range(0, len(y), bs)])
+            dt = min(dt, time.perf_counter() - t0)
     finally:
         model.size_strategy = old
     return (pred == y).float().mean().item(), len(y) / dt
@@ -163,13 +165,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ft-lr", type=float, default=2e-4, help="the low fine-tuning learning rate")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--width", type=int, default=None, help="model width (default 32 quick, 64 full)")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers (default 1 quick, 4 full)")
+    p.add_argument(
+        "--train-size",
+        type=int,
+        choices=(8, 16),
+        default=None,
+        help="the trained grid: 8 (evaluated at 6, 12) or 16 (at 12, 24); default 8 quick, 16 full",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = args.steps if args.steps is not None else (150 if args.quick else 1500)
     ft_steps = args.ft_steps if args.ft_steps is not None else (15 if args.quick else 200)
     width, layers, bs = (32, 1, 32) if args.quick else (64, 4, 128)
-    train_size, eval_sizes, aug_sizes = SIZES[args.quick]
+    width, layers = args.width or width, args.layers or layers
+    small = args.quick if args.train_size is None else args.train_size == 8
+    train_size, eval_sizes, aug_sizes = SIZES[small]
     os.makedirs(args.out, exist_ok=True)
     data = load_digits(args.seed)
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
