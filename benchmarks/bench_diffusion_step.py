@@ -19,7 +19,8 @@ SCHED = NoiseSchedule.from_name("linear", 1000).respace("50")
 T, T_PREV, T_LAST = 30, 29, 31
 GUIDANCE = 4.0
 
-# name -> (fused call, reference call, extra tensors read per element of x, learned variance, noise)
+# name -> (fused call, reference call, learned variance, noise[, extras: "inpaint" (known image + mask),
+# "grad" (a guidance gradient: GLIDE's CLIP guidance)])
 SAMPLERS = {
     "ddim+cfg+clip": (
         lambda x, mo, abar, **kw: D.ddim_step(x, mo, abar, T, T_PREV, clip_sample=1.0, **kw),
@@ -44,6 +45,30 @@ SAMPLERS = {
         lambda x, mo, abar, **kw: D.ddim_step_ref(x, mo, abar, T, T_PREV, dynamic_threshold=0.995, **kw),
         False,
         False,
+    ),
+    # GLIDE inpainting: the known region replaces x0 before clipping, in the same pass
+    "ddpm-learned+cfg+inpaint": (
+        lambda x, mo, abar, **kw: D.ddpm_step(
+            x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
+        ),
+        lambda x, mo, abar, **kw: D.ddpm_step_ref(
+            x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
+        ),
+        True,
+        True,
+        ("inpaint",),
+    ),
+    # GLIDE CLIP guidance: mean + variance * grad, in the same pass
+    "ddpm-learned+clip-grad": (
+        lambda x, mo, abar, **kw: D.ddpm_step(
+            x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
+        ),
+        lambda x, mo, abar, **kw: D.ddpm_step_ref(
+            x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
+        ),
+        True,
+        True,
+        ("grad",),
     ),
 }
 
@@ -75,7 +100,8 @@ def diffusion_step_cases(device: torch.device, quick: bool):
 
 
 def make_case(device: torch.device, shape, dtype: torch.dtype, name: str) -> Case:
-    fused, ref, learned, noisy = SAMPLERS[name]
+    fused, ref, learned, noisy, *more = SAMPLERS[name]
+    extras = more[0] if more else ()
     b, c = shape[:2]
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype)
@@ -90,8 +116,16 @@ def make_case(device: torch.device, shape, dtype: torch.dtype, name: str) -> Cas
         kw["noise"] = torch.randn(shape, generator=g).to(device, dtype)
     if name.startswith("dpm"):
         kw["prev_x0"] = torch.randn(shape, generator=g).to(device, dtype)
+    if "inpaint" in extras:  # a full-shape mask, as the samplers pass it (expanded once per loop)
+        kw["known_image"] = torch.rand(shape, generator=g).to(device, dtype) * 2 - 1
+        kw["known_mask"] = (torch.rand((b, 1, *shape[2:]), generator=g) > 0.5).to(device, dtype).expand(shape)
+        kw["known_mask"] = kw["known_mask"].contiguous()
+    if "grad" in extras:
+        kw["cond_grad"] = torch.randn(shape, generator=g).to(device, dtype)
+        kw["cond_grad_scale"] = 3.0
     elem = x.element_size() * x.numel()
     reads = 3 + (1 if learned else 0) + (1 if noisy else 0) + (1 if "prev_x0" in kw else 0)
+    reads += 2 * ("inpaint" in extras) + ("grad" in extras)
     nbytes = (reads + 2) * elem  # + x_prev and pred_x0 written
     # oracle: the reference formulas computed in float32; for 16-bit inputs the same ops in the input
     # dtype (what a user's scheduler does) is a second baseline

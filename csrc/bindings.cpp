@@ -51,7 +51,9 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(bool cuda, const at::Tensor& x, 
                                                 const OptTensor& noise, const OptTensor& row_scale,
                                                 const OptTensor& thresh, double guidance_scale, double clip,
                                                 int64_t var_mode, int64_t noise_mode, int64_t seed,
-                                                int64_t sample_offset, bool want_x0, bool x0_only) {
+                                                int64_t sample_offset, bool want_x0, bool x0_only,
+                                                const OptTensor& known, const OptTensor& keep,
+                                                const OptTensor& grad, double grad_scale) {
   const char* entry = cuda ? "sampler_step_cuda" : "sampler_step_cpu";
   TORCH_CHECK(x.defined() && x.dim() == 2, "sampler_step: x must be 2-D (batch, elements), got ",
               x.defined() ? x.sizes() : at::IntArrayRef{});
@@ -93,6 +95,15 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(bool cuda, const at::Tensor& x, 
     TORCH_CHECK(!thresh->le(0).any().item<bool>(), "sampler_step: thresh must be > 0 (or NaN) everywhere");
   }
 
+  TORCH_CHECK(known.has_value() == keep.has_value(),
+              "sampler_step: known (image) and keep (mask) go together: pass both or neither");
+  if (known.has_value()) {
+    check_like_x(*known, "known", x);
+    check_like_x(*keep, "keep", x);
+  }
+  if (grad.has_value()) check_like_x(*grad, "grad", x);
+  TORCH_CHECK(std::isfinite(grad_scale), "sampler_step: grad_scale must be finite, got ", grad_scale);
+
   StepArgs a;
   a.x = x;
   a.cond = cond;
@@ -103,6 +114,10 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(bool cuda, const at::Tensor& x, 
   a.noise = noise_mode == NOISE_TENSOR ? noise : std::nullopt;
   a.row_scale = row_scale;
   a.thresh = thresh;
+  a.known = known;
+  a.keep = keep;
+  a.grad = grad;
+  a.grad_scale = grad.has_value() ? grad_scale : 0.0;
   a.g = uncond.has_value() ? guidance_scale : 1.0;
   a.clip = clip;
   a.var_mode = var_mode;
@@ -139,21 +154,27 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_entry(const at::Tensor& x, const
                                                       const OptTensor& noise, const OptTensor& row_scale,
                                                       const OptTensor& thresh, double guidance_scale, double clip,
                                                       int64_t var_mode, int64_t noise_mode, int64_t seed,
-                                                      int64_t sample_offset, bool want_x0, bool x0_only) {
+                                                      int64_t sample_offset, bool want_x0, bool x0_only,
+                                                      const OptTensor& known, const OptTensor& keep,
+                                                      const OptTensor& grad, double grad_scale) {
   return sampler_step(CUDA, x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh,
-                      guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only);
+                      guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only, known,
+                      keep, grad, grad_scale);
 }
 
 constexpr const char* kStepDoc = R"doc(Fused diffusion sampler step on (B, N)-flattened tensors.
 
 sampler_step_{cpu,cuda}(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh,
-                        guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only)
+                        guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only,
+                        known, keep, grad, grad_scale)
     -> (x_prev, pred_x0)
 
 x: (B, N) float32/float16/bfloat16; cond: (Bc >= B, Lc >= N, or >= 2N with var_mode 1); uncond: optional
 (Bu, Lu >= N), row b + uncond_row_offset; coeffs: float32 (16,) on x's device; prev_x0, noise: optional
 (B, N); row_scale, thresh: optional float32 (B,). x_prev has x's dtype; pred_x0 too when want_x0, else
-empty. x0_only: x_prev is empty and the second output is float32 |x0|. Math: fastgen/ops/diffusion_step.py.
+empty. x0_only: x_prev is empty and the second output is float32 |x0|. known, keep: optional (B, N), x0 :=
+x0 (1 - keep) + known keep before clipping (inpainting); grad: optional (B, N), x_prev += var grad_scale grad.
+Math: fastgen/ops/diffusion_step.py.
 )doc";
 
 }  // namespace
@@ -476,7 +497,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("x"), py::arg("cond"), py::arg("uncond"), py::arg("uncond_row_offset"), py::arg("coeffs"),
       py::arg("prev_x0"), py::arg("noise"), py::arg("row_scale"), py::arg("thresh"), py::arg("guidance_scale"),
       py::arg("clip"), py::arg("var_mode"), py::arg("noise_mode"), py::arg("seed"), py::arg("sample_offset"),
-      py::arg("want_x0"), py::arg("x0_only"));
+      py::arg("want_x0"), py::arg("x0_only"), py::arg("known") = py::none(), py::arg("keep") = py::none(),
+      py::arg("grad") = py::none(), py::arg("grad_scale") = 0.0);
   auto def = [&](const char* name, auto fn) {
     std::apply([&](const auto&... a) { m.def(name, fn, kStepDoc, a..., py::call_guard<py::gil_scoped_release>()); },
                args);

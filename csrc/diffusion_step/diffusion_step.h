@@ -209,14 +209,17 @@ FASTGEN_HD float clampf(float v, float lo, float hi) {
 // x0 and eps of one element from the sample xv and the (guided, rescaled) model output m, clipped or
 // thresholded as CLIP says (clip: static bound; s: this sample's dynamic threshold, > 0, or NaN when the
 // sample's x0 holds a NaN: then the whole sample is NaN, as in the reference).
-template <int CLIP, class K>
-FASTGEN_HD void predict(const K& k, float xv, float m, float clip, float s, float& x0, float& eps) {
+// KNOWN (inpainting, GLIDE's denoised_fn): x0 takes the known image where keep = 1, BEFORE clipping.
+template <int CLIP, bool KNOWN, class K>
+FASTGEN_HD void predict(const K& k, float xv, float m, float img, float keep, float clip, float s, float& x0,
+                        float& eps) {
   x0 = k[AX] * xv + k[AM] * m;
-  if (CLIP == CLIP_NONE) {
+  if (KNOWN) x0 = x0 * (1.0f - keep) + img * keep;
+  if (CLIP == CLIP_NONE && !KNOWN) {
     eps = k[EX] * xv + k[EM] * m;
   } else {
-    x0 = (CLIP == CLIP_STATIC) ? clampf(x0, -clip, clip) : clampf(x0, -s, s) / s;
-    eps = k[EX2] * xv + k[EX0] * x0;  // re-derived from the clipped x0
+    if (CLIP != CLIP_NONE) x0 = (CLIP == CLIP_STATIC) ? clampf(x0, -clip, clip) : clampf(x0, -s, s) / s;
+    eps = k[EX2] * xv + k[EX0] * x0;  // re-derived from the replaced / clipped x0
   }
 }
 
@@ -232,15 +235,16 @@ struct ElemOut {
   float xp, x0;
 };
 
-template <class K>
-FASTGEN_HD ElemOut step_element(const K& k, float xv, float m, int clip_mode, float clip, float s) {
+template <bool KNOWN, class K>
+FASTGEN_HD ElemOut step_element(const K& k, float xv, float m, float img, float keep, int clip_mode, float clip,
+                                float s) {
   float x0, eps;
   if (clip_mode == CLIP_STATIC) {
-    predict<CLIP_STATIC>(k, xv, m, clip, s, x0, eps);
+    predict<CLIP_STATIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, eps);
   } else if (clip_mode == CLIP_DYNAMIC) {
-    predict<CLIP_DYNAMIC>(k, xv, m, clip, s, x0, eps);
+    predict<CLIP_DYNAMIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, eps);
   } else {
-    predict<CLIP_NONE>(k, xv, m, clip, s, x0, eps);
+    predict<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, x0, eps);
   }
   return ElemOut{update(k, xv, x0, eps), x0};
 }
@@ -250,6 +254,13 @@ template <class K>
 FASTGEN_HD float learned_sd(const K& k, float v) {
   const float f = (v + 1.0f) * 0.5f;
   return expf(0.5f * (f * k[MAXLOG] + (1.0f - f) * k[MINLOG]));
+}
+
+// The step's variance (GLIDE's exp(model_log_variance)), for the guidance shift mean + var * scale * grad.
+template <class K>
+FASTGEN_HD float learned_var(const K& k, float v) {
+  const float f = (v + 1.0f) * 0.5f;
+  return expf(f * k[MAXLOG] + (1.0f - f) * k[MINLOG]);
 }
 
 // ---- host side -------------------------------------------------------------------------------------------
@@ -262,7 +273,9 @@ struct StepArgs {
   int64_t uoff = 0;
   at::Tensor coeffs;  // float32 (16,)
   std::optional<at::Tensor> prev, noise, row_scale, thresh;
-  double g = 1.0, clip = 0.0;
+  std::optional<at::Tensor> known, keep;  // (B, N) dtype T: inpainting's known image and mask (1 = keep)
+  std::optional<at::Tensor> grad;         // (B, N) dtype T: guidance gradient (mean += var * grad_scale * grad)
+  double g = 1.0, clip = 0.0, grad_scale = 0.0;
   int64_t var_mode = VAR_SIGMA, noise_mode = NOISE_NONE;
   uint64_t seed = 0;
   uint32_t sample_offset = 0;
@@ -282,11 +295,14 @@ struct StepParams {
   const T* noise;       // (B, N) or nullptr
   const float* rscale;  // (B,) or nullptr
   const float* thresh;  // (B,) or nullptr
+  const T* known;       // (B, N) or nullptr (then keep is nullptr too)
+  const T* keep;        // (B, N) or nullptr
+  const T* grad;        // (B, N) or nullptr
   T* out;               // (B, N) x_prev, nullptr when x0_only
   T* x0;                // (B, N) pred_x0, nullptr unless wanted
   float* absx0;         // (B, N) |x0|, only when x0_only
   int64_t B, N, Lc, Lu, uoff;
-  float g, clip;
+  float g, clip, grad_scale;
   int clip_mode, noise_mode, var_mode;
   uint32_t seed_lo, seed_hi, sample_offset;
 };
@@ -308,6 +324,10 @@ StepParams<T> make_params(const StepArgs& a) {
   p.noise = a.noise_mode == NOISE_TENSOR ? opt(a.noise) : nullptr;
   p.rscale = optf(a.row_scale);
   p.thresh = optf(a.thresh);
+  p.known = opt(a.known);
+  p.keep = opt(a.keep);
+  p.grad = opt(a.grad);
+  p.grad_scale = static_cast<float>(a.grad_scale);
   p.out = a.x0_only ? nullptr : a.out.data_ptr<T>();
   p.x0 = (!a.x0_only && a.x0.defined() && a.x0.numel() > 0) ? a.x0.data_ptr<T>() : nullptr;
   p.absx0 = a.x0_only ? a.x0.data_ptr<float>() : nullptr;

@@ -1,12 +1,12 @@
 // Fused diffusion sampler step, C++ CPU kernel (at::parallel_for over tiles of a row).
 //
 // Each tile of kTile elements of one sample goes through a short pipeline of stages (guidance,
-// prediction + clipping + update, prev_x0 term, noise, stores), each a tight loop over float32 buffers
-// that stay in L1. Every stage is templated on the features it handles, so its loop has no branches and
+// prediction + known-region replacement + clipping + update, prev_x0 term, guidance-gradient shift,
+// noise, stores), each a tight loop over float32 buffers that stay in L1. Every stage is templated on the features it handles, so its loop has no branches and
 // GCC / clang vectorize it (all but the learned-range expf; the RNG included, see log_positive and
 // sincos_turn in the header); the features are resolved once per tile, not per element. Staging keeps
-// the template instantiations additive in the features (about 20 loops per dtype) instead of
-// multiplicative (~250 fused loops per dtype): a lean build at no cost in speed, as the step is
+// the template instantiations additive in the features (about 30 loops per dtype) instead of
+// multiplicative (~500 fused loops per dtype): a lean build at no cost in speed, as the step is
 // memory-bound and the buffers never leave L1.
 #include "diffusion_step/diffusion_step.h"
 
@@ -64,26 +64,42 @@ void stage_guide(const T* __restrict__ c, const T* __restrict__ u, float g, floa
   }
 }
 
-// x0 and the deterministic part of x_prev.
-template <int CLIP>
-void stage_predict(const StepCoeffs k, const float* __restrict__ xv, const float* __restrict__ m, float clip,
-                   float s, float* __restrict__ x0, float* __restrict__ xp, int64_t n) {
+// x0 and the deterministic part of x_prev; img / keep (the known region) are read only when KNOWN.
+template <int CLIP, bool KNOWN>
+void stage_predict(const StepCoeffs k, const float* __restrict__ xv, const float* __restrict__ m,
+                   const float* __restrict__ img, const float* __restrict__ keep, float clip, float s,
+                   float* __restrict__ x0, float* __restrict__ xp, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, e;
-    predict<CLIP>(k, xv[j], m[j], clip, s, a, e);
+    predict<CLIP, KNOWN>(k, xv[j], m[j], KNOWN ? img[j] : 0.0f, KNOWN ? keep[j] : 0.0f, clip, s, a, e);
     x0[j] = a;
     xp[j] = update(k, xv[j], a, e);
   }
 }
 
 // |x0| only (the pre-pass of dynamic thresholding).
-template <int CLIP>
-void stage_abs_x0(const StepCoeffs k, const float* __restrict__ xv, const float* __restrict__ m, float clip,
-                  float s, float* __restrict__ out, int64_t n) {
+template <int CLIP, bool KNOWN>
+void stage_abs_x0(const StepCoeffs k, const float* __restrict__ xv, const float* __restrict__ m,
+                  const float* __restrict__ img, const float* __restrict__ keep, float clip, float s,
+                  float* __restrict__ out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, e;
-    predict<CLIP>(k, xv[j], m[j], clip, s, a, e);
+    predict<CLIP, KNOWN>(k, xv[j], m[j], KNOWN ? img[j] : 0.0f, KNOWN ? keep[j] : 0.0f, clip, s, a, e);
     out[j] = std::fabs(a);
+  }
+}
+
+// Guidance shift of the mean (GLIDE's condition_mean): xp += variance * scale * grad, also at t = 0.
+template <typename T, int VAR>
+void stage_grad(const StepCoeffs k, const T* __restrict__ grad, const T* __restrict__ v, float scale,
+                float* __restrict__ xp, int64_t n) {
+  if constexpr (VAR == VAR_SIGMA) {
+    const float c = k[SIGMA] * k[SIGMA] * scale;
+    for (int64_t j = 0; j < n; ++j) xp[j] += c * static_cast<float>(grad[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      xp[j] += learned_var(k, static_cast<float>(v[j])) * scale * static_cast<float>(grad[j]);
+    }
   }
 }
 
@@ -117,8 +133,12 @@ void stage_add_noise(const StepCoeffs k, const float* __restrict__ z, const T* _
 
 template <typename T>
 using GuideFn = void (*)(const T*, const T*, float, float, float*, int64_t);
-using PredictFn = void (*)(StepCoeffs, const float*, const float*, float, float, float*, float*, int64_t);
-using AbsX0Fn = void (*)(StepCoeffs, const float*, const float*, float, float, float*, int64_t);
+using PredictFn = void (*)(StepCoeffs, const float*, const float*, const float*, const float*, float, float,
+                           float*, float*, int64_t);
+using AbsX0Fn = void (*)(StepCoeffs, const float*, const float*, const float*, const float*, float, float, float*,
+                         int64_t);
+template <typename T>
+using GradFn = void (*)(StepCoeffs, const T*, const T*, float, float*, int64_t);
 template <typename T>
 using NoiseFn = void (*)(StepCoeffs, const float*, const T*, float*, int64_t);
 
@@ -139,13 +159,19 @@ auto pick_clip(int clip_mode) {
       return Pick<CLIP_NONE>::fn;
   }
 }
-template <int C>
-struct PickPredict {
-  static constexpr PredictFn fn = stage_predict<C>;
+template <bool KNOWN>
+struct Predict {
+  template <int C>
+  struct At {
+    static constexpr PredictFn fn = stage_predict<C, KNOWN>;
+  };
 };
-template <int C>
-struct PickAbsX0 {
-  static constexpr AbsX0Fn fn = stage_abs_x0<C>;
+template <bool KNOWN>
+struct AbsX0 {
+  template <int C>
+  struct At {
+    static constexpr AbsX0Fn fn = stage_abs_x0<C, KNOWN>;
+  };
 };
 
 template <typename T>
@@ -156,14 +182,18 @@ void run(const StepArgs& a) {
   const StepCoeffs k = load_coeffs(p.coef);
   const uint32_t rng_step = rng_step_of(k[RNG_STEP]);
   const GuideFn<T> guide_fn = pick_guide<T>(p.uncond != nullptr, p.rscale != nullptr);
-  const PredictFn predict_fn = pick_clip<PickPredict>(p.clip_mode);
-  const AbsX0Fn abs_fn = pick_clip<PickAbsX0>(p.clip_mode);
+  const bool known = p.known != nullptr;
+  const PredictFn predict_fn =
+      known ? pick_clip<Predict<true>::At>(p.clip_mode) : pick_clip<Predict<false>::At>(p.clip_mode);
+  const AbsX0Fn abs_fn = known ? pick_clip<AbsX0<true>::At>(p.clip_mode) : pick_clip<AbsX0<false>::At>(p.clip_mode);
   const NoiseFn<T> noise_fn =
       p.var_mode == VAR_LEARNED_RANGE ? stage_add_noise<T, VAR_LEARNED_RANGE> : stage_add_noise<T, VAR_SIGMA>;
+  const GradFn<T> grad_fn =
+      p.var_mode == VAR_LEARNED_RANGE ? stage_grad<T, VAR_LEARNED_RANGE> : stage_grad<T, VAR_SIGMA>;
   const int64_t tiles_per_row = (N + kTile - 1) / kTile;
 
   at::parallel_for(0, p.B * tiles_per_row, kGrainTiles, [&](int64_t begin, int64_t end) {
-    alignas(64) float xbuf[kTile], m[kTile], x0buf[kTile], xpbuf[kTile], z[kTile];
+    alignas(64) float xbuf[kTile], m[kTile], x0buf[kTile], xpbuf[kTile], z[kTile], ibuf[kTile], kbuf[kTile];
     alignas(64) float u1[kTile / 2], u2[kTile / 2];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / tiles_per_row;
@@ -175,8 +205,10 @@ void run(const StepArgs& a) {
 
       guide_fn(p.cond + b * p.Lc + i0, p.uncond ? p.uncond + (b + p.uoff) * p.Lu + i0 : nullptr, p.g, rs, m, n);
       const float* xv = as_f32(p.x + row, xbuf, n);
+      const float* img = known ? as_f32(p.known + row, ibuf, n) : nullptr;
+      const float* keep = known ? as_f32(p.keep + row, kbuf, n) : nullptr;
       if (p.absx0) {
-        abs_fn(k, xv, m, p.clip, s, p.absx0 + row, n);
+        abs_fn(k, xv, m, img, keep, p.clip, s, p.absx0 + row, n);
         continue;
       }
       // float32 outputs are computed in place in the output rows (they stay in L1 until the tile ends).
@@ -186,8 +218,9 @@ void run(const StepArgs& a) {
         xp = p.out + row;
         if (p.x0) x0 = p.x0 + row;
       }
-      predict_fn(k, xv, m, p.clip, s, x0, xp, n);
+      predict_fn(k, xv, m, img, keep, p.clip, s, x0, xp, n);
       if (p.prev) stage_prev<T>(k[CPREV], p.prev + row, xp, n);
+      if (p.grad) grad_fn(k, p.grad + row, p.cond + b * p.Lc + N + i0, p.grad_scale, xp, n);
       if (p.noise_mode != NOISE_NONE) {
         const float* zz = z;
         if (p.noise_mode == NOISE_TENSOR) {

@@ -108,11 +108,23 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const StepParams
     }
 
     float xp[VEC], x0[VEC];
+    if (p.known != nullptr) {  // inpainting: the known region replaces x0 before clipping
+      float img[VEC];
+      load<T, VEC, VECTOR>(p.known + row, n, img);
+      load<T, VEC, VECTOR>(p.keep + row, n, t);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const ElemOut e = step_element(k, xv[j], m[j], p.clip_mode, p.clip, s);
-      xp[j] = e.xp;
-      x0[j] = e.x0;
+      for (int j = 0; j < VEC; ++j) {
+        const ElemOut e = step_element<true>(k, xv[j], m[j], img[j], t[j], p.clip_mode, p.clip, s);
+        xp[j] = e.xp;
+        x0[j] = e.x0;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const ElemOut e = step_element<false>(k, xv[j], m[j], 0.0f, 0.0f, p.clip_mode, p.clip, s);
+        xp[j] = e.xp;
+        x0[j] = e.x0;
+      }
     }
     if (p.absx0 != nullptr) {  // x0_only: |x0| as float32
 #pragma unroll
@@ -124,6 +136,19 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const StepParams
       load<T, VEC, VECTOR>(p.prev + row, n, t);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) xp[j] += k[CPREV] * t[j];
+    }
+    if (p.grad != nullptr) {  // guidance shift of the mean: + variance * scale * grad (also at t = 0)
+      float gr[VEC];
+      load<T, VEC, VECTOR>(p.grad + row, n, gr);
+      if (p.var_mode == VAR_LEARNED_RANGE) {
+        load<T, VEC, VECTOR>(p.cond + b * p.Lc + p.N + i0, n, t);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) xp[j] += learned_var(k, t[j]) * p.grad_scale * gr[j];
+      } else {
+        const float c = k[SIGMA] * k[SIGMA] * p.grad_scale;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) xp[j] += c * gr[j];
+      }
     }
     if (p.noise_mode != NOISE_NONE) {
       float z[VEC];
@@ -172,7 +197,7 @@ void sampler_step_cuda_impl(const StepArgs& a) {
     constexpr int V = 16 / sizeof(scalar_t);
     // 16-byte accesses need every row start aligned: aligned bases and row lengths that are multiples
     // of V. float32 |x0| (x0_only) is written as V / 4 packs of 4 floats, also 16-byte aligned.
-    const void* ptrs[] = {p.x, p.cond, p.uncond, p.prev, p.noise, p.out, p.x0, p.absx0};
+    const void* ptrs[] = {p.x, p.cond, p.uncond, p.prev, p.noise, p.known, p.keep, p.grad, p.out, p.x0, p.absx0};
     bool vec = p.N % V == 0 && p.Lc % V == 0 && p.Lu % V == 0;
     for (const void* q : ptrs) vec = vec && (q == nullptr || aligned16(q));
     if (vec) {

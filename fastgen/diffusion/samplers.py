@@ -125,8 +125,16 @@ class Sampler:
         seed: int | None = None,
         sample_offset: int = 0,
         noise: torch.Tensor | None = None,
+        known_image: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
+        cond_grad: torch.Tensor | None = None,
+        cond_grad_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One fused step from schedule index ``i`` to ``i - 1``. Returns (x_prev, pred_x0)."""
+        """One fused step from schedule index ``i`` to ``i - 1``. Returns (x_prev, pred_x0).
+
+        ``known_image`` / ``known_mask`` (inpainting) and ``cond_grad`` / ``cond_grad_scale`` (a guidance
+        gradient shifting the mean by variance * scale * grad): see ``fastgen.ops.diffusion_step.sampler_step``.
+        """
         try:  # 5.5 would index the coefficient table with a float; True is not a step
             if isinstance(i, bool):
                 raise TypeError
@@ -154,6 +162,10 @@ class Sampler:
             seed=seed,
             sample_offset=sample_offset,
             prev_x0=prev_x0 if self.needs_prev_x0 else None,
+            known_image=known_image,
+            known_mask=known_mask,
+            cond_grad=cond_grad,
+            cond_grad_scale=cond_grad_scale,
         )
 
     @torch.no_grad()
@@ -169,11 +181,17 @@ class Sampler:
         sample_offset: int = 0,
         progress: bool = True,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cond_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Run the whole loop from pure noise (or ``x_T``) to the final sample of ``shape``.
 
         ``seed`` keys all noise (initial and per-step); None draws one. ``callback(i, x, pred_x0)`` is
-        called after every step. Returns the final sample.
+        called after every step. ``known = (image, mask)``: inpainting, every step's x0 takes ``image``
+        where ``mask`` (broadcastable to ``shape``; 1 = keep) is 1, before clipping (GLIDE's
+        ``denoised_fn``). ``cond_fn(x, t) -> grad`` (x the current sample, t the original timesteps):
+        every step's mean moves by variance * grad (GLIDE's ``cond_fn`` / ``condition_mean``).
+        Returns the final sample.
         """
         device = torch.device(device)
         if seed is None:
@@ -191,6 +209,13 @@ class Sampler:
         tmap = self.schedule.timestep_map.to(device)
         scale = self.model_input_scale(device)
         self.coefficients(device, dtype)  # build once, before the loop
+        known_image = known_mask = None
+        if known is not None:
+            if not (isinstance(known, tuple) and len(known) == 2):
+                raise TypeError(f"known must be a tuple (image, mask), got {type(known).__name__}")
+            known_image = known[0].to(device=device, dtype=dtype)
+            # expanded once here, so that no step copies the mask
+            known_mask = known[1].to(device=device, dtype=dtype).expand(shape).contiguous()
         prev_x0 = None
         steps = range(self.num_steps - 1, -1, -1)
         for i in _progress(steps, self.num_steps, progress, f"{self.name} sampling"):
@@ -200,7 +225,11 @@ class Sampler:
                 out = model_fn(torch.cat([x_in, x_in]), torch.cat([t, t]))
             else:
                 out = model_fn(x_in, t)
-            x, x0 = self.step(i, x, out, prev_x0=prev_x0, seed=seed, sample_offset=sample_offset)
+            grad = None
+            if cond_fn is not None:
+                grad = cond_fn(x, t)
+            x, x0 = self.step(i, x, out, prev_x0=prev_x0, seed=seed, sample_offset=sample_offset,
+                              known_image=known_image, known_mask=known_mask, cond_grad=grad)  # fmt: skip
             prev_x0 = x0
             if callback is not None:
                 callback(i, x, x0)

@@ -727,11 +727,18 @@ def make_sampler(cfg: GLIDEConfig, steps: str | int = "100", *, sampler: str = "
     raise _err(f"unknown sampler {sampler!r}; expected 'ddpm' or 'ddim'")
 
 
-def _model_fn(model: GLIDE, text: TextEmbedding | None, low_res=None, eps_only=False):
+def _model_fn(model: GLIDE, text: TextEmbedding | None, low_res=None, eps_only=False, inpaint=None):
     c = model.cfg.in_channels
 
     def fn(x, t):
-        out = model(x, t, low_res=low_res, text=text)
+        kw = {}
+        if inpaint is not None:  # the CFG batch [x; x] sees the known image twice
+            reps = x.shape[0] // inpaint[0].shape[0]
+            kw = {
+                "inpaint_image": inpaint[0].repeat(reps, 1, 1, 1),
+                "inpaint_mask": inpaint[1].repeat(reps, 1, 1, 1),
+            }
+        out = model(x, t, low_res=low_res, text=text, **kw)
         return out[:, :c] if eps_only else out
 
     return fn
@@ -750,15 +757,22 @@ def sample_base(
     sampler: str = "ddpm",
     progress: bool = True,
     sample_offset: int = 0,
+    cond_fn=None,
 ) -> torch.Tensor:
     """Text -> (B, C, S, S) images in [-1, 1] from the base model, classifier-free guided.
 
     tokens (B, L), mask (B, L) bool; ``guidance_scale`` None: conditional only (no doubled batch).
     ``steps``: a ``space_timesteps`` spec ("100" as released). Same ``seed`` -> same images.
+    ``cond_fn(x, t) -> grad`` (e.g. ``GlideCLIP.cond_fn``): every DDPM step's mean moves by
+    variance * grad, fused into the step (GLIDE's ``condition_mean``; see :func:`sample_clip_guided`).
     """
     check_positive_int("image_size", image_size, _err, allow_none=True)
     if guidance_scale is not None:
         check_finite("guidance_scale", guidance_scale, _err)
+    if cond_fn is not None and sampler != "ddpm":
+        raise _err(
+            f"cond_fn needs sampler='ddpm' (the shift is variance * grad; {sampler!r} has no variance)"
+        )
     device = next(model.parameters()).device
     size = model.cfg.image_size if image_size is None else image_size
     tokens, mask = model.prepare_tokens(tokens.to(device), None if mask is None else mask.to(device))
@@ -769,7 +783,33 @@ def sample_base(
     smp = make_sampler(model.cfg, steps, sampler=sampler, guidance_scale=guidance_scale)
     fn = _model_fn(model, text, eps_only=sampler != "ddpm")
     shape = (b, model.cfg.in_channels, size, size)
-    return smp.sample(fn, shape, seed=seed, device=device, progress=progress, sample_offset=sample_offset)
+    return smp.sample(fn, shape, seed=seed, device=device, progress=progress, sample_offset=sample_offset,
+                      cond_fn=cond_fn)  # fmt: skip
+
+
+def sample_clip_guided(
+    model: GLIDE,
+    clip,
+    tokens: torch.Tensor,
+    mask: torch.Tensor | None,
+    clip_tokens: torch.Tensor,
+    clip_lengths: torch.Tensor,
+    *,
+    grad_scale: float = 3.0,
+    steps: str | int = "100",
+    seed: int | None = None,
+    progress: bool = True,
+    sample_offset: int = 0,
+) -> torch.Tensor:
+    """CLIP-guided sampling (GLIDE sec. 2.3), as the release notebook: no CFG, DDPM, ``grad_scale`` 3.
+
+    ``clip``: a :class:`fastgen.models.glide_clip.GlideCLIP` (the noise-aware CLIP); ``clip_tokens``
+    (B, L <= 77) / ``clip_lengths`` (B,) the prompt in CLIP's tokenizer. Each step adds
+    ``variance * grad_x[grad_scale * 100 * <text, image(x_t, t)>]`` to the mean, t the original timestep.
+    """
+    fn = clip.cond_fn(clip_tokens, clip_lengths, grad_scale)
+    return sample_base(model, tokens, mask, guidance_scale=None, steps=steps, seed=seed, progress=progress,
+                       sample_offset=sample_offset, cond_fn=fn)  # fmt: skip
 
 
 @torch.no_grad()
@@ -818,6 +858,121 @@ def sample_upsample(
     return smp.sample(
         fn, shape, seed=seed, device=device, x_T=x_T, progress=progress, sample_offset=sample_offset
     )
+
+
+def _inpaint_inputs(
+    model: GLIDE, image: torch.Tensor, mask: torch.Tensor, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks the known image (B, C, H, W) in [-1, 1] and its mask (B, 1, H, W) in [0, 1] (1 = keep)."""
+    cfg = model.cfg
+    if not cfg.inpaint:
+        raise _err("inpainting needs an inpainting model (inpaint=True, e.g. 'glide-base-inpaint')")
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[1] != cfg.in_channels:
+        raise _err(
+            f"image must be (batch, {cfg.in_channels}, H, W), got {tuple(getattr(image, 'shape', ()))}"
+        )
+    model._check_image(image)
+    image = image.to(device, torch.float32)
+    if not isinstance(mask, torch.Tensor):
+        raise _err(f"mask must be a tensor (batch, 1, H, W), got {type(mask).__name__}")
+    check_inpaint_inputs(image, mask.to(device), image)
+    mask = mask.to(device, torch.float32)
+    # one host sync per sampling call (not per step): values outside the ranges give wrong pixels silently
+    bad_mask, bad_image = torch.stack(
+        [((mask < 0) | (mask > 1) | mask.isnan()).any(), ~image.isfinite().all()]
+    ).tolist()
+    if bad_mask:
+        raise _err("mask values must lie in [0, 1] (1 = keep the known pixel, 0 = fill it)")
+    if bad_image:
+        raise _err("image must be finite (NaN / inf pixels would be copied into every sample)")
+    return image, mask
+
+
+@torch.no_grad()
+def sample_inpaint(
+    model: GLIDE,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    *,
+    guidance_scale: float | None = 5.0,
+    steps: str | int = "100",
+    seed: int | None = None,
+    sampler: str = "ddpm",
+    progress: bool = True,
+    sample_offset: int = 0,
+) -> torch.Tensor:
+    """Fill the region where ``mask`` is 0 of ``image`` (B, C, S, S) in [-1, 1] with the base inpainting model.
+
+    mask (B, 1, S, S), 1 = keep. As the release: the model sees ``[x_t, image * mask, mask]``, CFG (scale 5
+    in the release notebook), and every step's predicted x0 takes the known pixels before clipping (fused
+    into the step). The final sample equals ``image`` where ``mask`` is 1.
+    """
+    if guidance_scale is not None:
+        check_finite("guidance_scale", guidance_scale, _err)
+    device = next(model.parameters()).device
+    image, mask = _inpaint_inputs(model, image, mask, device)
+    tokens, token_mask = model.prepare_tokens(
+        tokens.to(device), None if token_mask is None else token_mask.to(device)
+    )
+    b = tokens.shape[0]
+    if image.shape[0] != b:
+        raise _err(f"tokens batch {b} != image batch {image.shape[0]}")
+    if guidance_scale is not None:
+        tokens, token_mask = model.with_empty_prompt(tokens, token_mask)
+    text = model.encode_text(tokens, token_mask) if model.cfg.xf_width else None
+    smp = make_sampler(model.cfg, steps, sampler=sampler, guidance_scale=guidance_scale)
+    fn = _model_fn(model, text, eps_only=sampler != "ddpm", inpaint=(image, mask))
+    return smp.sample(fn, tuple(image.shape), seed=seed, device=device, progress=progress,
+                      sample_offset=sample_offset, known=(image, mask))  # fmt: skip
+
+
+@torch.no_grad()
+def sample_upsample_inpaint(
+    model: GLIDE,
+    low_res: torch.Tensor,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    *,
+    steps: str | int = "fast27",
+    upsample_temp: float = 0.997,
+    sampler: str = "ddpm",
+    seed: int | None = None,
+    progress: bool = True,
+    sample_offset: int = 0,
+) -> torch.Tensor:
+    """Upsample ``low_res`` (B, C, h, w) to ``image``'s size with the upsampling inpainting model.
+
+    ``image`` (B, C, H, W) / ``mask`` (B, 1, H, W): the known high-resolution pixels (1 = keep); the
+    model sees ``[x_t, image * mask, mask, bilinear(low_res)]``. Not guided (as released), x_T =
+    ``upsample_temp`` x N(0, I), the known region forced in every step's x0.
+    """
+    cfg = model.cfg
+    if not cfg.super_res:
+        raise _err(
+            "sample_upsample_inpaint needs an upsampling inpainting model (super_res=True, inpaint=True)"
+        )
+    if not (is_finite_real(upsample_temp) and upsample_temp > 0):
+        raise _err(f"upsample_temp must be a positive finite number, got {upsample_temp!r}")
+    device = next(model.parameters()).device
+    image, mask = _inpaint_inputs(model, image, mask, device)
+    if low_res.dim() != 4 or low_res.shape[:2] != image.shape[:2]:
+        raise _err(f"low_res must be ({image.shape[0]}, {cfg.in_channels}, h, w), got {tuple(low_res.shape)}")
+    low_res = low_res.to(device, torch.float32)
+    text = model.encode_text(tokens.to(device), None if token_mask is None else token_mask.to(device))
+    if text.xf_out.shape[0] != image.shape[0]:
+        raise _err(f"tokens batch {text.xf_out.shape[0]} != image batch {image.shape[0]}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    shape = tuple(image.shape)
+    x_T = counter_normal(shape, seed, INIT_NOISE_STEP, sample_offset, device=device) * upsample_temp
+    smp = make_sampler(cfg, steps, sampler=sampler)
+    fn = _model_fn(model, text, low_res=low_res, eps_only=sampler != "ddpm", inpaint=(image, mask))
+    return smp.sample(fn, shape, seed=seed, device=device, x_T=x_T, progress=progress,
+                      sample_offset=sample_offset, known=(image, mask))  # fmt: skip
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
@@ -951,7 +1106,10 @@ __all__ = [
     "make_sampler",
     "quantize_8bit",
     "sample_base",
+    "sample_clip_guided",
+    "sample_inpaint",
     "sample_upsample",
+    "sample_upsample_inpaint",
     "text_to_image",
     "timestep_embedding",
     "training_losses",

@@ -9,11 +9,15 @@ scale, for every element::
     m   = m * r_b                            # optional guidance rescale, r_b per sample
     x0  = AX x + AM m                        # prediction type -> x0 (epsilon / sample / v)
     eps = EX x + EM m                        #                 -> eps
+    x0  = x0 (1 - K) + I K                   # optional inpainting: known image I where the mask K is 1
     x0  = clamp(x0, -C, C)                   # static clip, or dynamic thresholding:
     x0  = clamp(x0, -s_b, s_b) / s_b         #   s_b = max(1, percentile_p(|x0_b|)) (Imagen)
-    eps = EX2 x + EX0 x0                     # after clipping, eps is re-derived from the clipped x0
-    x'  = CX x + CX0 x0 + CEPS eps + CPREV x0_prev + NOISE_MASK * sd * z
+    eps = EX2 x + EX0 x0                     # after inpainting / clipping, eps is re-derived from x0
+    x'  = CX x + CX0 x0 + CEPS eps + CPREV x0_prev + sd^2 gs grad + NOISE_MASK * sd * z
     sd  = SIGMA, or exp(0.5 (f MAXLOG + (1 - f) MINLOG)), f = (v + 1) / 2  (learned range, GLIDE/ADM)
+
+``sd^2 gs grad`` is the optional guidance-gradient shift of the mean (GLIDE's CLIP guidance,
+``condition_mean``), applied also at the last step; the inpainting replacement is GLIDE's ``denoised_fn``.
 
 The 16 per-step scalars (``coeffs``) are computed by the sampler-specific builders below from the
 schedule *on the device* (float64, then float32), so a step never synchronises with the host and a
@@ -319,7 +323,8 @@ def dpm_solver_2m_coeffs(
 
 
 def _step_torch(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thresh, g, clip, var_mode,
-                noise_mode, seed, sample_offset, want_x0, x0_only):  # fmt: skip
+                noise_mode, seed, sample_offset, want_x0, x0_only, known=None, keep=None, grad=None,
+                grad_scale=0.0):  # fmt: skip
     """The fused step's math in PyTorch ops (any device, any float dtype incl. float64)."""
     b, n = x.shape
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -333,10 +338,13 @@ def _step_torch(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thresh
         m = m * row_scale.to(ct)[:, None]
     x0 = cf[AX] * xv + cf[AM] * m
     eps = cf[EX] * xv + cf[EM] * m
-    if clip > 0 or thresh is not None:
+    if known is not None:  # inpainting (GLIDE's denoised_fn): the known region, before clipping
+        kp = keep.to(ct)
+        x0 = x0 * (1.0 - kp) + known.to(ct) * kp
+    if clip > 0 or thresh is not None or known is not None:
         if clip > 0:
             x0 = x0.clamp(-clip, clip)
-        else:
+        elif thresh is not None:
             s = thresh.to(ct)[:, None]
             x0 = torch.minimum(torch.maximum(x0, -s), s) / s
         eps = cf[EX2] * xv + cf[EX0] * x0
@@ -346,6 +354,13 @@ def _step_torch(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thresh
     xp = cf[CX] * xv + cf[CX0] * x0 + cf[CEPS] * eps
     if prev_x0 is not None:
         xp = xp + cf[CPREV] * prev_x0.to(ct)
+    if grad is not None:  # guidance shift of the mean (GLIDE's condition_mean), also at t = 0
+        if var_mode == 1:
+            f = (cond[:b, n : 2 * n].to(ct) + 1.0) * 0.5
+            var = torch.exp(f * cf[MAXLOG] + (1.0 - f) * cf[MINLOG])
+        else:
+            var = cf[SIGMA] * cf[SIGMA]
+        xp = xp + var * grad_scale * grad.to(ct)
     if noise_mode != 0:
         if noise_mode == 1:
             z = noise.to(ct)
@@ -374,7 +389,9 @@ if triton is not None:
     @triton.jit
     def _sampler_step_kernel(
         x_ptr, cond_ptr, uncond_ptr, coef_ptr, prev_ptr, noise_ptr, rscale_ptr, thresh_ptr, out_ptr, x0_ptr,
-        N, Lc, Lu, uoff, g, clip, seed_lo, seed_hi, sample_offset,
+        known_ptr, keep_ptr, grad_ptr,
+        N, Lc, Lu, uoff, g, clip, seed_lo, seed_hi, sample_offset, grad_scale,
+        HAS_KNOWN: tl.constexpr, HAS_GRAD: tl.constexpr,
         HAS_UNCOND: tl.constexpr, HAS_RESCALE: tl.constexpr, CLIP_MODE: tl.constexpr,
         HAS_PREV: tl.constexpr, NOISE_MODE: tl.constexpr, VAR_MODE: tl.constexpr,
         WANT_X0: tl.constexpr, X0_ONLY: tl.constexpr, BLOCK: tl.constexpr,
@@ -393,6 +410,12 @@ if triton is not None:
             m = m * tl.load(rscale_ptr + b)
         x0 = tl.load(coef_ptr + 0) * xv + tl.load(coef_ptr + 1) * m
         eps = tl.load(coef_ptr + 2) * xv + tl.load(coef_ptr + 3) * m
+        if HAS_KNOWN:  # inpainting: the known region replaces x0 before clipping
+            img = tl.load(known_ptr + row + i, mask=mask, other=0.0).to(tl.float32)
+            kp = tl.load(keep_ptr + row + i, mask=mask, other=0.0).to(tl.float32)
+            x0 = x0 * (1.0 - kp) + img * kp
+            if CLIP_MODE == 0:
+                eps = tl.load(coef_ptr + 4) * xv + tl.load(coef_ptr + 5) * x0
         # NaN-propagating clamps, as torch.clamp: the default min / max return the non-NaN operand on GPUs
         if CLIP_MODE == 1:
             x0 = tl.maximum(x0, -clip, propagate_nan=tl.PropagateNan.ALL)
@@ -410,6 +433,15 @@ if triton is not None:
             if HAS_PREV:
                 pv = tl.load(prev_ptr + row + i, mask=mask, other=0.0).to(tl.float32)
                 xp += tl.load(coef_ptr + 9) * pv
+            if HAS_GRAD:  # guidance shift of the mean: + variance * scale * grad (also at t = 0)
+                gr = tl.load(grad_ptr + row + i, mask=mask, other=0.0).to(tl.float32)
+                if VAR_MODE == 1:
+                    v = tl.load(cond_ptr + b * Lc + N + i, mask=mask, other=0.0).to(tl.float32)
+                    f = (v + 1.0) * 0.5
+                    var = tl.exp(f * tl.load(coef_ptr + 12) + (1.0 - f) * tl.load(coef_ptr + 11))
+                else:
+                    var = tl.load(coef_ptr + 10) * tl.load(coef_ptr + 10)
+                xp += var * grad_scale * gr
             if NOISE_MODE != 0:
                 if NOISE_MODE == 1:
                     z = tl.load(noise_ptr + row + i, mask=mask, other=0.0).to(tl.float32)
@@ -442,7 +474,8 @@ if triton is not None:
 
 
 def _step_triton(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thresh, g, clip, var_mode,
-                 noise_mode, seed, sample_offset, want_x0, x0_only):  # fmt: skip
+                 noise_mode, seed, sample_offset, want_x0, x0_only, known=None, keep=None, grad=None,
+                 grad_scale=0.0):  # fmt: skip
     b, n = x.shape
     empty = x.new_empty(0)
     out = empty if x0_only else torch.empty_like(x)
@@ -460,8 +493,11 @@ def _step_triton(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thres
         prev_x0 if prev_x0 is not None else dummy, noise if noise is not None else dummy,
         row_scale if row_scale is not None else coeffs, thresh if thresh is not None else coeffs,
         out if not x0_only else dummy, x0 if x0.numel() else dummy,
+        known if known is not None else dummy, keep if keep is not None else dummy,
+        grad if grad is not None else dummy,
         n, cond.shape[1], uncond.shape[1] if uncond is not None else 0, uoff, float(g), float(clip),
-        seed_lo, seed_hi, sample_offset & _M32,
+        seed_lo, seed_hi, sample_offset & _M32, float(grad_scale),
+        HAS_KNOWN=known is not None, HAS_GRAD=grad is not None,
         HAS_UNCOND=uncond is not None, HAS_RESCALE=row_scale is not None,
         CLIP_MODE=1 if clip > 0 else (2 if thresh is not None else 0),
         HAS_PREV=prev_x0 is not None, NOISE_MODE=noise_mode, VAR_MODE=var_mode,
@@ -524,17 +560,23 @@ def _sampler_step_op(
     sample_offset: int,
     want_x0: bool,
     x0_only: bool,
+    known: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
+    grad_scale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = OP.dispatch(Call(x.device, x.dtype, {"n": x.shape[1]}))
     out, x0 = backend.fn(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh,
-                         guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only)  # fmt: skip
+                         guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only,
+                         known, keep, grad, grad_scale)  # fmt: skip
     # custom ops must not return views of (or the same storage as) their inputs
     return out, x0
 
 
 @_sampler_step_op.register_fake
 def _(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh, guidance_scale, clip,
-      var_mode, noise_mode, seed, sample_offset, want_x0, x0_only):  # fmt: skip
+      var_mode, noise_mode, seed, sample_offset, want_x0, x0_only, known=None, keep=None, grad=None,
+      grad_scale=0.0):  # fmt: skip
     empty = x.new_empty(0)
     if x0_only:
         return empty, torch.empty(x.shape, device=x.device, dtype=torch.float32)
@@ -794,6 +836,51 @@ def _rescale_factors(p: _Prepared, g: float, phi: float) -> torch.Tensor:
     return (phi * ratio + (1.0 - phi)).to(torch.float32)
 
 
+def _prepare_known_and_grad(x_t, known_image, known_mask, cond_grad, cond_grad_scale):
+    """(known, keep, grad, grad_scale) as (B, N) rows in x_t's dtype (or None) for the fused step."""
+    if (known_image is None) != (known_mask is None):
+        raise _err("known_image and known_mask go together (inpainting): pass both or neither")
+    known = keep = grad = None
+    shape = tuple(x_t.shape)
+    if known_image is not None:
+        _check_float_tensor("known_image", known_image)
+        if not isinstance(known_mask, torch.Tensor) or not (
+            known_mask.is_floating_point() or known_mask.dtype == torch.bool
+        ):
+            raise _type_err(
+                f"known_mask must be a float or bool tensor, got {getattr(known_mask, 'dtype', known_mask)!r}"
+            )
+        if tuple(known_image.shape) != shape:
+            raise _err(f"known_image has shape {tuple(known_image.shape)}, expected {shape} like x_t")
+        try:
+            torch.broadcast_shapes(tuple(known_mask.shape), shape)
+            ok = known_mask.dim() == len(shape)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise _err(
+                f"known_mask has shape {tuple(known_mask.shape)}, expected {shape} or a shape that broadcasts "
+                f"to it with as many dims, e.g. {(shape[0], 1, *shape[2:])}"
+            )
+        for name, t in (("known_image", known_image), ("known_mask", known_mask)):
+            if t.device != x_t.device:
+                raise _err(f"{name} is on {t.device} but x_t is on {x_t.device}")
+        known = _flat_rows(known_image.to(x_t.dtype))
+        keep = _flat_rows(known_mask.to(x_t.dtype).expand(shape))
+    if cond_grad is not None:
+        _check_float_tensor("cond_grad", cond_grad)
+        if tuple(cond_grad.shape) != shape:
+            raise _err(f"cond_grad has shape {tuple(cond_grad.shape)}, expected {shape} like x_t")
+        if cond_grad.device != x_t.device:
+            raise _err(f"cond_grad is on {cond_grad.device} but x_t is on {x_t.device}")
+        grad = _flat_rows(cond_grad.to(x_t.dtype))
+    if isinstance(cond_grad_scale, bool) or not isinstance(cond_grad_scale, numbers.Real):
+        raise _type_err(f"cond_grad_scale must be a real number, got {type(cond_grad_scale).__name__}")
+    if not math.isfinite(cond_grad_scale):
+        raise _err(f"cond_grad_scale must be finite, got {cond_grad_scale}")
+    return known, keep, grad, float(cond_grad_scale) if grad is not None else 0.0
+
+
 def sampler_step(
     x_t: torch.Tensor,
     model_output: torch.Tensor,
@@ -811,6 +898,10 @@ def sampler_step(
     sample_offset: int = 0,
     prev_x0: torch.Tensor | None = None,
     return_x0: bool = True,
+    known_image: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
+    cond_grad: torch.Tensor | None = None,
+    cond_grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One fused sampler step given its 16 precomputed coefficients (see the module docstring).
 
@@ -827,6 +918,14 @@ def sampler_step(
         needs_noise: the step adds noise; it comes from ``noise`` if given, else from the counter-based
             generator keyed by (``seed``, ``sample_offset`` + b, step, element).
         prev_x0: x0 of the previous step (multistep solvers), same shape as x_t.
+        known_image, known_mask: inpainting (GLIDE's ``denoised_fn``): image of x_t's shape and a mask
+            broadcastable to it (1 = keep, 0 = fill; values in [0, 1], not checked); the predicted x0
+            becomes ``x0 (1 - mask) + image mask`` BEFORE clipping / thresholding, and eps is re-derived
+            from it. A mask of x_t's shape and dtype, contiguous, is used without a copy.
+        cond_grad, cond_grad_scale: guidance gradient of x_t's shape (GLIDE's ``cond_fn``): the mean
+            becomes ``mean + variance * cond_grad_scale * cond_grad`` (``condition_mean``), with the
+            step's noise variance (per element with the learned range, sigma^2 otherwise; 0 for
+            deterministic samplers), also at the last step.
     Returns:
         (x_prev, pred_x0): pred_x0 is None when ``return_x0`` is False.
     """
@@ -845,6 +944,9 @@ def sampler_step(
             f"{tuple(coeffs.shape)} on {coeffs.device}"
         )
     coeffs = coeffs.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+    known, keep, grad, grad_scale = _prepare_known_and_grad(
+        x_t, known_image, known_mask, cond_grad, cond_grad_scale
+    )
     if p.noise_mode == 2 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, no device sync
     seed = int(seed or 0) & 0xFFFFFFFFFFFFFFFF
@@ -859,10 +961,11 @@ def sampler_step(
     coeffs = coeffs.contiguous()
     if thr is not None and not empty:
         _, absx0 = _sampler_step_op(p.x, p.cond, p.uncond, p.uoff, coeffs, None, None, row_scale, None, g, 0.0,
-                                    p.var_mode, 0, 0, sample_offset, False, True)  # fmt: skip
+                                    p.var_mode, 0, 0, sample_offset, False, True, known, keep)  # fmt: skip
         thresh = _quantile_rows(absx0, thr[0]).clamp(min=1.0, max=thr[1]).to(torch.float32)
     out, x0 = _sampler_step_op(p.x, p.cond, p.uncond, p.uoff, coeffs, p.prev, p.noise, row_scale, thresh, g,
-                               clip, p.var_mode, p.noise_mode, seed, sample_offset, return_x0, False)  # fmt: skip
+                               clip, p.var_mode, p.noise_mode, seed, sample_offset, return_x0, False,
+                               known, keep, grad, grad_scale)  # fmt: skip
     return out.view(p.shape), (x0.view(p.shape) if return_x0 else None)
 
 
@@ -956,8 +1059,9 @@ def _cached(st: _Schedule, key: tuple, dtype: torch.dtype, build) -> torch.Tenso
 
 
 _STEP_KEYWORDS = frozenset(
-    ("uncond_output", "guidance_scale", "guidance_rescale", "dynamic_threshold", "seed", "sample_offset")
-)
+    ("uncond_output", "guidance_scale", "guidance_rescale", "dynamic_threshold", "seed", "sample_offset",
+     "known_image", "known_mask", "cond_grad", "cond_grad_scale")
+)  # fmt: skip
 
 
 def _common(fn: str, kw: dict) -> dict:
@@ -988,7 +1092,8 @@ def ddpm_step(
     interpolates log beta_t and the log posterior variance; Nichol & Dhariwal 2021). With guidance
     the variance channels come from the conditional half. No noise is added at t = 0.
     Extra keywords: see ``sampler_step`` (uncond_output, guidance_scale, guidance_rescale,
-    dynamic_threshold, seed, sample_offset). Returns (x_{t-1}, pred_x0).
+    dynamic_threshold, seed, sample_offset, known_image / known_mask (inpainting), cond_grad /
+    cond_grad_scale (guidance gradient)). Returns (x_{t-1}, pred_x0).
     """
     pred = _norm_pred(prediction_type)
     if variance_type not in VARIANCE_TYPES:
@@ -1187,6 +1292,15 @@ def _clip_ref(x, x0, alpha_bar, clip_sample, dynamic_threshold, eps):
     return x0, eps
 
 
+def _known_ref(x, x0, eps, alpha_bar, known_image, known_mask):
+    """GLIDE's inpainting denoised_fn: x0 takes the known image where the mask is 1 (eps re-derived)."""
+    if known_image is None:
+        return x0, eps
+    m = known_mask.to(x0.dtype)
+    x0 = x0 * (1 - m) + known_image.to(x0.dtype) * m
+    return x0, (x - math.sqrt(alpha_bar) * x0) / math.sqrt(1.0 - alpha_bar)
+
+
 def _ref_noise(x, noise, seed, step, sample_offset, dt):
     if noise is not None:
         return noise.to(dt)
@@ -1199,7 +1313,8 @@ def _abar(alphas_cumprod, t):
 
 def ddim_step_ref(x_t, model_output, alphas_cumprod, t, t_prev, eta=0.0, noise=None, prediction_type="epsilon",
                   clip_sample=None, *, uncond_output=None, guidance_scale=None, guidance_rescale=0.0,
-                  dynamic_threshold=None, seed=None, sample_offset=0, compute_dtype=torch.float32):  # fmt: skip
+                  dynamic_threshold=None, seed=None, sample_offset=0, known_image=None, known_mask=None,
+                  compute_dtype=torch.float32):  # fmt: skip
     """DDIM in plain PyTorch (Song et al. 2021, eq. 12), int timesteps."""
     dt = compute_dtype
     x = x_t.to(dt)
@@ -1208,6 +1323,7 @@ def ddim_step_ref(x_t, model_output, alphas_cumprod, t, t_prev, eta=0.0, noise=N
     )
     a_t, a_p = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
     x0, eps = _x0_eps_ref(x, m, a_t, prediction_type)
+    x0, eps = _known_ref(x, x0, eps, a_t, known_image, known_mask)
     x0, eps = _clip_ref(x, x0, a_t, clip_sample, dynamic_threshold, eps)
     sigma = eta * math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
     x_prev = math.sqrt(a_p) * x0 + math.sqrt(max(1 - a_p - sigma**2, 0.0)) * eps
@@ -1218,9 +1334,13 @@ def ddim_step_ref(x_t, model_output, alphas_cumprod, t, t_prev, eta=0.0, noise=N
 
 def ddpm_step_ref(x_t, model_output, alphas_cumprod, t, *, variance_type="fixed_small", noise=None,
                   prediction_type="epsilon", clip_sample=None, uncond_output=None, guidance_scale=None,
-                  guidance_rescale=0.0, dynamic_threshold=None, seed=None, sample_offset=0,
-                  compute_dtype=torch.float32):  # fmt: skip
-    """DDPM posterior sampling in plain PyTorch (Ho et al. 2020 eq. 6-7; ADM's learned range)."""
+                  guidance_rescale=0.0, dynamic_threshold=None, seed=None, sample_offset=0, known_image=None,
+                  known_mask=None, cond_grad=None, cond_grad_scale=1.0, compute_dtype=torch.float32):  # fmt: skip
+    """DDPM posterior sampling in plain PyTorch (Ho et al. 2020 eq. 6-7; ADM's learned range).
+
+    Inpainting replaces x0 by the known image before clipping; ``cond_grad`` shifts the mean by
+    variance * cond_grad_scale * cond_grad (GLIDE's condition_mean), also at t = 0.
+    """
     dt = compute_dtype
     x = x_t.to(dt)
     b, c = x.shape[:2]
@@ -1228,19 +1348,26 @@ def ddpm_step_ref(x_t, model_output, alphas_cumprod, t, *, variance_type="fixed_
     a_t, a_p = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t - 1)
     beta = 1 - a_t / a_p
     x0, eps = _x0_eps_ref(x, m, a_t, prediction_type)
+    x0, eps = _known_ref(x, x0, eps, a_t, known_image, known_mask)
     x0, _ = _clip_ref(x, x0, a_t, clip_sample, dynamic_threshold, eps)
     mean = (beta * math.sqrt(a_p) / (1 - a_t)) * x0 + ((1 - a_p) * math.sqrt(1 - beta) / (1 - a_t)) * x
-    if t == 0:
-        return mean, x0
     post_var = beta * (1 - a_p) / (1 - a_t)
+    if t == 0:  # the posterior variance is 0 there: ADM clips its log to the t = 1 value
+        a_1 = _abar(alphas_cumprod, 1) if len(alphas_cumprod) > 1 else a_t
+        beta_1 = 1 - a_1 / a_t
+        post_var = beta_1 * (1 - a_t) / (1 - a_1)
     if variance_type == "fixed_small":
-        std = math.sqrt(post_var)
+        var = post_var
     elif variance_type == "fixed_large":
-        std = math.sqrt(beta)
+        var = beta if t > 0 else post_var
     else:
         frac = (cond[:, c:] + 1) / 2
-        log_var = frac * math.log(beta) + (1 - frac) * math.log(post_var)
-        std = torch.exp(0.5 * log_var)
+        var = torch.exp(frac * math.log(beta) + (1 - frac) * math.log(post_var))
+    if cond_grad is not None:
+        mean = mean + var * cond_grad_scale * cond_grad.to(dt)
+    if t == 0:
+        return mean, x0
+    std = var**0.5 if isinstance(var, float) else var.sqrt()
     return mean + std * _ref_noise(x, noise, seed, t, sample_offset, dt), x0
 
 

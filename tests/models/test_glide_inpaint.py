@@ -78,3 +78,92 @@ def test_first_conv_sees_x_masked_image_mask_then_low_res(name):
     plain = randomized(from_name(name.replace("inpaint-", "")))
     with pytest.raises(ValueError, match="inpainting models"):
         plain(x, torch.tensor([4, 9]), tokens, mask, inpaint_image=image, inpaint_mask=keep, **kw)
+
+
+def _release_inpaint_step(sched, i, x, out, noise, image, keep, guidance_scale):
+    """The release's p_sample with its inpainting denoised_fn, float64, on the respaced betas (own transcription:
+    gaussian_diffusion.p_mean_variance with learned-range variance, clip_denoised, then the posterior mean)."""
+    abar = sched.alphas_cumprod.double()
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    betas = 1 - abar / abar_prev
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_log_clipped = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    coef1 = betas * abar_prev.sqrt() / (1 - abar)
+    coef2 = (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+    b = x.shape[0]
+    cond, uncond = out[:b], out[b:]
+    eps = uncond[:, :3] + guidance_scale * (cond[:, :3] - uncond[:, :3])
+    frac = (cond[:, 3:] + 1) / 2
+    log_var = frac * torch.log(betas[i]) + (1 - frac) * post_log_clipped[i]
+    x0 = (1 / abar[i]).sqrt() * x - (1 / abar[i] - 1).sqrt() * eps
+    x0 = x0 * (1 - keep) + image * keep  # denoised_fn, BEFORE clipping
+    x0 = x0.clamp(-1, 1)
+    mean = coef1[i] * x0 + coef2[i] * x
+    return mean + (i != 0) * torch.exp(0.5 * log_var) * noise
+
+
+@pytest.mark.parametrize("i", [0, 1, 60, 99])
+def test_inpaint_step_equals_the_release_p_sample_with_denoised_fn(i):
+    from fastgen.models.glide import make_sampler, training_schedule
+
+    cfg = from_name("glide-inpaint-tiny", diffusion_steps=1000)
+    sched = training_schedule(cfg).respace("100")
+    smp = make_sampler(cfg, "100", guidance_scale=5.0)
+    g = torch.Generator().manual_seed(i)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=g)
+    out = torch.randn(4, 6, 6, 5, dtype=torch.float64, generator=g)
+    out[:, 3:] = out[:, 3:].clamp(-1, 1)
+    noise = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    image = torch.rand(x.shape, dtype=torch.float64, generator=g) * 4 - 2  # also outside [-1, 1]: clipped after
+    keep = (torch.rand(2, 1, 6, 5, dtype=torch.float64, generator=g) > 0.5).double()
+    got, _ = smp.step(i, x, out, noise=noise, known_image=image, known_mask=keep)
+    want = _release_inpaint_step(sched, i, x, out, noise, image, keep, 5.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def inpaint_models():
+    return randomized(from_name("glide-inpaint-tiny"), seed=2), randomized(from_name("glide-upsample-inpaint-tiny"), 3)
+
+
+def _known(b, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(b, 3, s, s, generator=g) * 2 - 1
+    keep = torch.ones(b, 1, s, s)
+    keep[:, :, s // 4 : 3 * s // 4, s // 4 :] = 0  # fill a block on the right
+    return image, keep
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sample_inpaint_keeps_the_known_pixels(inpaint_models, sampler):
+    from fastgen.models.glide import sample_inpaint
+
+    base, _ = inpaint_models
+    image, keep = _known(2, 16)
+    tokens, mask = prompt(base.cfg)
+    kw = dict(guidance_scale=5.0, steps="6", seed=4, sampler=sampler, progress=False)
+    out = sample_inpaint(base, image, keep, tokens, mask, **kw)
+    assert out.shape == image.shape and torch.isfinite(out).all()
+    kept = keep.expand_as(image).bool()
+    torch.testing.assert_close(out[kept], image[kept], rtol=0, atol=1e-6 if sampler == "ddim" else 0)
+    assert not torch.allclose(out[~kept], image[~kept])  # the hole is generated
+    torch.testing.assert_close(sample_inpaint(base, image, keep, tokens, mask, **kw), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mask values must lie in"):
+        sample_inpaint(base, image, keep * 2, tokens, mask, **kw)
+    with pytest.raises(ValueError, match="inpaint_mask must have shape"):
+        sample_inpaint(base, image, keep[:, :, :8], tokens, mask, **kw)
+    with pytest.raises(ValueError, match="needs an inpainting model"):
+        sample_inpaint(randomized(from_name("glide-tiny")), image, keep, tokens, mask, **kw)
+
+
+def test_sample_upsample_inpaint_keeps_the_known_pixels(inpaint_models):
+    from fastgen.models.glide import sample_upsample_inpaint
+
+    _, up = inpaint_models
+    image, keep = _known(2, 32, seed=1)
+    low = F.interpolate(image, (8, 8), mode="area")
+    tokens, mask = prompt(up.cfg)
+    out = sample_upsample_inpaint(up, low, image, keep, tokens, mask, steps="5", seed=2, progress=False)
+    kept = keep.expand_as(image).bool()
+    assert out.shape == image.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out[kept], image[kept], rtol=0, atol=0)
