@@ -349,7 +349,10 @@ def adaptive_pool_cases():
     out = []
     for dt in ("fp16", "bf16", "fp32"):
         for mode in (0, 1, 2):
-            for label, bj, bc in (("nchw", 64, 16), ("tokens", 8, 128)):
+            for label, bj, bc in (
+                ("nchw", 64, 8 if mode == 1 else 16),
+                ("tokens", 4 if mode == 1 else 8, 128),
+            ):
                 if dt != "fp32" and label == "tokens" and mode == 2:
                     continue
                 out.append(Case("adaptive_pool", "_grid_pool_kernel", f"{dt} MODE={mode} {label}",
