@@ -114,7 +114,8 @@ def test_inpaint_step_equals_the_release_p_sample_with_denoised_fn(i):
     out = torch.randn(4, 6, 6, 5, dtype=torch.float64, generator=g)
     out[:, 3:] = out[:, 3:].clamp(-1, 1)
     noise = torch.randn(x.shape, dtype=torch.float64, generator=g)
-    image = torch.rand(x.shape, dtype=torch.float64, generator=g) * 4 - 2  # also outside [-1, 1]: clipped after
+    # also outside [-1, 1]: replaced, then clipped
+    image = torch.rand(x.shape, dtype=torch.float64, generator=g) * 4 - 2
     keep = (torch.rand(2, 1, 6, 5, dtype=torch.float64, generator=g) > 0.5).double()
     got, _ = smp.step(i, x, out, noise=noise, known_image=image, known_mask=keep)
     want = _release_inpaint_step(sched, i, x, out, noise, image, keep, 5.0)
@@ -123,7 +124,8 @@ def test_inpaint_step_equals_the_release_p_sample_with_denoised_fn(i):
 
 @pytest.fixture(scope="module")
 def inpaint_models():
-    return randomized(from_name("glide-inpaint-tiny"), seed=2), randomized(from_name("glide-upsample-inpaint-tiny"), 3)
+    base = randomized(from_name("glide-inpaint-tiny"), seed=2)
+    return base, randomized(from_name("glide-upsample-inpaint-tiny"), seed=3)
 
 
 def _known(b, s, seed=0):
@@ -141,13 +143,12 @@ def test_sample_inpaint_keeps_the_known_pixels(inpaint_models, sampler):
     base, _ = inpaint_models
     image, keep = _known(2, 16)
     tokens, mask = prompt(base.cfg)
-    kw = dict(guidance_scale=5.0, steps="6", seed=4, sampler=sampler, progress=False)
+    kw = dict(guidance_scale=5.0, steps="3", seed=4, sampler=sampler, progress=False)
     out = sample_inpaint(base, image, keep, tokens, mask, **kw)
     assert out.shape == image.shape and torch.isfinite(out).all()
     kept = keep.expand_as(image).bool()
     torch.testing.assert_close(out[kept], image[kept], rtol=0, atol=1e-6 if sampler == "ddim" else 0)
     assert not torch.allclose(out[~kept], image[~kept])  # the hole is generated
-    torch.testing.assert_close(sample_inpaint(base, image, keep, tokens, mask, **kw), out, rtol=0, atol=0)
     with pytest.raises(ValueError, match="mask values must lie in"):
         sample_inpaint(base, image, keep * 2, tokens, mask, **kw)
     with pytest.raises(ValueError, match="inpaint_mask must have shape"):
@@ -163,7 +164,7 @@ def test_sample_upsample_inpaint_keeps_the_known_pixels(inpaint_models):
     image, keep = _known(2, 32, seed=1)
     low = F.interpolate(image, (8, 8), mode="area")
     tokens, mask = prompt(up.cfg)
-    out = sample_upsample_inpaint(up, low, image, keep, tokens, mask, steps="5", seed=2, progress=False)
+    out = sample_upsample_inpaint(up, low, image, keep, tokens, mask, steps="3", seed=2, progress=False)
     kept = keep.expand_as(image).bool()
     assert out.shape == image.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out[kept], image[kept], rtol=0, atol=0)
