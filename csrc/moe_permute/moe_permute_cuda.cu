@@ -77,7 +77,10 @@ __global__ void scan_chunks_kernel(int* __restrict__ chunk_counts, int nchunks, 
   if (threadIdx.x == 0) counts[e] = carry;
 }
 
-__global__ void offsets_kernel(const int* __restrict__ counts, int E, int capacity, int* __restrict__ offsets) {
+// one block of kOffsetThreads threads: the bound lets ptxas budget registers for 1,024 threads (a launch with
+// more registers per thread than 64 would fail with "too many resources requested")
+__global__ void __launch_bounds__(kOffsetThreads) offsets_kernel(const int* __restrict__ counts, int E, int capacity,
+                                                                 int* __restrict__ offsets) {
   using Scan = cub::BlockScan<int, kOffsetThreads>;
   __shared__ typename Scan::TempStorage tmp;
   __shared__ int carry;
