@@ -57,8 +57,14 @@ The text attention splits ``c_qkv``'s output per head first: (B, T, heads, [q | 
 [x; x]; the first half sees the prompt, the second the empty prompt (all ``pad_token``, mask False); the
 guided eps is ``u + s (c - u)`` and the variance channels come from the conditional half (as the
 release's ``model_fn``). The text is encoded once per call, not once per step. The upsampler is not
-guided; its x_T is scaled by ``upsample_temp`` (0.997, the release notebook), and its ``low_res`` input is
-the base sample quantised to 8 bits, as in the notebook.
+guided; it samples with DDIM (eta 0, ``fast27``; DDPM selectable) and x_T scaled by ``upsample_temp``
+(0.997), and its ``low_res`` input is the base sample quantised to 8 bits, as in the text-to-image notebook.
+
+**Inpainting** (:func:`sample_inpaint`, :func:`sample_upsample_inpaint`): the known region replaces every
+step's predicted x0 before clipping, inside the fused step (the release's ``denoised_fn``); the final
+sample equals the known pixels where the mask is 1. **CLIP guidance** (:func:`sample_clip_guided`): the
+noise-aware CLIP's gradient (``fastgen.models.glide_clip``) shifts every DDPM step's mean by
+``variance * grad``, inside the fused step (the release's ``cond_fn`` / ``condition_mean``).
 
 **Training** (:func:`training_losses`): ADM's hybrid loss ``mse(eps) + vb`` with the VLB term in bits/dim,
 the mean's gradient stopped inside it (so the VLB trains only the variance), the discretised Gaussian
@@ -825,10 +831,12 @@ def sample_upsample(
     image_size: int | None = None,
     progress: bool = True,
     sample_offset: int = 0,
+    sampler: str = "ddim",
 ) -> torch.Tensor:
     """(B, C, h, w) low-res images in [-1, 1] -> (B, C, H, W), H = h * image_size / low_res_size.
 
-    Not guided (as released); x_T = ``upsample_temp`` x N(0, I).
+    Not guided; x_T = ``upsample_temp`` x N(0, I). ``sampler``: "ddim" (eta 0, as the release's
+    text-to-image notebook, the default) or "ddpm" (learned-range ancestral sampling).
     """
     cfg = model.cfg
     if not cfg.super_res:
@@ -853,8 +861,8 @@ def sample_upsample(
         seed = int(torch.randint(0, 2**62, (1,)).item())
     shape = (low_res.shape[0], cfg.in_channels, h, w)
     x_T = counter_normal(shape, seed, INIT_NOISE_STEP, sample_offset, device=device) * upsample_temp
-    smp = make_sampler(cfg, steps)
-    fn = _model_fn(model, text, low_res=low_res)
+    smp = make_sampler(cfg, steps, sampler=sampler)
+    fn = _model_fn(model, text, low_res=low_res, eps_only=sampler != "ddpm")
     return smp.sample(
         fn, shape, seed=seed, device=device, x_T=x_T, progress=progress, sample_offset=sample_offset
     )
@@ -992,6 +1000,7 @@ def text_to_image(
     upsample_temp: float = 0.997,
     seed: int | None = None,
     progress: bool = True,
+    upsample_sampler: str = "ddim",
 ) -> torch.Tensor:
     """Base sample (guided) -> 8-bit quantised -> upsampled: (B, C, 4S, 4S) for the released pair.
 
@@ -1003,7 +1012,8 @@ def text_to_image(
     low = sample_base(base, tokens, mask, guidance_scale=guidance_scale, steps=base_steps, seed=seed,
                       progress=progress)  # fmt: skip
     return sample_upsample(upsampler, quantize_8bit(low), tokens, mask, steps=upsample_steps,
-                           upsample_temp=upsample_temp, seed=seed + 1, progress=progress)  # fmt: skip
+                           upsample_temp=upsample_temp, seed=seed + 1, progress=progress,
+                           sampler=upsample_sampler)  # fmt: skip
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
