@@ -29,8 +29,10 @@ scores; the CPU path). ``python -m fastgen.info`` shows which serves what here.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
+import os
 
 import torch
 
@@ -1016,6 +1018,7 @@ def flash_attention(
     dropout_p = _check_dropout(dropout_p)
     scale = _check_scale(scale, d)
     full = (b, hq, sq, sk)
+    bias_in, mask_in = bias, mask  # as given (SDPA broadcasts them itself: no expanded views)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
             raise _err(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias))}")
@@ -1027,7 +1030,7 @@ def flash_attention(
             )
         mask = _broadcast("mask", mask, full, query.device)
     if not _torch_sdpa_why_not(query, value, bias, mask, dropout_p, seed, deterministic):
-        return _via_torch_sdpa(query, key, value, bias, mask, causal_mode, scale, dropout_p)
+        return _via_torch_sdpa(query, key, value, bias_in, mask_in, causal_mode, scale, dropout_p)
     q = _last_dim_contiguous(query.transpose(1, 2))
     k = _last_dim_contiguous(key.transpose(1, 2))
     v = _last_dim_contiguous(value.transpose(1, 2))
@@ -1054,6 +1057,13 @@ def _default_backend(device_type: str, dtype: torch.dtype, d: int, dv: int) -> s
     """The backend a call would get with nothing forced ("" when one is forced: it serves as asked)."""
     if OP.forced_backend() is not None:
         return ""
+    return _unforced_backend(device_type, dtype, d, dv, os.environ.get("TRITON_INTERPRET", ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _unforced_backend(device_type: str, dtype: torch.dtype, d: int, dv: int, _interpret: str) -> str:
+    # the availability probes behind dispatch cost tens of microseconds; their answer is fixed per process
+    # (but for TRITON_INTERPRET, part of the key)
     call = Call(torch.device(device_type), dtype, {"head_dim": d, "head_dim_v": dv})
     return OP.dispatch(call).name
 
@@ -1083,7 +1093,7 @@ def _via_torch_sdpa(query, key, value, bias, mask, causal, scale, dropout_p):
     sq, sk = query.shape[-2], key.shape[-2]
     attn = bias
     if mask is not None:
-        attn = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+        attn = mask if bias is None else torch.where(mask, bias, float("-inf"))
     is_causal = False
     if causal != NO_CAUSAL:
         if attn is None and (causal == TOP_LEFT or sq == sk):
@@ -1095,9 +1105,7 @@ def _via_torch_sdpa(query, key, value, bias, mask, causal, scale, dropout_p):
             elif attn.dtype == torch.bool:
                 attn = attn & vis
             else:
-                attn = attn.masked_fill(~vis, float("-inf"))
-    if attn is not None and attn.dim() == 4 and attn.stride(0) == 0 and attn.stride(1) == 0:
-        attn = attn[:1, :1]  # SDPA broadcasts: no per-(batch, head) copy of a shared mask
+                attn = torch.where(vis, attn, float("-inf"))
     return _TORCH_SDPA(query, key, value, attn, dropout_p, is_causal, scale=scale,
                        enable_gqa=query.shape[1] != key.shape[1])  # fmt: skip
 
@@ -1105,15 +1113,17 @@ def _via_torch_sdpa(query, key, value, bias, mask, causal, scale, dropout_p):
 def _broadcast(name: str, t: torch.Tensor, full: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if t.device != device:
         raise _err(f"{name} is on {t.device} but query is on {device}")
-    try:
-        torch.broadcast_shapes(t.shape, full)
-        if t.dim() > 4:
-            raise RuntimeError
-        return t.expand(full)
-    except RuntimeError:
+    if not _broadcasts(tuple(t.shape), full):
         raise _err(
             f"{name} of shape {_shape(t)} is not broadcastable to (batch, heads, seq_q, seq_k) = {full}"
-        ) from None
+        )
+    return t.expand(full)
+
+
+def _broadcasts(shape: tuple[int, ...], full: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``full`` (without growing it): torch.broadcast_shapes costs ~70 us
+    a call, more than a small attention call itself."""
+    return len(shape) <= len(full) and all(s in (1, f) for s, f in zip(reversed(shape), reversed(full)))
 
 
 def scaled_dot_product_attention(
@@ -1147,11 +1157,7 @@ def scaled_dot_product_attention(
             raise _err(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
         # checked here, under its own name: flash_attention would report it as its bias / mask argument
         want = (*query.shape[:-1], key.shape[-2])
-        try:
-            fits = attn_mask.dim() <= len(want) and torch.broadcast_shapes(want, attn_mask.shape) == want
-        except RuntimeError:
-            fits = False
-        if not fits:
+        if not _broadcasts(tuple(attn_mask.shape), tuple(want)):
             raise _err(
                 f"attn_mask of shape {_shape(attn_mask)} is not broadcastable to (..., heads, seq_q, seq_k) "
                 f"= {want}"
