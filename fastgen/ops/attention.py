@@ -23,8 +23,10 @@ Causal alignment. For ``Sq != Sk`` there are two conventions:
   ``causal="bottom_right"`` use it. Rows that see no key (``Sq > Sk``) give zeros.
 
 Backends: ``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` when forced) and
-``torch`` (any device and dtype, including float64: the same math in PyTorch ops, materialising the
-scores; the CPU path). ``python -m fastgen.info`` shows which serves what here.
+``torch`` (any device and dtype, including float64: the same math in PyTorch ops over query-row tiles,
+so no full score matrix). On CPU (and wherever ``torch`` would be the backend) every call that torch's
+own fused SDPA can express goes to it instead (DESIGN rule 11; see ``_torch_sdpa_why_not``): the torch
+backend serves only what fastgen adds (a bias gradient, a seeded dropout stream, varlen packing). ``python -m fastgen.info`` shows which serves what here.
 """
 
 from __future__ import annotations
@@ -71,11 +73,14 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 # =====================================================================================================
 
 
-def _visible(sq: int, sk: int, causal: int, device: torch.device) -> torch.Tensor | None:
+def _visible(
+    sq: int, sk: int, causal: int, device: torch.device, row0: int = 0, rows: int | None = None
+) -> torch.Tensor | None:
+    """(rows, sk) bool: which keys query rows row0 .. row0 + rows of an (sq, sk) problem see."""
     if causal == NO_CAUSAL:
         return None
     off = 0 if causal == TOP_LEFT else sk - sq
-    i = torch.arange(sq, device=device)[:, None]
+    i = torch.arange(row0, row0 + (sq - row0 if rows is None else rows), device=device)[:, None]
     j = torch.arange(sk, device=device)[None, :]
     return j <= i + off
 
@@ -188,8 +193,9 @@ def _torch_keep(
     return [torch.rand(s, generator=g, device=device) >= p for s in shapes]
 
 
-def _torch_scores(q, k, bias, mask, causal, scale, dt):
-    """s (H, sq, sk) in dt for one segment, -inf where hidden. q: (sq, Hq, D), k: (sk, Hkv, D)."""
+def _torch_scores(q, k, bias, mask, causal, scale, dt, sq_total=None, row0=0):
+    """s (H, rows, sk) in dt for query rows row0 .. of one segment of sq_total queries (default: all of
+    q), -inf where hidden. q: (rows, Hq, D), k: (sk, Hkv, D); bias / mask: (H, rows, sk) slices."""
     hq, hk = q.shape[1], k.shape[1]
     qh = q.transpose(0, 1).to(dt)
     kh = k.transpose(0, 1).to(dt)
@@ -201,7 +207,8 @@ def _torch_scores(q, k, bias, mask, causal, scale, dt):
     hidden = None
     if mask is not None:
         hidden = ~mask
-    vis = _visible(s.shape[-2], s.shape[-1], causal, s.device)
+    total = s.shape[-2] if sq_total is None else sq_total
+    vis = _visible(total, s.shape[-1], causal, s.device, row0, s.shape[-2])
     if vis is not None:
         hidden = ~vis if hidden is None else hidden | ~vis
     if hidden is not None:
@@ -234,6 +241,13 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _row_chunks(sq: int, hq: int, sk: int) -> list[tuple[int, int]]:
+    """Query-row tiles of a segment: the scores of one tile, (Hq, rows, sk), stay under ~4M elements, so
+    memory does not grow with sq * sk (rows whole, so each tile's softmax is exact)."""
+    rows = max(16, (1 << 22) // max(1, hq * sk))
+    return [(r, min(rows, sq - r)) for r in range(0, sq, rows)]
+
+
 def _fwd_torch(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, _, hq, _ = q.shape
@@ -244,16 +258,19 @@ def _fwd_torch(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dro
         _torch_keep(seed, [(hq, s[2], s[4]) for s in segs], dropout_p, q.device) if dropout_p > 0 else None
     )
     for n, (bi, q0, sq, k0, sk) in enumerate(segs):
-        qs, ks, vs = q[bi, q0 : q0 + sq], k[bi, k0 : k0 + sk], v[bi, k0 : k0 + sk]
-        bs = None if bias is None else bias[bi, :, :sq, :sk]
-        ms = None if mask is None else mask[bi, :, :sq, :sk]
-        s = _torch_scores(qs, ks, bs, ms, causal, scale, dt)
-        p, l_ = _torch_softmax(s)
-        if keeps is not None:
-            p = p * keeps[n] / (1.0 - dropout_p)
+        ks, vs = k[bi, k0 : k0 + sk], v[bi, k0 : k0 + sk]
         vh = _expand_kv(vs.transpose(0, 1).to(dt)[None], hq)[0]
-        out[bi, q0 : q0 + sq] = (p @ vh).transpose(0, 1).to(q.dtype)
-        lse[bi, :, q0 : q0 + sq] = torch.where(torch.isfinite(l_), l_, torch.full_like(l_, math.inf))
+        for r0, rows in _row_chunks(sq, hq, sk):
+            qs = q[bi, q0 + r0 : q0 + r0 + rows]
+            bs = None if bias is None else bias[bi, :, r0 : r0 + rows, :sk]
+            ms = None if mask is None else mask[bi, :, r0 : r0 + rows, :sk]
+            p, l_ = _torch_softmax(_torch_scores(qs, ks, bs, ms, causal, scale, dt, sq, r0))
+            if keeps is not None:
+                p = p * keeps[n][:, r0 : r0 + rows] / (1.0 - dropout_p)
+            out[bi, q0 + r0 : q0 + r0 + rows] = (p @ vh).transpose(0, 1).to(q.dtype)
+            lse[bi, :, q0 + r0 : q0 + r0 + rows] = torch.where(
+                torch.isfinite(l_), l_, torch.full_like(l_, math.inf)
+            )
     return out, lse
 
 
@@ -270,30 +287,36 @@ def _bwd_torch(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, ca
     keeps = (
         _torch_keep(seed, [(hq, s[2], s[4]) for s in segs], dropout_p, q.device) if dropout_p > 0 else None
     )
+    g = hq // hk
     for n, (bi, q0, sq, k0, sk) in enumerate(segs):
-        qs, ks, vs = q[bi, q0 : q0 + sq], k[bi, k0 : k0 + sk], v[bi, k0 : k0 + sk]
-        bs = None if bias is None else bias[bi, :, :sq, :sk]
-        ms = None if mask is None else mask[bi, :, :sq, :sk]
-        p, _ = _torch_softmax(_torch_scores(qs, ks, bs, ms, causal, scale, dt))
-        do = dout[bi, q0 : q0 + sq].transpose(0, 1).to(dt)  # (H, sq, Dv)
+        ks, vs = k[bi, k0 : k0 + sk], v[bi, k0 : k0 + sk]
         vh = _expand_kv(vs.transpose(0, 1).to(dt)[None], hq)[0]
         kh = _expand_kv(ks.transpose(0, 1).to(dt)[None], hq)[0]
-        qh = qs.transpose(0, 1).to(dt)
-        dp = do @ vh.transpose(-1, -2)
-        pd = p
-        if keeps is not None:
-            pd = p * keeps[n] / (1.0 - dropout_p)
-            dp = dp * keeps[n] / (1.0 - dropout_p)
-        delta = (do * out[bi, q0 : q0 + sq].transpose(0, 1).to(dt)).sum(-1, keepdim=True)
-        ds = p * (dp - delta)
-        dvh = pd.transpose(-1, -2) @ do
-        dkh = (ds.transpose(-1, -2) @ qh) * scale
-        dq[bi, q0 : q0 + sq] = ((ds @ kh) * scale).transpose(0, 1)
-        g = hq // hk
+        dkh = torch.zeros((hq, sk, k.shape[3]), dtype=dt, device=q.device)
+        dvh = torch.zeros((hq, sk, v.shape[3]), dtype=dt, device=q.device)
+        for r0, rows in _row_chunks(sq, hq, sk):
+            rs = slice(q0 + r0, q0 + r0 + rows)
+            qs = q[bi, rs]
+            bs = None if bias is None else bias[bi, :, r0 : r0 + rows, :sk]
+            ms = None if mask is None else mask[bi, :, r0 : r0 + rows, :sk]
+            p, _ = _torch_softmax(_torch_scores(qs, ks, bs, ms, causal, scale, dt, sq, r0))
+            do = dout[bi, rs].transpose(0, 1).to(dt)  # (H, rows, Dv)
+            qh = qs.transpose(0, 1).to(dt)
+            dp = do @ vh.transpose(-1, -2)
+            pd = p
+            if keeps is not None:
+                keep = keeps[n][:, r0 : r0 + rows]
+                pd = p * keep / (1.0 - dropout_p)
+                dp = dp * keep / (1.0 - dropout_p)
+            delta = (do * out[bi, rs].transpose(0, 1).to(dt)).sum(-1, keepdim=True)
+            ds = p * (dp - delta)
+            dvh += pd.transpose(-1, -2) @ do
+            dkh += (ds.transpose(-1, -2) @ qh) * scale
+            dq[bi, rs] = ((ds @ kh) * scale).transpose(0, 1)
+            if dbias is not None:
+                dbias[bi, :, r0 : r0 + rows, :sk] = ds
         dk[bi, k0 : k0 + sk] = dkh.reshape(hk, g, sk, -1).sum(1).transpose(0, 1)
         dv[bi, k0 : k0 + sk] = dvh.reshape(hk, g, sk, -1).sum(1).transpose(0, 1)
-        if dbias is not None:
-            dbias[bi, :, :sq, :sk] = ds
     dbias = dbias.to(bias.dtype) if dbias is not None else q.new_empty(0)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
@@ -805,7 +828,7 @@ OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backen
             check=_backend.triton_check(head_dim=MAX_HEAD_DIM, head_dim_v=MAX_HEAD_DIM), forced_only_devices=("cpu",),
             note="flash-attention 2 style; bwd with atomic or two-pass (deterministic) dQ")(_fwd_triton)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64),
-            note="PyTorch ops, scores materialised")(_fwd_torch)  # fmt: skip
+            note="PyTorch ops over query-row tiles")(_fwd_torch)  # fmt: skip
 _BWD = {"triton": _bwd_triton, "torch": _bwd_torch}
 
 

@@ -384,3 +384,33 @@ def test_compile_fullgraph_on_swapped_modules(fastgen_calls):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert fastgen_calls  # fastgen's attention served the compiled call
         unswap_attention(m)
+
+
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+def test_torch_backend_is_tiled_over_query_rows(monkeypatch, causal):
+    # what the torch backend still serves (bias gradient, seeded dropout) runs in query-row tiles, never a
+    # full score matrix: small tiles give the float64 reference's output and gradients
+    tiles = []
+    monkeypatch.setattr(
+        fa,
+        "_row_chunks",
+        lambda sq, hq, sk: tiles.append(sq) or [(r, min(3, sq - r)) for r in range(0, sq, 3)],
+    )
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 6, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bias = torch.randn(1, 4, 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 1, 8, 6, generator=g) > 0.3
+    out = fa.flash_attention(q, k, v, bias=bias, mask=mask, causal=causal)
+    ref = fa.attention_ref(q, k, v, torch.where(mask, bias, -math.inf), causal, enable_gqa=True)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v, bias))
+    refs = torch.autograd.grad((ref * w).sum(), (q, k, v, bias))
+    assert tiles  # the torch backend served, in tiles of 3 rows
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for got, want in zip(grads, refs):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    keep = fa.dropout_keep_mask("torch", (2, 4, 8, 6), 0.3, 11)
+    out = fa.flash_attention(q, k, v, mask=mask, causal=causal, dropout_p=0.3, seed=11)
+    ref = fa.attention_ref(q, k, v, mask, causal, enable_gqa=True, dropout_mask=keep, dropout_p=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
