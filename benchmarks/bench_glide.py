@@ -7,6 +7,11 @@ Two kinds of case, on the same weights (random; the released architecture at GPU
   classifier-free guidance (scale 3: each step is one model call on the doubled batch), the upsampler
   without, as released.
 * ``step``: one denoising step (model call + sampler update) at the middle timestep: the per-step time.
+* ``inpaint``: a whole inpainting call (``sample_inpaint``: the inpainting base model, CFG, the known
+  region forced into every step's x0 inside the fused step; the oracle does it with ``ddpm_step_ref``'s
+  separate ops).
+
+The upsampler rows sample with DDPM on both paths (the oracle's loop), not the DDIM default.
 
 Implementations:
 
@@ -31,7 +36,7 @@ import torch
 import fastgen
 from fastgen.bench import Case, Check, Impl, main, register
 from fastgen.diffusion.samplers import INIT_NOISE_STEP
-from fastgen.models.glide import GLIDE, from_name, make_sampler, sample_base, sample_upsample
+from fastgen.models.glide import GLIDE, from_name, make_sampler, sample_base, sample_inpaint, sample_upsample
 from fastgen.ops.diffusion_step import counter_normal_ref, ddpm_step_ref
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -42,12 +47,21 @@ def shapes(device: torch.device, quick: bool):
     """(preset, overrides, batch, steps, kinds)."""
     if device.type != "cuda":
         tiny = [("glide-tiny", {}, 2, "4", ("sample", "step"))]
-        return tiny if quick else [*tiny, ("glide-upsample-tiny", {}, 2, "4", ("sample", "step"))]
+        return (
+            tiny
+            if quick
+            else [
+                *tiny,
+                ("glide-upsample-tiny", {}, 2, "4", ("sample", "step")),
+                ("glide-inpaint-tiny", {}, 2, "4", ("inpaint",)),
+            ]
+        )
     if quick:
         return [("glide-base", {}, 4, "10", ("sample", "step"))]
     return [
         ("glide-base", {}, 8, "100", ("sample", "step")),
         ("glide-upsample", {}, 4, "fast27", ("sample", "step")),
+        ("glide-base-inpaint", {}, 8, "100", ("inpaint",)),
     ]
 
 
@@ -113,9 +127,43 @@ def plain_sample(model: GLIDE, tokens, low, steps: str, seed: int):
         model.attention_impl = "fastgen"
 
 
+def _known(model: GLIDE, batch: int, device):
+    """A known image in [-1, 1] and a mask (1 = keep) with a hole of half the image."""
+    s = model.cfg.image_size
+    g = torch.Generator().manual_seed(2)
+    image = (torch.rand(batch, 3, s, s, generator=g) * 2 - 1).to(device)
+    keep = torch.ones(batch, 1, s, s)
+    keep[:, :, s // 4 : 3 * s // 4] = 0
+    return image, keep.to(device)
+
+
+def plain_inpaint(model: GLIDE, tokens, image, keep, steps: str, seed: int):
+    """The inpainting oracle: plain SDPA, ``ddpm_step_ref`` with the known region, the same noise."""
+    cfg, dev = model.cfg, tokens.device
+    b = tokens.shape[0]
+    toks, mask = model.with_empty_prompt(*model.prepare_tokens(tokens))
+    model.attention_impl = "torch"
+    try:
+        text = model.encode_text(toks, mask)
+        sched = make_sampler(cfg, steps).schedule.to(dev)
+        shape = tuple(image.shape)
+        abar, tmap = sched.alphas_cumprod, sched.timestep_map
+        x = counter_normal_ref(shape, seed, INIT_NOISE_STEP, device=dev).float()
+        kw = {"inpaint_image": torch.cat([image, image]), "inpaint_mask": torch.cat([keep, keep])}
+        for i in range(sched.num_timesteps - 1, -1, -1):
+            t = tmap[i].expand(b)
+            out = model(torch.cat([x, x]), torch.cat([t, t]), text=text, **kw)
+            noise = counter_normal_ref(shape, seed, int(tmap[i]), device=dev).float()
+            x, _ = ddpm_step_ref(x, out, abar, i, variance_type="learned_range", noise=noise, clip_sample=1.0,
+                                 guidance_scale=GUIDANCE, known_image=image, known_mask=keep)  # fmt: skip
+        return x
+    finally:
+        model.attention_impl = "fastgen"
+
+
 def fastgen_sample(model: GLIDE, tokens, low, steps: str, seed: int):
     if model.cfg.super_res:
-        return sample_upsample(model, low, tokens, steps=steps, seed=seed, progress=False)
+        return sample_upsample(model, low, tokens, steps=steps, seed=seed, progress=False, sampler="ddpm")
     return sample_base(model, tokens, guidance_scale=GUIDANCE, steps=steps, seed=seed, progress=False)
 
 
@@ -189,6 +237,16 @@ def make_case(model: GLIDE, preset: str, device, dtype, batch: int, steps: str, 
 
         def run_fastgen():
             return fastgen_sample(model, tokens, low, steps, seed)
+    elif kind == "inpaint":
+        image, keep = _known(model, batch, device)
+
+        def run_plain():
+            with torch.no_grad():
+                return plain_inpaint(model, tokens, image, keep, steps, seed)
+
+        def run_fastgen():
+            return sample_inpaint(model, image, keep, tokens, guidance_scale=GUIDANCE, steps=steps, seed=seed,
+                                  progress=False)  # fmt: skip
     else:
         run_plain, run_fastgen = step_fns(model, tokens, low, steps, seed, mid)
 
@@ -210,7 +268,7 @@ def make_case(model: GLIDE, preset: str, device, dtype, batch: int, steps: str, 
     params = {"kind": kind, "preset": preset, "batch": batch, "image_size": cfg.image_size, "steps": steps,
               "num_steps": n_steps if kind == "sample" else 1, "guidance": GUIDANCE if guided else None,
               "model_batch": 2 * batch if guided else batch, "dtype": DTYPE_NAMES[dtype],
-              "images_per_call": batch if kind == "sample" else 0}  # fmt: skip
+              "images_per_call": batch if kind in ("sample", "inpaint") else 0}  # fmt: skip
     return Case(name, impls, params=params, check=sample_check(dtype))
 
 
