@@ -983,6 +983,49 @@ def sample_upsample_inpaint(
                       sample_offset=sample_offset, known=(image, mask))  # fmt: skip
 
 
+def text_to_image_inpaint(
+    base: GLIDE,
+    upsampler: GLIDE,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    *,
+    guidance_scale: float | None = 5.0,
+    base_steps: str | int = "100",
+    upsample_steps: str | int = "fast27",
+    upsample_temp: float = 0.997,
+    seed: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Inpaint ``image`` (B, C, H, W) at the upsampler's size where ``mask`` (B, 1, H, W) is 0, both models.
+
+    The base model inpaints the downscaled image (area average; its mask keeps a low-res pixel only where
+    every high-res pixel under it is kept), CFG ``guidance_scale`` (5 in the release notebook); its sample,
+    quantised to 8 bits, is the upsampler's ``low_res``, which inpaints at full size (DDPM, as the release's
+    inpainting notebook). Seeds: ``seed`` for the base, ``seed + 1`` for the upsampler.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if (
+        not isinstance(image, torch.Tensor)
+        or image.dim() != 4
+        or not isinstance(mask, torch.Tensor)
+        or mask.dim() != 4
+    ):
+        raise _err("image (batch, C, H, W) and mask (batch, 1, H, W) must be 4-D tensors")
+    f = upsampler.cfg.image_size // upsampler.cfg.low_res_size
+    if image.shape[2] % f or image.shape[3] % f:
+        raise _err(f"image size {tuple(image.shape[2:])} must be a multiple of the upsampling factor {f}")
+    low_image = F.avg_pool2d(image.float(), f)
+    low_mask = -F.max_pool2d(-mask.float(), f)
+    low = sample_inpaint(base, low_image, low_mask, tokens, token_mask, guidance_scale=guidance_scale,
+                         steps=base_steps, seed=seed, progress=progress)  # fmt: skip
+    return sample_upsample_inpaint(upsampler, quantize_8bit(low), image, mask, tokens, token_mask,
+                                   steps=upsample_steps, upsample_temp=upsample_temp, seed=seed + 1,
+                                   progress=progress)  # fmt: skip
+
+
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> the nearest of the 256 levels (the release notebook's ``low_res`` preparation)."""
     return ((x + 1) * 127.5).round() / 127.5 - 1
@@ -1121,6 +1164,7 @@ __all__ = [
     "sample_upsample",
     "sample_upsample_inpaint",
     "text_to_image",
+    "text_to_image_inpaint",
     "timestep_embedding",
     "training_losses",
     "training_schedule",

@@ -168,3 +168,19 @@ def test_sample_upsample_inpaint_keeps_the_known_pixels(inpaint_models):
     kept = keep.expand_as(image).bool()
     assert out.shape == image.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out[kept], image[kept], rtol=0, atol=0)
+
+
+def test_text_to_image_inpaint_keeps_the_known_pixels(inpaint_models):
+    from fastgen.models.glide import text_to_image_inpaint
+
+    _, up = inpaint_models
+    base = randomized(from_name("glide-inpaint-tiny", image_size=8, attention_resolutions=(4,)), seed=4)
+    image, keep = _known(2, 32, seed=2)
+    tokens, mask = prompt(up.cfg)
+    out = text_to_image_inpaint(base, up, image, keep, tokens, mask, base_steps="2", upsample_steps="2", seed=3,
+                                progress=False)  # fmt: skip
+    kept = keep.expand_as(image).bool()
+    assert out.shape == image.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out[kept], image[kept], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of the upsampling factor 4"):
+        text_to_image_inpaint(base, up, image[..., :30], keep[..., :30], tokens, mask, progress=False)
