@@ -154,3 +154,18 @@ def test_cpp_entry_refuses_half_an_inpainting_pair():
     with pytest.raises(RuntimeError, match="grad has shape"):
         _ext.C.sampler_step_cpu(x, x, None, 0, coeffs, None, None, None, None, 1.0, 0.0, 0, 0, 0, 0, True, False,
                                 grad=x[:1])  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_opcheck_with_known_region_and_grad(backend):
+    dev = _device(backend)
+    x, mo, image, keep, grad, _ = _case(7, learned=True)
+    coeffs = D.ddpm_coeffs(_schedule(), 12, "epsilon", "learned_range").float()
+    b = x.shape[0]
+    rows = [t.reshape(b, -1).contiguous().to(dev) for t in (x, mo, image, keep.expand_as(x), grad)]
+    with fastgen.use_backend(backend):
+        torch.library.opcheck(
+            D._sampler_step_op,
+            (rows[0], rows[1], None, 0, coeffs.to(dev), None, None, None, None, 1.0, 1.0, 1, 2, 5, 0, True, False,
+             rows[2], rows[3], rows[4], 0.5),
+        )  # fmt: skip
