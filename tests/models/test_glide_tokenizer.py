@@ -116,3 +116,22 @@ def test_padded_tokens_and_mask_and_call(files):
         tok.decode([10**6])
     with pytest.raises(TypeError, match="text must be a str"):
         tok.encode(b"bytes")
+
+
+def test_release_files_give_the_release_ids():
+    """With the real GPT-2 files (FASTGEN_GLIDE_BPE_DIR holding encoder.json and vocab.bpe, plain or .gz)."""
+    import os
+    from pathlib import Path
+
+    d = os.environ.get("FASTGEN_GLIDE_BPE_DIR")
+    if not d:
+        pytest.skip("set FASTGEN_GLIDE_BPE_DIR to a directory with GPT-2's encoder.json and vocab.bpe")
+    d = Path(d)
+
+    def pick(name):
+        return d / name if (d / name).exists() else d / f"{name}.gz"
+
+    tok = GlideTokenizer(pick("encoder.json"), pick("vocab.bpe"))
+    assert tok.n_vocab == 50257 and len(tok.ranks) == 50000 and tok.end_token == 50256
+    assert tok.encode("an oil painting of a corgi") == [272, 3056, 12036, 286, 257, 1162, 12397]
+    assert tok.encode("A Corgi") == [64, 1162, 12397]
