@@ -16,6 +16,15 @@ import fastgen.ops.attention as fa  # noqa: E402
 V = 64  # vocabulary of the text models
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: one thread is fastest, and on a shared, loaded CI box several threads are 100x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _bert():
     cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=32)  # fmt: skip
