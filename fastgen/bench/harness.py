@@ -85,6 +85,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -370,6 +371,7 @@ class Timing:
     ms: float
     runs: int | None
     method: str
+    spread: float | None = None  # interquartile range of the repeats / median (None: one measurement)
 
 
 class Timer:
@@ -425,20 +427,18 @@ class Timer:
         timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         if self.reps is None:
             m = timer.blocked_autorange(min_run_time=self.min_run_time)
-            return Timing(m.median * 1e3, m.number_per_run * len(m.times), self.describe())
+            return Timing(m.median * 1e3, m.number_per_run * len(m.times), self.describe(), _iqr(m.times))
         one = min(timer.timeit(number=1).median for _ in range(3))  # min: robust to a stall
         number = max(1, math.ceil(1e-3 / max(one, 1e-9)))
         per_run = [timer.timeit(number=number).median for _ in range(self.reps)]
-        return Timing(statistics.median(per_run) * 1e3, number * self.reps, self.describe())
+        return Timing(statistics.median(per_run) * 1e3, number * self.reps, self.describe(), _iqr(per_run))
 
     def _cuda(self, fn: Callable[[], Any]) -> Timing:
         torch.cuda.synchronize()
         if self._triton is not None:
-            try:
-                ms = self._triton.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median")
-            except TypeError:  # a triton without return_mode
-                ms = self._triton.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.5])
-            return Timing(float(ms), None, self.describe())
+            q = self._triton.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.25, 0.5, 0.75])
+            q25, med, q75 = (float(v) for v in q)
+            return Timing(med, None, self.describe(), (q75 - q25) / med if med > 0 else None)
         if self._flush is None:
             self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device=self.device)
         flush = self._flush
@@ -463,7 +463,17 @@ class Timer:
             fn()
             ends[i].record()
         torch.cuda.synchronize()
-        return Timing(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), n, self.describe())
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        return Timing(statistics.median(times), n, self.describe(), _iqr(times))
+
+
+def _iqr(times: Sequence[float]) -> float | None:
+    """Interquartile range / median of repeated measurements (None with fewer than 4)."""
+    if len(times) < 4:
+        return None
+    q = statistics.quantiles(times, n=4)
+    med = statistics.median(times)
+    return (q[2] - q[0]) / med if med > 0 else None
 
 
 def _sync(device: torch.device) -> None:
@@ -508,6 +518,7 @@ class Row:
     error: str | None = None
     ms: float | None = None
     runs: int | None = None
+    spread: float | None = None  # IQR / median of the repeats
     gbps: float | None = None
     tflops: float | None = None
     pct_roofline: float | None = None
@@ -613,7 +624,7 @@ def run_case(op: str, case: Case, device: torch.device, timer: Timer, roof: Roof
         except Exception as e:
             row.status, row.error = "error", "while timing: " + _err_text(e)
             continue
-        row.ms, row.runs, row.timer = timing.ms, timing.runs, timing.method
+        row.ms, row.runs, row.timer, row.spread = timing.ms, timing.runs, timing.method, timing.spread
         if case.bytes:
             row.gbps = achieved_gbps(case.bytes, timing.ms)
         if case.flops:
@@ -697,42 +708,78 @@ def _ok_text(row: Row) -> str:
     return f"WRONG ({who}{row.check})" if row.check or who else "WRONG"
 
 
+TABLE_WIDTH = 120
+NOISY = 0.10  # a row whose repeats spread (IQR / median) more than this is marked "~"
+
+
+def _impl_kind(name: str) -> str | None:
+    if name.startswith("fastgen[torch]"):
+        return "fastgen's plain-PyTorch fallback (no fastgen kernel)"
+    return None
+
+
 def format_table(result: OpResult, copy_gbps: float | None = None) -> str:
-    """Plain-text table of one op: aligned columns, skipped / failed rows spelled out."""
+    """Plain-text table of one op, at most TABLE_WIDTH columns: time, its spread, throughput and % of the
+    roofline where known, the speed-up against each baseline, and the check. Implementations that did not
+    run are listed once below the table with their reason; failed rows stay inline."""
     rows = result.rows
     baselines: list[str] = []
     for r in rows:
-        if r.baseline and r.impl not in baselines:
+        if r.baseline and r.impl not in baselines and r.status == "ok":
             baselines.append(r.impl)
-    header = ["case", "impl", "ms", "GB/s", "TFLOP/s", "%roof", *[f"vs {b}" for b in baselines], "ok"]
+    ran = [r for r in rows if r.status != "skipped"]
+    metrics = [
+        (h, k, attr)
+        for h, k, attr in (
+            ("GB/s", "gbps", "gbps"),
+            ("TFLOP/s", "tflops", "tflops"),
+            ("%roof", "pct", "pct_roofline"),
+        )
+        if any(getattr(r, attr) is not None for r in ran)
+    ]
+    labels = [f"vs {b}" for b in baselines]
+    # too wide with the baselines' names: number them and name them in a legend under the table
+    fixed = 30 + 2 + max([len(r.impl) for r in ran] or [4]) + 2 + 9 + 8 + 9 * len(metrics) + 6
+    legend = sum(max(len(x), 7) + 2 for x in labels) + fixed > TABLE_WIDTH
+    if legend:
+        labels = [f"vs [{i + 1}]" for i in range(len(baselines))]
+    header = ["case", "impl", "ms", "spread", *[m[0] for m in metrics], *labels, "ok"]
     numeric = set(range(2, len(header) - 1))
     body: list[list[str] | tuple[str, str, str]] = []
     last_case = None
-    for r in rows:
+    case_width = 30
+    for r in ran:
         case = r.case if r.case != last_case else ""
         last_case = r.case
-        if r.status == "skipped":
-            body.append((case, r.impl, f"skipped: {r.skip_reason}"))
-        elif r.status == "error":
+        if len(case) > case_width:  # a long case name gets a line of its own
+            body.append((case, "", ""))
+            case = ""
+        if r.status == "error":
             body.append((case, r.impl, f"ERROR: {r.error}"))
-        else:
-            body.append(
-                [
-                    case,
-                    r.impl,
-                    _num(r.ms, "ms"),
-                    _num(r.gbps, "gbps"),
-                    _num(r.tflops, "tflops"),
-                    _num(r.pct_roofline, "pct"),
-                    *[_num(r.speedup.get(b), "x") for b in baselines],
-                    _ok_text(r),
-                ]
-            )
+            continue
+        noisy = r.spread is not None and r.spread > NOISY
+        body.append(
+            [
+                case,
+                r.impl,
+                _num(r.ms, "ms") + ("~" if noisy else ""),
+                "-" if r.spread is None else f"{100 * r.spread:.0f}%",
+                *[_num(getattr(r, attr), k) for _, k, attr in metrics],
+                *[_num(r.speedup.get(b), "x") for b in baselines],
+                _ok_text(r),
+            ]
+        )
     widths = [len(h) for h in header]
     for line in body:
-        cells = line[:-1] if isinstance(line, list) else line[:2]
-        for i, c in enumerate(cells):
-            widths[i] = max(widths[i], len(c))
+        if isinstance(line, list):
+            for i, c in enumerate(line[:-1]):
+                widths[i] = max(widths[i], len(c))
+        elif line[1]:
+            widths[1] = max(widths[1], len(line[1]))
+    widths[0] = min(widths[0], case_width)
+
+    def fit(text: str) -> str:
+        return text if len(text) <= TABLE_WIDTH else text[: TABLE_WIDTH - 3] + "..."
 
     def fmt(cells: Sequence[str]) -> str:
         out = []
@@ -743,29 +790,102 @@ def format_table(result: OpResult, copy_gbps: float | None = None) -> str:
                 out.append(c.rjust(widths[i]))
             else:
                 out.append(c.ljust(widths[i]))
-        return "  ".join(out).rstrip()
+        return fit("  ".join(out).rstrip())
 
     title = f"== {result.bench.op}" + (f": {result.bench.description}" if result.bench.description else "")
-    lines = [title + " ==", fmt(header), "  ".join("-" * w for w in widths)]
+    lines = [fit(title + " =="), fmt(header), fit("  ".join("-" * w for w in widths))]
     for line in body:
         if isinstance(line, list):
             lines.append(fmt(line))
+        elif not line[1]:
+            lines.append(fit(line[0]))
         else:
             lines.append(
-                (line[0].ljust(widths[0]) + "  " + line[1].ljust(widths[1]) + "  " + line[2]).rstrip()
+                fit((line[0].ljust(widths[0]) + "  " + line[1].ljust(widths[1]) + "  " + line[2]).rstrip())
             )
     if result.error:
-        lines.append(f"ERROR: {result.error}")
+        lines.extend(textwrap.wrap(f"ERROR: {result.error}", TABLE_WIDTH, subsequent_indent="    "))
     if not rows and not result.error:
         lines.append("(no cases)")
+    # implementations that did not run: each once, with its reason once (not once per case)
+    not_run: dict[str, list[str]] = {}
+    for r in rows:
+        if r.status == "skipped":
+            reasons = not_run.setdefault(r.impl, [])
+            if r.skip_reason not in reasons:
+                reasons.append(r.skip_reason or "")
+    if legend:
+        lines.append(fit("baselines: " + ", ".join(f"[{i + 1}] {b}" for i, b in enumerate(baselines))))
+    for impl, reasons in not_run.items():  # wrapped, not cut: the reason is the point of the line
+        lines.extend(
+            textwrap.wrap(f"not run: {impl}: {' | '.join(reasons)}", TABLE_WIDTH, subsequent_indent="    ")
+        )
     notes = []
     if copy_gbps and any(r.bound == "memory" and r.gbps for r in rows):
         notes.append(f"achieved GB/s / measured copy bandwidth ({copy_gbps:.1f} GB/s)")
     if any(r.bound == "compute" and r.tflops for r in rows):
         notes.append("compute-bound cases: TFLOP/s / nominal peak FLOP/s of their dtype (known GPUs only)")
-    if notes:
-        lines.append("%roof: " + "; ".join(notes))
+    if notes and metrics:
+        lines.append(fit("%roof: " + "; ".join(notes)))
+    if any(r.spread is not None and r.spread > NOISY for r in ran):
+        lines.append(
+            f"~: noisy row (spread = interquartile range of the repeats / median > {100 * NOISY:.0f}%)"
+        )
+    kinds = {r.impl: _impl_kind(r.impl) for r in ran if _impl_kind(r.impl)}
+    for impl, kind in kinds.items():
+        lines.append(fit(f"{impl}: {kind}"))
     return "\n".join(lines)
+
+
+def summarize(results: Sequence[OpResult]) -> list[dict[str, Any]]:
+    """Per op: rows, wrong answers (fastgen's; baselines' apart), errors, and, per case, the best correct
+    fastgen row against the op's main (first) baseline: cases faster / slower and the geometric mean."""
+    out = []
+    for res in results:
+        rows = res.rows
+        ratios, mains = [], []
+        for case in dict.fromkeys(r.case for r in rows):
+            in_case = [r for r in rows if r.case == case]
+            main = next((r.impl for r in in_case if r.baseline and r.status == "ok" and r.ms), None)
+            mine = [
+                r for r in in_case if not r.baseline and r.ms and r.correct is not False and main in r.speedup
+            ]
+            if mine:
+                ratios.append(max(r.speedup[main] for r in mine))
+                mains.append(main)
+        out.append(
+            {
+                "op": res.bench.op,
+                "rows": len(rows),
+                "wrong": sum(r.correct is False and not r.baseline for r in rows),
+                "baseline_off": sum(r.correct is False and r.baseline for r in rows),
+                "errors": sum(r.status == "error" for r in rows) + bool(res.error),
+                "baseline": ", ".join(dict.fromkeys(mains)) or None,
+                "cases": len(ratios),
+                "faster": sum(x > 1.0 for x in ratios),
+                "slower": sum(x < 1.0 for x in ratios),
+                "geomean": math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else None,
+            }
+        )
+    return out
+
+
+def format_summary(summary: Sequence[dict[str, Any]]) -> str:
+    """The last thing a run prints: one line per op."""
+    head = f"{'op':<18}{'rows':>5}{'wrong':>6}{'errors':>7}{'faster':>7}{'slower':>7}  geomean  vs"
+    lines = ["== summary: per case, the best correct fastgen row vs the case's first baseline ==", head]
+    for s in summary:
+        g = "-" if s["geomean"] is None else f"{s['geomean']:.2f}x"
+        wrong = f"{s['wrong']}" + (f"+{s['baseline_off']}b" if s["baseline_off"] else "")
+        lines.append(
+            f"{s['op']:<18}{s['rows']:>5}{wrong:>6}{s['errors']:>7}{s['faster']:>7}{s['slower']:>7}"
+            f"  {g:>7}  {s['baseline'] or '-'}"
+        )
+    if any(s["baseline_off"] for s in summary):
+        lines.append(
+            "wrong: fastgen rows that disagree with the oracle; +Nb: baselines that disagree (their error)"
+        )
+    return "\n".join(line[:TABLE_WIDTH] for line in lines)
 
 
 def _git(root: Path) -> dict[str, Any]:
@@ -1105,6 +1225,7 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
             "wrong": len(wrong),
             "baselines_off": len(baselines_off),
             "errors": len(failed),
+            "ops": summarize(results),
         },
         rows=[asdict(r) for res in results for r in res.rows],
     )
@@ -1146,4 +1267,6 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
             print(f"{'ERROR' if not args.op else 'warning'}: {e}", file=sys.stderr)
         if not args.op:
             status = 1
+    sys.stderr.flush()
+    print("\n" + format_summary(meta["summary"]["ops"]), flush=True)
     return status

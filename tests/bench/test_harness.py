@@ -140,9 +140,24 @@ def test_cli_op_filter_writes_json_and_png(bench_dir, tmp_path, capsys):
 
     text = capsys.readouterr().out
     assert "== synth_axpy: y = 2x + y ==" in text
-    assert "skipped: no CUDA device" in text
+    assert "not run: fastgen[cuda]: no CUDA device" in text  # once, below the table
     header = next(line for line in text.splitlines() if line.startswith("case"))
-    assert header.split() == ["case", "impl", "ms", "GB/s", "TFLOP/s", "%roof", "vs", "reference", "ok"]
+    assert header.split() == [
+        "case",
+        "impl",
+        "ms",
+        "spread",
+        "GB/s",
+        "TFLOP/s",
+        "%roof",
+        "vs",
+        "reference",
+        "ok",
+    ]
+    # the run ends with the summary: per op rows, wrong, errors, faster / slower and the geometric mean
+    tail = text.rstrip().splitlines()
+    assert tail[-3].startswith("== summary") and tail[-1].split()[:2] == ["synth_axpy", str(len(rows))]
+    assert data["summary"]["ops"][0]["op"] == "synth_axpy"
 
 
 def test_wrong_answer_is_flagged_and_fails_the_run(bench_dir, tmp_path, capsys):
@@ -157,7 +172,9 @@ def test_wrong_answer_is_flagged_and_fails_the_run(bench_dir, tmp_path, capsys):
     assert rows["synth_bad", "raises"]["status"] == "error"
     assert "ZeroDivisionError" in rows["synth_bad", "raises"]["error"]
     assert rows["synth_axpy", "addcmul"]["correct"] is True
+    ops = {o["op"]: o for o in data["summary"].pop("ops")}
     assert data["summary"] == {"rows": 6, "wrong": 1, "baselines_off": 0, "errors": 1}
+    assert ops["synth_bad"]["wrong"] == 1 and ops["synth_bad"]["errors"] == 1
     captured = capsys.readouterr()
     assert "WRONG" in captured.out and "ERROR: ZeroDivisionError" in captured.out
     assert "WRONG: synth_bad / n=64 / wrong" in captured.err
@@ -367,3 +384,38 @@ def test_case_check_judges_every_output_baselines_included(tmp_path, capsys):
     assert set(rows["fast"]["speedup"]) == {"torch-a", "torch-b"}
     assert data["summary"]["wrong"] == 1 and data["summary"]["baselines_off"] == 1
     assert "WRONG: synth_check / n=8 / fast-wrong: err 1" in capsys.readouterr().err
+
+
+def test_table_fits_120_columns_and_collapses_what_did_not_run():
+    from fastgen.bench.harness import (
+        TABLE_WIDTH,
+        Benchmark,
+        OpResult,
+        Row,
+        format_summary,
+        format_table,
+        summarize,
+    )
+
+    rows = []
+    for case in ("a very long case name that would push every column far to the right x 4096", "short"):
+        for i in range(4):  # four baselines with long names
+            rows.append(Row("op", case, f"baseline-with-a-long-name-{i}", True, ms=2.0 + i, spread=0.02))
+        rows.append(Row("op", case, "fastgen[cpp]", False, ms=1.0, spread=0.3, correct=True,
+                        speedup={f"baseline-with-a-long-name-{i}": (2.0 + i) for i in range(4)}))  # fmt: skip
+        rows.append(
+            Row("op", case, "fastgen[cuda]", False, status="skipped", skip_reason="no CUDA device " * 12)
+        )
+        rows.append(Row("op", case, "fastgen[torch]", False, ms=4.0, correct=False, check="max err 1.0 " * 20,
+                        speedup={f"baseline-with-a-long-name-{i}": (2.0 + i) / 4 for i in range(4)}))  # fmt: skip
+    res = OpResult(Benchmark("op", lambda d, q: iter(()), "test", "x.py"), rows)
+    text = format_table(res)
+    assert max(len(line) for line in text.splitlines()) <= TABLE_WIDTH
+    assert text.count("not run: fastgen[cuda]") == 1  # once, not once per case
+    assert "baselines: [1] baseline-with-a-long-name-0" in text  # numbered when the names do not fit
+    assert "1.000~" in text  # noisy row marked
+    assert "fastgen[torch]: fastgen's plain-PyTorch fallback" in text
+    (summary,) = summarize([res])
+    # per case the best correct fastgen row (cpp, 2x) against the case's first baseline; torch was wrong
+    assert summary["wrong"] == 2 and summary["faster"] == 2 and summary["geomean"] == pytest.approx(2.0)
+    assert max(len(line) for line in format_summary([summary]).splitlines()) <= TABLE_WIDTH
