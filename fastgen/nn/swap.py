@@ -1,13 +1,19 @@
 """``swap_attention(model)``: put fastgen's fused attention into an existing model, in place.
 
-Three kinds of replacement, each listed in the returned :class:`SwapReport`:
+Four kinds of replacement, each listed in the returned :class:`SwapReport` (with the reason for every
+module skipped, and, when nothing was replaced in a model that has attention, why and what to do):
 
+* ``"transformers"``: a transformers ``PreTrainedModel`` that dispatches attention through transformers'
+  ``AttentionInterface`` (v5: all of them) is switched with ``model.set_attn_implementation("fastgen")``
+  (see :mod:`fastgen.integrations.transformers`); ``unswap_attention`` switches it back.
 * ``"mha"``: every ``torch.nn.MultiheadAttention`` submodule becomes
   :meth:`fastgen.nn.MultiheadAttention.from_torch` of it (same parameters, device, dtype, training mode).
-  ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` have an inference fast path that reads the
-  attention weights and runs torch's own fused kernel without calling ``self_attn``; the swap turns it
-  off for the layers it touches (a no-op forward pre-hook on the new module, ``use_nested_tensor=False``
-  on the encoder) so that fastgen serves those calls too. ``unswap_attention`` puts both back.
+  ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` have an inference fast path (eval + no_grad)
+  that reads the attention weights and runs torch's own fused kernel without calling ``self_attn``. Where
+  a fastgen kernel would serve the layer (a GPU with Triton, or a forced backend) the swap turns it off (a
+  no-op forward pre-hook on the new module, ``use_nested_tensor=False`` on the encoder); where fastgen
+  would run torch's SDPA anyway (CPU) it is kept, being faster still (DESIGN rule 11). Swap after moving
+  the model to its device. ``unswap_attention`` puts everything back.
 * ``"processor"``: a module with a diffusers-style processor hook (a ``processor`` attribute, usually set
   through ``set_processor``) gets its processor wrapped so that, during the processor's call,
   ``F.scaled_dot_product_attention`` is fastgen's. A processor that is itself an ``nn.Module`` (it may
@@ -17,14 +23,17 @@ Three kinds of replacement, each listed in the returned :class:`SwapReport`:
   attribute or as a name imported into the class's module (``from torch.nn.functional import
   scaled_dot_product_attention [as sdpa]``) -- gets its ``forward`` wrapped the same way.
 
-The patch is scoped to the call, re-entrant and thread-safe: while at least one wrapped call runs, the
-global ``torch.nn.functional.scaled_dot_product_attention`` (and each module-level alias found) is a
-small dispatcher that serves fastgen's op to calls made inside a wrapped scope of the *current thread /
-context* (a ``contextvars`` flag) and torch's original everywhere else; when the last wrapped call ends
-(normally or by an exception) the originals are restored. Nested wrapped calls are fine.
+While a swapped module exists (until ``unswap_attention`` or garbage collection), the global
+``torch.nn.functional.scaled_dot_product_attention`` (and each module-level alias found) is a small
+dispatcher: fastgen's op for calls made inside a wrapped forward / processor of the *current thread /
+context* (a ``contextvars`` flag), torch's original everywhere else. Nested wrapped calls are fine. Under
+``torch.compile`` the wrapped forwards switch a plain module global instead of the flag (dynamo traces
+it; no lock, contextvar or patching in the traced path), so ``torch.compile(model, fullgraph=True)``
+traces a swapped model into one graph.
 
 fastgen's SDPA differs from torch's only where torch gives NaN (a query row with every key masked gives
-zeros), so a model's outputs match before and after the swap.
+zeros), so a model's outputs match before and after the swap; on CPU it runs torch's fused SDPA kernels
+for every call they can express.
 """
 
 from __future__ import annotations

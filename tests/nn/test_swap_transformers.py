@@ -227,3 +227,22 @@ def test_compile_fullgraph_on_a_swapped_transformers_model(routes):
     got = getattr(torch.compile(model, fullgraph=True, backend="eager")(**inputs), out)
     assert routes
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_in_training(routes):
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg)
+    model.set_attn_implementation("fastgen")
+    ids = torch.randint(0, V, (2, 9))
+    routes.clear()
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(model.train()(input_ids=ids).last_hidden_state)
+    assert routes and torch.isfinite(outs[0]).all()
+    torch.testing.assert_close(outs[0], outs[1])  # torch.manual_seed makes it reproducible
+    assert not torch.allclose(outs[0], outs[2])  # and it does drop
+    eval_out = model.eval()(input_ids=ids).last_hidden_state
+    assert not torch.allclose(outs[0], eval_out)
