@@ -396,8 +396,10 @@ if triton is not None:
         HAS_PREV: tl.constexpr, NOISE_MODE: tl.constexpr, VAR_MODE: tl.constexpr,
         WANT_X0: tl.constexpr, X0_ONLY: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        # the batch is folded into grid x (grid y / z stop at 65,535): program = sample * blocks + block
+        blocks = tl.cdiv(N, BLOCK)
+        pid = tl.program_id(0) % blocks
+        b = (tl.program_id(0) // blocks).to(tl.int64)
         i = pid * BLOCK + tl.arange(0, BLOCK)
         mask = i < N
         row = b * N
@@ -486,7 +488,7 @@ def _step_triton(x, cond, uncond, uoff, coeffs, prev_x0, noise, row_scale, thres
         return out, x0
     seed_lo, seed_hi = _split_seed(seed)
     block = 1024 if n >= 1024 else max(16, triton.next_power_of_2(n))
-    grid = (triton.cdiv(n, block), b)
+    grid = (triton.cdiv(n, block) * b,)
     dummy = x  # never dereferenced when its feature flag is off
     _sampler_step_kernel[grid](
         x, cond, uncond if uncond is not None else dummy, coeffs,
