@@ -319,13 +319,13 @@ def diffusion_step_cases():
     out = []
     variants = [
         dict(HAS_UNCOND=False, HAS_RESCALE=False, CLIP_MODE=0, HAS_PREV=False, NOISE_MODE=0, VAR_MODE=0,
-             WANT_X0=False, X0_ONLY=False),
+             WANT_X0=False, X0_ONLY=False, HAS_KNOWN=False, HAS_GRAD=False),
         dict(HAS_UNCOND=True, HAS_RESCALE=True, CLIP_MODE=1, HAS_PREV=True, NOISE_MODE=1, VAR_MODE=1,
-             WANT_X0=True, X0_ONLY=False),
+             WANT_X0=True, X0_ONLY=False, HAS_KNOWN=True, HAS_GRAD=True),
         dict(HAS_UNCOND=True, HAS_RESCALE=False, CLIP_MODE=2, HAS_PREV=False, NOISE_MODE=2, VAR_MODE=2,
-             WANT_X0=False, X0_ONLY=False),
+             WANT_X0=False, X0_ONLY=False, HAS_KNOWN=True, HAS_GRAD=False),
         dict(HAS_UNCOND=True, HAS_RESCALE=True, CLIP_MODE=2, HAS_PREV=False, NOISE_MODE=0, VAR_MODE=0,
-             WANT_X0=False, X0_ONLY=True),
+             WANT_X0=False, X0_ONLY=True, HAS_KNOWN=True, HAS_GRAD=False),
     ]  # fmt: skip
     for dt in ("fp16", "bf16", "fp32"):
         for i, v in enumerate(variants):
@@ -336,10 +336,11 @@ def diffusion_step_cases():
                     continue
                 x0 = "fp32" if v["X0_ONLY"] else dt
                 ptrs = dict(x_ptr=dt, cond_ptr=dt, uncond_ptr=dt, coef_ptr="fp32", prev_ptr=dt, noise_ptr=dt,
-                            rscale_ptr="fp32", thresh_ptr="fp32", out_ptr=dt, x0_ptr=x0)  # fmt: skip
+                            rscale_ptr="fp32", thresh_ptr="fp32", out_ptr=dt, x0_ptr=x0, known_ptr=dt,
+                            keep_ptr=dt, grad_ptr=dt)  # fmt: skip
                 i64 = ("seed_lo", "seed_hi", "sample_offset") if seed_t == "i64" else ()
                 out.append(Case("diffusion_step", "_sampler_step_kernel", f"{dt} variant{i} seeds={seed_t}", ptrs,
-                                dict(v, BLOCK=1024), fp=("g", "clip"), i64=i64,
+                                dict(v, BLOCK=1024), fp=("g", "clip", "grad_scale"), i64=i64,
                                 archs=ARCHS_BOTH if i == 1 else ARCHS_ALL))  # fmt: skip
     return out
 
