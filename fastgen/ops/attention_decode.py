@@ -126,7 +126,9 @@ def _check(q, k, v, cache_seqlens, block_table, scale, num_splits, paged):
         if d > 1 and t.stride(-1) != 1:
             raise _err(f"{name} must have a contiguous last dim, got strides {t.stride()}")
     if d > 1 and q.stride(-1) != 1:
-        q = q.contiguous()  # the kernels read q rows densely; q is a few tokens, the copy costs nothing
+        # the kernels read q rows densely; q is a few tokens, the copy costs nothing. clone, not contiguous():
+        # an empty tensor counts as contiguous whatever its strides and would come back unchanged
+        q = q.clone(memory_format=torch.contiguous_format)
     if not paged and k.shape[0] != b:
         raise _err(f"{kn} has batch {k.shape[0]} ({tuple(k.shape)}), expected {b} like q")
     if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (b,):

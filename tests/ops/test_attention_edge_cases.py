@@ -349,3 +349,22 @@ def test_gpu_decode_long_split_accumulates_exactly():
     with fastgen.use_backend("cuda", op="attention_decode"):
         out = AD.attention_decode_paged(q, kp, vp, bt, lens, num_splits=1)
     assert torch.equal(out.cpu(), torch.full((1, 1, 1, 4), 3.0))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_empty_batch_with_stride_zero_q(paged):
+    """An empty q with a stride-0 last dim (found by the property layer): an empty tensor counts as
+    contiguous whatever its strides, so making q dense must not rely on .contiguous()."""
+    q = torch.zeros(1, 1, 1, 8)[:0].as_strided((0, 1, 2, 8), (4, 0, 0, 0))
+    seqlens = torch.zeros(0, dtype=torch.int32)
+    for backend in DECODE_CPU:
+        with fastgen.use_backend(backend):
+            if paged:
+                pages = torch.randn(3, 4, 2, 8)
+                out = fastgen.attention_decode_paged(
+                    q, pages, pages, torch.zeros(0, 2, dtype=torch.int32), seqlens
+                )
+            else:
+                cache = torch.randn(0, 5, 2, 8)
+                out = fastgen.attention_decode(q, cache, cache, seqlens)
+        assert out.shape == (0, 1, 2, 8), backend
