@@ -864,7 +864,6 @@ def config_from_openai_state_dict(state_dict: Mapping[str, Any], **overrides: An
     v_width, _, patch, _ = sd["visual.conv1.weight"].shape
     n = sd["visual.positional_embedding"].shape[0] - 1
     side = math.isqrt(n)
-    t_width = sd["ln_final.weight"].shape[0]
     kw: dict[str, Any] = {
         "embed_dim": sd["text_projection"].shape[1],
         "image_size": side * patch if side * side == n else overrides.get("image_size"),
@@ -874,6 +873,16 @@ def config_from_openai_state_dict(state_dict: Mapping[str, Any], **overrides: An
         "vision_heads": max(v_width // 64, 1),
         "vision_mlp_ratio": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / v_width,
         "in_channels": sd["visual.conv1.weight"].shape[1],
+        **_text_config(sd),
+    }
+    kw.update(overrides)
+    return CLIPConfig(**kw)
+
+
+def _text_config(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """The text tower's config entries from an OpenAI state_dict (shared by the ViT and ResNet models)."""
+    t_width = sd["ln_final.weight"].shape[0]
+    return {
         "context_length": sd["positional_embedding"].shape[0],
         "vocab_size": sd["token_embedding.weight"].shape[0],
         "text_width": t_width,
@@ -881,8 +890,6 @@ def config_from_openai_state_dict(state_dict: Mapping[str, Any], **overrides: An
         "text_layers": _count_blocks(sd, "transformer.resblocks."),
         "text_mlp_ratio": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / t_width,
     }
-    kw.update(overrides)
-    return CLIPConfig(**kw)
 
 
 def _resnet_config(sd: Mapping[str, Any], **overrides: Any) -> CLIPConfig:
@@ -891,7 +898,6 @@ def _resnet_config(sd: Mapping[str, Any], **overrides: Any) -> CLIPConfig:
     n = sd["visual.attnpool.positional_embedding"].shape[0] - 1
     side = math.isqrt(n)
     v_width = sd["visual.layer1.0.conv1.weight"].shape[1]
-    t_width = sd["ln_final.weight"].shape[0]
     kw: dict[str, Any] = {
         "embed_dim": sd["text_projection"].shape[1],
         "image_size": side * RESNET_STRIDE if side * side == n else overrides.get("image_size"),
@@ -900,12 +906,7 @@ def _resnet_config(sd: Mapping[str, Any], **overrides: Any) -> CLIPConfig:
         "vision_layers": tuple(_count_blocks(sd, f"visual.layer{i}.") for i in range(1, 5)),
         "vision_heads": max(v_width * 32 // 64, 1),
         "in_channels": sd["visual.conv1.weight"].shape[1],
-        "context_length": sd["positional_embedding"].shape[0],
-        "vocab_size": sd["token_embedding.weight"].shape[0],
-        "text_width": t_width,
-        "text_heads": max(t_width // 64, 1),
-        "text_layers": _count_blocks(sd, "transformer.resblocks."),
-        "text_mlp_ratio": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / t_width,
+        **_text_config(sd),
     }
     kw.update(overrides)
     return CLIPConfig(**kw)
