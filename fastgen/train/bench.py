@@ -89,6 +89,46 @@ def _worker(
         dist.destroy_process_group()
 
 
+def make_trainer(strategy: str, device: str, width: int = 256, depth: int = 4, batch: int = 64):
+    """A Trainer on the benchmark model that steps on demand (``t.fit(until=t.step + 1)``): the schedule is
+    set for a horizon no benchmark reaches, so every call is one optimizer step on one global batch."""
+    from fastgen.train import FineTuneConfig, Trainer
+
+    torch.manual_seed(0)
+    model = _Net(width, depth)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(batch, width, generator=g), torch.randn(batch, width, generator=g)) for _ in range(4)
+    ]
+    cfg = FineTuneConfig(max_steps=10**9, lr=1e-4, progress=False, verbose=False, plot=False,
+                         strategy=strategy, device=device)  # fmt: skip
+    return Trainer(model, data, _loss, cfg)
+
+
+def one_step(trainer: Any) -> torch.Tensor:
+    """One optimizer step; returns the step's logged loss (a host float in a tensor)."""
+    trainer.fit(until=trainer.step + 1)
+    return torch.tensor(trainer.history[-1]["loss"])
+
+
+def mirror_worker(rank: int, world: int, port: int, strategy: str, kw: dict[str, int]) -> None:
+    """Rank >= 1 of a step-driven group (``benchmarks/bench_train.py``): joins rank 0 (the benchmark process),
+    then takes one training step per command broadcast from rank 0 until it receives 0."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+        trainer = make_trainer(strategy, "cpu", **kw)
+        cmd = torch.zeros(1, dtype=torch.int64)
+        while True:
+            dist.broadcast(cmd, 0)
+            if int(cmd) == 0:
+                break
+            one_step(trainer)
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
