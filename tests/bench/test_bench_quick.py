@@ -13,7 +13,8 @@ BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.mark.skipif(not BENCH_DIR.is_dir(), reason="no source checkout")
 @pytest.mark.parametrize(
-    "op", ["attention_decode", "moe", "vq_ema", "dalle", "clip", "glam", "ssim", "glide", "adaptive_pool", "train"]
+    "op",
+    ["attention_decode", "moe", "vq_ema", "dalle", "clip", "glam", "ssim", "glide", "adaptive_pool", "train"],
 )
 def test_quick_cpu_run(op, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # discovery puts the bench dir on sys.path
