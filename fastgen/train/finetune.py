@@ -1126,6 +1126,13 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema_model.state_dict() if self.ema_model is not None else None,
+            **self._progress_state({"best_state": self.best_state}),
+        }
+
+    def _progress_state(self, best: dict[str, Any]) -> dict[str, Any]:
+        """Where the run stands (step, data position, RNG, early stopping, non-finite skips, history), the
+        part shared by the .pt and the DCP formats; ``best``: how each format records the best weights."""
+        return {
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self._batch_in_epoch,
@@ -1135,7 +1142,7 @@ class Trainer:
             "early_stopping": {
                 "best_metric": self.best_metric,
                 "best_step": self.best_step,
-                "best_state": self.best_state,
+                **best,
                 "bad_evals": self.bad_evals,
                 "stopped_early": self.stopped_early,
             },
@@ -1357,26 +1364,13 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "ema": self.ema_model is not None,
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self._batch_in_epoch,
-                "iter_open": self._iter is not None or self._replay,
-                "epoch_rng": self._epoch_rng,
-                "rng": get_rng_state(),
-                "early_stopping": {
-                    "best_metric": self.best_metric,
-                    "best_step": self.best_step,
-                    "best_state": self.best_state is not None,
-                    "best_ema": self.best_state is not None and self.best_state.get("ema") is not None,
-                    "bad_evals": self.bad_evals,
-                    "stopped_early": self.stopped_early,
-                },
-                "nonfinite": {
-                    "skipped_steps": self.skipped_steps,
-                    "consecutive_skips": self._consecutive_skips,
-                },
-                "history": self.history,
-                "val_history": self.val_history,
+                # the best weights are DCP shards: the metadata only says which exist
+                **self._progress_state(
+                    {
+                        "best_state": self.best_state is not None,
+                        "best_ema": self.best_state is not None and self.best_state.get("ema") is not None,
+                    }
+                ),
             }
         )
 
