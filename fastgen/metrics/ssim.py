@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastgen.ops.ssim import check_ssim_args, is_finite_real, ssim_stats
+from fastgen._checks import is_finite_real
+from fastgen.ops.ssim import check_ssim_args, ssim_stats
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 

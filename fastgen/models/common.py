@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 
 import torch
 
-
-def is_int(v) -> bool:
-    """A Python / NumPy integer, not a bool (True would silently mean 1)."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def is_finite_real(v) -> bool:
-    """A finite Python / NumPy real number, not a bool."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+from fastgen._checks import is_finite_real, is_int
 
 
 def check_positive_int(name: str, v, err: Callable[[str], Exception], *, allow_none: bool = False) -> None:

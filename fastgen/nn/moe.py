@@ -30,8 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen._checks import check_int, check_real
 from fastgen.ops.grouped_mm import ACTIVATIONS, grouped_mm, grouped_mm_ref
-from fastgen.ops.moe_gating import POLICIES, Gating, check_int, check_real, top2_gating
+from fastgen.ops.moe_gating import POLICIES, Gating, top2_gating
 from fastgen.ops.moe_permute import Routing, moe_permute, moe_unpermute
 
 DROPPED_TOKENS = ("zero", "residual")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastgen.ops.moe_gating import check_int, check_real
+from fastgen._checks import check_int, check_real
 from fastgen.ops.vq import DISTANCES, MODES, vq_nearest
 from fastgen.ops.vq_ema import vq_codebook_from_ema, vq_ema_update
 

@@ -26,13 +26,13 @@ Backends: ``triton`` (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from fastgen import _backend
 from fastgen._backend import Call
+from fastgen._checks import check_int, check_real
 from fastgen.ops.moe_permute import Routing, moe_route
 
 try:  # triton is optional (not on every platform)
@@ -53,31 +53,6 @@ OP = _backend.get_op("moe_gating", "top-2 router: softmax, top-2, logsumexp, per
 
 def _err(msg: str) -> ValueError:
     return ValueError(f"fastgen.top2_gating: {msg}")
-
-
-def check_real(
-    where: str, name: str, value, lo: float, hi: float = math.inf, *, lo_open: bool = False
-) -> float:
-    """``value`` as a float, or a clear error: TypeError unless a real number (bool excluded), ValueError
-    unless finite and in [lo, hi] ((lo, hi] with ``lo_open``). NaN fails every comparison, so it is named
-    here rather than slipping through a ``not x < lo`` test."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi == math.inf else ']'}"
-        raise ValueError(f"{where}: {name} must be in {rng} (finite), got {value}")
-    return v
-
-
-def check_int(where: str, name: str, value, lo: int) -> int:
-    """``value`` as an int >= lo, or TypeError (not an integer: 2.5 would truncate silently) / ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value < lo:
-        raise ValueError(f"{where}: {name} must be >= {lo}, got {value}")
-    return value if isinstance(value, torch.SymInt) else int(value)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -40,7 +40,6 @@ inputs) and is not differentiable itself (no double backward).
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 
 from fastgen import _backend
 from fastgen._backend import Call
+from fastgen._checks import is_finite_real
 
 try:  # triton is optional (not on every platform)
     import triton
@@ -77,11 +77,6 @@ def gaussian_window(
     i = torch.arange(window_size, dtype=torch.float64)
     g = torch.exp(-((i - r) ** 2) / (2.0 * sigma * sigma))
     return (g / g.sum()).to(dtype=dtype, device=device)
-
-
-def is_finite_real(v) -> bool:
-    """A finite Python / NumPy real scalar (not a bool)."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_ssim_args(

@@ -40,7 +40,7 @@ import torch
 
 from fastgen import _backend
 from fastgen._backend import Call
-from fastgen.ops.moe_gating import check_real
+from fastgen._checks import check_real
 
 try:  # triton is optional (not on every platform)
     import triton
