@@ -14,8 +14,8 @@ Model: a fully convolutional VQ-VAE (16x16 -> 4x4 grid of codes from a :class:`f
 EMA codebook -> 16x16). Base training uses :class:`fastgen.train.RandomResizedCropFlip`, so the model sees
 12x12, 16x16 and 20x20 crops.
 
-1. train the base model on the base domain; save ``base.pt``;
-2. (a) fine-tune from ``base.pt`` on the held-out training split: encoder stem frozen (``encoder.0``,
+1. train the base model on the base domain; save it (``base_model/``, ``save_pretrained``);
+2. (a) fine-tune from ``base_model/`` on the held-out training split: encoder stem frozen (``encoder.0``,
    ``encoder.2``), the rest of the encoder at 0.1x the lr, the decoder at the full lr; early stopping on
    the validation reconstruction MSE, best weights restored;
    (b) the same model trained from scratch on the same data for the same number of steps (same
@@ -27,7 +27,8 @@ EMA codebook -> 16x16). Base training uses :class:`fastgen.train.RandomResizedCr
    base-domain digits; and that classifier's Inception Score. The IS is reported for completeness only:
    the classifier knows digits 0-6, so on digits 7-9 its class probabilities do not measure quality.
 
-Writes to ``--out``: ``base.pt``, per-run logs (``<run>/log.csv``, ``log.json``, ``loss_curve.png``),
+Writes to ``--out``: the three models (``base_model/``, ``finetune_model/``, ``scratch_model/``: fastgen's
+format, config.json + model.safetensors; ``VQAutoencoder.from_pretrained(dir)`` reads them), per-run logs (``<run>/log.csv``, ``log.json``, ``loss_curve.png``),
 ``loss_curves.png`` (fine-tune vs scratch), ``reconstructions.png`` and ``results.json``.
 """
 
@@ -41,12 +42,14 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fastgen.models import hub
 from fastgen.nn import VectorQuantize
 from fastgen.train import FineTuneConfig, RandomResizedCropFlip, finetune
 from fastgen.train import distributed as tdist
@@ -85,14 +88,28 @@ def split_domains(x, y, n_train: int, n_val: int, seed: int) -> dict[str, tuple[
     return {k: (x[i], y[i]) for k, i in parts.items()}
 
 
+@dataclass
+class VQAutoencoderConfig:
+    """Widths of :class:`VQAutoencoder`: ``ch`` (first conv), ``latent`` (code dim), ``codebook`` (codes)."""
+
+    ch: int = 32
+    latent: int = 16
+    codebook: int = 64
+
+
 class VQAutoencoder(nn.Module):
     """x (B, 1, H, W), H, W divisible by 4 -> (reconstruction (B, 1, H, W) in [0, 1], commitment loss).
 
     Encoder: two stride-2 convs to a (B, latent, H/4, W/4) map, quantised per position by a
-    ``VectorQuantize`` EMA codebook (``codebook`` codes); the decoder mirrors the encoder."""
+    ``VectorQuantize`` EMA codebook (``codebook`` codes); the decoder mirrors the encoder.
+    ``save_pretrained(dir)`` / ``VQAutoencoder.from_pretrained(dir)``: fastgen's format (config.json +
+    model.safetensors, the EMA codebook state included)."""
+
+    MODEL_TYPE = "digits_vq_autoencoder"
 
     def __init__(self, ch: int = 32, latent: int = 16, codebook: int = 64):
         super().__init__()
+        self.config = VQAutoencoderConfig(ch, latent, codebook)
         self.encoder = nn.Sequential(
             nn.Conv2d(1, ch, 3, padding=1),
             nn.ReLU(),
@@ -118,6 +135,17 @@ class VQAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, _, commit = self.vq(self.encoder(x))
         return torch.sigmoid(self.decoder(q)), commit
+
+    def save_pretrained(self, directory: str) -> None:
+        hub.save_fastgen_dir(directory, self.MODEL_TYPE, self.config, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> VQAutoencoder:
+        meta, state = hub.load_fastgen_dir(directory, cls.MODEL_TYPE)
+        cfg = hub.config_from_dict(VQAutoencoderConfig, meta["config"])
+        model = cls(cfg.ch, cfg.latent, cfg.codebook)
+        model.load_state_dict(state)
+        return model
 
 
 class DigitClassifier(nn.Module):
@@ -331,8 +359,8 @@ def _main(a: argparse.Namespace) -> dict[str, dict[str, float]]:
     print(f"[1] base model on digits 0-6 ({len(xb)} images, {base_steps} steps)")
     finetune(base, _loader(xb, 64), ae_loss, base_cfg, metric_fn=recon_mse(xbv))
     base = _plain(base, VQAutoencoder)
-    base_path = os.path.join(a.out, "base.pt")
-    torch.save(_full_state_dict(base), base_path)
+    base_path = os.path.join(a.out, "base_model")
+    base.save_pretrained(base_path)
 
     # 2a. fine-tune from the checkpoint; 2b. from scratch, same data, same steps and stopping rule
     xt, xv, xtest = data["held_train"][0], data["held_val"][0], data["held_test"][0]
@@ -341,7 +369,7 @@ def _main(a: argparse.Namespace) -> dict[str, dict[str, float]]:
         torch.manual_seed(a.seed + 1)
         model = VQAutoencoder()
         if name == "finetune":
-            model.load_state_dict(torch.load(base_path, weights_only=True))
+            model.load_state_dict(VQAutoencoder.from_pretrained(base_path).state_dict())
             extra = dict(freeze=["encoder.0", "encoder.2"], new_params=["decoder.*"], pretrained_lr_scale=0.1)
         else:
             extra = {}
@@ -358,6 +386,7 @@ def _main(a: argparse.Namespace) -> dict[str, dict[str, float]]:
         print(f"    trainable {s['trainable']:,}/{s['total']:,} params; {r.steps} steps, best val MSE "
               f"{r.best_metric:.5f} at step {r.best_step}{' (early stop)' if r.stopped_early else ''}")  # fmt: skip
         models[name] = _plain(model, VQAutoencoder)
+        models[name].save_pretrained(os.path.join(a.out, f"{name}_model"))
 
     # 3. evaluation on the held-out test split
     results = {name: evaluate(m, xtest, clf) for name, m in models.items()}
