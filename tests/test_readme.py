@@ -16,3 +16,15 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index):
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {})
+
+
+def test_readme_stands_alone():
+    """Every file the README links to is in the repository; nothing points outside it."""
+    text = README.read_text()
+    root = README.parent
+    assert "../" not in text, "the README must not point outside the repository"
+    for target in re.findall(r"\]\(([^)#\s]+)\)", text):
+        if "://" not in target:
+            assert (root / target).exists(), f"README links to {target}, which is not in the repository"
+    for path in re.findall(r"`((?:docs|benchmarks)/[\w./-]+\.(?:md|sh|py))`", text):
+        assert (root / path).exists(), f"README names {path}, which is not in the repository"
