@@ -107,6 +107,26 @@ def _open_text(path: str | os.PathLike) -> str:
     return data.decode("utf-8")
 
 
+_FILES_NEEDED = (
+    "GPT-2's encoder.json and vocab.bpe (plain or .gz): glide-text2im ships them as "
+    "glide_text2im/tokenizer/encoder.json.gz and vocab.bpe.gz (github.com/openai/glide-text2im); the same "
+    "files come with GPT-2 (github.com/openai/gpt-2, models/*/encoder.json and vocab.bpe)"
+)
+
+
+def _package_dir(name: str) -> str | None:
+    """The directory of an installed package, without importing it (None when not installed)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return next(iter(spec.submodule_search_locations))
+
+
 class GlideTokenizer:
     """GLIDE's tokenizer from a GPT-2 ``encoder.json`` and ``vocab.bpe`` (each plain or gzip).
 
@@ -140,6 +160,31 @@ class GlideTokenizer:
         self.byte_encoder = byte_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self._bpe = functools.lru_cache(maxsize=65536)(self._bpe_uncached)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike | None = None) -> GlideTokenizer:
+        """The tokenizer from a directory holding ``encoder.json`` and ``vocab.bpe`` (each plain or ``.gz``).
+
+        ``directory`` None: the ``tokenizer/`` folder of an installed ``glide_text2im`` package (it ships
+        ``encoder.json.gz`` and ``vocab.bpe.gz``). A missing file raises ``FileNotFoundError`` saying which
+        file is needed and where it comes from. Nothing is downloaded.
+        """
+        if directory is None:
+            found = _package_dir("glide_text2im")
+            if found is None:
+                raise FileNotFoundError(
+                    "GlideTokenizer.from_pretrained(): no directory given and no glide_text2im package is "
+                    f"installed. Pass a directory holding {_FILES_NEEDED}"
+                )
+            directory = os.path.join(found, "tokenizer")
+        paths = []
+        for name in ("encoder.json", "vocab.bpe"):
+            cands = [os.path.join(directory, name), os.path.join(directory, name + ".gz")]
+            hit = next((c for c in cands if os.path.isfile(c)), None)
+            if hit is None:
+                raise FileNotFoundError(f"{cands[0]} (or {name}.gz): file not found. Needed: {_FILES_NEEDED}")
+            paths.append(hit)
+        return cls(*paths)
 
     @property
     def n_vocab(self) -> int:

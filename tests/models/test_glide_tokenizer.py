@@ -135,3 +135,21 @@ def test_release_files_give_the_release_ids():
     assert tok.n_vocab == 50257 and len(tok.ranks) == 50000 and tok.end_token == 50256
     assert tok.encode("an oil painting of a corgi") == [272, 3056, 12036, 286, 257, 1162, 12397]
     assert tok.encode("A Corgi") == [64, 1162, 12397]
+
+
+def test_from_pretrained_directory_and_installed_package(files, tmp_path, monkeypatch):
+    ref = GlideTokenizer(files / "encoder.json", files / "vocab.bpe")
+    text = "An oil painting of a corgi, 2 dogs & 'em"
+    assert GlideTokenizer.from_pretrained(files).encode(text) == ref.encode(text)
+    # an installed glide_text2im package ships tokenizer/encoder.json.gz and vocab.bpe.gz
+    pkg = tmp_path / "site" / "glide_text2im"
+    (pkg / "tokenizer").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('the package must not be imported')\n")
+    (pkg / "tokenizer" / "encoder.json.gz").write_bytes(gzip.compress((files / "encoder.json").read_bytes()))
+    (pkg / "tokenizer" / "vocab.bpe.gz").write_bytes(gzip.compress((files / "vocab.bpe").read_bytes()))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert GlideTokenizer.from_pretrained().encode(text) == ref.encode(text)
+    with pytest.raises(FileNotFoundError, match=r"vocab\.bpe.*file not found.*glide_text2im/tokenizer"):
+        (tmp_path / "only_encoder").mkdir()
+        (tmp_path / "only_encoder" / "encoder.json").write_bytes((files / "encoder.json").read_bytes())
+        GlideTokenizer.from_pretrained(tmp_path / "only_encoder")
