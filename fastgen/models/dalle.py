@@ -17,6 +17,10 @@ A residual block is ``id_path(x) + post_gain * res_path(x)`` with ``post_gain = 
 (``blocks.input.w``, ``blocks.group_1.block_1.res_path.conv_1.w``, ``...id_path.b``,
 ``blocks.output.conv.w``), so ``dvae.encoder.load_state_dict(release_encoder.state_dict())`` works (and
 the decoder likewise); :meth:`DiscreteVAE.from_release` infers the config from the tensors.
+:meth:`DiscreteVAE.from_pretrained` reads the release's ``encoder.pkl`` / ``decoder.pkl`` (pickles of
+whole ``dall_e`` modules) without the ``dall_e`` package and without running the pickles, and fastgen's
+own directories (``save_pretrained``); :meth:`DALLE.from_pretrained` reads fastgen's directories (no
+DALL-E transformer weights were released).
 
 **Transformer** (:class:`DALLE`). One sequence of ``S = text_seq_len + grid**2`` positions::
 
@@ -67,15 +71,18 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fastgen
+from fastgen.models import hub
 from fastgen.models.common import (
     check_finite,
     check_id_range,
@@ -368,8 +375,26 @@ class DiscreteVAE(nn.Module):
         return unmap_pixels(torch.sigmoid(stats[:, : self.cfg.channels].float()))
 
     @classmethod
-    def from_release(cls, encoder_state: dict, decoder_state: dict) -> DiscreteVAE:
-        """Build from the release's encoder / decoder state_dicts, inferring the config from their shapes."""
+    def from_release(cls, encoder_state, decoder_state) -> DiscreteVAE:
+        """Build from the release's encoder / decoder **state_dicts**, inferring the config from their shapes.
+
+        Paths to the release's ``encoder.pkl`` / ``decoder.pkl`` are read by :meth:`from_pretrained`
+        (``from_release`` forwards two paths to it).
+        """
+        if isinstance(encoder_state, (str, os.PathLike)) and isinstance(decoder_state, (str, os.PathLike)):
+            return cls.from_pretrained((encoder_state, decoder_state))
+        for name, sd in (("encoder_state", encoder_state), ("decoder_state", decoder_state)):
+            if not isinstance(sd, Mapping):
+                raise TypeError(
+                    f"DiscreteVAE.from_release: {name} must be a state_dict (a mapping of names to tensors), "
+                    f"got {type(sd).__name__}; for the release files use DiscreteVAE.from_pretrained("
+                    "(encoder_path, decoder_path)) or from_pretrained(directory)"
+                )
+        for name, sd, keys in (("encoder_state", encoder_state, ("blocks.input.w", "blocks.output.conv.w")),
+                               ("decoder_state", decoder_state, ("blocks.input.w",))):  # fmt: skip
+            missing = [k for k in keys if k not in sd]
+            if missing:
+                raise ValueError(f"DiscreteVAE.from_release: {name} lacks {missing}: not a dall_e state_dict")
         w_in, w_out = encoder_state["blocks.input.w"], encoder_state["blocks.output.conv.w"]
         n_blk = len({k.split(".")[2] for k in encoder_state if k.startswith("blocks.group_1.block_")})
         cfg = DVAEConfig(vocab_size=w_out.shape[0], n_hid=w_in.shape[0],
@@ -379,6 +404,88 @@ class DiscreteVAE(nn.Module):
         model.encoder.load_state_dict(encoder_state)
         model.decoder.load_state_dict(decoder_state)
         return model
+
+    # ---- files --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write fastgen's format (``config.json`` with model_type "dvae" + ``model.safetensors``, keys
+        ``encoder.*`` / ``decoder.*``) into ``directory``; read back with :meth:`from_pretrained`."""
+        return hub.save_fastgen_dir(directory, "dvae", self.cfg, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, path) -> DiscreteVAE:
+        """Load the dVAE from local files (nothing is downloaded). ``path`` is one of
+
+        * a directory written by :meth:`save_pretrained` (``config.json`` + ``model.safetensors``);
+        * a directory holding the release's ``encoder.pkl`` and ``decoder.pkl``
+          (https://cdn.openai.com/dall-e/encoder.pkl and .../decoder.pkl);
+        * a pair ``(encoder_path, decoder_path)`` of those two files.
+
+        The release files are ``torch.save``-d whole modules of the ``dall_e`` package. They are read by a
+        restricted unpickler (:func:`fastgen.models.hub.restricted_torch_load`) that admits only the
+        classes those files hold (:data:`DALL_E_PICKLE_CLASSES`), as inert records: no code in the file
+        runs and the ``dall_e`` package is not needed. The config is inferred from the tensor shapes.
+        """
+        if isinstance(path, (tuple, list)):
+            if len(path) != 2 or not all(isinstance(p, (str, os.PathLike)) for p in path):
+                raise TypeError(
+                    "DiscreteVAE.from_pretrained: path must be a directory or an (encoder_path, decoder_path) "
+                    f"pair of paths, got {path!r}"
+                )
+            enc_path, dec_path = Path(path[0]), Path(path[1])
+        elif isinstance(path, (str, os.PathLike)):
+            d = Path(path)
+            if hub.is_fastgen_dir(d):
+                meta, state = hub.load_fastgen_dir(d, "dvae")
+                model = cls(hub.config_from_dict(DVAEConfig, meta["config"]))
+                model.load_state_dict(state)
+                return model
+            if d.is_file():
+                raise ValueError(
+                    f"DiscreteVAE.from_pretrained: {d} is a file; pass the directory holding encoder.pkl and "
+                    "decoder.pkl, or the pair (encoder_path, decoder_path)"
+                )
+            if (d / hub.CONFIG_NAME).is_file() and not (d / "encoder.pkl").exists():
+                hub.load_fastgen_dir(d, "dvae")  # raises: another model type, or model.safetensors missing
+            enc_path, dec_path = d / "encoder.pkl", d / "decoder.pkl"
+        else:
+            raise TypeError(
+                f"DiscreteVAE.from_pretrained: path must be a str / os.PathLike or a pair of them, "
+                f"got {type(path).__name__}"
+            )
+        enc = _read_release_pickle(enc_path, "encoder")
+        dec = _read_release_pickle(dec_path, "decoder")
+        return cls.from_release(enc, dec)
+
+
+# Every global the release's encoder.pkl / decoder.pkl name (besides torch's tensor internals).
+DALL_E_PICKLE_CLASSES = (
+    "dall_e.encoder.Encoder",
+    "dall_e.encoder.EncoderBlock",
+    "dall_e.decoder.Decoder",
+    "dall_e.decoder.DecoderBlock",
+    "dall_e.utils.Conv2d",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.upsampling.Upsample",
+    "torch.nn.modules.linear.Identity",
+)
+DALL_E_URLS = {part: f"https://cdn.openai.com/dall-e/{part}.pkl" for part in ("encoder", "decoder")}
+
+
+def _read_release_pickle(path: Path, part: str) -> dict:
+    """The state_dict of the release's ``encoder.pkl`` / ``decoder.pkl``, read without running the pickle."""
+    if not path.is_file():
+        raise hub.missing_weights_error(
+            path, f"the DALL-E dVAE {part} (a pickled dall_e.{part}.{part.title()})", DALL_E_URLS[part]
+        )
+    root = hub.restricted_torch_load(path, DALL_E_PICKLE_CLASSES)
+    want = f"dall_e.{part}.{part.title()}"
+    found = getattr(root, "_pickled_class", type(root).__name__)
+    if found != want:
+        raise ValueError(f"DiscreteVAE.from_pretrained: {path} holds a {found}, expected a {want}")
+    return dict(hub.module_state_dict(root))
 
 
 # =====================================================================================================
@@ -710,6 +817,60 @@ class DALLE(nn.Module):
         if self.dvae is None:
             raise _err("return_images=True needs a dVAE (cfg.dvae or the dvae argument)")
         return tokens, self.dvae.decode(tokens)
+
+    # ---- files --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write fastgen's format into ``directory``: ``config.json`` (model_type "dalle", the
+        :class:`DALLEConfig` with its ``dvae`` config, or ``dvae: null`` when the model has no dVAE) and
+        ``model.safetensors`` (the transformer, and the dVAE under ``dvae.*``)."""
+        cfg = replace(self.cfg, dvae=None if self.dvae is None else self.dvae.cfg)
+        return hub.save_fastgen_dir(directory, "dalle", cfg, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dvae=None, **overrides) -> DALLE:
+        """Load a directory written by :meth:`save_pretrained`.
+
+        No DALL-E transformer weights were ever released (OpenAI published only the dVAE), so the only
+        transformer format is fastgen's own. ``dvae``: a :class:`DiscreteVAE`, or anything
+        :meth:`DiscreteVAE.from_pretrained` reads (a directory holding the release ``encoder.pkl`` /
+        ``decoder.pkl``, the pair of their paths, a fastgen "dvae" directory): it replaces the saved dVAE
+        (or is attached when none was saved); its vocabulary must equal ``image_vocab_size``.
+        ``overrides``: :class:`DALLEConfig` fields applied to the saved config, e.g.
+        ``size_strategy="resize"`` or ``pos_interp_mode="nearest"``; fields that change parameter shapes
+        make the load fail.
+        """
+        meta, state = hub.load_fastgen_dir(_check_path("path", path), "dalle")
+        cfg = _with_overrides(hub.config_from_dict(DALLEConfig, meta["config"]), overrides, "DALLE")
+        if dvae is not None:
+            if not isinstance(dvae, DiscreteVAE):
+                dvae = DiscreteVAE.from_pretrained(dvae)
+            if dvae.cfg.vocab_size != cfg.image_vocab_size:
+                raise ValueError(
+                    f"DALLE.from_pretrained: dvae has a {dvae.cfg.vocab_size}-token vocabulary, the transformer "
+                    f"{cfg.image_vocab_size} image tokens"
+                )
+            state = {k: v for k, v in state.items() if not k.startswith("dvae.")}
+            state.update({f"dvae.{k}": v for k, v in dvae.state_dict().items()})
+            cfg = replace(cfg, dvae=dvae.cfg)
+        model = cls(cfg, dvae=dvae)
+        model.load_state_dict(state)
+        return model
+
+
+def _check_path(name: str, path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
+def _with_overrides(cfg, overrides: dict, who: str):
+    """``replace(cfg, **overrides)`` with unknown field names refused by name."""
+    known = {f.name for f in fields(cfg)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"{who}.from_pretrained: unknown config fields {unknown}; known: {sorted(known)}")
+    return replace(cfg, **overrides) if overrides else cfg
 
 
 def count_parameters(module: nn.Module, exclude: Iterable[str] = ("dvae.",)) -> int:
