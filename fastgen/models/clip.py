@@ -42,14 +42,23 @@ recomputed on every call instead, so fine-tuning at a new size trains the pos-em
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import html
+import importlib.util
+import json
 import math
+import os
+import re
+import unicodedata
+import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +66,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen.models.common import check_id_range, check_positive_int
+from fastgen.models.hub import (
+    CONFIG_NAME,
+    config_from_dict,
+    load_fastgen_dir,
+    missing_weights_error,
+    read_state_dict,
+    save_fastgen_dir,
+)
 from fastgen.ops.adaptive_pool import adaptive_grid_pool
 from fastgen.ops.attention import flash_attn_varlen, scaled_dot_product_attention
 
@@ -71,8 +88,11 @@ __all__ = [
     "config_from_hf",
     "config_from_openai_state_dict",
     "convert_hf_clip_state_dict",
+    "detect_clip_format",
+    "find_bpe_file",
     "from_name",
     "interpolate_pos_embed",
+    "read_clip_checkpoint",
     "resize_pos_embed",
 ]
 
@@ -826,6 +846,59 @@ class CLIP(nn.Module):
         model.load_openai_state_dict(state_dict)
         return model
 
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write fastgen's format into ``directory`` (created if missing): config.json
+        (``{"model_type": "clip", "fastgen_version", "config": CLIPConfig as JSON}``) and model.safetensors
+        (this ``state_dict``, dtypes as they are). The image tower's current ``size_strategy`` /
+        ``pool_mode`` are stored in the config. Read back with :meth:`from_pretrained`. Returns the path."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory: expected a str or os.PathLike, got {type(directory).__name__}")
+        v = self.visual
+        cfg = replace(self.config, size_strategy=v.size_strategy, pool_mode=v.pool_mode)
+        return save_fastgen_dir(directory, "clip", cfg, self.state_dict())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        **overrides: Any,
+    ) -> CLIP:
+        """A CLIP from a local checkpoint in any release format (see :func:`detect_clip_format`):
+
+        - a :meth:`save_pretrained` directory;
+        - an OpenAI release TorchScript archive (``ViT-B-32.pt``, ``RN50.pt``, ...) or an OpenAI / open_clip
+          state_dict file (``.pt``, ``.bin``, ``.safetensors``, also an open_clip training checkpoint
+          ``{"epoch", "name", "state_dict": {"module.*": ...}}``);
+        - an open_clip Hub directory (open_clip_config.json + open_clip_model.safetensors or
+          open_clip_pytorch_model.bin; its ``model_cfg`` sets QuickGELU vs GELU and the head counts);
+        - a Hugging Face ``CLIPModel`` directory (config.json + model.safetensors or pytorch_model.bin).
+
+        Files without a config have it inferred from the shapes (heads = width / 64, QuickGELU as OpenAI's;
+        pass ``act="gelu"`` for an open_clip model trained with GELU). ``overrides``: CLIPConfig fields,
+        e.g. ``size_strategy="adaptive_pool"``; a different ``image_size`` resamples the trained image
+        pos-embed to the new grid (``pos_interp_mode``). ``dtype``: None = float32 (as OpenAI's and
+        HF's loaders on CPU; OpenAI archives store float16), ``"auto"`` = the checkpoint's dominant floating
+        dtype, or a ``torch.dtype``. ``device``: where the model is built (default CPU). Returns the model in
+        eval mode. Nothing is downloaded: a missing file raises ``FileNotFoundError`` naming it and its
+        source.
+        """
+        if dtype is not None and dtype != "auto" and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype: expected None, 'auto' or a torch.dtype, got {dtype!r}")
+        config, sd, stored = read_clip_checkpoint(path, **overrides)
+        if dtype is None:
+            dtype = torch.float32
+        elif dtype == "auto":
+            dtype = _auto_dtype(sd)
+        model = cls(config, device=device, dtype=dtype)
+        with torch.no_grad():
+            _load_checkpoint_into(model, sd, stored, os.fspath(path))
+        if not config.is_resnet:
+            model.visual._pos_cache.clear()
+        return model.eval()
+
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float):
     """Symmetric InfoNCE of CLIP: (CE(logits, arange) + CE(logits^T, arange)) / 2 with
@@ -990,6 +1063,315 @@ def convert_hf_clip_state_dict(
 
 
 # =====================================================================================================
+# Pretrained files: every CLIP release format, and fastgen's own
+# =====================================================================================================
+
+FORMATS = ("fastgen", "openai_jit", "state_dict", "open_clip_hub", "hf")
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")  # fmt: skip
+_HF_WHERE = "the Hugging Face model repository ('Files and versions', e.g. openai/clip-vit-base-patch32)"
+_CHECKPOINT_WHAT = (
+    "a CLIP checkpoint (an OpenAI .pt, an open_clip checkpoint, a Hugging Face CLIP directory or a "
+    "save_pretrained directory)"
+)
+_CHECKPOINT_WHERE = (
+    "OpenAI's CLIP release (ViT-B-32.pt, RN50.pt, ...), open_clip, the Hugging Face Hub, or "
+    "CLIP.save_pretrained"
+)
+
+_BLOCK_KEY = (
+    r"transformer\.resblocks\.\d+\.(?:ln_[12]\.(?:weight|bias)|attn\.in_proj_(?:weight|bias)"
+    r"|attn\.out_proj\.(?:weight|bias)|mlp\.c_(?:fc|proj)\.(?:weight|bias))"
+)
+_BN_KEY = r"bn[123]\.(?:weight|bias|running_mean|running_var|num_batches_tracked)"
+_OPENAI_KEY = re.compile(
+    rf"{_BLOCK_KEY}|token_embedding\.weight|positional_embedding|text_projection|logit_scale"
+    rf"|ln_final\.(?:weight|bias)|visual\.(?:{_BLOCK_KEY}|conv1\.weight|class_embedding|positional_embedding"
+    rf"|ln_(?:pre|post)\.(?:weight|bias)|proj|conv[23]\.weight|{_BN_KEY}"
+    rf"|layer[1-4]\.\d+\.(?:conv[123]\.weight|{_BN_KEY}|downsample\.0\.weight"
+    rf"|downsample\.1\.(?:weight|bias|running_mean|running_var|num_batches_tracked))"
+    rf"|attnpool\.(?:positional_embedding|[qkvc]_proj\.(?:weight|bias)))"
+)
+# HF CLIPConfig defaults (transformers' CLIPTextConfig / CLIPVisionConfig), for config.json files that
+# leave a field out
+_HF_TEXT_DEFAULTS = {
+    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}  # fmt: skip
+_HF_VISION_DEFAULTS = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}  # fmt: skip
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip whose records include ``constants.pkl`` (torch.save's zips do not)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def detect_clip_format(path: str | os.PathLike) -> str:
+    """Which CLIP release format ``path`` holds, from its files (nothing is loaded):
+
+    - ``"fastgen"``: a :meth:`CLIP.save_pretrained` directory (config.json with ``"model_type": "clip"``
+      and a ``"config"`` entry, model.safetensors);
+    - ``"hf"``: a Hugging Face ``CLIPModel`` directory (config.json with ``text_config`` /
+      ``vision_config``; model.safetensors, pytorch_model.bin or their sharded ``.index.json``);
+    - ``"open_clip_hub"``: an open_clip Hub directory (open_clip_config.json and / or
+      open_clip_model.safetensors / open_clip_pytorch_model.bin);
+    - ``"openai_jit"``: a TorchScript archive (OpenAI's release ``ViT-B-32.pt``, ``RN50.pt``, ...);
+    - ``"state_dict"``: any other file: an OpenAI-layout state_dict (``.pt`` / ``.bin`` / ``.safetensors``),
+      bare or in an open_clip training checkpoint ``{"epoch", "name", "state_dict": {"module.*": ...}}``.
+
+    A missing path raises ``FileNotFoundError``; a directory with none of these files ``ValueError``.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    p = Path(path)
+    if not p.exists():
+        raise missing_weights_error(p, _CHECKPOINT_WHAT, _CHECKPOINT_WHERE)
+    if p.is_file():
+        return "openai_jit" if _is_torchscript(p) else "state_dict"
+    cfg = p / CONFIG_NAME
+    if cfg.is_file():
+        meta = _read_json(cfg)
+        if isinstance(meta, dict) and "config" in meta and "model_type" in meta:
+            if meta["model_type"] != "clip":
+                raise ValueError(f"{p}: holds a fastgen {meta['model_type']!r} model, not a 'clip' model")
+            return "fastgen"
+        if isinstance(meta, dict) and "text_config" in meta and "vision_config" in meta:
+            if meta.get("model_type", "clip") != "clip":
+                raise ValueError(
+                    f"{cfg}: Hugging Face model_type {meta.get('model_type')!r} is not supported; fastgen reads "
+                    "CLIPModel directories (model_type 'clip')"
+                )
+            return "hf"
+    if (p / "open_clip_config.json").is_file() or any((p / n).is_file() for n in _OPEN_CLIP_WEIGHTS):
+        return "open_clip_hub"
+    raise ValueError(
+        f"{p}: not a CLIP checkpoint directory. Expected config.json (fastgen's save_pretrained, or a Hugging "
+        f"Face CLIPModel with its weights {_HF_WEIGHTS[0]} / {_HF_WEIGHTS[2]}), or open_clip_config.json with "
+        f"{' / '.join(_OPEN_CLIP_WEIGHTS)}; for a single checkpoint file pass the file itself"
+    )
+
+
+def _check_openai_layout(sd: Mapping[str, Any], source: str) -> None:
+    """ValueError naming the first keys fastgen's CLIP cannot represent."""
+    bad = [k for k in sd if k not in _OPENAI_EXTRA_KEYS and not _OPENAI_KEY.fullmatch(k)]
+    if not bad:
+        return
+    if any(k.startswith(("vision_model.", "text_model.")) for k in bad):
+        raise ValueError(
+            f"{source}: a Hugging Face CLIPModel state_dict (keys {bad[:3]}): pass the directory holding it and "
+            "its config.json"
+        )
+    raise ValueError(
+        f"{source}: {len(bad)} unsupported keys, first {bad[:5]}. fastgen's CLIP reads the OpenAI layout (a ViT "
+        "or ModifiedResNet image tower, OpenAI's text transformer); other open_clip towers (timm 'visual.trunk.*', "
+        "Hugging Face 'text.transformer.*', layer scale, attentional pooling, logit_bias) are not supported"
+    )
+
+
+def _open_clip_fields(model_cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """CLIPConfig fields an open_clip ``model_cfg`` fixes that the weights' shapes cannot tell (activation,
+    head counts, LayerNorm eps, a non-square image size); options that change the computation without
+    changing the keys, and towers fastgen lacks, raise."""
+    if not isinstance(model_cfg, Mapping):
+        raise ValueError(f"{source}: model_cfg must be a JSON object, got {type(model_cfg).__name__}")
+    v, t = dict(model_cfg.get("vision_cfg") or {}), dict(model_cfg.get("text_cfg") or {})
+    for tower, cfg, key in (("vision", v, "timm_model_name"), ("text", t, "hf_model_name")):
+        if cfg.get(key):
+            raise ValueError(f"{source}: {tower}_cfg.{key}={cfg[key]!r}: fastgen's CLIP has no such tower")
+    unsupported = {
+        "vision_cfg.pool_type": (v.get("pool_type", "tok"), "tok"),
+        "vision_cfg.final_ln_after_pool": (bool(v.get("final_ln_after_pool")), False),
+        "vision_cfg.attentional_pool": (bool(v.get("attentional_pool")), False),
+        "vision_cfg.no_ln_pre": (bool(v.get("no_ln_pre")), False),
+        "vision_cfg.act_kwargs": (v.get("act_kwargs") or None, None),
+        "text_cfg.pool_type": (t.get("pool_type", "argmax"), "argmax"),
+        "text_cfg.no_causal_mask": (bool(t.get("no_causal_mask")), False),
+        "text_cfg.embed_cls": (bool(t.get("embed_cls")), False),
+        "text_cfg.act_kwargs": (t.get("act_kwargs") or None, None),
+    }
+    for name, (got, want) in unsupported.items():
+        if got != want:
+            raise ValueError(f"{source}: {name}={got!r} is not supported (fastgen's CLIP computes {want!r})")
+    out: dict[str, Any] = {"act": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"}
+    width, head_width = v.get("width"), v.get("head_width", 64)
+    if width:
+        resnet = isinstance(v.get("layers"), (list, tuple))
+        out["vision_heads"] = max((width * 32 if resnet else width) // head_width, 1)
+    if t.get("heads"):
+        out["text_heads"] = t["heads"]
+    if v.get("image_size") is not None:
+        out["image_size"] = v["image_size"] if isinstance(v["image_size"], int) else tuple(v["image_size"])
+    eps = {(c.get("norm_kwargs") or {}).get("eps") for c in (v, t)} - {None}
+    if len(eps) > 1:
+        raise ValueError(f"{source}: norm_kwargs.eps differs between the towers: {sorted(eps)}")
+    if eps:
+        out["ln_eps"] = eps.pop()
+    return out
+
+
+def _hf_config(meta: Mapping[str, Any]) -> CLIPConfig:
+    d = dict(meta)
+    d["text_config"] = {**_HF_TEXT_DEFAULTS, **(d.get("text_config") or {})}
+    d["vision_config"] = {**_HF_VISION_DEFAULTS, **(d.get("vision_config") or {})}
+    return config_from_hf(d)
+
+
+def _read_hf_weights(d: Path) -> dict[str, torch.Tensor]:
+    for name in _HF_WEIGHTS:
+        f = d / name
+        if not f.is_file():
+            continue
+        if name.endswith(".index.json"):
+            index = _read_json(f)
+            shards = sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
+            if not shards:
+                raise ValueError(f"{f}: expected a 'weight_map' of tensor names to shard files")
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                if not (d / shard).is_file():
+                    raise missing_weights_error(d / shard, f"a shard of the CLIPModel weights named in {name}",
+                                                _HF_WHERE)  # fmt: skip
+                sd.update(read_state_dict(d / shard))
+            return sd
+        return read_state_dict(f)
+    raise missing_weights_error(
+        d / _HF_WEIGHTS[0], f"the CLIPModel weights ({_HF_WEIGHTS[0]} or {_HF_WEIGHTS[2]})", _HF_WHERE
+    )
+
+
+def _state_dict_config(
+    sd: Mapping[str, Any], fields: Mapping[str, Any], overrides: Mapping[str, Any], source: str
+) -> CLIPConfig:
+    """The config of an OpenAI-layout state_dict: shapes, then ``fields`` (open_clip's model_cfg)."""
+    fields = dict(fields)
+    pos_key = (
+        "visual.attnpool.positional_embedding"
+        if "visual.attnpool.positional_embedding" in sd
+        else "visual.positional_embedding"
+    )
+    for key in (pos_key, "visual.conv1.weight", "text_projection", "token_embedding.weight",
+                "positional_embedding", "ln_final.weight"):  # fmt: skip
+        if key not in sd:
+            raise ValueError(f"{source}: missing {key!r}; not a CLIP checkpoint with both towers")
+    n = sd[pos_key].shape[0] - 1
+    if math.isqrt(n) ** 2 != n and "image_size" not in fields:
+        if "image_size" not in overrides:
+            raise ValueError(
+                f"{source}: {pos_key} has a non-square grid of {n} positions: pass image_size=(H, W)"
+            )
+        fields["image_size"] = overrides["image_size"]
+    try:
+        return config_from_openai_state_dict(sd, **fields)
+    except KeyError as e:
+        raise ValueError(f"{source}: missing {e.args[0]!r}; not a CLIP checkpoint with both towers") from None
+
+
+def read_clip_checkpoint(
+    path: str | os.PathLike, **overrides: Any
+) -> tuple[CLIPConfig, dict[str, torch.Tensor], CLIPConfig]:
+    """Read a CLIP checkpoint in any format of :func:`detect_clip_format`, without the original package.
+
+    Returns ``(config, state_dict, stored_config)``: the state_dict in fastgen's (= OpenAI's) key layout as
+    stored (dtypes unchanged), ``stored_config`` the config the weights were trained with, ``config`` that
+    with ``overrides`` (CLIPConfig fields) applied. Where the file has no config, it is inferred from the
+    shapes (OpenAI's ``build_model`` rules: heads = width / 64, ``act="quick_gelu"``); pass
+    ``act="gelu"`` for open_clip models trained without QuickGELU (their Hub directories say so in
+    open_clip_config.json, which is read). OpenAI TorchScript archives are read with ``torch.jit.load``
+    (TorchScript, not pickle: only the archive's tensors are used); other ``.pt`` / ``.bin`` files with
+    ``torch.load(weights_only=True)``.
+    """
+    fmt = detect_clip_format(path)
+    p = Path(path)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(CLIPConfig)})
+    if unknown:
+        raise TypeError(f"from_pretrained: unknown config overrides {unknown} (not CLIPConfig fields)")
+    if fmt == "fastgen":
+        meta, sd = load_fastgen_dir(p, "clip")
+        stored = config_from_dict(CLIPConfig, meta["config"])
+    elif fmt == "hf":
+        stored = _hf_config(_read_json(p / CONFIG_NAME))
+        sd = convert_hf_clip_state_dict(_read_hf_weights(p), stored)
+    else:
+        fields: dict[str, Any] = {}
+        if fmt == "openai_jit":
+            with (
+                warnings.catch_warnings()
+            ):  # torch 2.9+ marks torch.jit deprecated; the archives are TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                sd = dict(torch.jit.load(str(p), map_location="cpu").state_dict())
+            source = str(p)
+        elif fmt == "state_dict":
+            sd, source = read_state_dict(p), str(p)
+        else:  # open_clip_hub
+            cfg_file = p / "open_clip_config.json"
+            if cfg_file.is_file():
+                meta = _read_json(cfg_file)
+                model_cfg = meta.get("model_cfg", meta) if isinstance(meta, dict) else meta
+                fields = _open_clip_fields(model_cfg, str(cfg_file))
+            weights = next((p / n for n in _OPEN_CLIP_WEIGHTS if (p / n).is_file()), None)
+            if weights is None:
+                raise missing_weights_error(
+                    p / _OPEN_CLIP_WEIGHTS[1], f"the open_clip weights ({' or '.join(_OPEN_CLIP_WEIGHTS)})",
+                    "the open_clip model's Hugging Face Hub repository (e.g. laion/CLIP-ViT-B-32-laion2B-s34B-b79K)",
+                )  # fmt: skip
+            sd, source = read_state_dict(weights), str(weights)
+        _check_openai_layout(sd, source)
+        stored = _state_dict_config(sd, fields, overrides, source)
+    return replace(stored, **overrides), sd, stored
+
+
+def _load_checkpoint_into(
+    model: CLIP, sd: Mapping[str, torch.Tensor], stored: CLIPConfig, source: str
+) -> None:
+    """Copy ``sd`` into ``model`` (cast to its dtype), resampling the image pos-embed when the model's
+    trained grid differs from the checkpoint's; missing / extra / mis-shaped entries raise."""
+    cfg = model.config
+    sd = {k: v for k, v in sd.items() if k not in _OPENAI_EXTRA_KEYS}
+    key = "visual.attnpool.positional_embedding" if cfg.is_resnet else "visual.positional_embedding"
+    if key in sd and stored.grid_size != cfg.grid_size:
+        sd[key] = interpolate_pos_embed(
+            sd[key], stored.grid_size, cfg.grid_size, cfg.pos_interp_mode, cfg.pos_interp_antialias
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    extra = [k for k in sd if k not in own]
+    if missing or extra:
+        raise ValueError(
+            f"{source}: the weights do not fit the config "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''})"
+        )
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise ValueError(
+                f"{source}: {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}"
+            )
+    model.load_state_dict(sd, strict=False)
+
+
+def _auto_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for v in sd.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+# =====================================================================================================
 # Tokenizer
 # =====================================================================================================
 
@@ -1030,34 +1412,89 @@ def _word_pattern():
 
 
 def _clean(text: str) -> str:
-    text = html.unescape(html.unescape(text)).strip()
+    """OpenAI's basic_clean + whitespace_clean, then lower-case: NFC (the part of ftfy.fix_text that applies
+    to well-formed text), HTML entities unescaped twice, whitespace runs collapsed to one space."""
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text))).strip()
     return " ".join(text.split()).lower()
+
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_BPE_PACKAGES = ("open_clip", "clip")  # open_clip ships the file in its package, OpenAI's clip too
+
+
+def find_bpe_file() -> Path:
+    """The path of CLIP's merges file ``bpe_simple_vocab_16e6.txt.gz`` inside an installed ``open_clip`` or
+    OpenAI ``clip`` package, located with ``importlib.util.find_spec`` (the package is not imported).
+    Raises ``FileNotFoundError`` naming the file and where it comes from when neither package has it."""
+    searched = []
+    for name in _BPE_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            continue
+        dirs = list(spec.submodule_search_locations or [])
+        if not dirs and spec.origin:
+            dirs = [os.path.dirname(spec.origin)]
+        for d in dirs:
+            f = Path(d) / BPE_FILE
+            if f.is_file():
+                return f
+            searched.append(str(d))
+    where = f"searched {searched}" if searched else f"neither {' nor '.join(_BPE_PACKAGES)} is installed"
+    raise FileNotFoundError(
+        f"{BPE_FILE}: not found ({where}). It is CLIP's BPE merges file; it comes with the open_clip package "
+        f"(open_clip/{BPE_FILE}) and OpenAI's CLIP repository (clip/{BPE_FILE}). fastgen downloads nothing: "
+        "install open_clip or pass the file's local path as bpe_path."
+    )
 
 
 class SimpleTokenizer:
     """CLIP's tokenizer: byte-level BPE with the ``</w>`` end-of-word marker and sot / eot tokens.
 
     ``bpe_path``: the merges file (``bpe_simple_vocab_16e6.txt.gz`` of the OpenAI release, gzip or plain
-    text, a header line then one ``a b`` merge per line; at most 48,894 merges are used, as OpenAI's):
+    text, a ``#version`` header line then one ``a b`` merge per line; at most 48,894 merges are used, as
+    OpenAI's), or ``"auto"``: the file inside an installed open_clip / OpenAI clip package
+    (:func:`find_bpe_file`; see also :meth:`from_pretrained`):
     vocab = 256 byte symbols, the same with ``</w>``, one per merge, then ``<|startoftext|>``,
     ``<|endoftext|>`` (49,408 for the standard file). Without it, a byte-level fallback: the UTF-8 bytes
     (0..255) plus sot = 256 and eot = 257 (vocab 258; the ``"tiny"`` presets). Text is cleaned as
-    OpenAI's (HTML unescaped, whitespace collapsed, lower-cased; ftfy is not applied).
+    OpenAI's (NFC, HTML unescaped, whitespace collapsed, lower-cased); of ftfy's fixes only NFC is applied
+    (no mojibake repair, quote uncurling or width folding). Against Hugging Face's CLIPTokenizer (no ftfy
+    either): HF leaves HTML entities (``&amp;``) as text, so texts holding entities tokenize differently.
     """
 
     MAX_MERGES = 49152 - 256 - 2
 
-    def __init__(self, bpe_path: str | None = None) -> None:
+    def __init__(self, bpe_path: str | os.PathLike | None = None) -> None:
         self.bpe_ranks: dict[tuple[str, str], int] | None = None
         self.cache: dict[str, str] = {}
         if bpe_path is None:
             self.encoder: dict[str, int] = {}
             self.sot_token, self.eot_token, self.vocab_size = 256, 257, 258
             return
+        if not isinstance(bpe_path, (str, os.PathLike)):
+            raise TypeError(f"bpe_path: expected None, 'auto' or a path, got {type(bpe_path).__name__}")
+        if bpe_path == "auto":
+            bpe_path = find_bpe_file()
+        if not Path(bpe_path).is_file():
+            raise missing_weights_error(
+                bpe_path, f"CLIP's BPE merges ({BPE_FILE}, or a merges.txt)",
+                f"the open_clip package (open_clip/{BPE_FILE}) or OpenAI's CLIP repository (clip/{BPE_FILE})",
+            )  # fmt: skip
+        self.bpe_path = Path(bpe_path)
         opener = gzip.open if str(bpe_path).endswith(".gz") else open
         with opener(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
-        merges = [tuple(m.split()) for m in lines[1 : 1 + self.MAX_MERGES] if m.strip()]
+        if lines and "#version" in lines[0]:  # the header line of OpenAI's file and of HF's merges.txt
+            lines = lines[1:]
+        merges = [tuple(m.split()) for m in lines[: self.MAX_MERGES] if m.strip()]
+        bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+        if bad is not None:
+            raise ValueError(
+                f"bpe_path: {bpe_path}: merge {bad} is {' '.join(merges[bad])!r}, not two symbols"
+            )
         symbols = list(_bytes_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -1070,6 +1507,40 @@ class SimpleTokenizer:
         self.pat = _word_pattern()
         self.sot_token, self.eot_token = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
         self.vocab_size = len(vocab)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None) -> SimpleTokenizer:
+        """The BPE tokenizer from ``path``: None = :func:`find_bpe_file` (an installed open_clip / clip
+        package); a merges file (``bpe_simple_vocab_16e6.txt.gz``, or a plain-text ``merges.txt``); or a
+        directory holding ``bpe_simple_vocab_16e6.txt.gz``, or a Hugging Face CLIPTokenizer's
+        ``merges.txt`` (its ``vocab.json``, when present, must be the vocab these merges define: byte
+        symbols, the same with ``</w>``, one per merge, sot, eot; another order raises ``ValueError``)."""
+        if path is None:
+            return cls(find_bpe_file())
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected None or a path, got {type(path).__name__}")
+        p = Path(path)
+        if not p.is_dir():
+            return cls(p)
+        if (p / BPE_FILE).is_file():
+            return cls(p / BPE_FILE)
+        if not (p / "merges.txt").is_file():
+            raise missing_weights_error(
+                p / BPE_FILE, "CLIP's BPE merges (or, in a Hugging Face tokenizer directory, merges.txt)",
+                f"the open_clip package (open_clip/{BPE_FILE}) or OpenAI's CLIP repository (clip/{BPE_FILE})",
+            )  # fmt: skip
+        tok = cls(p / "merges.txt")
+        vocab_file = p / "vocab.json"
+        if vocab_file.is_file():
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            if vocab != tok.encoder:
+                diff = next((k for k in tok.encoder if vocab.get(k) != tok.encoder[k]), None)
+                raise ValueError(
+                    f"{vocab_file}: not the vocab that merges.txt defines (first difference: {diff!r} is "
+                    f"{vocab.get(diff)} there, {tok.encoder.get(diff)} here); this tokenizer builds CLIP's vocab "
+                    "from the merges"
+                )
+        return tok
 
     def bpe(self, token: str) -> str:
         """Merge the symbols of one pre-tokenised word, lowest-rank pair first; symbols joined by spaces."""
