@@ -5,7 +5,9 @@ Models" (arXiv:2112.10741); the UNet is ADM's (Dhariwal & Nichol 2021, arXiv:210
 parameters follow the public ``glide_text2im`` release (``unet.py``, ``text2im_model.py``, ``xf.py``,
 ``nn.py``) name for name, so ``GLIDE(from_name("glide-base")).load_state_dict(release_state_dict)`` loads
 the released checkpoints with ``strict=True`` (``base.pt``: "glide-base", ``upsample.pt``:
-"glide-upsample").
+"glide-upsample"). ``GLIDE.from_pretrained("base.pt")`` reads such a checkpoint (``weights_only``), infers
+the config from its tensors (:func:`config_from_state_dict`) and loads it; ``save_pretrained(dir)`` writes
+fastgen's format (``config.json`` + ``model.safetensors``), which ``from_pretrained(dir)`` reads back.
 
 **Text encoder** (``Text2ImUNet.get_text_emb``). tokens (B, L <= text_ctx), right-padded here to
 ``text_ctx`` with ``pad_token`` (mask False)::
@@ -80,7 +82,9 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -89,6 +93,7 @@ import torch.nn.functional as F
 import fastgen
 from fastgen.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule
 from fastgen.diffusion.samplers import INIT_NOISE_STEP
+from fastgen.models import hub
 from fastgen.models.common import (
     check_finite,
     check_id_range,
@@ -687,6 +692,201 @@ class GLIDE(nn.Module):
             h = module(torch.cat([h, hs.pop()], dim=1), emb, xf_out, key_mask, plain)
         return self.out(h).to(x.dtype)
 
+    # ---- files --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write fastgen's format into ``directory``: ``config.json`` (model_type "glide", the
+        :class:`GLIDEConfig`) and ``model.safetensors`` (the state_dict, release parameter names)."""
+        return hub.save_fastgen_dir(directory, "glide", self.cfg, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> GLIDE:
+        """Load GLIDE from a local file or directory (nothing is downloaded):
+
+        * a release checkpoint of ``glide_text2im``: ``base.pt``, ``upsample.pt``, ``base_inpaint.pt``,
+          ``upsample_inpaint.pt`` (:data:`RELEASE_URLS`), a plain state_dict read with
+          ``torch.load(weights_only=True)``; any state_dict under the release names works (``.pt`` or
+          ``.safetensors``). The config comes from :func:`config_from_state_dict`: the architecture from
+          the tensor shapes, the rest from the preset whose architecture matches;
+        * a directory written by :meth:`save_pretrained`.
+
+        ``overrides``: :class:`GLIDEConfig` fields applied last, e.g. ``mask_padding_keys=True`` or
+        ``dropout=0.0``; for a checkpoint that matches no preset, the fields the tensors do not determine
+        (``image_size``, ``num_head_channels``, ``xf_heads``, ``norm_groups``, ...).
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"GLIDE.from_pretrained: path must be a str or os.PathLike, got {type(path).__name__}"
+            )
+        p = Path(path)
+        if p.is_dir():
+            if not (p / hub.CONFIG_NAME).is_file():
+                found = [n for n in RELEASE_URLS if (p / n).is_file()]
+                hint = f"; it holds {', '.join(found)}: pass one of them" if found else ""
+                raise ValueError(
+                    f"GLIDE.from_pretrained: {p} is not a fastgen directory (no {hub.CONFIG_NAME}); pass a "
+                    f"save_pretrained directory or a release checkpoint file{hint}"
+                )
+            meta, state = hub.load_fastgen_dir(p, "glide")
+            cfg = _with_overrides(hub.config_from_dict(GLIDEConfig, meta["config"]), overrides)
+        else:
+            if not p.is_file():
+                where = RELEASE_URLS.get(
+                    p.name, "glide_text2im's release (" + ", ".join(RELEASE_URLS.values()) + ")"
+                )
+                raise hub.missing_weights_error(p, "a GLIDE checkpoint (a state_dict)", where)
+            state = hub.read_state_dict(p)
+            cfg = config_from_state_dict(state, **overrides)
+        model = cls(cfg)
+        model.load_state_dict(state)
+        return model
+
+
+RELEASE_URLS = {
+    f"{name}.pt": f"https://openaipublic.blob.core.windows.net/diffusion/dec-2021/{name}.pt"
+    for name in ("base", "upsample", "base_inpaint", "upsample_inpaint")
+}
+
+
+def _with_overrides(cfg: GLIDEConfig, overrides: dict) -> GLIDEConfig:
+    known = {f.name for f in fields(GLIDEConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"GLIDE.from_pretrained: unknown config fields {unknown}; known: {sorted(known)}")
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def _architecture(cfg: GLIDEConfig) -> dict:
+    """The config fields a state_dict determines (what :func:`config_from_state_dict` infers)."""
+    out = {
+        "model_channels": cfg.model_channels,
+        "num_res_blocks": cfg.num_res_blocks,
+        "channel_mult": tuple(cfg.channel_mult),
+        "attention_ds": tuple(sorted(cfg.attention_ds)),
+        "use_scale_shift_norm": cfg.use_scale_shift_norm,
+        "in_channels": cfg.in_channels,
+        "learn_sigma": cfg.learn_sigma,
+        "super_res": cfg.super_res,
+        "inpaint": cfg.inpaint,
+        "xf_width": cfg.xf_width,
+    }
+    if len(cfg.channel_mult) > 1:
+        out["resblock_updown"] = cfg.resblock_updown
+    if cfg.xf_width:
+        out.update(xf_layers=cfg.xf_layers, text_ctx=cfg.text_ctx, n_vocab=cfg.n_vocab,
+                   xf_final_ln=cfg.xf_final_ln, xf_padding=cfg.xf_padding)  # fmt: skip
+    return out
+
+
+def _indices(state, prefix: str) -> list[int]:
+    """Sorted distinct integers i of the keys ``prefix{i}.*``."""
+    return sorted({int(k[len(prefix) :].split(".", 1)[0]) for k in state if k.startswith(prefix)})
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor], **overrides) -> GLIDEConfig:
+    """A :class:`GLIDEConfig` for a state_dict under the release's names (``base.pt``, ``upsample.pt``,
+    ``base_inpaint.pt``, ``upsample_inpaint.pt``, or any size built the same way).
+
+    From the shapes: ``model_channels`` (``time_embed.0``), ``num_res_blocks`` and ``channel_mult`` (the
+    output blocks: the first one ending in an upsampling block is number ``num_res_blocks``; each level's
+    width), the attention levels (which blocks hold ``qkv``), ``use_scale_shift_norm`` (``emb_layers``
+    width), ``resblock_updown`` (a resblock or a conv upsamples), ``in_channels`` / ``learn_sigma`` /
+    ``super_res`` / ``inpaint`` (the output and first-conv channels: x, [image * mask, mask], low_res), the
+    text transformer (``token_embedding``, ``positional_embedding``, ``transformer.resblocks.*``,
+    ``final_ln``, ``padding_embedding``). Everything else (``image_size``, heads, ``norm_groups``, dropout,
+    the diffusion schedule, ``low_res_size``) is taken from the preset of :data:`PRESETS` whose
+    architecture is the same; with none, from "glide-base" / "glide-upsample" (then pass what differs as
+    ``overrides``). ``overrides`` apply last.
+    """
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise ValueError(f"GLIDE.from_pretrained: the state_dict has no {key!r}: not a GLIDE (glide_text2im) "
+                             "checkpoint")  # fmt: skip
+        return tuple(state[key].shape)
+
+    mc = shape("time_embed.0.weight")[1]
+    ch0, input_channels = shape("input_blocks.0.0.weight")[:2]
+    out_ch = shape("out.2.weight")[0]
+    outs = _indices(state, "output_blocks.")
+    up_at, updown = None, None
+    for i in outs:
+        for j in _indices(state, f"output_blocks.{i}.")[1:]:
+            if f"output_blocks.{i}.{j}.in_layers.2.weight" in state:
+                up_at, updown = i, True
+            elif f"output_blocks.{i}.{j}.conv.weight" in state:
+                up_at, updown = i, False
+        if up_at is not None:
+            break
+    n_res = len(outs) - 1 if up_at is None else up_at
+    levels = len(outs) // (n_res + 1)
+    if n_res < 1 or levels * (n_res + 1) != len(outs):
+        raise ValueError(f"GLIDE.from_pretrained: {len(outs)} output blocks do not form a UNet (up-sampling at "
+                         f"block {up_at})")  # fmt: skip
+    mult = []
+    for level in range(levels):
+        width = shape(f"output_blocks.{(levels - 1 - level) * (n_res + 1)}.0.out_layers.3.weight")[0]
+        mult.append(width // mc)
+    attn_ds, ds = set(), 2 ** (levels - 1)
+    for i in outs:
+        if f"output_blocks.{i}.1.qkv.weight" in state:
+            attn_ds.add(ds)
+        if i % (n_res + 1) == n_res:
+            ds //= 2
+    mid = shape("middle_block.0.out_layers.3.weight")[0]
+    ssn = shape("middle_block.0.emb_layers.1.weight")[0] == 2 * mid
+    # in_channels: out = 2 in (learned sigma, the release) else in; first conv: in (+ in + 1) (+ in)
+    arch = None
+    for learn_sigma in (True, False):
+        c = out_ch // 2 if learn_sigma else out_ch
+        if c < 1 or (learn_sigma and out_ch % 2):
+            continue
+        for inpaint in (False, True):
+            for super_res in (False, True):
+                if c + (c + 1 if inpaint else 0) + (c if super_res else 0) == input_channels and arch is None:
+                    arch = {"in_channels": c, "learn_sigma": learn_sigma, "inpaint": inpaint,
+                            "super_res": super_res}  # fmt: skip
+    if arch is None:
+        raise ValueError(f"GLIDE.from_pretrained: {input_channels} input and {out_ch} output channels match no "
+                         "GLIDE variant")  # fmt: skip
+    arch.update(model_channels=mc, num_res_blocks=n_res, channel_mult=tuple(mult),
+                attention_ds=tuple(sorted(attn_ds)), use_scale_shift_norm=ssn)  # fmt: skip
+    if ch0 != mult[0] * mc:
+        raise ValueError(f"GLIDE.from_pretrained: first conv width {ch0} != channel_mult[0] x model_channels")
+    if updown is not None:
+        arch["resblock_updown"] = updown
+    if "token_embedding.weight" in state:
+        n_vocab, width = shape("token_embedding.weight")
+        arch.update(xf_width=width, n_vocab=n_vocab, text_ctx=shape("positional_embedding")[0],
+                    xf_layers=len(_indices(state, "transformer.resblocks.")),
+                    xf_final_ln="final_ln.weight" in state, xf_padding="padding_embedding" in state)  # fmt: skip
+    else:
+        arch["xf_width"] = 0
+    matches = [name for name, cfg in PRESETS.items() if _architecture(cfg) == arch]
+    base = PRESETS[matches[0] if matches else ("glide-upsample" if arch["super_res"] else "glide-base")]
+    image_size = overrides.get("image_size", base.image_size)
+    fields_ = {k: v for k, v in arch.items() if k != "attention_ds"}
+    bad = [d for d in arch["attention_ds"] if image_size % d]
+    if not bad:
+        fields_["attention_resolutions"] = tuple(image_size // d for d in arch["attention_ds"])
+    if arch["super_res"] and base.low_res_size:
+        fields_["low_res_size"] = image_size * base.low_res_size // base.image_size
+    fields_.update(overrides)
+    try:
+        if bad and "attention_resolutions" not in overrides:
+            raise _err(
+                f"image_size {image_size} is not a multiple of the attention downsampling factors {bad}"
+            )
+        return _with_overrides(base, fields_)
+    except ValueError as e:
+        if matches:
+            raise
+        raise ValueError(
+            f"GLIDE.from_pretrained: the checkpoint's architecture {arch} matches no preset; pass the fields the "
+            f"tensors do not determine (image_size, num_head_channels, xf_heads, norm_groups, ...) as keyword "
+            f"overrides ({e})"
+        ) from e
+
 
 def check_inpaint_inputs(
     image: torch.Tensor | None, mask: torch.Tensor | None, x: torch.Tensor
@@ -1152,8 +1352,10 @@ def training_losses(
 __all__ = [
     "GLIDE",
     "PRESETS",
+    "RELEASE_URLS",
     "GLIDEConfig",
     "TextEmbedding",
+    "config_from_state_dict",
     "count_parameters",
     "from_name",
     "make_sampler",

@@ -5,7 +5,9 @@ gradient w.r.t. x_t guides the sampler. Modules and parameters follow the public
 release name for name (``blocks.input`` / ``blocks.block_{i}`` / ``blocks.output``; ``w`` / ``b`` of
 its affine layers, ``g`` / ``b`` of its layer norms), so ``clip.image_encoder.load_state_dict(image_enc)``
 and ``clip.text_encoder.load_state_dict(text_enc)`` load the released ``clip/image-enc`` and
-``clip/text-enc`` checkpoints with ``strict=True``.
+``clip/text-enc`` checkpoints with ``strict=True``; ``GlideCLIP.from_pretrained(dir)`` reads the two
+files (``clip_image_enc.pt`` / ``clip_text_enc.pt``) and infers the config, and ``save_pretrained(dir)``
+writes fastgen's format, which ``from_pretrained`` reads back.
 
 **Image encoder** (86.4M parameters for "glide-clip"): x_t (B, 3, 64, 64) in [-1, 1] ->
 ``(x + 1) * 127.5`` -> ``(x - mean) / std`` per channel (CLIP's constants) -> 4x4 patches by a conv
@@ -31,12 +33,15 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastgen.models import hub
 from fastgen.models.common import check_id_range, check_integer_ids, is_finite_real
 
 # CLIP's image normalisation constants, on the 0..255 scale
@@ -324,5 +329,152 @@ class GlideCLIP(nn.Module):
 
         return fn
 
+    # ---- files --------------------------------------------------------------------------------------
 
-__all__ = ["PRESETS", "GlideCLIP", "GlideCLIPConfig", "ImageEncoder", "TextEncoder", "from_name"]
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write fastgen's format into ``directory``: ``config.json`` (model_type "glide_clip", the
+        :class:`GlideCLIPConfig`) and ``model.safetensors`` (``image_encoder.*`` and ``text_encoder.*``)."""
+        return hub.save_fastgen_dir(directory, "glide_clip", self.cfg, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> GlideCLIP:
+        """Load the noise-aware CLIP from local files (nothing is downloaded). ``path`` is one of
+
+        * a directory written by :meth:`save_pretrained`;
+        * a directory holding the release's two checkpoints, ``clip_image_enc.pt`` and ``clip_text_enc.pt``
+          (the names ``glide_text2im`` caches them under; ``image_enc.pt`` / ``text_enc.pt``, also inside a
+          ``clip/`` subdirectory, are found too): :data:`RELEASE_URLS`;
+        * a pair ``(image_enc_path, text_enc_path)``.
+
+        The release files are plain state_dicts (read with ``weights_only=True``) of the image and text
+        encoders; the config comes from :func:`config_from_state_dicts`. ``overrides``:
+        :class:`GlideCLIPConfig` fields, for checkpoints of another size whose head split differs from
+        the presets' (``n_head_state``, ``n_head_image``, ``n_head_text``).
+        """
+        if isinstance(path, (tuple, list)):
+            if len(path) != 2 or not all(isinstance(p, (str, os.PathLike)) for p in path):
+                raise TypeError(
+                    "GlideCLIP.from_pretrained: path must be a directory or an (image_enc_path, text_enc_path) "
+                    f"pair of paths, got {path!r}"
+                )
+            files = {"image": Path(path[0]), "text": Path(path[1])}
+        elif isinstance(path, (str, os.PathLike)):
+            d = Path(path)
+            if (d / hub.CONFIG_NAME).is_file():
+                meta, state = hub.load_fastgen_dir(d, "glide_clip")
+                cfg = _with_overrides(hub.config_from_dict(GlideCLIPConfig, meta["config"]), overrides)
+                model = cls(cfg)
+                model.load_state_dict(state)
+                return model
+            if d.is_file():
+                raise ValueError(
+                    f"GlideCLIP.from_pretrained: {d} is a file; pass the directory holding clip_image_enc.pt and "
+                    "clip_text_enc.pt, or the pair (image_enc_path, text_enc_path)"
+                )
+            files = {which: _find_release(d, which) for which in ("image", "text")}
+        else:
+            raise TypeError(
+                f"GlideCLIP.from_pretrained: path must be a str / os.PathLike or a pair of them, "
+                f"got {type(path).__name__}"
+            )
+        states = {}
+        for which, f in files.items():
+            if not f.is_file():
+                raise hub.missing_weights_error(
+                    f, f"the GLIDE noise-aware CLIP's {which} encoder (a state_dict)", RELEASE_URLS[which]
+                )
+            states[which] = hub.read_state_dict(f)
+        cfg = config_from_state_dicts(states["image"], states["text"], **overrides)
+        model = cls(cfg)
+        model.image_encoder.load_state_dict(states["image"])
+        model.text_encoder.load_state_dict(states["text"])
+        return model
+
+
+RELEASE_URLS = {
+    which: f"https://openaipublic.blob.core.windows.net/diffusion/dec-2021/clip_{which}_enc.pt"
+    for which in ("image", "text")
+}
+
+
+def _find_release(d: Path, which: str) -> Path:
+    """``d``'s release file for ``which`` encoder; the canonical name when none is there (for the error)."""
+    names = (f"clip_{which}_enc.pt", f"{which}_enc.pt", f"{which}-enc.pt")
+    for sub in (d, d / "clip"):
+        for name in names:
+            if (sub / name).is_file():
+                return sub / name
+    return d / names[0]
+
+
+def _with_overrides(cfg: GlideCLIPConfig, overrides: dict) -> GlideCLIPConfig:
+    known = {f.name for f in fields(GlideCLIPConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"GlideCLIP.from_pretrained: unknown config fields {unknown}; known: {sorted(known)}")
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def config_from_state_dicts(image_state: dict, text_state: dict, **overrides) -> GlideCLIPConfig:
+    """A :class:`GlideCLIPConfig` for the release's ``clip/image-enc`` and ``clip/text-enc`` state_dicts.
+
+    From the shapes: ``n_timesteps`` (``w_t`` rows), ``patch_size`` (``patch_proj``), ``image_size``
+    (``patch_size * sqrt(w_pos rows - 1)``), ``n_vocab`` / ``max_text_len`` (``w_voc`` / text ``w_pos``
+    rows), the block counts, ``n_embd`` (``blocks.output.f.w``) and the two widths. A width is
+    ``heads * n_head_state``, which the tensors do not split: the split of the preset with the same widths
+    is used, else ``n_head_state`` = 64 (the release's; pass ``n_head_state`` / ``n_head_image`` /
+    ``n_head_text`` to change it). ``overrides`` apply last.
+    """
+
+    def shape(state, which, key):
+        if key not in state:
+            raise ValueError(
+                f"GlideCLIP.from_pretrained: the {which} encoder state_dict has no {key!r}: not a glide_text2im "
+                f"clip/{which}-enc checkpoint"
+            )
+        return tuple(state[key].shape)
+
+    n_t, w_img = shape(image_state, "image", "blocks.input.w_t")
+    p = shape(image_state, "image", "blocks.input.patch_proj")[-1]
+    grid = math.isqrt(shape(image_state, "image", "blocks.input.w_pos")[0] - 1)
+    n_vocab, w_txt = shape(text_state, "text", "blocks.input.w_voc")
+    n_embd = shape(image_state, "image", "blocks.output.f.w")[0]
+    n_embd_text = shape(text_state, "text", "blocks.output.f.w")[0]
+    if n_embd != n_embd_text:
+        raise ValueError(f"GlideCLIP.from_pretrained: image features {n_embd} != text features {n_embd_text}")
+
+    def n_blocks(state):
+        return len({k.split(".")[1] for k in state if k.startswith("blocks.block_")})
+
+    found = {"image_size": grid * p, "patch_size": p, "n_timesteps": n_t, "n_vocab": n_vocab,
+             "max_text_len": shape(text_state, "text", "blocks.input.w_pos")[0], "n_embd": n_embd,
+             "n_xf_blocks_image": n_blocks(image_state), "n_xf_blocks_text": n_blocks(text_state)}  # fmt: skip
+    split = next(
+        ((c.n_head_state, c.n_head_image, c.n_head_text) for c in PRESETS.values()
+         if (c.n_head_image * c.n_head_state, c.n_head_text * c.n_head_state) == (w_img, w_txt)),
+        None,
+    )  # fmt: skip
+    state_w = overrides.get("n_head_state", split[0] if split else 64)
+    if split and state_w == split[0]:
+        found.update(n_head_state=split[0], n_head_image=split[1], n_head_text=split[2])
+    elif w_img % state_w or w_txt % state_w:
+        raise ValueError(
+            f"GlideCLIP.from_pretrained: widths {w_img} (image) and {w_txt} (text) are not multiples of "
+            f"n_head_state={state_w}; pass n_head_state= (the per-head width)"
+        )
+    else:
+        found.update(n_head_state=state_w, n_head_image=w_img // state_w, n_head_text=w_txt // state_w)
+    found.update(overrides)
+    return _with_overrides(GlideCLIPConfig(), found)
+
+
+__all__ = [
+    "PRESETS",
+    "RELEASE_URLS",
+    "GlideCLIP",
+    "GlideCLIPConfig",
+    "ImageEncoder",
+    "TextEncoder",
+    "config_from_state_dicts",
+    "from_name",
+]
