@@ -37,6 +37,9 @@ token per step: ``kv_cache_append`` + ``fastgen.attention_decode``. Sampling: te
 with a seeded generator (``fastgen.models.common.sample_logits``). ``use_cache=False`` recomputes the whole
 sequence each step (the oracle of the tests).
 
+**Files.** :meth:`GLaM.save_pretrained` writes fastgen's format (``config.json`` + ``model.safetensors``,
+shared parameters stored once and re-tied on load); :meth:`GLaM.from_pretrained` reads it back.
+
 **Expert parallelism.** ``GLaM(cfg, process_group=pg)`` hands ``pg`` to every Top2MoE: each rank holds
 E / world experts of each MoE layer and everything else replicated. Every rank must run each forward (and
 each generate step: early stopping at ``eos_id`` is off under a group, all ranks run max_new_tokens steps).
@@ -52,7 +55,9 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastgen
+from fastgen.models import hub
 from fastgen.models.common import (
     check_id_range,
     check_integer_ids,
@@ -573,6 +579,70 @@ class GLaM(nn.Module):
                 if key in local:
                     local[key] = local[key][lo:hi]
         self.load_state_dict(local)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write fastgen's format into ``directory``: ``config.json`` (model_type "glam", the
+        :class:`GLaMConfig`) and ``model.safetensors`` (the state_dict).
+
+        Parameters that share one tensor are stored once (safetensors refuses aliases): the copies are
+        listed in config.json as ``"tied": {name: name it shares with}`` and re-tied by
+        :meth:`from_pretrained`. With ``tie_embeddings=True`` (the default) the output layer is
+        ``tok_emb.weight`` itself and nothing is duplicated; a hand-tied ``lm_head.weight =
+        tok_emb.weight`` is recorded this way. An expert-parallel shard (``process_group``) holds only its
+        experts and is refused: save from a single-process model.
+        """
+        if self.process_group is not None:
+            raise ValueError(
+                "GLaM.save_pretrained: this model is an expert-parallel shard (process_group is set) and holds "
+                "only its own experts; save a single-process GLaM holding every expert"
+            )
+        state, tied, seen = {}, {}, {}
+        for name, t in self.state_dict(keep_vars=True).items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if t.numel() and key in seen:
+                tied[name] = seen[key]
+                continue
+            seen.setdefault(key, name)
+            state[name] = t.detach()
+        return hub.save_fastgen_dir(
+            directory, "glam", self.config, state, extra={"tied": tied} if tied else None
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, process_group: Any = None, **overrides) -> GLaM:
+        """Load a directory written by :meth:`save_pretrained` (GLaM's weights were never released, so
+        fastgen's format is the only one), re-tying the shared parameters it lists.
+
+        ``process_group``: build an expert-parallel shard that keeps its own experts' slices
+        (:meth:`load_dense_state_dict`). ``overrides``: :class:`GLaMConfig` fields applied to the saved
+        config, e.g. ``eval_capacity_factor=2.0``, ``capacity_factor``, ``jitter_eps``,
+        ``aux_loss_weight``; fields that change parameter shapes make the load fail.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"GLaM.from_pretrained: path must be a str or os.PathLike, got {type(path).__name__}"
+            )
+        meta, state = hub.load_fastgen_dir(path, "glam")
+        cfg = hub.config_from_dict(GLaMConfig, meta["config"])
+        known = {f.name for f in fields(GLaMConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"GLaM.from_pretrained: unknown config fields {unknown}; known: {sorted(known)}")
+        if overrides:
+            cfg = replace(cfg, **overrides)
+        tied = meta.get("tied") or {}
+        for name, source in tied.items():
+            if source not in state:
+                raise ValueError(
+                    f"GLaM.from_pretrained: {path}: {name} is tied to {source}, which is not stored"
+                )
+            state[name] = state[source]
+        model = cls(cfg, process_group=process_group)
+        model.load_dense_state_dict(state)
+        for name, source in tied.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+        return model
 
 
 def train_step(
