@@ -30,6 +30,13 @@ INIT_NOISE_STEP = (1 << 24) - 1
 ModelFn = Callable[[torch.Tensor, torch.Tensor], Any]
 
 
+class _StepPlan:
+    """What the fast path of ``Sampler.step`` needs for one (shape, dtype, device), built once."""
+
+    __slots__ = ("clip", "device", "dtype", "flat", "g", "noise_mode", "out_flat", "out_shape", "rows", "shape",
+                 "uoff", "var_mode")  # fmt: skip
+
+
 def _progress(iterable, total: int, enable: bool, desc: str):
     if not enable:
         return iterable
@@ -87,6 +94,7 @@ class Sampler:
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
         self._tables: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._plan: _StepPlan | None = None
 
     @property
     def num_steps(self) -> int:
@@ -135,6 +143,10 @@ class Sampler:
         ``known_image`` / ``known_mask`` (inpainting) and ``cond_grad`` / ``cond_grad_scale`` (a guidance
         gradient shifting the mean by variance * scale * grad): see ``fastgen.ops.diffusion_step.sampler_step``.
         """
+        if noise is None and known_image is None and cond_grad is None and known_mask is None:
+            out = self._fast_step(i, x, model_output, prev_x0, seed, sample_offset)
+            if out is not None:
+                return out
         try:  # 5.5 would index the coefficient table with a float; True is not a step
             if isinstance(i, bool):
                 raise TypeError
@@ -147,7 +159,7 @@ class Sampler:
         if isinstance(model_output, tuple):
             model_output, uncond = model_output
         coeffs = self.coefficients(x.device, x.dtype)[i]
-        return D.sampler_step(
+        result = D.sampler_step(
             x,
             model_output,
             coeffs,
@@ -167,6 +179,91 @@ class Sampler:
             cond_grad=cond_grad,
             cond_grad_scale=cond_grad_scale,
         )
+        if uncond is None and noise is None and known_image is None and cond_grad is None:
+            self._make_plan(x, model_output)
+        return result
+
+    def _fast_step(self, i, x, model_output, prev_x0, seed, sample_offset):
+        """The common step (no explicit noise, inpainting or guidance gradient) with its Python cost cut to
+        a few microseconds: the options were validated when the sampler was built, and what depends on the
+        shapes is validated by the first full step and kept in a one-entry plan. Returns None whenever the
+        full path must run (a new shape, a traced call, an argument of another kind); that path raises
+        every error, so the fast path never has to."""
+        plan = self._plan
+        if (
+            plan is None
+            or type(i) is not int
+            or type(x) is not torch.Tensor
+            or type(model_output) is not torch.Tensor
+            or x.shape != plan.shape
+            or model_output.shape != plan.out_shape
+            or x.dtype is not plan.dtype
+            or model_output.dtype is not plan.dtype
+            or x.device != plan.device
+            or model_output.device != plan.device
+            or not 0 <= i < len(plan.rows)
+            or not x.is_contiguous()
+            or not model_output.is_contiguous()
+        ):
+            return None
+        prev = None
+        if self.needs_prev_x0 and prev_x0 is not None:
+            if (
+                type(prev_x0) is not torch.Tensor
+                or prev_x0.shape != plan.shape
+                or prev_x0.dtype is not plan.dtype
+                or prev_x0.device != plan.device
+                or not prev_x0.is_contiguous()
+            ):
+                return None
+            prev = prev_x0.view(plan.flat)
+        if plan.noise_mode == 2:
+            if seed is None or type(seed) is not int or type(sample_offset) is not int:
+                return None
+            seed &= 0xFFFFFFFFFFFFFFFF
+            seed = seed - (1 << 64) if seed >= (1 << 63) else seed
+            sample_offset &= 0xFFFFFFFF
+        else:
+            seed, sample_offset = 0, 0
+        xf = x.view(plan.flat)
+        backend = D.eager_backend(xf)
+        if backend is None:
+            return None
+        cond = model_output.view(plan.out_flat)
+        out, x0 = backend.fn(xf, cond, cond if plan.uoff else None, plan.uoff, plan.rows[i], prev, None, None,
+                             None, plan.g, plan.clip, plan.var_mode, plan.noise_mode, seed, sample_offset,
+                             True, False, None, None, None, 0.0)  # fmt: skip
+        return out.view(plan.shape), x0.view(plan.shape)
+
+    def _make_plan(self, x: torch.Tensor, model_output: Any) -> None:
+        """After a full step validated these shapes: the plan for the fast path (None when the step
+        needs what the fast path does not do: thresholding, guidance rescale, separate uncond)."""
+        self._plan = None
+        if (
+            type(x) is not torch.Tensor
+            or type(model_output) is not torch.Tensor
+            or x.dtype not in D.KERNEL_DTYPES
+            or model_output.dtype != x.dtype
+            or x.dim() < 2
+            or x.numel() == 0
+            or self.dynamic_threshold not in (None, False)
+            or self.guidance_rescale > 0
+        ):
+            return
+        plan = _StepPlan()
+        plan.shape, plan.out_shape = x.shape, model_output.shape
+        plan.dtype, plan.device = x.dtype, x.device
+        b = x.shape[0]
+        plan.flat = (b, x[0].numel())
+        plan.out_flat = (model_output.shape[0], model_output[0].numel())
+        plan.rows = self.coefficients(x.device, x.dtype).unbind(0)
+        guided = self.guidance_scale is not None
+        plan.uoff = b if guided else 0
+        plan.g = float(self.guidance_scale) if guided else 1.0
+        plan.clip = float(self.clip_sample) if self.clip_sample is not None else 0.0
+        plan.var_mode = 1 if getattr(self, "variance_type", None) == "learned_range" else 0
+        plan.noise_mode = 2 if self.needs_noise else 0
+        self._plan = plan
 
     @torch.no_grad()
     def sample(

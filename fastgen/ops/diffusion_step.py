@@ -585,6 +585,43 @@ def _(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thr
     return torch.empty_like(x), (torch.empty_like(x) if want_x0 else empty)
 
 
+# ---- eager calls skip the custom-op machinery ----------------------------------------------------------
+#
+# torch.library's Python custom op costs ~50 us per call on a CPU (autograd wrapper, redispatch), more than
+# the whole kernel at sampling sizes. In plain eager mode the dispatched backend is called directly; the
+# custom op serves everything that traces (torch.compile / export, FakeTensor and other dispatch modes,
+# tensor subclasses), so compiled graphs still see one op.
+
+
+_DISPATCHED: dict[tuple, _backend.Backend] = {}
+
+
+def eager_backend(x: torch.Tensor) -> _backend.Backend | None:
+    """The backend that serves a step on ``x`` (B, N) when the call can skip the custom op (plain eager
+    mode, a plain tensor); None when something traces it (then call ``_sampler_step_op``)."""
+    if (
+        type(x) is not torch.Tensor
+        or torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return None
+    # what dispatch depends on: device, dtype, the size limit, a forced backend, the Triton interpreter
+    key = (x.device, x.dtype, x.shape[1] < 2**31, OP.forced_backend(), _backend.triton_interpret())
+    backend = _DISPATCHED.get(key)
+    if backend is None:
+        backend = OP.dispatch(Call(x.device, x.dtype, {"n": x.shape[1]}))
+        if len(_DISPATCHED) < 256:
+            _DISPATCHED[key] = backend
+    return backend
+
+
+def _run_step(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_sampler_step_op(*args)``, without the custom-op overhead when nothing traces the call."""
+    backend = eager_backend(args[0])
+    return _sampler_step_op(*args) if backend is None else backend.fn(*args)
+
+
 # =====================================================================================================
 # Input handling shared by every step function
 # =====================================================================================================
@@ -962,10 +999,10 @@ def sampler_step(
     thresh = None
     coeffs = coeffs.contiguous()
     if thr is not None and not empty:
-        _, absx0 = _sampler_step_op(p.x, p.cond, p.uncond, p.uoff, coeffs, None, None, row_scale, None, g, 0.0,
+        _, absx0 = _run_step(p.x, p.cond, p.uncond, p.uoff, coeffs, None, None, row_scale, None, g, 0.0,
                                     p.var_mode, 0, 0, sample_offset, False, True, known, keep)  # fmt: skip
         thresh = _quantile_rows(absx0, thr[0]).clamp(min=1.0, max=thr[1]).to(torch.float32)
-    out, x0 = _sampler_step_op(p.x, p.cond, p.uncond, p.uoff, coeffs, p.prev, p.noise, row_scale, thresh, g,
+    out, x0 = _run_step(p.x, p.cond, p.uncond, p.uoff, coeffs, p.prev, p.noise, row_scale, thresh, g,
                                clip, p.var_mode, p.noise_mode, seed, sample_offset, return_x0, False,
                                known, keep, grad, grad_scale)  # fmt: skip
     return out.view(p.shape), (x0.view(p.shape) if return_x0 else None)
