@@ -17,3 +17,9 @@ __all__ = [
     "psnr",
     "ssim",
 ]
+
+# pytorch-fid's TF-Inception FID network and folder-level FID / SSIM (Pillow is imported on first use)
+from fastgen.metrics.folders import fid_folders, ssim_files, ssim_folders
+from fastgen.metrics.inception import FIDInceptionV3, load_fid_inception
+
+__all__ += ["FIDInceptionV3", "fid_folders", "load_fid_inception", "ssim_files", "ssim_folders"]

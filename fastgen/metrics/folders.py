@@ -1,6 +1,6 @@
 r"""FID and SSIM between folders of image files (read with PIL; nothing else is needed).
 
-Images are read in sorted path order, converted to RGB (grey, palette and RGBA files included; alpha is
+Images are read with Pillow (imported on first use) in sorted path order, converted to RGB (grey, palette and RGBA files included; alpha is
 dropped as PIL's ``convert("RGB")`` does) and turned into float32 ``(3, H, W)`` tensors in [0, 1].
 Files are picked by extension (:data:`IMAGE_EXTENSIONS`, any case); ``recursive=True`` walks
 sub-folders too.
@@ -29,11 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 RESIZE_MODES = ("legacy", "clean")
 FID_SIZE = 299
+
+
+def _pil_image():
+    """PIL.Image, imported on first use (Pillow is needed to read image files, not to import fastgen)."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError(f"reading image files needs Pillow (pip install pillow): {e}") from e
+    return Image
 
 
 def list_images(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
@@ -57,6 +65,7 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = False) -> list[P
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """The image file as an RGB uint8 array ``(H, W, 3)``; ValueError naming the file if PIL cannot read it."""
+    Image = _pil_image()
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
@@ -73,9 +82,10 @@ def clean_resize(image: np.ndarray, size: int = FID_SIZE) -> np.ndarray:
         raise ValueError(
             f"clean_resize: image must be an (H, W, 3) array, got {getattr(image, 'shape', image)!r}"
         )
+    Image = _pil_image()
     channels = []
     for c in range(3):
-        ch = Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32), mode="F")
+        ch = Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32))  # 2-D float32: mode F
         channels.append(np.asarray(ch.resize((size, size), resample=Image.Resampling.BICUBIC)))
     return np.stack(channels, axis=2).clip(0, 255).astype(np.float32)
 

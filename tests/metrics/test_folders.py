@@ -67,9 +67,9 @@ def test_list_images_filters_sorts_and_recurses(tmp_path):
 
 def test_read_image_converts_to_rgb(tmp_path):
     grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
-    Image.fromarray(grey, mode="L").save(tmp_path / "g.png")
+    Image.fromarray(grey).save(tmp_path / "g.png")
     rgba = np.dstack([np.full((8, 8), v, np.uint8) for v in (10, 20, 30, 40)])
-    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    Image.fromarray(rgba).save(tmp_path / "a.png")
     got = read_image(tmp_path / "g.png")
     assert got.shape == (8, 8, 3) and got.dtype == np.uint8
     assert (got == grey[..., None]).all()
