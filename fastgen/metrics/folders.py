@@ -127,14 +127,18 @@ def collate_images(images: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
+def _check_batch_size(batch_size) -> None:
+    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 def iter_batches(
     dataset: ImageFolder, batch_size: int, *, progress: bool = True, desc: str | None = None
 ) -> Iterator[torch.Tensor]:
     """Batches ``(B, 3, H, W)`` of ``dataset`` in order, with a tqdm bar counting images (``progress``)."""
     from tqdm.auto import tqdm
 
-    if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    _check_batch_size(batch_size)
     n = len(dataset)
     with tqdm(total=n, unit="img", desc=desc or str(dataset.folder), disable=not progress) as bar:
         for start in range(0, n, batch_size):
@@ -169,6 +173,7 @@ def fid_folders(
 
     if resize not in RESIZE_MODES:
         raise ValueError(f"fid_folders: resize must be one of {RESIZE_MODES}, got {resize!r}")
+    _check_batch_size(batch_size)
     # read the folder listings before loading a 100 MB network: bad paths fail fast
     sets = [ImageFolder(d, resize=resize, recursive=recursive) for d in (dir_a, dir_b)]
     for name, ds in zip(("dir_a", "dir_b"), sets):
