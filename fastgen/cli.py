@@ -211,7 +211,18 @@ def cmd_sample_dalle(args) -> None:
     model = DALLE.from_pretrained(args.weights).eval().to(dev)
     if getattr(model, "dvae", None) is None:
         raise CLIError(f"{args.weights}: this DALLE has no dVAE to decode images (save it with its dvae)")
-    tok = _clip_tokenizer(args.bpe, model.cfg.text_vocab_size)
+    # DALL-E's own text BPE was never released: a CLIP-format BPE file (--bpe), else UTF-8 bytes
+    if args.bpe is not None:
+        tok = _clip_tokenizer(args.bpe, model.cfg.text_vocab_size)
+    else:
+        from fastgen.models.clip import SimpleTokenizer
+
+        tok = SimpleTokenizer()
+        if tok.vocab_size > model.cfg.text_vocab_size:
+            raise CLIError(
+                f"the model's text vocabulary ({model.cfg.text_vocab_size}) is smaller than the byte-level "
+                f"tokenizer's {tok.vocab_size} tokens: pass --bpe with the BPE file the model was trained with"
+            )
     ids = tok.encode(args.prompt)[: model.cfg.text_seq_len]
     if ids and max(ids) >= model.cfg.text_vocab_size:
         raise CLIError(f"token id {max(ids)} >= the model's text_vocab_size {model.cfg.text_vocab_size}")

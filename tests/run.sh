@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "torch==2.13.0"
 fi
-"$PY" -m pip install setuptools wheel ninja pybind11 numpy tqdm triton pytest ruff scipy matplotlib transformers scikit-learn scikit-image hypothesis diffusers
+"$PY" -m pip install setuptools wheel ninja pybind11 numpy tqdm safetensors pillow triton pytest ruff scipy matplotlib transformers scikit-learn scikit-image hypothesis diffusers
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install --no-build-isolation --no-deps -e .
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .
