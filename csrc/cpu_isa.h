@@ -38,6 +38,20 @@ inline Isa best_isa() {
   return best;
 }
 
+// F16C (the packed float16 <-> float32 conversions): the AVX2 path converts fp16 with it only where the
+// CPU has it (every AVX2 part in practice, but it is a separate cpuid bit). AVX-512F has its own forms.
+inline bool has_f16c() {
+  static const bool yes = [] {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c") != 0;
+#else
+    return false;
+#endif
+  }();
+  return yes;
+}
+
 inline Isa selected_isa() {
   const Isa best = best_isa();
   const char* env = std::getenv("FASTGEN_CPU_ISA");

@@ -1,13 +1,39 @@
-// Fused diffusion sampler step, C++ CPU kernel (at::parallel_for over tiles of a row).
+// Fused diffusion sampler step, C++ CPU kernel (at::parallel_for over tiles of a row), with runtime SIMD
+// dispatch.
 //
 // Each tile of kTile elements of one sample goes through a short pipeline of stages (guidance,
 // prediction + known-region replacement + clipping + update, prev_x0 term, guidance-gradient shift,
-// noise, stores), each a tight loop over float32 buffers that stay in L1. Every stage is templated on the features it handles, so its loop has no branches and
-// GCC / clang vectorize it (all but the learned-range expf; the RNG included, see log_positive and
-// sincos_turn in the header); the features are resolved once per tile, not per element. Staging keeps
-// the template instantiations additive in the features (about 30 loops per dtype) instead of
-// multiplicative (~500 fused loops per dtype): a lean build at no cost in speed, as the step is
-// memory-bound and the buffers never leave L1.
+// noise, stores), each a tight loop over float32 buffers that stay in L1. Every stage is templated on the
+// features it handles, so its loop has no branches and GCC / clang vectorize it (all but the
+// learned-range expf; the RNG included, see log_positive and sincos_turn in the header); the features are
+// resolved once per tile, not per element. Staging keeps the template instantiations additive in the
+// features (about 25 loops per dtype and path) instead of multiplicative.
+//
+// SIMD paths. The per-chunk body (tile loop + every stage, all always-inline) is instantiated three
+// times in this one translation unit: in a wrapper without a target attribute (the portable x86-64
+// baseline, SSE2), in a target("avx2,fma") wrapper and in a target("avx512f") wrapper, so the
+// vectorizer emits 128-, 256- and 512-bit loops from the same source. cpu::selected_isa() (cpuid, capped
+// by FASTGEN_CPU_ISA) picks the wrapper at every call. No global -m flag is involved, so the baseline
+// never executes an instruction the CPU might lack.
+//
+// Same results on every path, bit for bit: every stage is elementwise (no reductions), and FMA
+// contraction is switched off for this file (the pragma below; GCC contracts a * b + c into an FMA under
+// target("avx2,fma") / "avx512f" otherwise, even in ISO mode, which rounds differently from the scalar
+// path and from the torch reference). sqrt, division and the int <-> float conversions are IEEE-exact in
+// every width; expf is the same libm call on every path.
+//
+// 16-bit types. Inputs are converted to float32 tile buffers and outputs converted back, with explicit
+// intrinsics on the SIMD paths: bf16 -> f32 is a 16-bit shift; f32 -> bf16 rounds to nearest even on the
+// integer bits, NaN -> 0x7FC0 (c10::BFloat16's rounding, which torch's .to(bfloat16) uses too); fp16 uses
+// F16C's vcvtph2ps / vcvtps2ph (round to nearest even) under target("avx2,f16c") where cpuid reports F16C,
+// or the AVX-512F forms. The baseline uses c10's scalar conversions; all give the same bits (a NaN stays a
+// NaN; its payload may differ).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 #include "diffusion_step/diffusion_step.h"
 
 #include <ATen/Parallel.h>
@@ -18,47 +44,215 @@
 #include <cmath>
 #include <type_traits>
 
+#include "cpu_isa.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTGEN_STEP_X86 1
+#include <immintrin.h>
+#endif
+
+#define FASTGEN_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace fastgen {
 namespace diffusion {
 namespace {
 
-// Elements per tile: even, so RNG pairs never straddle tiles; the stage buffers take ~12 KiB of stack.
+// Elements per tile: even, so RNG pairs never straddle tiles; the stage buffers take ~22 KiB of stack.
 constexpr int64_t kTile = 512;
 // Tiles per parallel chunk at least (32K elements): smaller calls run on the calling thread.
 constexpr int64_t kGrainTiles = 64;
 
-// ---- loads and stores (the only dtype-dependent stages) -----------------------------------------------
+// The code path of one instantiation (a template argument; the wrappers at the end set the target).
+enum Path : int { PATH_BASE = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
 
-template <typename T>
-void load_f32(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
+// ---- 16-bit conversions ---------------------------------------------------------------------------------
+//
+// Scalar forms (the baseline and the tails of the SIMD loops).
+
+FASTGEN_ALWAYS_INLINE float bf16_bits_to_f32(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even on the bits; NaN -> the quiet NaN 0x7FC0 (as c10::BFloat16(float)).
+FASTGEN_ALWAYS_INLINE uint16_t f32_to_bf16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  const uint16_t r = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : r;
+}
+
+void bf16_to_f32_base(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = bf16_bits_to_f32(src[j]);
+}
+void f32_to_bf16_base(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = f32_to_bf16_bits(src[j]);
+}
+void f16_to_f32_base(const c10::Half* __restrict__ src, float* __restrict__ dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
 }
-
-template <typename T>
-void store_f32(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+void f32_to_f16_base(const float* __restrict__ src, c10::Half* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
 }
 
+#ifdef FASTGEN_STEP_X86
+__attribute__((target("avx2"))) void bf16_to_f32_avx2(const uint16_t* __restrict__ src, float* __restrict__ dst,
+                                                       int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+    _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+  }
+  for (; j < n; ++j) dst[j] = bf16_bits_to_f32(src[j]);
+}
+
+__attribute__((target("avx2"))) FASTGEN_ALWAYS_INLINE __m256i bf16_round8(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);  // 32-bit lanes, values < 2^16
+}
+
+__attribute__((target("avx2"))) void f32_to_bf16_avx2(const float* __restrict__ src, uint16_t* __restrict__ dst,
+                                                       int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256i a = bf16_round8(_mm256_loadu_ps(src + j));
+    const __m256i b = bf16_round8(_mm256_loadu_ps(src + j + 8));
+    // packus per 128-bit lane: [a0-3 b0-3 | a4-7 b4-7]; the 64-bit permute puts them in order
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), packed);
+  }
+  for (; j < n; ++j) dst[j] = f32_to_bf16_bits(src[j]);
+}
+
+__attribute__((target("avx2,f16c"))) void f16_to_f32_f16c(const c10::Half* __restrict__ src,
+                                                           float* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+__attribute__((target("avx2,f16c"))) void f32_to_f16_f16c(const float* __restrict__ src,
+                                                           c10::Half* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
+}
+
+__attribute__((target("avx512f"))) void bf16_to_f32_avx512(const uint16_t* __restrict__ src,
+                                                            float* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)));
+    _mm512_storeu_ps(dst + j, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+  }
+  for (; j < n; ++j) dst[j] = bf16_bits_to_f32(src[j]);
+}
+
+__attribute__((target("avx512f"))) void f32_to_bf16_avx512(const float* __restrict__ src,
+                                                            uint16_t* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), qnan = _mm512_set1_epi32(0x7FC0);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 f = _mm512_loadu_ps(src + j);
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, bias)), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), qnan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), _mm512_cvtepi32_epi16(r));  // vpmovdw
+  }
+  for (; j < n; ++j) dst[j] = f32_to_bf16_bits(src[j]);
+}
+
+__attribute__((target("avx512f"))) void f16_to_f32_avx512(const c10::Half* __restrict__ src,
+                                                           float* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+__attribute__((target("avx512f"))) void f32_to_f16_avx512(const float* __restrict__ src,
+                                                           c10::Half* __restrict__ dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
+}
+#endif
+
+// The conversions of one (dtype, path); float32 needs none (its data is used in place).
+template <typename T, int PATH>
+struct Convert;
+
+template <int PATH>
+struct Convert<c10::BFloat16, PATH> {
+  static void load(const c10::BFloat16* s, float* d, int64_t n) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(s);
+#ifdef FASTGEN_STEP_X86
+    if constexpr (PATH == PATH_AVX512) return bf16_to_f32_avx512(src, d, n);
+    if constexpr (PATH == PATH_AVX2) return bf16_to_f32_avx2(src, d, n);
+#endif
+    bf16_to_f32_base(src, d, n);
+  }
+  static void store(const float* s, c10::BFloat16* d, int64_t n) {
+    uint16_t* dst = reinterpret_cast<uint16_t*>(d);
+#ifdef FASTGEN_STEP_X86
+    if constexpr (PATH == PATH_AVX512) return f32_to_bf16_avx512(s, dst, n);
+    if constexpr (PATH == PATH_AVX2) return f32_to_bf16_avx2(s, dst, n);
+#endif
+    f32_to_bf16_base(s, dst, n);
+  }
+};
+
+template <int PATH>
+struct Convert<c10::Half, PATH> {
+  static void load(const c10::Half* s, float* d, int64_t n) {
+#ifdef FASTGEN_STEP_X86
+    if constexpr (PATH == PATH_AVX512) return f16_to_f32_avx512(s, d, n);
+    if constexpr (PATH == PATH_AVX2) {
+      if (cpu::has_f16c()) return f16_to_f32_f16c(s, d, n);
+    }
+#endif
+    f16_to_f32_base(s, d, n);
+  }
+  static void store(const float* s, c10::Half* d, int64_t n) {
+#ifdef FASTGEN_STEP_X86
+    if constexpr (PATH == PATH_AVX512) return f32_to_f16_avx512(s, d, n);
+    if constexpr (PATH == PATH_AVX2) {
+      if (cpu::has_f16c()) return f32_to_f16_f16c(s, d, n);
+    }
+#endif
+    f32_to_f16_base(s, d, n);
+  }
+};
+
 // float32 data is used in place; other types are converted into buf.
-template <typename T>
-const float* as_f32(const T* src, float* buf, int64_t n) {
+template <typename T, int PATH>
+FASTGEN_ALWAYS_INLINE const float* as_f32(const T* src, float* buf, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    load_f32(src, buf, n);
+    Convert<T, PATH>::load(src, buf, n);
     return buf;
   }
 }
 
-// ---- stages ---------------------------------------------------------------------------------------------
+// ---- stages (float32 in, float32 out; always inlined into the path's chunk function) --------------------
 
 // m = guided, rescaled model output.
-template <typename T, bool UNCOND, bool RESCALE>
-void stage_guide(const T* __restrict__ c, const T* __restrict__ u, float g, float rs, float* __restrict__ m,
-                 int64_t n) {
+template <bool UNCOND, bool RESCALE>
+FASTGEN_ALWAYS_INLINE void stage_guide(const float* __restrict__ c, const float* __restrict__ u, float g, float rs,
+                                       float* __restrict__ m, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    float v = static_cast<float>(c[j]);
-    if constexpr (UNCOND) v = guide(v, static_cast<float>(u[j]), g);
+    float v = c[j];
+    if constexpr (UNCOND) v = guide(v, u[j], g);
     if constexpr (RESCALE) v *= rs;
     m[j] = v;
   }
@@ -66,9 +260,10 @@ void stage_guide(const T* __restrict__ c, const T* __restrict__ u, float g, floa
 
 // x0 and the deterministic part of x_prev; img / keep (the known region) are read only when KNOWN.
 template <int CLIP, bool KNOWN>
-void stage_predict(const StepCoeffs k, const float* __restrict__ xv, const float* __restrict__ m,
-                   const float* __restrict__ img, const float* __restrict__ keep, float clip, float s,
-                   float* __restrict__ x0, float* __restrict__ xp, int64_t n) {
+FASTGEN_ALWAYS_INLINE void stage_predict(const StepCoeffs& k, const float* __restrict__ xv,
+                                         const float* __restrict__ m, const float* __restrict__ img,
+                                         const float* __restrict__ keep, float clip, float s, float* __restrict__ x0,
+                                         float* __restrict__ xp, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, e;
     predict<CLIP, KNOWN>(k, xv[j], m[j], KNOWN ? img[j] : 0.0f, KNOWN ? keep[j] : 0.0f, clip, s, a, e);
@@ -79,9 +274,10 @@ void stage_predict(const StepCoeffs k, const float* __restrict__ xv, const float
 
 // |x0| only (the pre-pass of dynamic thresholding).
 template <int CLIP, bool KNOWN>
-void stage_abs_x0(const StepCoeffs k, const float* __restrict__ xv, const float* __restrict__ m,
-                  const float* __restrict__ img, const float* __restrict__ keep, float clip, float s,
-                  float* __restrict__ out, int64_t n) {
+FASTGEN_ALWAYS_INLINE void stage_abs_x0(const StepCoeffs& k, const float* __restrict__ xv,
+                                        const float* __restrict__ m, const float* __restrict__ img,
+                                        const float* __restrict__ keep, float clip, float s, float* __restrict__ out,
+                                        int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, e;
     predict<CLIP, KNOWN>(k, xv[j], m[j], KNOWN ? img[j] : 0.0f, KNOWN ? keep[j] : 0.0f, clip, s, a, e);
@@ -89,160 +285,207 @@ void stage_abs_x0(const StepCoeffs k, const float* __restrict__ xv, const float*
   }
 }
 
-// Guidance shift of the mean (GLIDE's condition_mean): xp += variance * scale * grad, also at t = 0.
-template <typename T, int VAR>
-void stage_grad(const StepCoeffs k, const T* __restrict__ grad, const T* __restrict__ v, float scale,
-                float* __restrict__ xp, int64_t n) {
-  if constexpr (VAR == VAR_SIGMA) {
-    const float c = k[SIGMA] * k[SIGMA] * scale;
-    for (int64_t j = 0; j < n; ++j) xp[j] += c * static_cast<float>(grad[j]);
+// The run-time clip mode and known flag of a call resolved to one instantiation (uniform per call, so
+// the branches are predicted; each arm is a straight vectorized loop).
+template <bool ABS, bool KNOWN>
+FASTGEN_ALWAYS_INLINE void predict_known(int clip_mode, const StepCoeffs& k, const float* xv, const float* m,
+                                         const float* img, const float* keep, float clip, float s, float* x0,
+                                         float* xp, int64_t n) {
+  if constexpr (ABS) {
+    if (clip_mode == CLIP_STATIC) return stage_abs_x0<CLIP_STATIC, KNOWN>(k, xv, m, img, keep, clip, s, xp, n);
+    if (clip_mode == CLIP_DYNAMIC) return stage_abs_x0<CLIP_DYNAMIC, KNOWN>(k, xv, m, img, keep, clip, s, xp, n);
+    return stage_abs_x0<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, xp, n);
   } else {
-    for (int64_t j = 0; j < n; ++j) {
-      xp[j] += learned_var(k, static_cast<float>(v[j])) * scale * static_cast<float>(grad[j]);
+    if (clip_mode == CLIP_STATIC) return stage_predict<CLIP_STATIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
+    if (clip_mode == CLIP_DYNAMIC) {
+      return stage_predict<CLIP_DYNAMIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
     }
+    return stage_predict<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
   }
 }
 
-template <typename T>
-void stage_prev(float cprev, const T* __restrict__ prev, float* __restrict__ xp, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) xp[j] += cprev * static_cast<float>(prev[j]);
+// Guidance shift of the mean (GLIDE's condition_mean): xp += variance * scale * grad, also at t = 0.
+template <int VAR>
+FASTGEN_ALWAYS_INLINE void stage_grad(const StepCoeffs& k, const float* __restrict__ grad,
+                                      const float* __restrict__ v, float scale, float* __restrict__ xp, int64_t n) {
+  if constexpr (VAR == VAR_SIGMA) {
+    const float c = k[SIGMA] * k[SIGMA] * scale;
+    for (int64_t j = 0; j < n; ++j) xp[j] += c * grad[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) xp[j] += learned_var(k, v[j]) * scale * grad[j];
+  }
+}
+
+FASTGEN_ALWAYS_INLINE void stage_prev(float cprev, const float* __restrict__ prev, float* __restrict__ xp,
+                                      int64_t n) {
+  for (int64_t j = 0; j < n; ++j) xp[j] += cprev * prev[j];
 }
 
 // Normals of elements [i0, i0 + n) of one sample, i0 even: the uniforms of all pairs first, then one
 // Box-Muller transform per pair for both of its elements (both loops vectorize).
-void stage_rng(RngKey key, int64_t i0, float* __restrict__ u1, float* __restrict__ u2, float* __restrict__ z,
-               int64_t n) {
+FASTGEN_ALWAYS_INLINE void stage_rng(RngKey key, int64_t i0, float* __restrict__ u1, float* __restrict__ u2,
+                                     float* __restrict__ z, int64_t n) {
   const int64_t pairs = (n + 1) / 2;
   const uint32_t p0 = static_cast<uint32_t>(i0 >> 1);
   for (int64_t q = 0; q < pairs; ++q) pair_uniforms(key, p0 + static_cast<uint32_t>(q), u1[q], u2[q]);
   for (int64_t q = 0; q < pairs; ++q) box_muller(u1[q], u2[q], z[2 * q], z[2 * q + 1]);
 }
 
-template <typename T, int VAR>
-void stage_add_noise(const StepCoeffs k, const float* __restrict__ z, const T* __restrict__ v,
-                     float* __restrict__ xp, int64_t n) {
+template <int VAR>
+FASTGEN_ALWAYS_INLINE void stage_add_noise(const StepCoeffs& k, const float* __restrict__ z,
+                                           const float* __restrict__ v, float* __restrict__ xp, int64_t n) {
   if constexpr (VAR == VAR_SIGMA) {
     const float c = k[NOISE_MASK] * k[SIGMA];
     for (int64_t j = 0; j < n; ++j) xp[j] += c * z[j];
   } else {
-    for (int64_t j = 0; j < n; ++j) xp[j] += k[NOISE_MASK] * learned_sd(k, static_cast<float>(v[j])) * z[j];
+    for (int64_t j = 0; j < n; ++j) xp[j] += k[NOISE_MASK] * learned_sd(k, v[j]) * z[j];
   }
 }
 
-// ---- per-call selection of the stage instantiations ------------------------------------------------------
+// ---- the tile loop -----------------------------------------------------------------------------------------
 
+// Everything a chunk needs, resolved once per call.
 template <typename T>
-using GuideFn = void (*)(const T*, const T*, float, float, float*, int64_t);
-using PredictFn = void (*)(StepCoeffs, const float*, const float*, const float*, const float*, float, float,
-                           float*, float*, int64_t);
-using AbsX0Fn = void (*)(StepCoeffs, const float*, const float*, const float*, const float*, float, float, float*,
-                         int64_t);
-template <typename T>
-using GradFn = void (*)(StepCoeffs, const T*, const T*, float, float*, int64_t);
-template <typename T>
-using NoiseFn = void (*)(StepCoeffs, const float*, const T*, float*, int64_t);
-
-template <typename T>
-GuideFn<T> pick_guide(bool uncond, bool rescale) {
-  if (uncond) return rescale ? stage_guide<T, true, true> : stage_guide<T, true, false>;
-  return rescale ? stage_guide<T, false, true> : stage_guide<T, false, false>;
-}
-
-template <template <int> class Pick>
-auto pick_clip(int clip_mode) {
-  switch (clip_mode) {
-    case CLIP_STATIC:
-      return Pick<CLIP_STATIC>::fn;
-    case CLIP_DYNAMIC:
-      return Pick<CLIP_DYNAMIC>::fn;
-    default:
-      return Pick<CLIP_NONE>::fn;
-  }
-}
-template <bool KNOWN>
-struct Predict {
-  template <int C>
-  struct At {
-    static constexpr PredictFn fn = stage_predict<C, KNOWN>;
-  };
-};
-template <bool KNOWN>
-struct AbsX0 {
-  template <int C>
-  struct At {
-    static constexpr AbsX0Fn fn = stage_abs_x0<C, KNOWN>;
-  };
+struct Ctx {
+  StepParams<T> p;
+  StepCoeffs k;
+  uint32_t rng_step;
+  int64_t tiles_per_row;
 };
 
-template <typename T>
-void run(const StepArgs& a) {
-  const StepParams<T> p = make_params<T>(a);
+template <typename T, int PATH>
+FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t end) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  const StepParams<T>& p = c.p;
+  const StepCoeffs k = c.k;
   const int64_t N = p.N;
-  if (p.B == 0 || N == 0) return;
-  const StepCoeffs k = load_coeffs(p.coef);
-  const uint32_t rng_step = rng_step_of(k[RNG_STEP]);
-  const GuideFn<T> guide_fn = pick_guide<T>(p.uncond != nullptr, p.rscale != nullptr);
   const bool known = p.known != nullptr;
-  const PredictFn predict_fn =
-      known ? pick_clip<Predict<true>::At>(p.clip_mode) : pick_clip<Predict<false>::At>(p.clip_mode);
-  const AbsX0Fn abs_fn = known ? pick_clip<AbsX0<true>::At>(p.clip_mode) : pick_clip<AbsX0<false>::At>(p.clip_mode);
-  const NoiseFn<T> noise_fn =
-      p.var_mode == VAR_LEARNED_RANGE ? stage_add_noise<T, VAR_LEARNED_RANGE> : stage_add_noise<T, VAR_SIGMA>;
-  const GradFn<T> grad_fn =
-      p.var_mode == VAR_LEARNED_RANGE ? stage_grad<T, VAR_LEARNED_RANGE> : stage_grad<T, VAR_SIGMA>;
-  const int64_t tiles_per_row = (N + kTile - 1) / kTile;
+  const bool learned = p.var_mode == VAR_LEARNED_RANGE;
+  alignas(64) float m[kTile], tmp[kTile], xbuf[kTile], x0buf[kTile], xpbuf[kTile], z[kTile], ibuf[kTile],
+      kbuf[kTile], vbuf[kTile];
+  alignas(64) float u1[kTile / 2], u2[kTile / 2];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t b = t / c.tiles_per_row;
+    const int64_t i0 = (t - b * c.tiles_per_row) * kTile;
+    const int64_t n = std::min(kTile, N - i0);
+    const int64_t row = b * N + i0;
+    const float rs = p.rscale ? p.rscale[b] : 1.0f;
+    const float s = p.thresh ? p.thresh[b] : 1.0f;
 
-  at::parallel_for(0, p.B * tiles_per_row, kGrainTiles, [&](int64_t begin, int64_t end) {
-    alignas(64) float xbuf[kTile], m[kTile], x0buf[kTile], xpbuf[kTile], z[kTile], ibuf[kTile], kbuf[kTile];
-    alignas(64) float u1[kTile / 2], u2[kTile / 2];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / tiles_per_row;
-      const int64_t i0 = (t - b * tiles_per_row) * kTile;
-      const int64_t n = std::min(kTile, N - i0);
-      const int64_t row = b * N + i0;
-      const float rs = p.rscale ? p.rscale[b] : 1.0f;
-      const float s = p.thresh ? p.thresh[b] : 1.0f;
+    // guidance: m (the conditional row is converted into m first, then guided in place)
+    const T* crow = p.cond + b * p.Lc + i0;
+    const float* cf = as_f32<T, PATH>(crow, m, n);
+    const float* uf = p.uncond ? as_f32<T, PATH>(p.uncond + (b + p.uoff) * p.Lu + i0, tmp, n) : nullptr;
+    const float* mm = m;
+    if (p.uncond) {
+      if (p.rscale) {
+        stage_guide<true, true>(cf, uf, p.g, rs, m, n);
+      } else {
+        stage_guide<true, false>(cf, uf, p.g, rs, m, n);
+      }
+    } else if (p.rscale) {
+      stage_guide<false, true>(cf, nullptr, p.g, rs, m, n);
+    } else {
+      mm = cf;  // the conditional row itself (float32) or its conversion in m
+    }
 
-      guide_fn(p.cond + b * p.Lc + i0, p.uncond ? p.uncond + (b + p.uoff) * p.Lu + i0 : nullptr, p.g, rs, m, n);
-      const float* xv = as_f32(p.x + row, xbuf, n);
-      const float* img = known ? as_f32(p.known + row, ibuf, n) : nullptr;
-      const float* keep = known ? as_f32(p.keep + row, kbuf, n) : nullptr;
-      if (p.absx0) {
-        abs_fn(k, xv, m, img, keep, p.clip, s, p.absx0 + row, n);
-        continue;
+    const float* xv = as_f32<T, PATH>(p.x + row, xbuf, n);
+    const float* img = known ? as_f32<T, PATH>(p.known + row, ibuf, n) : nullptr;
+    const float* keep = known ? as_f32<T, PATH>(p.keep + row, kbuf, n) : nullptr;
+    if (p.absx0) {
+      if (known) {
+        predict_known<true, true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, nullptr, p.absx0 + row, n);
+      } else {
+        predict_known<true, false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, nullptr, p.absx0 + row, n);
       }
-      // float32 outputs are computed in place in the output rows (they stay in L1 until the tile ends).
-      float* xp = xpbuf;
-      float* x0 = x0buf;
-      if constexpr (std::is_same_v<T, float>) {
-        xp = p.out + row;
-        if (p.x0) x0 = p.x0 + row;
-      }
-      predict_fn(k, xv, m, img, keep, p.clip, s, x0, xp, n);
-      if (p.prev) stage_prev<T>(k[CPREV], p.prev + row, xp, n);
-      if (p.grad) grad_fn(k, p.grad + row, p.cond + b * p.Lc + N + i0, p.grad_scale, xp, n);
-      if (p.noise_mode != NOISE_NONE) {
-        const float* zz = z;
-        if (p.noise_mode == NOISE_TENSOR) {
-          zz = as_f32(p.noise + row, z, n);
-        } else {
-          const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), rng_step);
-          stage_rng(key, i0, u1, u2, z, n);
-        }
-        noise_fn(k, zz, p.cond + b * p.Lc + N + i0, xp, n);
-      }
-      if constexpr (!std::is_same_v<T, float>) {
-        store_f32(xp, p.out + row, n);
-        if (p.x0) store_f32(x0, p.x0 + row, n);
+      continue;
+    }
+    // float32 outputs are computed in place in the output rows (they stay in L1 until the tile ends).
+    float* xp = xpbuf;
+    float* x0 = x0buf;
+    if constexpr (kF32) {
+      xp = p.out + row;
+      if (p.x0) x0 = p.x0 + row;
+    }
+    if (known) {
+      predict_known<false, true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
+    } else {
+      predict_known<false, false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
+    }
+    if (p.prev) stage_prev(k[CPREV], as_f32<T, PATH>(p.prev + row, tmp, n), xp, n);
+    // the learned-variance channels of the conditional output (its second half)
+    const float* vf = learned && (p.grad || p.noise_mode != NOISE_NONE) ? as_f32<T, PATH>(crow + N, vbuf, n) : nullptr;
+    if (p.grad) {
+      const float* gf = as_f32<T, PATH>(p.grad + row, tmp, n);
+      if (learned) {
+        stage_grad<VAR_LEARNED_RANGE>(k, gf, vf, p.grad_scale, xp, n);
+      } else {
+        stage_grad<VAR_SIGMA>(k, gf, nullptr, p.grad_scale, xp, n);
       }
     }
-  });
+    if (p.noise_mode != NOISE_NONE) {
+      const float* zz = z;
+      if (p.noise_mode == NOISE_TENSOR) {
+        zz = as_f32<T, PATH>(p.noise + row, z, n);
+      } else {
+        const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
+        stage_rng(key, i0, u1, u2, z, n);
+      }
+      if (learned) {
+        stage_add_noise<VAR_LEARNED_RANGE>(k, zz, vf, xp, n);
+      } else {
+        stage_add_noise<VAR_SIGMA>(k, zz, nullptr, xp, n);
+      }
+    }
+    if constexpr (!kF32) {
+      Convert<T, PATH>::store(xp, p.out + row, n);
+      if (p.x0) Convert<T, PATH>::store(x0, p.x0 + row, n);
+    }
+  }
+}
+
+// The three instantiations of the chunk body: the portable baseline (no target: SSE2 on x86-64) and
+// the AVX2+FMA and AVX-512F targets, chosen at run time.
+template <typename T>
+void chunk_base(const Ctx<T>& c, int64_t begin, int64_t end) {
+  chunk_body<T, PATH_BASE>(c, begin, end);
+}
+#ifdef FASTGEN_STEP_X86
+template <typename T>
+__attribute__((target("avx2,fma"))) void chunk_avx2(const Ctx<T>& c, int64_t begin, int64_t end) {
+  chunk_body<T, PATH_AVX2>(c, begin, end);
+}
+template <typename T>
+__attribute__((target("avx512f"))) void chunk_avx512(const Ctx<T>& c, int64_t begin, int64_t end) {
+  chunk_body<T, PATH_AVX512>(c, begin, end);
+}
+#endif
+
+template <typename T>
+void run(const StepArgs& a, cpu::Isa isa) {
+  Ctx<T> c;
+  c.p = make_params<T>(a);
+  if (c.p.B == 0 || c.p.N == 0) return;
+  c.k = load_coeffs(c.p.coef);
+  c.rng_step = rng_step_of(c.k[RNG_STEP]);
+  c.tiles_per_row = (c.p.N + kTile - 1) / kTile;
+  void (*chunk)(const Ctx<T>&, int64_t, int64_t) = chunk_base<T>;
+#ifdef FASTGEN_STEP_X86
+  if (isa == cpu::Isa::kAvx512) {
+    chunk = chunk_avx512<T>;
+  } else if (isa == cpu::Isa::kAvx2) {
+    chunk = chunk_avx2<T>;
+  }
+#endif
+  at::parallel_for(0, c.p.B * c.tiles_per_row, kGrainTiles, [&](int64_t begin, int64_t end) { chunk(c, begin, end); });
 }
 
 }  // namespace
 
 void sampler_step_cpu_impl(const StepArgs& a) {
-  FASTGEN_DISPATCH_STEP_TYPES(a.x.scalar_type(), "fastgen::sampler_step_cpu", [&] { run<scalar_t>(a); });
+  // Read before any work: a bad FASTGEN_CPU_ISA is an error, raised before the kernel runs.
+  const cpu::Isa isa = cpu::selected_isa();
+  FASTGEN_DISPATCH_STEP_TYPES(a.x.scalar_type(), "fastgen::sampler_step_cpu", [&] { run<scalar_t>(a, isa); });
 }
 
 }  // namespace diffusion
