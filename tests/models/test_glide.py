@@ -180,7 +180,12 @@ def test_cfg_scale_one_equals_conditional_and_seeds(base):
     kw = {"steps": "4", "progress": False}
     cond = sample_base(base, tokens, mask, guidance_scale=None, seed=5, **kw)
     one = sample_base(base, tokens, mask, guidance_scale=1.0, seed=5, **kw)
-    torch.testing.assert_close(one, cond, atol=3e-4, rtol=1e-3)  # u + 1 (c - u) rounds, the chain amplifies
+    # Guidance doubles the model's batch, and conv / matmul kernels pick their blocking by batch size, so
+    # the oracle runs the conditional model on a batch of the same size (rows 2-3 are other samples; the
+    # rows are computed independently): then only u + 1 (c - u) vs c rounds differently, on any CPU.
+    cond4 = sample_base(base, torch.cat([tokens, tokens]), torch.cat([mask, mask]), guidance_scale=None,
+                        seed=5, **kw)[:2]  # fmt: skip
+    torch.testing.assert_close(one, cond4, atol=3e-4, rtol=1e-3)  # u + 1 (c - u) rounds, the chain amplifies
     assert cond.shape == (2, 3, 16, 16) and cond.abs().max() < 10
     again = sample_base(base, tokens, mask, guidance_scale=3.0, seed=5, **kw)
     torch.testing.assert_close(
