@@ -74,6 +74,68 @@ SAMPLERS = {
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
+# The step's coefficients (fastgen.ops.diffusion_step's layout) per sampler, for the torch.compile baseline.
+COEFFS = {
+    "ddim": lambda abar: D.ddim_coeffs(abar, T, T_PREV, 0.0, "epsilon"),
+    "ddpm-learned": lambda abar: D.ddpm_coeffs(abar, T, "epsilon", "learned_range"),
+    "dpm++2m": lambda abar: D.dpm_solver_2m_coeffs(abar, T, T_PREV, T_LAST, "epsilon"),
+}
+
+
+def compiled_step(name: str, abar: torch.Tensor, c: int, dtype: torch.dtype, extras=()):
+    """The strongest plain-PyTorch rival: the whole step written in plain torch (float32 math, one
+    rounding to the input dtype, like fastgen) with the step's scalars as Python constants, compiled by
+    ``torch.compile`` (Inductor fuses it into one or two loops; dynamic thresholding adds a quantile).
+    Takes the same (x, model_output, **kw) as the fused call; model_output is GLIDE-style [cond; uncond]."""
+    k = [float(v) for v in next(f for key, f in COEFFS.items() if name.startswith(key))(abar)]
+    ax, am, ex, em, ex2, ex0, cx, cx0, ceps, cprev, sigma, minlog, maxlog, mask = k[:14]
+    learned = "learned" in name
+    clip = 1.0 if ("inpaint" in extras or "grad" in extras or "clip" in name) else None
+    dyn = 0.995 if "dynthresh" in name else None
+    f32 = torch.float32
+
+    def step(x, mo, guidance_scale, noise=None, prev_x0=None, known_image=None, known_mask=None,
+             cond_grad=None, cond_grad_scale=1.0):  # fmt: skip
+        b = x.shape[0]
+        xv = x.to(f32)
+        cond, unc = mo[:b, :c].to(f32), mo[b:, :c].to(f32)
+        m = unc + guidance_scale * (cond - unc)
+        x0 = ax * xv + am * m
+        if known_image is not None:
+            kp = known_mask.to(f32)
+            x0 = x0 * (1.0 - kp) + known_image.to(f32) * kp
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        if dyn is not None:
+            s = torch.quantile(x0.abs().reshape(b, -1), dyn, dim=1).clamp(min=1.0)
+            s = s.reshape(b, *([1] * (x.dim() - 1)))
+            x0 = torch.minimum(torch.maximum(x0, -s), s) / s
+        if clip is None and dyn is None and known_image is None:
+            eps = ex * xv + em * m
+        else:
+            eps = ex2 * xv + ex0 * x0
+        xp = cx * xv + cx0 * x0 + ceps * eps
+        if prev_x0 is not None:
+            xp = xp + cprev * prev_x0.to(f32)
+        v = mo[:b, c:].to(f32) if learned else None
+        if cond_grad is not None:
+            var = (
+                torch.exp((v + 1) * 0.5 * maxlog + (1 - (v + 1) * 0.5) * minlog) if learned else sigma * sigma
+            )
+            xp = xp + var * cond_grad_scale * cond_grad.to(f32)
+        if noise is not None:
+            sd = (
+                torch.exp(0.5 * ((v + 1) * 0.5 * maxlog + (1 - (v + 1) * 0.5) * minlog)) if learned else sigma
+            )
+            xp = xp + mask * sd * noise.to(f32)
+        return xp.to(dtype), x0.to(dtype)
+
+    # every case compiles the same code object with other constants: without room for all of them,
+    # Dynamo would fall back to eager after 8 cases (the row would then time eager, not compiled, code)
+    dyn_cfg = torch._dynamo.config
+    dyn_cfg.recompile_limit = max(dyn_cfg.recompile_limit, 256)
+    return torch.compile(step, dynamic=False)
+
 
 def shapes(device: torch.device, quick: bool):
     if device.type == "cuda":
@@ -140,6 +202,8 @@ def make_case(device: torch.device, shape, dtype: torch.dtype, name: str) -> Cas
                 baseline=True,
             )
         )
+    compiled = compiled_step(name, SCHED.alphas_cumprod, c, dtype, extras)
+    impls.append(Impl("torch.compile", lambda: compiled(x, mo, **kw), baseline=True))
     call = Call(x.device, dtype, {"n": x[0].numel()})
     impls += backend_impls("diffusion_step", call, lambda backend: lambda: fused(x, mo, abar, **kw))
     low = dtype != torch.float32
