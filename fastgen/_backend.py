@@ -89,6 +89,32 @@ class Backend:
         return reasons
 
 
+def _launch_device(args: tuple) -> torch.device | None:
+    """The CUDA device of the first tensor argument (None when it is not a CUDA tensor)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device if a.device.type == "cuda" else None
+    return None
+
+
+def device_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a Triton launcher) run with its tensors' GPU as the current device.
+
+    Triton launches on the current device and its stream; tensors on ``cuda:1`` while ``cuda:0`` is
+    current would be read through the wrong context. (The CUDA C++ kernels hold a ``CUDAGuard``.)"""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        dev = _launch_device(args)
+        if dev is not None and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev.index):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    guarded.__wrapped_launcher__ = fn
+    return guarded
+
+
 class Op:
     """One op's backends. ``op.dispatch(call)`` returns the backend that serves ``call``."""
 
@@ -114,7 +140,7 @@ class Op:
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.backends[name] = Backend(
                 name=name,
-                fn=fn,
+                fn=device_guarded(fn) if name == "triton" else fn,
                 devices=devices,
                 dtypes=dtypes,
                 available=available or (lambda: []),

@@ -341,12 +341,16 @@ if triton is not None:
             return zero, zero, seqlen_q, seqlen_k
 
     @triton.jit
-    def _query_program(CuQ, CuK, seqlen_q, seqlen_k, n_heads, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
-        """A program over one query block of one (batch, head): its block index, batch, head and bounds."""
-        pid_m = tl.program_id(0)
+    def _query_program(CuQ, CuK, seqlen_q, seqlen_k, n_heads, n_blocks, CAUSAL: tl.constexpr,
+                       VARLEN: tl.constexpr):  # fmt: skip
+        """A program over one query block of one (batch, head): its block index, batch, head and bounds.
+        The grid is 1-D, (batch x head) folded over the ``n_blocks`` query blocks (block fastest, the order
+        of a (blocks, batch x heads) grid): grid y / z would stop at 65,535 batch x head pairs."""
+        pid = tl.program_id(0)
+        pid_m = pid % n_blocks
+        pid_bh = pid // n_blocks
         if CAUSAL != 0:  # the longest rows (most visible keys) first: better tail balance
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        pid_bh = tl.program_id(1)
+            pid_m = n_blocks - 1 - pid_m
         b = pid_bh // n_heads
         q0, k0, sq, sk = _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
         return pid_m, b, pid_bh % n_heads, q0, k0, sq, sk
@@ -411,12 +415,14 @@ if triton is not None:
     def _attn_fwd_kernel(Q, K, V, Out, Lse, Bias, Mask, CuQ, CuK,
                          sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh,
                          sbb, sbh, sbm, sbn, smb, smh, smm, smn,
-                         seqlen_q, seqlen_k, rng_sq, rng_sk, n_heads, group, qk_scale, dropout_p, seed,
+                         seqlen_q, seqlen_k, rng_sq, rng_sk, n_heads, group, qk_scale, dropout_p, seed, n_blocks,
                          D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                          DROPOUT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-        pid_m, b, h, q0, k0, sq, sk = _query_program(CuQ, CuK, seqlen_q, seqlen_k, n_heads, CAUSAL, VARLEN)
+        pid_m, b, h, q0, k0, sq, sk = _query_program(
+            CuQ, CuK, seqlen_q, seqlen_k, n_heads, n_blocks, CAUSAL, VARLEN
+        )
         if pid_m * BLOCK_M < sq:
             b64 = b.to(tl.int64)
             hk = h // group
@@ -469,10 +475,11 @@ if triton is not None:
 
     @triton.jit
     def _bwd_delta_kernel(Out, DO, Delta, CuQ, sob, som, soh, sdb, sdm, sdh, slb, slh, seqlen_q, n_heads,
-                          DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                          n_blocks, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                           VARLEN: tl.constexpr):  # fmt: skip
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid = tl.program_id(0)  # 1-D grid: (batch x head) folded over the query blocks (see _query_program)
+        pid_m = pid % n_blocks
+        pid_bh = pid // n_blocks
         b = pid_bh // n_heads
         h = pid_bh % n_heads
         q0, _, sq, _ = _seq_bounds(CuQ, CuQ, b, seqlen_q, seqlen_q, VARLEN)
@@ -519,7 +526,7 @@ if triton is not None:
                               sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, sab, sam, sah, slb, slh,
                               sbb, sbh, sbm, sbn, smb, smh, smm, smn, sgb, sgh, sgm, sgn,
                               seqlen_q, seqlen_k, rng_sq, rng_sk, n_heads_kv, group, scale, qk_scale,
-                              dropout_p, seed,
+                              dropout_p, seed, n_blocks,
                               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -527,8 +534,9 @@ if triton is not None:
                               BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
         # ATOMIC_DQ: one pass for every gradient, dQ accumulated with fp32 atomics (order-dependent rounding,
         # so not bit-reproducible); otherwise dQ (and dBias) come from _attn_bwd_dq_kernel.
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid = tl.program_id(0)  # 1-D grid: (batch x kv head) folded over the key blocks
+        pid_n = pid % n_blocks
+        pid_bh = pid // n_blocks
         b = pid_bh // n_heads_kv
         hk = pid_bh % n_heads_kv
         q0, k0, sq, sk = _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, VARLEN)
@@ -606,12 +614,14 @@ if triton is not None:
                             sdqb, sdqm, sdqh, slb, slh, sbb, sbh, sbm, sbn, smb, smh, smm, smn,
                             sgb, sgh, sgm, sgn,
                             seqlen_q, seqlen_k, rng_sq, rng_sk, n_heads, group, scale, qk_scale, dropout_p, seed,
-                            D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            n_blocks, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
                             DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
                             PRECISION: tl.constexpr):  # fmt: skip
-        pid_m, b, h, q0, k0, sq, sk = _query_program(CuQ, CuK, seqlen_q, seqlen_k, n_heads, CAUSAL, VARLEN)
+        pid_m, b, h, q0, k0, sq, sk = _query_program(
+            CuQ, CuK, seqlen_q, seqlen_k, n_heads, n_blocks, CAUSAL, VARLEN
+        )
         if pid_m * BLOCK_M < sq:
             b64 = b.to(tl.int64)
             hk = h // group
@@ -663,10 +673,11 @@ if triton is not None:
                      mask=mrow & (offs_d[None, :] < D))  # fmt: skip
 
     @triton.jit
-    def _dropout_keep_kernel(Keep, sq, sk, dropout_p, seed,
+    def _dropout_keep_kernel(Keep, sq, sk, dropout_p, seed, n_blocks,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid = tl.program_id(0)  # 1-D grid: (batch x head) folded over the query blocks
+        pid_m = pid % n_blocks
+        pid_bh = pid // n_blocks
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         bh = pid_bh.to(tl.int64)
         for start_n in range(0, sk, BLOCK_N):
@@ -728,7 +739,8 @@ def _fwd_triton(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dr
     mask_t, ms = _mask_args(mask, q)
     cu_q_t = cu_q if varlen else lse
     cu_k_t = cu_k if varlen else lse
-    grid = (triton.cdiv(max_q if varlen else sq, bm), nb * hq)
+    n_blocks = triton.cdiv(max_q if varlen else sq, bm)
+    grid = (n_blocks * nb * hq,)  # 1-D: no 65,535 limit on batch x heads
     sb0 = 0 if varlen else None
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, bias_t, mask_t, cu_q_t, cu_k_t,
@@ -737,7 +749,7 @@ def _fwd_triton(q, k, v, bias, mask, cu_q, cu_k, max_q, max_k, causal, scale, dr
         sb0 if varlen else v.stride(0), v.stride(1), v.stride(2),
         sb0 if varlen else out.stride(0), out.stride(1), out.stride(2),
         sb0 if varlen else lse.stride(0), lse.stride(1),
-        *bs, *ms, sq, sk, sq, sk, hq, hq // hk, scale * LOG2E, dropout_p, seed,
+        *bs, *ms, sq, sk, sq, sk, hq, hq // hk, scale * LOG2E, dropout_p, seed, n_blocks,
         D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0,
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
@@ -770,26 +782,29 @@ def _bwd_triton(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, c
     common = dict(D=d, DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
                   HAS_BIAS=bias is not None, HAS_MASK=mask is not None, VARLEN=varlen, DROPOUT=dropout_p > 0,
                   PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)  # fmt: skip
-    qgrid = (triton.cdiv(max_q if varlen else sq, bm), nb * hq)
+    q_blocks = triton.cdiv(max_q if varlen else sq, bm)
+    qgrid = (q_blocks * nb * hq,)  # 1-D grids: no 65,535 limit on batch x heads
     _bwd_delta_kernel[qgrid](out, dout, delta, cu_q_t, sb(out), out.stride(1), out.stride(2), sb(dout),
-                             dout.stride(1), dout.stride(2), sb(lse), lse.stride(1), sq, hq,
+                             dout.stride(1), dout.stride(2), sb(lse), lse.stride(1), sq, hq, q_blocks,
                              DV=dv, BLOCK_DV=_pow2(dv), BLOCK_M=bm, VARLEN=varlen)  # fmt: skip
     strides = (sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2), sb(v), v.stride(1), v.stride(2),
                sb(dout), dout.stride(1), dout.stride(2))  # fmt: skip
     gs = tuple(dbias.stride()) if bias_grad else (0, 0, 0, 0)
     dq_acc = dq if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_k if varlen else sk, bn), nb * hk)](
+    k_blocks = triton.cdiv(max_k if varlen else sk, bn)
+    _attn_bwd_dkdv_kernel[(k_blocks * nb * hk,)](
         q, k, v, dout, dk, dvv, dq_acc, dbias, lse, delta, bias_t, mask_t, cu_q_t, cu_k_t, *strides,
         sb(dk), dk.stride(1), dk.stride(2), sb(dvv), dvv.stride(1), dvv.stride(2),
         sb(dq_acc), dq_acc.stride(1), dq_acc.stride(2), sb(lse), lse.stride(1), *bs, *ms, *gs,
-        sq, sk, sq, sk, hk, hq // hk, scale, scale * LOG2E, dropout_p, seed,
+        sq, sk, sq, sk, hk, hq // hk, scale, scale * LOG2E, dropout_p, seed, k_blocks,
         ATOMIC_DQ=not deterministic, BIAS_GRAD=bias_grad and not deterministic, **common,
     )  # fmt: skip
     if deterministic:
         _attn_bwd_dq_kernel[qgrid](
             q, k, v, dout, dq, dbias, lse, delta, bias_t, mask_t, cu_q_t, cu_k_t, *strides,
             sb(dq), dq.stride(1), dq.stride(2), sb(lse), lse.stride(1), *bs, *ms, *gs,
-            sq, sk, sq, sk, hq, hq // hk, scale, scale * LOG2E, dropout_p, seed, BIAS_GRAD=bias_grad, **common,
+            sq, sk, sq, sk, hq, hq // hk, scale, scale * LOG2E, dropout_p, seed, q_blocks, BIAS_GRAD=bias_grad,
+            **common,
         )  # fmt: skip
     else:
         dq = dq_acc.to(q.dtype)
@@ -814,8 +829,9 @@ def dropout_keep_mask(
         raise _err(f"dropout_keep_mask: unknown backend {backend!r}")
     keep = torch.empty((b, h, sq, sk), dtype=torch.int8, device=device)
     bm, bn = 16, 64
-    _dropout_keep_kernel[(triton.cdiv(sq, bm), b * h)](keep, sq, sk, dropout_p, seed,
-                                                      BLOCK_M=bm, BLOCK_N=bn)  # fmt: skip
+    n_blocks = triton.cdiv(sq, bm)
+    _dropout_keep_kernel[(n_blocks * b * h,)](keep, sq, sk, dropout_p, seed, n_blocks,
+                                              BLOCK_M=bm, BLOCK_N=bn)  # fmt: skip
     return keep.bool()
 
 

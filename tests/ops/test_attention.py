@@ -338,3 +338,26 @@ def test_float64_gradcheck():
         return A.flash_attention(q, k, v, bias=bias, causal="bottom_right")
 
     assert torch.autograd.gradcheck(f, (q, k, v, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_more_than_65535_batch_heads_on_the_gpu():
+    """8,192 prompts x 8 heads = 65,536 (batch, head) pairs: past the 65,535 limit of grid y / z (the
+    launches fold batch x heads into grid x), forward and backward."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(8192, 16, 8, 32, device="cuda", dtype=torch.float16, generator=g) for _ in range(3)
+    )
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    with fastgen.use_backend("triton"):
+        out = A.flash_attention(q, k, v, causal=True)
+        out.float().square().sum().backward()
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = A.attention_ref(q, k, v, is_causal=True, upcast=True)
+    ref.float().square().sum().backward()
+    torch.testing.assert_close(out, ref.to(out.dtype), atol=2e-3, rtol=2e-3)
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
