@@ -78,9 +78,6 @@ FASTGEN_ALWAYS_INLINE uint16_t f32_to_bf16_bits(float f) {
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? static_cast<uint16_t>(0x7FC0) : r;
 }
 
-void bf16_to_f32_base(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = bf16_bits_to_f32(src[j]);
-}
 void f32_to_bf16_base(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = f32_to_bf16_bits(src[j]);
 }
@@ -92,16 +89,6 @@ void f32_to_f16_base(const float* __restrict__ src, c10::Half* __restrict__ dst,
 }
 
 #ifdef FASTGEN_STEP_X86
-__attribute__((target("avx2"))) void bf16_to_f32_avx2(const uint16_t* __restrict__ src, float* __restrict__ dst,
-                                                       int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
-    _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
-  }
-  for (; j < n; ++j) dst[j] = bf16_bits_to_f32(src[j]);
-}
-
 __attribute__((target("avx2"))) FASTGEN_ALWAYS_INLINE __m256i bf16_round8(__m256 f) {
   const __m256i u = _mm256_castps_si256(f);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -142,16 +129,10 @@ __attribute__((target("avx2,f16c"))) void f32_to_f16_f16c(const float* __restric
   for (; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
 }
 
-__attribute__((target("avx512f"))) void bf16_to_f32_avx512(const uint16_t* __restrict__ src,
-                                                            float* __restrict__ dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j)));
-    _mm512_storeu_ps(dst + j, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
-  }
-  for (; j < n; ++j) dst[j] = bf16_bits_to_f32(src[j]);
-}
-
+// GCC 12's AVX-512 conversion intrinsics start from _mm512_undefined_*(), which -Wmaybe-uninitialized
+// reports as a false positive (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 __attribute__((target("avx512f"))) void f32_to_bf16_avx512(const float* __restrict__ src,
                                                             uint16_t* __restrict__ dst, int64_t n) {
   int64_t j = 0;
@@ -185,22 +166,16 @@ __attribute__((target("avx512f"))) void f32_to_f16_avx512(const float* __restric
   }
   for (; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
 }
+#pragma GCC diagnostic pop
 #endif
 
-// The conversions of one (dtype, path); float32 needs none (its data is used in place).
+// The conversion passes of one (dtype, path): fp16 loads and stores, and bf16 stores of an x_prev that
+// was accumulated in float32; float32 needs none (its data is used in place).
 template <typename T, int PATH>
 struct Convert;
 
 template <int PATH>
 struct Convert<c10::BFloat16, PATH> {
-  static void load(const c10::BFloat16* s, float* d, int64_t n) {
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(s);
-#ifdef FASTGEN_STEP_X86
-    if constexpr (PATH == PATH_AVX512) return bf16_to_f32_avx512(src, d, n);
-    if constexpr (PATH == PATH_AVX2) return bf16_to_f32_avx2(src, d, n);
-#endif
-    bf16_to_f32_base(src, d, n);
-  }
   static void store(const float* s, c10::BFloat16* d, int64_t n) {
     uint16_t* dst = reinterpret_cast<uint16_t*>(d);
 #ifdef FASTGEN_STEP_X86
@@ -233,92 +208,95 @@ struct Convert<c10::Half, PATH> {
   }
 };
 
-// float32 data is used in place; other types are converted into buf.
-template <typename T, int PATH>
-FASTGEN_ALWAYS_INLINE const float* as_f32(const T* src, float* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    Convert<T, PATH>::load(src, buf, n);
-    return buf;
-  }
-}
+// ---- element access ---------------------------------------------------------------------------------------
+//
+// The stages read float32 or bfloat16 directly (bf16 -> f32 is a 16-bit shift and f32 -> bf16 integer
+// rounding, both vectorized inside the stage loops, so a bf16 step makes as many passes over its tile as a
+// float32 one); fp16 is converted to float32 buffers first (F16C / AVX-512F, see Convert) and read as
+// float32. The stores of x0 and of a final x_prev go straight to the output dtype.
 
-// ---- stages (float32 in, float32 out; always inlined into the path's chunk function) --------------------
+FASTGEN_ALWAYS_INLINE float ld(const float* p, int64_t j) { return p[j]; }
+FASTGEN_ALWAYS_INLINE float ld(const c10::BFloat16* p, int64_t j) { return bf16_bits_to_f32(p[j].x); }
+FASTGEN_ALWAYS_INLINE void st(float* p, int64_t j, float v) { p[j] = v; }
+FASTGEN_ALWAYS_INLINE void st(c10::BFloat16* p, int64_t j, float v) { p[j].x = f32_to_bf16_bits(v); }
+
+// What the stages read and write for element type T: fp16 goes through float32 buffers.
+template <typename T>
+using Elem = std::conditional_t<std::is_same_v<T, c10::Half>, float, T>;
+
+// ---- stages (always inlined into the path's chunk function) ----------------------------------------------
 
 // m = guided, rescaled model output.
-template <bool UNCOND, bool RESCALE>
-FASTGEN_ALWAYS_INLINE void stage_guide(const float* __restrict__ c, const float* __restrict__ u, float g, float rs,
+template <bool UNCOND, bool RESCALE, typename I>
+FASTGEN_ALWAYS_INLINE void stage_guide(const I* __restrict__ c, const I* __restrict__ u, float g, float rs,
                                        float* __restrict__ m, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    float v = c[j];
-    if constexpr (UNCOND) v = guide(v, u[j], g);
+    float v = ld(c, j);
+    if constexpr (UNCOND) v = guide(v, ld(u, j), g);
     if constexpr (RESCALE) v *= rs;
     m[j] = v;
   }
 }
 
 // x0 and the deterministic part of x_prev; img / keep (the known region) are read only when KNOWN.
-template <int CLIP, bool KNOWN>
-FASTGEN_ALWAYS_INLINE void stage_predict(const StepCoeffs& k, const float* __restrict__ xv,
-                                         const float* __restrict__ m, const float* __restrict__ img,
-                                         const float* __restrict__ keep, float clip, float s, float* __restrict__ x0,
-                                         float* __restrict__ xp, int64_t n) {
+template <int CLIP, bool KNOWN, typename I, typename X0, typename XP>
+FASTGEN_ALWAYS_INLINE void stage_predict(const StepCoeffs& k, const I* __restrict__ xv, const float* __restrict__ m,
+                                         const I* __restrict__ img, const I* __restrict__ keep, float clip, float s,
+                                         X0* __restrict__ x0, XP* __restrict__ xp, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, e;
-    predict<CLIP, KNOWN>(k, xv[j], m[j], KNOWN ? img[j] : 0.0f, KNOWN ? keep[j] : 0.0f, clip, s, a, e);
-    x0[j] = a;
-    xp[j] = update(k, xv[j], a, e);
+    const float xj = ld(xv, j);
+    predict<CLIP, KNOWN>(k, xj, m[j], KNOWN ? ld(img, j) : 0.0f, KNOWN ? ld(keep, j) : 0.0f, clip, s, a, e);
+    st(x0, j, a);
+    st(xp, j, update(k, xj, a, e));
   }
 }
 
 // |x0| only (the pre-pass of dynamic thresholding).
-template <int CLIP, bool KNOWN>
-FASTGEN_ALWAYS_INLINE void stage_abs_x0(const StepCoeffs& k, const float* __restrict__ xv,
-                                        const float* __restrict__ m, const float* __restrict__ img,
-                                        const float* __restrict__ keep, float clip, float s, float* __restrict__ out,
-                                        int64_t n) {
+template <int CLIP, bool KNOWN, typename I>
+FASTGEN_ALWAYS_INLINE void stage_abs_x0(const StepCoeffs& k, const I* __restrict__ xv, const float* __restrict__ m,
+                                        const I* __restrict__ img, const I* __restrict__ keep, float clip, float s,
+                                        float* __restrict__ out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, e;
-    predict<CLIP, KNOWN>(k, xv[j], m[j], KNOWN ? img[j] : 0.0f, KNOWN ? keep[j] : 0.0f, clip, s, a, e);
+    predict<CLIP, KNOWN>(k, ld(xv, j), m[j], KNOWN ? ld(img, j) : 0.0f, KNOWN ? ld(keep, j) : 0.0f, clip, s, a, e);
     out[j] = std::fabs(a);
   }
 }
 
-// The run-time clip mode and known flag of a call resolved to one instantiation (uniform per call, so
-// the branches are predicted; each arm is a straight vectorized loop).
-template <bool ABS, bool KNOWN>
-FASTGEN_ALWAYS_INLINE void predict_known(int clip_mode, const StepCoeffs& k, const float* xv, const float* m,
-                                         const float* img, const float* keep, float clip, float s, float* x0,
-                                         float* xp, int64_t n) {
-  if constexpr (ABS) {
-    if (clip_mode == CLIP_STATIC) return stage_abs_x0<CLIP_STATIC, KNOWN>(k, xv, m, img, keep, clip, s, xp, n);
-    if (clip_mode == CLIP_DYNAMIC) return stage_abs_x0<CLIP_DYNAMIC, KNOWN>(k, xv, m, img, keep, clip, s, xp, n);
-    return stage_abs_x0<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, xp, n);
-  } else {
-    if (clip_mode == CLIP_STATIC) return stage_predict<CLIP_STATIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
-    if (clip_mode == CLIP_DYNAMIC) {
-      return stage_predict<CLIP_DYNAMIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
-    }
-    return stage_predict<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
-  }
+// The run-time clip mode of a call resolved to one instantiation (uniform per call, so the branches are
+// predicted; each arm is a straight vectorized loop).
+template <bool KNOWN, typename I, typename X0, typename XP>
+FASTGEN_ALWAYS_INLINE void predict_any(int clip_mode, const StepCoeffs& k, const I* xv, const float* m, const I* img,
+                                       const I* keep, float clip, float s, X0* x0, XP* xp, int64_t n) {
+  if (clip_mode == CLIP_STATIC) return stage_predict<CLIP_STATIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
+  if (clip_mode == CLIP_DYNAMIC) return stage_predict<CLIP_DYNAMIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
+  stage_predict<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
+}
+
+template <bool KNOWN, typename I>
+FASTGEN_ALWAYS_INLINE void abs_x0_any(int clip_mode, const StepCoeffs& k, const I* xv, const float* m, const I* img,
+                                      const I* keep, float clip, float s, float* out, int64_t n) {
+  if (clip_mode == CLIP_STATIC) return stage_abs_x0<CLIP_STATIC, KNOWN>(k, xv, m, img, keep, clip, s, out, n);
+  if (clip_mode == CLIP_DYNAMIC) return stage_abs_x0<CLIP_DYNAMIC, KNOWN>(k, xv, m, img, keep, clip, s, out, n);
+  stage_abs_x0<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, out, n);
 }
 
 // Guidance shift of the mean (GLIDE's condition_mean): xp += variance * scale * grad, also at t = 0.
-template <int VAR>
-FASTGEN_ALWAYS_INLINE void stage_grad(const StepCoeffs& k, const float* __restrict__ grad,
-                                      const float* __restrict__ v, float scale, float* __restrict__ xp, int64_t n) {
+template <int VAR, typename I>
+FASTGEN_ALWAYS_INLINE void stage_grad(const StepCoeffs& k, const I* __restrict__ grad, const I* __restrict__ v,
+                                      float scale, float* __restrict__ xp, int64_t n) {
   if constexpr (VAR == VAR_SIGMA) {
     const float c = k[SIGMA] * k[SIGMA] * scale;
-    for (int64_t j = 0; j < n; ++j) xp[j] += c * grad[j];
+    for (int64_t j = 0; j < n; ++j) xp[j] += c * ld(grad, j);
   } else {
-    for (int64_t j = 0; j < n; ++j) xp[j] += learned_var(k, v[j]) * scale * grad[j];
+    for (int64_t j = 0; j < n; ++j) xp[j] += learned_var(k, ld(v, j)) * scale * ld(grad, j);
   }
 }
 
-FASTGEN_ALWAYS_INLINE void stage_prev(float cprev, const float* __restrict__ prev, float* __restrict__ xp,
-                                      int64_t n) {
-  for (int64_t j = 0; j < n; ++j) xp[j] += cprev * prev[j];
+template <typename I>
+FASTGEN_ALWAYS_INLINE void stage_prev(float cprev, const I* __restrict__ prev, float* __restrict__ xp, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) xp[j] += cprev * ld(prev, j);
 }
 
 // Normals of elements [i0, i0 + n) of one sample, i0 even: the uniforms of all pairs first, then one
@@ -331,15 +309,22 @@ FASTGEN_ALWAYS_INLINE void stage_rng(RngKey key, int64_t i0, float* __restrict__
   for (int64_t q = 0; q < pairs; ++q) box_muller(u1[q], u2[q], z[2 * q], z[2 * q + 1]);
 }
 
-template <int VAR>
-FASTGEN_ALWAYS_INLINE void stage_add_noise(const StepCoeffs& k, const float* __restrict__ z,
-                                           const float* __restrict__ v, float* __restrict__ xp, int64_t n) {
+template <int VAR, typename Z, typename I>
+FASTGEN_ALWAYS_INLINE void stage_add_noise(const StepCoeffs& k, const Z* __restrict__ z, const I* __restrict__ v,
+                                           float* __restrict__ xp, int64_t n) {
   if constexpr (VAR == VAR_SIGMA) {
     const float c = k[NOISE_MASK] * k[SIGMA];
-    for (int64_t j = 0; j < n; ++j) xp[j] += c * z[j];
+    for (int64_t j = 0; j < n; ++j) xp[j] += c * ld(z, j);
   } else {
-    for (int64_t j = 0; j < n; ++j) xp[j] += k[NOISE_MASK] * learned_sd(k, v[j]) * z[j];
+    for (int64_t j = 0; j < n; ++j) xp[j] += k[NOISE_MASK] * learned_sd(k, ld(v, j)) * ld(z, j);
   }
+}
+
+template <int VAR, typename I>
+FASTGEN_ALWAYS_INLINE void add_noise_any(const StepCoeffs& k, const float* z, const I* zt, const I* v, float* xp,
+                                         int64_t n) {
+  if (zt != nullptr) return stage_add_noise<VAR>(k, zt, v, xp, n);
+  stage_add_noise<VAR>(k, z, v, xp, n);
 }
 
 // ---- the tile loop -----------------------------------------------------------------------------------------
@@ -355,15 +340,20 @@ struct Ctx {
 
 template <typename T, int PATH>
 FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t end) {
-  constexpr bool kF32 = std::is_same_v<T, float>;
+  using I = Elem<T>;  // what the stages read and write: T, or float32 buffers for fp16
+  constexpr bool kBuffered = !std::is_same_v<I, T>;
   const StepParams<T>& p = c.p;
   const StepCoeffs k = c.k;
   const int64_t N = p.N;
   const bool known = p.known != nullptr;
   const bool learned = p.var_mode == VAR_LEARNED_RANGE;
-  alignas(64) float m[kTile], tmp[kTile], xbuf[kTile], x0buf[kTile], xpbuf[kTile], z[kTile], ibuf[kTile],
-      kbuf[kTile], vbuf[kTile];
-  alignas(64) float u1[kTile / 2], u2[kTile / 2];
+  // stages after predict (then x_prev is accumulated in float32 and stored at the end)
+  const bool extra = p.prev != nullptr || p.grad != nullptr || p.noise_mode != NOISE_NONE;
+  alignas(64) float m[kTile], z[kTile], xpbuf[kTile], u1[kTile / 2], u2[kTile / 2];
+  alignas(64) I x0buf[kTile];  // pred_x0 when not wanted (or fp16's float32 staging)
+  // fp16 staging buffers (unused for float32 / bf16)
+  alignas(64) float hc[kBuffered ? kTile : 1], hx[kBuffered ? kTile : 1], hu[kBuffered ? kTile : 1], hi[kBuffered ? kTile : 1],
+      hk[kBuffered ? kTile : 1], hv[kBuffered ? kTile : 1], hp[kBuffered ? kTile : 1];
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / c.tiles_per_row;
     const int64_t i0 = (t - b * c.tiles_per_row) * kTile;
@@ -371,12 +361,20 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
     const int64_t row = b * N + i0;
     const float rs = p.rscale ? p.rscale[b] : 1.0f;
     const float s = p.thresh ? p.thresh[b] : 1.0f;
+    // a row of an input as the stages read it
+    auto in = [&](const T* src, float* buf) -> const I* {
+      if constexpr (kBuffered) {
+        Convert<T, PATH>::load(src, buf, n);
+        return buf;
+      } else {
+        return src;
+      }
+    };
 
-    // guidance: m (the conditional row is converted into m first, then guided in place)
     const T* crow = p.cond + b * p.Lc + i0;
-    const float* cf = as_f32<T, PATH>(crow, m, n);
-    const float* uf = p.uncond ? as_f32<T, PATH>(p.uncond + (b + p.uoff) * p.Lu + i0, tmp, n) : nullptr;
-    const float* mm = m;
+    const I* cf = in(crow, hc);
+    const I* uf = p.uncond ? in(p.uncond + (b + p.uoff) * p.Lu + i0, hu) : nullptr;
+    const float* mm = m;  // the guided model output
     if (p.uncond) {
       if (p.rscale) {
         stage_guide<true, true>(cf, uf, p.g, rs, m, n);
@@ -384,62 +382,73 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
         stage_guide<true, false>(cf, uf, p.g, rs, m, n);
       }
     } else if (p.rscale) {
-      stage_guide<false, true>(cf, nullptr, p.g, rs, m, n);
+      stage_guide<false, true>(cf, uf, p.g, rs, m, n);
+    } else if constexpr (std::is_same_v<I, float>) {
+      mm = cf;  // the conditional row itself (float32) or its float32 staging (fp16)
     } else {
-      mm = cf;  // the conditional row itself (float32) or its conversion in m
+      stage_guide<false, false>(cf, uf, p.g, rs, m, n);  // bf16 -> float32
     }
 
-    const float* xv = as_f32<T, PATH>(p.x + row, xbuf, n);
-    const float* img = known ? as_f32<T, PATH>(p.known + row, ibuf, n) : nullptr;
-    const float* keep = known ? as_f32<T, PATH>(p.keep + row, kbuf, n) : nullptr;
+    const I* xv = in(p.x + row, hx);
+    const I* img = known ? in(p.known + row, hi) : nullptr;
+    const I* keep = known ? in(p.keep + row, hk) : nullptr;
     if (p.absx0) {
       if (known) {
-        predict_known<true, true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, nullptr, p.absx0 + row, n);
+        abs_x0_any<true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, p.absx0 + row, n);
       } else {
-        predict_known<true, false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, nullptr, p.absx0 + row, n);
+        abs_x0_any<false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, p.absx0 + row, n);
       }
       continue;
     }
-    // float32 outputs are computed in place in the output rows (they stay in L1 until the tile ends).
-    float* xp = xpbuf;
-    float* x0 = x0buf;
-    if constexpr (kF32) {
-      xp = p.out + row;
-      if (p.x0) x0 = p.x0 + row;
-    }
-    if (known) {
-      predict_known<false, true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
+    // pred_x0 straight into the output (float32 / bf16), else into x0buf
+    I* x0 = (!kBuffered && p.x0) ? reinterpret_cast<I*>(p.x0 + row) : x0buf;
+    if (extra || kBuffered) {
+      // x_prev in float32: in place in the float32 output rows, else in xpbuf
+      float* xp = xpbuf;
+      if constexpr (std::is_same_v<T, float>) xp = p.out + row;
+      if (known) {
+        predict_any<true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
+      } else {
+        predict_any<false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
+      }
+      if (p.prev) stage_prev(k[CPREV], in(p.prev + row, hp), xp, n);
+      // the learned-variance channels of the conditional output (its second half)
+      const I* vf = learned && (p.grad || p.noise_mode != NOISE_NONE) ? in(crow + N, hv) : nullptr;
+      if (p.grad) {
+        const I* gf = in(p.grad + row, hp);
+        if (learned) {
+          stage_grad<VAR_LEARNED_RANGE>(k, gf, vf, p.grad_scale, xp, n);
+        } else {
+          stage_grad<VAR_SIGMA>(k, gf, vf, p.grad_scale, xp, n);
+        }
+      }
+      if (p.noise_mode != NOISE_NONE) {
+        const I* zt = nullptr;
+        if (p.noise_mode == NOISE_TENSOR) {
+          zt = in(p.noise + row, z);
+        } else {
+          const RngKey key =
+              rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
+          stage_rng(key, i0, u1, u2, z, n);
+        }
+        if (learned) {
+          add_noise_any<VAR_LEARNED_RANGE>(k, z, zt, vf, xp, n);
+        } else {
+          add_noise_any<VAR_SIGMA>(k, z, zt, vf, xp, n);
+        }
+      }
+      if constexpr (!std::is_same_v<T, float>) Convert<T, PATH>::store(xp, p.out + row, n);
     } else {
-      predict_known<false, false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
-    }
-    if (p.prev) stage_prev(k[CPREV], as_f32<T, PATH>(p.prev + row, tmp, n), xp, n);
-    // the learned-variance channels of the conditional output (its second half)
-    const float* vf = learned && (p.grad || p.noise_mode != NOISE_NONE) ? as_f32<T, PATH>(crow + N, vbuf, n) : nullptr;
-    if (p.grad) {
-      const float* gf = as_f32<T, PATH>(p.grad + row, tmp, n);
-      if (learned) {
-        stage_grad<VAR_LEARNED_RANGE>(k, gf, vf, p.grad_scale, xp, n);
+      // float32 / bf16 without later stages: x_prev straight into the output
+      I* xp = reinterpret_cast<I*>(p.out + row);
+      if (known) {
+        predict_any<true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
       } else {
-        stage_grad<VAR_SIGMA>(k, gf, nullptr, p.grad_scale, xp, n);
+        predict_any<false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
       }
     }
-    if (p.noise_mode != NOISE_NONE) {
-      const float* zz = z;
-      if (p.noise_mode == NOISE_TENSOR) {
-        zz = as_f32<T, PATH>(p.noise + row, z, n);
-      } else {
-        const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
-        stage_rng(key, i0, u1, u2, z, n);
-      }
-      if (learned) {
-        stage_add_noise<VAR_LEARNED_RANGE>(k, zz, vf, xp, n);
-      } else {
-        stage_add_noise<VAR_SIGMA>(k, zz, nullptr, xp, n);
-      }
-    }
-    if constexpr (!kF32) {
-      Convert<T, PATH>::store(xp, p.out + row, n);
-      if (p.x0) Convert<T, PATH>::store(x0, p.x0 + row, n);
+    if constexpr (kBuffered) {
+      if (p.x0) Convert<T, PATH>::store(x0buf, p.x0 + row, n);
     }
   }
 }
