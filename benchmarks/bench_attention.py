@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import fastgen
 from fastgen._backend import Call
-from fastgen.bench import Case, Check, Impl, backend_impls, main, register
+from fastgen.bench import Case, Check, Impl, backend_impls, headline_mode, main, register
 from fastgen.ops.attention import attention_ref, flash_attention, flash_attn_varlen_ref
 
 try:
@@ -504,6 +504,11 @@ def problems(device: torch.device, quick: bool):
         yield dense(bf16, 2, 2, 64, 32, pad=True), ("fwd",)
         yield dense(fp16, 1, 2, 64, 32, bias=True), ("fwd+bwd",)
         yield (lambda: varlen_problem(device, bf16, [16, 36, 36, 16], 2, 32)), ("fwd+bwd",)
+        return
+    if quick and headline_mode():  # the ratios the README quotes: seq 4k, bf16, hd 64 / 128, one masked case
+        yield dense(bf16, TOKENS // 4096, 32, 4096, 64, causal=True), ("fwd", "fwd+bwd")
+        yield dense(bf16, TOKENS // 4096, 16, 4096, 128, causal=True), ("fwd", "fwd+bwd")
+        yield dense(bf16, TOKENS // 4096, 16, 4096, 128, pad=True), ("fwd+bwd",)
         return
     if quick:
         yield dense(bf16, 8, 16, 2048, 128, causal=True), MODES

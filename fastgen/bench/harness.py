@@ -177,6 +177,16 @@ class Benchmark:
 _REGISTRY: dict[str, Benchmark] = {}
 
 
+_HEADLINE = False
+
+
+def headline_mode() -> bool:
+    """True under ``--headline``: case functions are called with ``quick=True`` and may narrow the quick set
+    further to the headline cases (the ratios the README quotes), which are then timed with the full
+    budgets. Scripts whose quick set already is the headline set need not look at this."""
+    return _HEADLINE
+
+
 def register(op: str, description: str = "") -> Callable[[CaseFn], CaseFn]:
     """Register ``cases(device, quick) -> Iterable[Case]`` as the benchmark of ``op``."""
 
@@ -1061,6 +1071,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="fewer cases and reps (a smoke run, not numbers to quote)"
     )
+    p.add_argument(
+        "--headline",
+        action="store_true",
+        help="the headline cases only (1-5 per op: the ratios that matter, at full size on a GPU) with full "
+        "timing budgets: what `benchmarks/gpu_check.sh bench` runs in one short GPU window",
+    )
     p.add_argument("--op", action="extend", nargs="+", metavar="NAME", help="run only these ops (repeatable)")
     p.add_argument(
         "--out", default="bench_results", type=Path, help="results directory (default: bench_results/)"
@@ -1164,6 +1180,8 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
         device = pick_device(args.device)
     except (RuntimeError, ValueError) as e:
         parser.error(str(e))
+    global _HEADLINE
+    _HEADLINE = bool(args.headline)
     timer = Timer(device, quick=args.quick, reps=args.reps)
     info = describe_device(device)
     meta: dict[str, Any] = {
@@ -1174,6 +1192,7 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
         "git": _git(Path(__file__).resolve().parents[2]),
         "argv": list(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
+        "headline": args.headline,
         "reps": args.reps,
         "timer": timer.describe(),
         "env": {k: os.environ[k] for k in ("FASTGEN_BACKEND", "TRITON_INTERPRET") if k in os.environ},
@@ -1198,7 +1217,7 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
     for op in selected:
         print(f"running {op} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        result = run_benchmark(benchmarks[op], device, timer, roof, quick=args.quick)
+        result = run_benchmark(benchmarks[op], device, timer, roof, quick=args.quick or args.headline)
         results.append(result)
         print(f"\n{format_table(result, copy_gbps)}\n({time.perf_counter() - t0:.1f}s)", flush=True)
 

@@ -419,3 +419,42 @@ def test_table_fits_120_columns_and_collapses_what_did_not_run():
     # per case the best correct fastgen row (cpp, 2x) against the case's first baseline; torch was wrong
     assert summary["wrong"] == 2 and summary["faster"] == 2 and summary["geomean"] == pytest.approx(2.0)
     assert max(len(line) for line in format_summary([summary]).splitlines()) <= TABLE_WIDTH
+
+
+def test_headline_runs_the_quick_cases_narrowed_with_full_timing(tmp_path):
+    seen = []
+    x = torch.ones(8)
+
+    @harness.register(op="synth_headline")
+    def cases(device, quick):
+        seen.append((quick, harness.headline_mode()))
+        names = ["headline"] if harness.headline_mode() else ["a", "b"]
+        for name in names:
+            yield Case(name, [Impl("reference", lambda: x * 2, baseline=True), Impl("fast", lambda: x + x)])
+
+    try:
+        out = tmp_path / "results"
+        assert (
+            main(
+                ["--headline", "--device", "cpu", "--out", str(out), "--copy-mib", "8", "--no-plot"],
+                only=["synth_headline"],
+            )
+            == 0
+        )
+        assert (
+            main(
+                ["--quick", "--device", "cpu", "--out", str(out), "--copy-mib", "8", "--no-plot"],
+                only=["synth_headline"],
+            )
+            == 0
+        )
+    finally:
+        harness._REGISTRY.clear()
+        harness._HEADLINE = False
+    assert seen == [(True, True), (True, False)]
+    data = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "latest.json"]
+    headline = next(d for d in data if d["headline"])
+    quick = next(d for d in data if not d["headline"])
+    assert {r["case"] for r in headline["rows"]} == {"headline"} and not headline["quick"]
+    assert "min_run_time=0.5s" in headline["timer"]  # full timing budgets, not the quick ones
+    assert {r["case"] for r in quick["rows"]} == {"a", "b"} and "min_run_time=0.05s" in quick["timer"]
