@@ -1,24 +1,28 @@
 // KV-cache decoding attention, C++ CPU kernels (at::parallel_for over (batch, KV-head block, key split)).
 //
 // float32 / bfloat16 / float16 caches (the vectorised kernel, `simd` below). A work item is one key range
-// [j0, j1) of one sequence b and a block of consecutive KV heads [h0, h1) (all heads of the row when
-// their query rows fit 32 KiB of accumulators, so the item streams the cache in its own layout: in a
-// (B, S, H, D) cache the heads of a key row are one contiguous run of H*D elements, the next row follows).
-// The item walks its keys in tiles of kTile rows; per tile and head it computes the scores of all the
-// head's query rows (the G query heads of the GQA group times the Sq new tokens: every K/V row is read
-// once per group), updates each row's online softmax (running max m, running sum l, unnormalised
-// accumulator) and adds P @ V; while it works on a tile it software-prefetches the next tile's rows of
-// its heads (the hardware prefetchers do not cross the 4 KiB pages that a strided head walk touches on
-// every row). The hot loops (4 keys x D dot products, the D-wide axpy of P @ V) are written once with GCC
-// vector types and compiled three times: AVX-512F (16 floats), AVX2+FMA (8) and the x86-64 / portable
-// baseline (4), the path picked at run time by cpu::selected_isa() (FASTGEN_CPU_ISA caps it). 16-bit
+// [j0, j1) of one sequence b and a block of consecutive KV heads [h0, h1): all the heads of a key row
+// when their query rows fit 32 KiB of accumulators, so that the item reads the cache in its own layout
+// (in a (B, S, H, D) cache the heads of a key row are one run of H*D elements and the next row follows;
+// a head-by-head walk would jump H*D elements per row, onto a new 4 KiB page every row for H*D*4 >= 4 KiB,
+// where the hardware prefetchers stop). Each item handles every query row of its heads (the G query
+// heads of the GQA group times the Sq new tokens: each K/V row is read once per group) and walks its keys
+// in tiles of kTile rows: (1) the scores of every (key, query row) pair, the key rows in cache order and
+// four dot products at a time; (2) each row's online softmax update (running max m, running sum l,
+// accumulator rescale); (3) P @ V, the V rows in cache order. The rows kPrefetchRows ahead are
+// software-prefetched into L2. The dot products and the D-wide axpy / scale loops are written once with
+// GCC vector types and compiled three times: AVX-512F (16 floats), AVX2+FMA (8) and the x86-64 / portable
+// baseline (4 floats, SSE2), picked at run time by cpu::selected_isa() (FASTGEN_CPU_ISA caps it). 16-bit
 // K/V rows are converted to float in registers (bfloat16: a 16-bit shift; float16: exact bit arithmetic,
-// subnormals, inf and NaN included). Accumulation is float32. The keys of a sequence are split into
-// items of at most kBlock keys (a float32 running sum stays exact enough), sized so that every thread
-// gets several items of equal length whatever the ragged cache_seqlens; sequences with more than one
-// item write (normalised out, log-sum-exp) partials that a second parallel pass merges. A row without a
-// visible key gets zeros; NaN / inf among the visible keys, values or the query gives NaN as the
-// reference does (exp(inf - inf), 0 * inf and NaN propagate through the same steps as the reference).
+// subnormals, inf and NaN included). Accumulation is float32.
+//
+// Work split: the keys of each (sequence, head block) pair are cut into items of one common length
+// (<= kItemKeys keys, so a float32 running sum stays accurate), about kItemsPerThread items per thread,
+// so that ragged cache_seqlens still give every thread equal work; threads take items from a shared
+// counter, in one parallel region. Pairs with several items write (normalised out, log-sum-exp) partials;
+// the thread that finishes a pair's last item merges them. A row without a visible key gets zeros; a
+// NaN / inf among the visible keys, values or the query gives NaN, as the reference (exp(inf - inf),
+// 0 * inf and NaN flow through the same steps).
 //
 // float64 caches keep the portable kernel (`run_generic`): one task per (batch, KV head, split), float64
 // accumulation, 16 independent partial sums per dot product.
@@ -31,6 +35,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -288,7 +293,10 @@ namespace simd {
 constexpr int64_t kTile = 16;        // key rows per tile (scores of a row stay in L1)
 constexpr int64_t kItemKeys = 4096;  // at most this many keys per item: its float32 running sums stay exact
 constexpr int64_t kMinItemKeys = 256;
+constexpr int64_t kItemsPerThread = 16;  // items handed out dynamically: a late thread delays one item
+constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kMaxItemFloats = 8192;  // heads of one item: their query rows x D accumulators <= 32 KiB
+constexpr int64_t kMaxItemRows = 256;     // and at most this many rows (scores: rows x kTile floats)
 
 // W float lanes (GCC vector extensions; the width each ISA path instantiates).
 template <int W>
@@ -355,135 +363,143 @@ FASTGEN_DECODE_INLINE float hsum(typename Vec<W>::f x) {
   }
 }
 
-// s[t] = q . k_t for N (1 or 4) key rows: q loaded once per W lanes, N independent FMA chains.
+// out[n] = q_n . k_n for N (q, k) pairs at once: N independent FMA chains over D.
 template <int W, int N, typename T>
-FASTGEN_DECODE_INLINE void dots(const float* __restrict__ q, const T* const* k, int64_t D, float* s) {
+FASTGEN_DECODE_INLINE void dots(const float* const* q, const T* const* k, int64_t D, float* out) {
   using F = typename Vec<W>::f;
   F acc[N] = {};
   int64_t d = 0;
   for (; d + W <= D; d += W) {
-    const F qv = load<W>(q + d);
 #pragma GCC unroll 4
-    for (int t = 0; t < N; ++t) acc[t] += qv * load<W>(k[t] + d);
+    for (int n = 0; n < N; ++n) acc[n] += load<W>(q[n] + d) * load<W>(k[n] + d);
   }
 #pragma GCC unroll 4
-  for (int t = 0; t < N; ++t) {
-    float r = hsum<W>(acc[t]);
-    for (int64_t e = d; e < D; ++e) r += q[e] * to_float(k[t][e]);
-    s[t] = r;
+  for (int n = 0; n < N; ++n) {
+    float r = hsum<W>(acc[n]);
+    for (int64_t e = d; e < D; ++e) r += q[n][e] * to_float(k[n][e]);
+    out[n] = r;
   }
 }
 
-// a[d] = a[d] * corr + sum_{t < nv} p[t] v_t[d]: 4 vectors of d at a time (4 independent chains over t).
-template <int W, typename T>
-FASTGEN_DECODE_INLINE void axpy_rows(float* __restrict__ a, float corr, const float* p, const T* const* v,
-                                     int64_t nv, int64_t D) {
+// a[d] *= c
+template <int W>
+FASTGEN_DECODE_INLINE void scale_row(float* __restrict__ a, float c, int64_t D) {
   using F = typename Vec<W>::f;
   int64_t d = 0;
-  for (; d + 4 * W <= D; d += 4 * W) {
-    F a0 = load<W>(a + d) * corr, a1 = load<W>(a + d + W) * corr;
-    F a2 = load<W>(a + d + 2 * W) * corr, a3 = load<W>(a + d + 3 * W) * corr;
-    for (int64_t t = 0; t < nv; ++t) {
-      const T* vr = v[t] + d;
-      const float pt = p[t];
-      a0 += pt * load<W>(vr);
-      a1 += pt * load<W>(vr + W);
-      a2 += pt * load<W>(vr + 2 * W);
-      a3 += pt * load<W>(vr + 3 * W);
-    }
-    std::memcpy(a + d, &a0, sizeof(F));
-    std::memcpy(a + d + W, &a1, sizeof(F));
-    std::memcpy(a + d + 2 * W, &a2, sizeof(F));
-    std::memcpy(a + d + 3 * W, &a3, sizeof(F));
+  for (; d + W <= D; d += W) {
+    const F x = load<W>(a + d) * c;
+    std::memcpy(a + d, &x, sizeof(F));
+  }
+  for (; d < D; ++d) a[d] *= c;
+}
+
+// a[d] += p v[d]
+template <int W, typename T>
+FASTGEN_DECODE_INLINE void axpy(float* __restrict__ a, float p, const T* __restrict__ v, int64_t D) {
+  using F = typename Vec<W>::f;
+  int64_t d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) {
+    const F x0 = load<W>(a + d) + p * load<W>(v + d);
+    const F x1 = load<W>(a + d + W) + p * load<W>(v + d + W);
+    std::memcpy(a + d, &x0, sizeof(F));
+    std::memcpy(a + d + W, &x1, sizeof(F));
   }
   for (; d + W <= D; d += W) {
-    F a0 = load<W>(a + d) * corr;
-    for (int64_t t = 0; t < nv; ++t) a0 += p[t] * load<W>(v[t] + d);
-    std::memcpy(a + d, &a0, sizeof(F));
+    const F x = load<W>(a + d) + p * load<W>(v + d);
+    std::memcpy(a + d, &x, sizeof(F));
   }
-  for (; d < D; ++d) {
-    float x = a[d] * corr;
-    for (int64_t t = 0; t < nv; ++t) x += p[t] * to_float(v[t][d]);
-    a[d] = x;
-  }
+  for (; d < D; ++d) a[d] += p * to_float(v[d]);
 }
 
-inline void prefetch_row(const void* p, int64_t bytes) {
+// Software prefetch of [p, p + bytes) into L2 (prefetcht1): the rows kPrefetchRows ahead of the one being
+// read. Measured on a 2-core AVX-512 EPYC: 8 rows ahead into L2 beats none, 1-4 rows, and L1 (prefetcht0).
+inline void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
 }
 
-// One work item: keys [j0, j1) of sequence b, KV heads [h0, h1). qf holds the scaled query rows of those
-// heads ((h - h0) * R + r, D floats each, r = token * G + g); lim[r] the keys row r sees. Leaves the
-// unnormalised accumulators in acc (same row order), the running max in m and the running sum in l.
+// One work item: keys [j0, j1) of sequence b, KV heads [h0, h1). Its X = (h1 - h0) * R rows x = (h - h0) * R
+// + r (r = token * G + g) have their scaled queries in qf (X x D) and see lim[r] keys. Leaves the
+// unnormalised accumulators in acc (X x D), the running max in m and the running sum in l (X each); s holds
+// X x kTile scores, nv X counts.
+//
+// The keys are walked in tiles of kTile rows, each tile in the cache's own order: phase 1 takes the rows
+// one after the other and, within a row, the heads in order (contiguous when the heads of a row are), and
+// computes every (key, row) score, four at a time; phase 2 updates each row's online softmax over the tile
+// (exactly the reference's steps: scores of invisible keys are never used) and rescales its accumulator;
+// phase 3 walks the V rows in the same order and adds p * v to every row that sees the key.
 template <int W, typename T>
 FASTGEN_DECODE_INLINE void attend_item_body(const DecodeParams<T>& p, int64_t b, int64_t h0, int64_t h1,
                                             int64_t j0, int64_t j1, const float* qf, const int64_t* lim,
-                                            float* acc, float* m, float* l, float* s) {
-  const int64_t R = p.Sq * p.G, D = p.D, nh = h1 - h0;
+                                            float* acc, float* m, float* l, float* s, int64_t* nv) {
+  const int64_t R = p.Sq * p.G, D = p.D, X = (h1 - h0) * R;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < nh * R; ++r) {
-    m[r] = neg_inf;
-    l[r] = 0.f;
+  for (int64_t x = 0; x < X; ++x) {
+    m[x] = neg_inf;
+    l[x] = 0.f;
   }
-  std::fill(acc, acc + nh * R * D, 0.f);
+  std::fill(acc, acc + X * D, 0.f);
   int64_t jmax = 0;
   for (int64_t r = 0; r < R; ++r) jmax = std::max(jmax, lim[r]);
   j1 = std::min(j1, jmax);
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  const T* kb[kTile];  // rows of the current tile (head 0)
-  const T* vb[kTile];
-  const T* kn[kTile];  // rows of the next tile (prefetched)
-  const T* vn[kTile];
-  const T* kt[kTile];  // rows of the current tile, head h
-  const T* vt[kTile];
-  int64_t nn = 0;
-  auto rows = [&](int64_t jb, int64_t n, const T** kr, const T** vr) {
-    for (int64_t t = 0; t < n; ++t) {
-      kr[t] = p.k + key_offset(p, b, jb + t, p.k_s0, p.k_s1);
-      vr[t] = p.v + key_offset(p, b, jb + t, p.v_s0, p.v_s1);
-    }
-  };
-  if (j0 < j1) {
-    nn = std::min(kTile, j1 - j0);
-    rows(j0, nn, kn, vn);
-  }
+  // bytes of a key row that the item reads: heads h0..h1-1 (one run when the heads are contiguous)
+  const int64_t k_span = ((h1 - h0 - 1) * p.k_s2 + D) * static_cast<int64_t>(sizeof(T));
+  const int64_t v_span = ((h1 - h0 - 1) * p.v_s2 + D) * static_cast<int64_t>(sizeof(T));
+  const float* qs[4];
+  const T* ks[4];
+  float sc[4];
   for (int64_t jb = j0; jb < j1; jb += kTile) {
-    const int64_t nk = nn;
-    std::copy(kn, kn + nk, kb);
-    std::copy(vn, vn + nk, vb);
-    nn = std::min(kTile, std::max<int64_t>(0, j1 - jb - kTile));
-    rows(jb + kTile, nn, kn, vn);
-    for (int64_t h = h0; h < h1; ++h) {
-      for (int64_t t = 0; t < nn; ++t) {
-        prefetch_row(kn[t] + h * p.k_s2, row_bytes);
-        prefetch_row(vn[t] + h * p.v_s2, row_bytes);
-      }
-      for (int64_t t = 0; t < nk; ++t) {
-        kt[t] = kb[t] + h * p.k_s2;
-        vt[t] = vb[t] + h * p.v_s2;
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t nv = std::clamp<int64_t>(lim[r] - jb, 0, nk);
-        if (nv == 0) continue;
-        const int64_t row = (h - h0) * R + r;
-        const float* qr = qf + row * D;
-        int64_t t = 0;
-        for (; t + 4 <= nv; t += 4) dots<W, 4, T>(qr, kt + t, D, s + t);
-        for (; t < nv; ++t) dots<W, 1, T>(qr, kt + t, D, s + t);
-        float mx = m[row];  // a NaN score is skipped here; exp(NaN - mu) below carries it into l
-        for (t = 0; t < nv; ++t) mx = s[t] > mx ? s[t] : mx;
-        // every score so far -inf: exponentiate against 0 (exp(-inf - -inf) would be NaN), as the reference
-        const float mu = mx == neg_inf ? 0.f : mx;
-        const float corr = std::exp(m[row] - mu);  // exp(-inf) = 0 on the first tile
-        float sum = 0.f;
-        for (t = 0; t < nv; ++t) {
-          s[t] = std::exp(s[t] - mu);
-          sum += s[t];
+    const int64_t nk = std::min(kTile, j1 - jb);
+    // phase 1: scores, rows in cache order
+    for (int64_t t = 0; t < nk; ++t) {
+      const T* krow = p.k + key_offset(p, b, jb + t, p.k_s0, p.k_s1) + h0 * p.k_s2;
+      if (jb + t + kPrefetchRows < j1)
+        prefetch_l2(p.k + key_offset(p, b, jb + t + kPrefetchRows, p.k_s0, p.k_s1) + h0 * p.k_s2, k_span);
+      int64_t x = 0;
+      for (; x + 4 <= X; x += 4) {
+#pragma GCC unroll 4
+        for (int n = 0; n < 4; ++n) {
+          qs[n] = qf + (x + n) * D;
+          ks[n] = krow + ((x + n) / R) * p.k_s2;
         }
-        l[row] = l[row] * corr + sum;
-        m[row] = mx;
-        axpy_rows<W, T>(acc + row * D, corr, s, vt, nv, D);
+        dots<W, 4, T>(qs, ks, D, sc);
+#pragma GCC unroll 4
+        for (int n = 0; n < 4; ++n) s[(x + n) * kTile + t] = sc[n];
+      }
+      for (; x < X; ++x) {
+        qs[0] = qf + x * D;
+        ks[0] = krow + (x / R) * p.k_s2;
+        dots<W, 1, T>(qs, ks, D, sc);
+        s[x * kTile + t] = sc[0];
+      }
+    }
+    // phase 2: online softmax of every row over the keys of the tile it sees
+    for (int64_t x = 0; x < X; ++x) {
+      const int64_t n = std::clamp<int64_t>(lim[x % R] - jb, 0, nk);
+      nv[x] = n;
+      if (n == 0) continue;
+      float* sx = s + x * kTile;
+      float mx = m[x];  // a NaN score is skipped here; exp(NaN - mu) below carries it into l
+      for (int64_t t = 0; t < n; ++t) mx = sx[t] > mx ? sx[t] : mx;
+      // every score so far -inf: exponentiate against 0 (exp(-inf - -inf) would be NaN), as the reference
+      const float mu = mx == neg_inf ? 0.f : mx;
+      const float corr = std::exp(m[x] - mu);  // exp(-inf) = 0 on the first tile
+      float sum = 0.f;
+      for (int64_t t = 0; t < n; ++t) {
+        sx[t] = std::exp(sx[t] - mu);
+        sum += sx[t];
+      }
+      l[x] = l[x] * corr + sum;
+      m[x] = mx;
+      scale_row<W>(acc + x * D, corr, D);
+    }
+    // phase 3: P @ V, rows in cache order
+    for (int64_t t = 0; t < nk; ++t) {
+      const T* vrow = p.v + key_offset(p, b, jb + t, p.v_s0, p.v_s1) + h0 * p.v_s2;
+      if (jb + t + kPrefetchRows < j1)
+        prefetch_l2(p.v + key_offset(p, b, jb + t + kPrefetchRows, p.v_s0, p.v_s1) + h0 * p.v_s2, v_span);
+      for (int64_t x = 0; x < X; ++x) {
+        if (t < nv[x]) axpy<W, T>(acc + x * D, s[x * kTile + t], vrow + (x / R) * p.v_s2, D);
       }
     }
   }
@@ -491,27 +507,27 @@ FASTGEN_DECODE_INLINE void attend_item_body(const DecodeParams<T>& p, int64_t b,
 
 template <typename T>
 using ItemFn = void (*)(const DecodeParams<T>&, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
-                        const int64_t*, float*, float*, float*, float*);
+                        const int64_t*, float*, float*, float*, float*, int64_t*);
 
 #define FASTGEN_DECODE_ITEM_ARGS                                                                             \
   const DecodeParams<T>&p, int64_t b, int64_t h0, int64_t h1, int64_t j0, int64_t j1, const float* qf,    \
-      const int64_t* lim, float* acc, float* m, float* l, float* s
+      const int64_t* lim, float* acc, float* m, float* l, float* s, int64_t* nv
 
 template <typename T>
 void attend_item_base(FASTGEN_DECODE_ITEM_ARGS) {
-  attend_item_body<4, T>(p, b, h0, h1, j0, j1, qf, lim, acc, m, l, s);
+  attend_item_body<4, T>(p, b, h0, h1, j0, j1, qf, lim, acc, m, l, s, nv);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTGEN_DECODE_X86 1
 template <typename T>
 __attribute__((target("avx2,fma"))) void attend_item_avx2(FASTGEN_DECODE_ITEM_ARGS) {
-  attend_item_body<8, T>(p, b, h0, h1, j0, j1, qf, lim, acc, m, l, s);
+  attend_item_body<8, T>(p, b, h0, h1, j0, j1, qf, lim, acc, m, l, s, nv);
 }
 
 template <typename T>
 __attribute__((target("avx512f,fma"))) void attend_item_avx512(FASTGEN_DECODE_ITEM_ARGS) {
-  attend_item_body<16, T>(p, b, h0, h1, j0, j1, qf, lim, acc, m, l, s);
+  attend_item_body<16, T>(p, b, h0, h1, j0, j1, qf, lim, acc, m, l, s, nv);
 }
 #endif
 
@@ -544,14 +560,14 @@ void run(const DecodeArgs& a) {
   if (p.B * p.Hkv == 0 || R == 0) return;
   const ItemFn<T> kernel = pick_kernel<T>();
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t HB = std::clamp<int64_t>(kMaxItemFloats / (R * D), 1, p.Hkv);  // heads per item
+  const int64_t HB = std::clamp<int64_t>(std::min(kMaxItemFloats / (R * D), kMaxItemRows / R), 1, p.Hkv);
   const int64_t nhb = (p.Hkv + HB - 1) / HB;
 
   // key chunk per item: the requested split count per sequence, or the same length for every item so
   // that the static schedule of at::parallel_for gives each thread equal work (ragged lengths included)
   int64_t total = 0;
   for (int64_t b = 0; b < p.B; ++b) total += std::max<int64_t>(1, seq_len(p, b)) * nhb;
-  const int64_t want = threads == 1 ? 1 : 4 * threads;
+  const int64_t want = threads == 1 ? 1 : kItemsPerThread * threads;
   int64_t chunk = std::clamp<int64_t>((total + want - 1) / want, kMinItemKeys, kItemKeys);
   chunk = (chunk + kTile - 1) / kTile * kTile;
   std::vector<Item> items;
@@ -586,16 +602,50 @@ void run(const DecodeArgs& a) {
   }
   const float scale = static_cast<float>(a.scale);
 
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * slot * D + 2 * slot + kTile);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // out rows of the (b, head block) pair of item `it` from its splits' (normalised out, lse) partials:
+  // out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M)
+  auto merge = [&](const Item& it, float* o) {
+    for (int64_t row = 0; row < (it.h1 - it.h0) * R; ++row) {
+      const int64_t hh = row / R, r = row % R, i = r / p.G, g = r % p.G;
+      float mx = neg_inf;  // std::max skips a NaN lse; its weight below is NaN and reaches den and o
+      for (int64_t sp = 0; sp < it.splits; ++sp) mx = std::max(mx, wl[(it.first + sp) * slot + row]);
+      const float mu = mx == neg_inf ? 0.f : mx;
+      std::fill(o, o + D, 0.f);
+      float den = 0.f;
+      for (int64_t sp = 0; sp < it.splits; ++sp) {
+        const float lse = wl[(it.first + sp) * slot + row];
+        if (lse == neg_inf) continue;  // a split without visible keys (its partial is all zeros)
+        const float w = std::exp(lse - mu);
+        den += w;
+        const float* src = wo + ((it.first + sp) * slot + row) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
+      }
+      const float inv = den == 0.f ? 0.f : 1.f / den;
+      T* dst = p.out + ((it.b * p.Sq + i) * p.Hq + (it.h0 + hh) * p.G + g) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+    }
+  };
+
+  // One parallel region: every thread takes the next item from a shared counter (a thread that the OS
+  // runs late, on a busy machine, then costs its current item, not a fixed share of the work), and the
+  // thread finishing the last split of a (b, head block) pair merges that pair's partials right away.
+  std::atomic<int64_t> next{0};
+  std::vector<std::atomic<int64_t>> pending(groups);
+  for (const Item& it : items) pending[it.group].store(it.splits, std::memory_order_relaxed);
+  const int64_t workers = std::min(threads, n_items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> buf(2 * slot * D + 2 * slot + slot * kTile + D);
+    std::vector<int64_t> nv(slot);
     float* qf = buf.data();
     float* acc = qf + slot * D;
     float* m = acc + slot * D;
     float* l = m + slot;
     float* s = l + slot;
+    float* merged = s + slot * kTile;
     std::vector<int64_t> lim(R);
     int64_t q_group = -1;  // the (b, head block) whose queries are in qf
-    for (int64_t idx = begin; idx < end; ++idx) {
+    for (int64_t idx = next.fetch_add(1); idx < n_items; idx = next.fetch_add(1)) {
       const Item& it = items[idx];
       const int64_t len = seq_len(p, it.b), nh = it.h1 - it.h0;
       if (it.group != q_group) {
@@ -610,55 +660,24 @@ void run(const DecodeArgs& a) {
         }
         q_group = it.group;
       }
-      kernel(p, it.b, it.h0, it.h1, it.j0, it.j1, qf, lim.data(), acc, m, l, s);
-      for (int64_t hh = 0; hh < nh; ++hh) {
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t row = hh * R + r;
-          const float inv = l[row] == 0.f ? 0.f : 1.f / l[row];  // no visible key: zeros; NaN stays NaN
-          const float* ar = acc + row * D;
-          if (it.splits == 1) {
-            const int64_t i = r / p.G, g = r % p.G;
-            T* o = p.out + ((it.b * p.Sq + i) * p.Hq + (it.h0 + hh) * p.G + g) * D;
-            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(ar[d] * inv);
-          } else {
-            float* o = wo + (idx * slot + row) * D;
-            for (int64_t d = 0; d < D; ++d) o[d] = ar[d] * inv;
-            wl[idx * slot + row] = l[row] == 0.f ? -std::numeric_limits<float>::infinity()
-                                                 : m[row] + std::log(l[row]);  // NaN sum: NaN
-          }
+      kernel(p, it.b, it.h0, it.h1, it.j0, it.j1, qf, lim.data(), acc, m, l, s, nv.data());
+      for (int64_t row = 0; row < nh * R; ++row) {
+        const float inv = l[row] == 0.f ? 0.f : 1.f / l[row];  // no visible key: zeros; NaN stays NaN
+        const float* ar = acc + row * D;
+        if (it.splits == 1) {
+          const int64_t hh = row / R, r = row % R, i = r / p.G, g = r % p.G;
+          T* o = p.out + ((it.b * p.Sq + i) * p.Hq + (it.h0 + hh) * p.G + g) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(ar[d] * inv);
+        } else {
+          float* o = wo + (idx * slot + row) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = ar[d] * inv;
+          // log-sum-exp of the split: -inf without a visible key, NaN for a NaN sum (a NaN / inf input),
+          // so that the merge propagates it rather than dropping the split as empty
+          wl[idx * slot + row] = l[row] == 0.f ? neg_inf : m[row] + std::log(l[row]);
         }
       }
-    }
-  });
-  if (!any_split) return;
-
-  // merge the splits of every (group, head, row): out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M)
-  std::vector<int64_t> group_item(groups);
-  for (int64_t idx = n_items - 1; idx >= 0; --idx) group_item[items[idx].group] = idx;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, groups * slot, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> o(D);
-    for (int64_t task = begin; task < end; ++task) {
-      const Item& it = items[group_item[task / slot]];
-      const int64_t row = task % slot, hh = row / R, r = row % R;
-      if (it.splits == 1 || it.h0 + hh >= it.h1) continue;  // written directly / no such head
-      const int64_t i = r / p.G, g = r % p.G;
-      float mx = neg_inf;  // std::max skips a NaN lse; its weight below is NaN and reaches den and o
-      for (int64_t sp = 0; sp < it.splits; ++sp) mx = std::max(mx, wl[(it.first + sp) * slot + row]);
-      const float mu = mx == neg_inf ? 0.f : mx;
-      std::fill(o.begin(), o.end(), 0.f);
-      float den = 0.f;
-      for (int64_t sp = 0; sp < it.splits; ++sp) {
-        const float lse = wl[(it.first + sp) * slot + row];
-        if (lse == neg_inf) continue;  // a split without visible keys (its partial is all zeros)
-        const float w = std::exp(lse - mu);
-        den += w;
-        const float* src = wo + ((it.first + sp) * slot + row) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += w * src[d];
-      }
-      const float inv = den == 0.f ? 0.f : 1.f / den;
-      T* dst = p.out + ((it.b * p.Sq + i) * p.Hq + (it.h0 + hh) * p.G + g) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+      // acq_rel: the last split's thread sees every other split's partials
+      if (it.splits > 1 && pending[it.group].fetch_sub(1, std::memory_order_acq_rel) == 1) merge(it, merged);
     }
   });
 }
