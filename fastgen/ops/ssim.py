@@ -36,6 +36,10 @@ filter is the 'full' transposed filter (``conv_transpose2d``), so::
 
 It recomputes the five filtered maps with separable conv2d (nothing is saved from the forward but the
 inputs) and is not differentiable itself (no double backward).
+
+CPU (the torch backend's forward, and the backward of every backend for CPU tensors): the same
+formulas over four maps (x, y, x^2 + y^2, xy), separable depthwise conv2d on cache-sized chunks of
+planes; layout notes at :func:`_ssim_cpu`.
 """
 
 from __future__ import annotations
@@ -280,7 +284,160 @@ def _ssim_triton(x, y, data_range, window_size, sigma, k1, k2):
     return part.view(b, c, tr * tc, 2).sum(2) / (ho * wo)
 
 
+# =====================================================================================================
+# CPU path of the torch backend: separable filtering, planes in cache-sized chunks
+# =====================================================================================================
+#
+# Layout. The (B, C) planes are flattened to (P, H, W) and taken CHUNK planes at a time (so that the
+# four stacked maps of a chunk, 4 x CHUNK x H x W fp32, stay in L2/L3 while they are filtered; one
+# full-batch pass of a conv over 60+ MiB of maps is memory bound and 5-10x slower per pixel). Four maps
+# suffice: x, y, x^2 + y^2 and xy (the SSIM formula only needs s_xx + s_yy, not each of them), stacked
+# as one contiguous (4 * CHUNK, H, W) tensor. The horizontal 1-D pass is a depthwise conv2d with a
+# (1, k) kernel over those 4 * CHUNK channels (NCHW). The vertical pass reads the same memory as a
+# channels-last tensor whose *channels* are the image columns: (4 * CHUNK, W', H, 1) with strides
+# (H W', 1, W', W') is exactly the contiguous (4 * CHUNK, H, W') buffer, so a depthwise (k, 1) conv
+# with W' groups filters along H with the SIMD lanes running along the row (no transpose, no copy), and
+# its output (channels-last again) is the contiguous (4 * CHUNK, H', W') map. The backward is the
+# adjoint of the same two passes: the 'full' correlation with the flipped window (zero padding k - 1
+# on both sides; the column padding lives in the coefficient buffer itself), horizontal then vertical,
+# over four per-pixel coefficient maps. Nothing is saved from the forward but the inputs: each chunk's
+# filtered maps are recomputed while they are in cache.
+
+CPU_CHUNK_ELEMS = 1 << 20  # target size of one chunk's stacked maps (elements): 4 MiB in fp32
+
+
+def _chunk_planes(h: int, w: int) -> int:
+    """Planes per chunk on CPU: about CPU_CHUNK_ELEMS elements in the four stacked maps, at least 1."""
+    return max(1, CPU_CHUNK_ELEMS // (4 * h * w))
+
+
+def _hpass(z: torch.Tensor, win: torch.Tensor, pad: int) -> torch.Tensor:
+    """(N, L, W) contiguous -> (N, L, W - k + 1 + 2 pad): correlation with ``win`` (k,) along the last dim."""
+    n, rows, _ = z.shape
+    k = win.numel()
+    out = F.conv2d(
+        z.view(1, n, rows, -1), win.view(1, 1, 1, k).expand(n, 1, 1, k), padding=(0, pad), groups=n
+    )
+    return out.view(n, rows, -1)
+
+
+def _vpass(z: torch.Tensor, win: torch.Tensor, pad: int) -> torch.Tensor:
+    """(N, L, W) contiguous -> (N, L - k + 1 + 2 pad, W): correlation along dim 1, columns as channels."""
+    n, rows, cols = z.shape
+    k = win.numel()
+    zc = z.as_strided((n, cols, rows, 1), (rows * cols, 1, cols, cols))  # channels-last view, no copy
+    out = F.conv2d(zc, win.view(1, 1, k, 1).expand(cols, 1, k, 1), padding=(pad, 0), groups=cols)
+    lo = out.shape[2]
+    if out.stride() != (lo * cols, 1, cols, cols):  # pragma: no cover - a conv that ignored the layout
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out.as_strided((n, lo, cols), (lo * cols, cols, 1))
+
+
+def _cpu_filtered(xc: torch.Tensor, yc: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+    """(P, H, W) x 2 in the compute dtype -> (4, P, H', W'): G*x, G*y, G*(x^2 + y^2), G*(xy)."""
+    p, h, w = xc.shape
+    maps = torch.empty((4, p, h, w), dtype=xc.dtype, device=xc.device)
+    maps[0].copy_(xc)
+    maps[1].copy_(yc)
+    torch.mul(xc, xc, out=maps[2]).addcmul_(yc, yc)
+    torch.mul(xc, yc, out=maps[3])
+    filt = _vpass(_hpass(maps.view(4 * p, h, w), win, 0), win, 0)
+    return filt.view(4, p, filt.shape[1], filt.shape[2])
+
+
+def _cpu_terms(filt: torch.Tensor, c1: float, c2: float):
+    """Filtered maps (4, P, H', W') -> (lum, cs, b1, b2) maps; b1, b2 the luminance / cs denominators."""
+    mu_x, mu_y, e_2, e_xy = filt.unbind(0)
+    mxy = mu_x * mu_y
+    b1 = torch.mul(mu_x, mu_x).addcmul_(mu_y, mu_y)  # mu_x^2 + mu_y^2
+    b2 = torch.sub(e_2, b1).add_(c2)  # s_xx + s_yy + C2
+    cs = torch.sub(e_xy, mxy).mul_(2.0).add_(c2).div_(b2)  # (2 s_xy + C2) / b2
+    b1.add_(c1)
+    lum = mxy.mul_(2.0).add_(c1).div_(b1)  # (2 mu_x mu_y + C1) / b1
+    return lum, cs, b1, b2
+
+
+def _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2):
+    """Forward on CPU: (B, C, H, W) x 2 -> (B, C, 2) float32 (float64 for float64), chunked separable.
+
+    Layout and chunking: see the comment block above :data:`CPU_CHUNK_ELEMS`. fp16 / bf16 planes are
+    converted to fp32 one chunk at a time (no full-size fp32 copy of the batch).
+    """
+    b, c, h, w = x.shape
+    dt = _compute_dtype(x.dtype)
+    ho, wo = h - window_size + 1, w - window_size + 1
+    out = torch.empty((b * c, 2), dtype=dt, device=x.device)
+    if b == 0:
+        return out.view(b, c, 2)
+    win = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    xf, yf = x.reshape(b * c, h, w), y.reshape(b * c, h, w)
+    step = _chunk_planes(h, w)
+    for i in range(0, b * c, step):
+        xc = xf[i : i + step].to(dt).contiguous()
+        yc = yf[i : i + step].to(dt).contiguous()
+        lum, cs, _, _ = _cpu_terms(_cpu_filtered(xc, yc, win), c1, c2)
+        torch.sum(cs, (1, 2), out=out[i : i + step, 1])
+        torch.sum(lum.mul_(cs), (1, 2), out=out[i : i + step, 0])
+    return out.div_(ho * wo).view(b, c, 2)
+
+
+def _ssim_backward_cpu(x, y, grad, data_range, window_size, sigma, k1, k2):
+    """grad: (B, C, 2) of the (ssim, cs) means -> (dx, dy) in x's dtype; chunked like :func:`_ssim_cpu`.
+
+    With p = dL/dcs_map, q = dL/dlum_map, u = 2 q / b1 and v = 2 p / b2 per pixel, the coefficient maps
+    of (mu_x, mu_y, E[x^2 + y^2], E[xy]) are (A mu_x + D mu_y, A mu_y + D mu_x, -v cs / 2, v) with
+    A = v cs - u lum and D = u - v; filtered back by the adjoint G^T (t_*),
+    ``dx = t_mx + 2 x t_e2 + y t_exy`` and ``dy = t_my + 2 y t_e2 + x t_exy``.
+    """
+    b, c, h, w = x.shape
+    dt = _compute_dtype(x.dtype)
+    ho, wo = h - window_size + 1, w - window_size + 1
+    dx = torch.empty((b * c, h, w), dtype=x.dtype, device=x.device)
+    dy = torch.empty((b * c, h, w), dtype=y.dtype, device=y.device)
+    if b == 0:
+        return dx.view(x.shape), dy.view(y.shape)
+    win = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
+    wflip = win.flip(0)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    g2 = grad.to(dt).reshape(b * c, 2) / (ho * wo)
+    xf, yf = x.reshape(b * c, h, w), y.reshape(b * c, h, w)
+    step = _chunk_planes(h, w)
+    pad = window_size - 1
+    # coefficient maps, zero-padded by k - 1 columns on both sides (the borders stay zero across chunks):
+    # oneDNN's depthwise conv with padding along W is ~10x slower than on a padded input
+    coef_buf = torch.zeros((4, min(step, b * c), ho, wo + 2 * pad), dtype=dt, device=x.device)
+    for i in range(0, b * c, step):
+        xc = xf[i : i + step].to(dt).contiguous()
+        yc = yf[i : i + step].to(dt).contiguous()
+        p = xc.shape[0]
+        filt = _cpu_filtered(xc, yc, win)
+        mu_x, mu_y = filt[0], filt[1]
+        lum, cs, b1, b2 = _cpu_terms(filt, c1, c2)
+        gs = g2[i : i + p, 0].view(p, 1, 1)
+        gc = g2[i : i + p, 1].view(p, 1, 1)
+        coef_pad = coef_buf[:, :p]
+        coef = coef_pad[..., pad : pad + wo]
+        v = torch.mul(lum, gs).add_(gc).mul_(2.0).div_(b2)  # 2 p / b2
+        u = torch.mul(cs, gs).mul_(2.0).div_(b1)  # 2 q / b1
+        a = torch.mul(v, cs).sub_(u.mul(lum))  # A
+        d = u.sub_(v)  # D
+        torch.mul(a, mu_x, out=coef[0]).addcmul_(d, mu_y)
+        torch.mul(a, mu_y, out=coef[1]).addcmul_(d, mu_x)
+        torch.mul(v, cs, out=coef[2]).neg_()  # 2 * (-v cs / 2): the 2 of 2 x t_e2 folded in
+        coef[3].copy_(v)
+        if p < coef_buf.shape[1]:  # the last, shorter chunk: its own contiguous padded buffer
+            coef_pad = coef_pad.contiguous()
+        back = _vpass(_hpass(coef_pad.reshape(4 * p, ho, -1), wflip, 0), wflip, pad)
+        t_mx, t_my, t_e2, t_xy = back.view(4, p, h, w).unbind(0)
+        dx[i : i + p] = t_mx.addcmul_(xc, t_e2).addcmul_(yc, t_xy)
+        dy[i : i + p] = t_my.addcmul_(yc, t_e2).addcmul_(xc, t_xy)
+    return dx.view(x.shape), dy.view(y.shape)
+
+
 def _ssim_torch(x, y, data_range, window_size, sigma, k1, k2):
+    if x.device.type == "cpu":
+        return _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2)
     return ssim_ref(x, y, data_range=data_range, window_size=window_size, sigma=sigma, k1=k1, k2=k2)
 
 
@@ -298,6 +455,8 @@ OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*X_DTYPES, t
 
 def _ssim_backward(x, y, grad, data_range, window_size, sigma, k1, k2):
     """grad: (B, C, 2) upstream gradient of the (ssim, cs) means -> (dx, dy) in x's dtype."""
+    if x.device.type == "cpu":
+        return _ssim_backward_cpu(x, y, grad, data_range, window_size, sigma, k1, k2)
     dt = _compute_dtype(x.dtype)
     xf, yf = x.to(dt), y.to(dt)
     b, c, h, w = x.shape
