@@ -116,3 +116,39 @@ def test_fid_features_fixed_and_size_agnostic():
     fid.update(real, real=True)
     fid.update((real * 0.3).clamp(0, 1), real=False)
     assert fid.compute() > 1e-3
+
+
+def _load_bench_sizes():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sizes.py"
+    if not path.exists():
+        pytest.skip("benchmarks/ is not in this checkout")
+    spec = importlib.util.spec_from_file_location("_bench_sizes_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("model", ["vit", "vq-ae"])
+def test_bench_sizes_cases_and_oracles(model):
+    """The benchmark's rows run and pass their oracles (tiny batch, not timed): equal to the baseline at the
+    trained 16x16, the right shapes at 24x24; a wrong output is rejected by the 24x24 oracle."""
+    from fastgen.bench import compare_outputs
+
+    bench = _load_bench_sizes()
+    cpu = torch.device("cpu")
+    same = bench.make_case(cpu, model, 2, 16)
+    assert same.check is None and same.impls[0].baseline
+    ref = same.impls[0].fn()
+    for impl in same.impls[1:]:
+        assert compare_outputs(impl.fn(), ref, same.atol, same.rtol).ok, impl.name
+    case = bench.make_case(cpu, model, 2, 24)
+    names = [i.name for i in case.impls]
+    assert names == (["interpolate", "adaptive_pool", "resize"] if model == "vit" else ["native", "resize"])
+    for impl in case.impls:
+        out = impl.fn()
+        assert case.check(out).ok, (impl.name, case.check(out).detail)
+    bad = torch.zeros(2, 5) if model == "vit" else torch.zeros(2, 5, 5, dtype=torch.int64)
+    assert not case.check(bad).ok

@@ -355,16 +355,19 @@ def plot(rows: list[dict], train_size: int, ae_rows: list[dict], ae_train_size: 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
     markers = {"fine-tune": "s", "fine-tune + multi-size": "^"}
     for ax, (rs, trained, key, ylabel, title, strategies) in zip(axes[0], panels):
+        color = {
+            k: f"C{i}" for i, k in enumerate(strategies)
+        }  # a fine-tune marker takes its strategy's colour
         for strategy in strategies:
             pts = sorted((r["size"], r[key]) for r in rs if r["run"] in ("zero-shot", "baseline")
                          and r["strategy"] == strategy)  # fmt: skip
             style = "--" if strategy == "mean image" else "-"
             label = strategy if strategy == "mean image" else f"zero-shot {strategy}"
-            ax.plot(*zip(*pts), style, marker="o", label=label)
+            ax.plot(*zip(*pts), style, marker="o", label=label, color=color[strategy])
         for r in rs:
             if r["run"] in markers:
-                ax.scatter(r["size"], r[key], marker=markers[r["run"]], s=50,
-                           label=f"{r['run']} {r['strategy']}")  # fmt: skip
+                ax.scatter(r["size"], r[key], marker=markers[r["run"]], s=60, facecolors="none", linewidths=1.5,
+                           edgecolors=color[r["strategy"]], label=f"{r['run']} {r['strategy']}")  # fmt: skip
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7)
