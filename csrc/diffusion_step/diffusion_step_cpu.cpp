@@ -210,15 +210,13 @@ struct Convert<c10::Half, PATH> {
 
 // ---- element access ---------------------------------------------------------------------------------------
 //
-// The stages read float32 or bfloat16 directly (bf16 -> f32 is a 16-bit shift and f32 -> bf16 integer
-// rounding, both vectorized inside the stage loops, so a bf16 step makes as many passes over its tile as a
-// float32 one); fp16 is converted to float32 buffers first (F16C / AVX-512F, see Convert) and read as
-// float32. The stores of x0 and of a final x_prev go straight to the output dtype.
+// The stages read float32 or bfloat16 directly (bf16 -> f32 is a 16-bit shift, vectorized inside the stage
+// loops, so reading bf16 costs no extra pass); fp16 is converted to float32 buffers first (F16C /
+// AVX-512F, see Convert). The stages write float32; 16-bit outputs are converted by one pass per output
+// (Convert::store: explicit intrinsics, fewer instructions than the rounding fused into a stage loop).
 
 FASTGEN_ALWAYS_INLINE float ld(const float* p, int64_t j) { return p[j]; }
 FASTGEN_ALWAYS_INLINE float ld(const c10::BFloat16* p, int64_t j) { return bf16_bits_to_f32(p[j].x); }
-FASTGEN_ALWAYS_INLINE void st(float* p, int64_t j, float v) { p[j] = v; }
-FASTGEN_ALWAYS_INLINE void st(c10::BFloat16* p, int64_t j, float v) { p[j].x = f32_to_bf16_bits(v); }
 
 // What the stages read and write for element type T: fp16 goes through float32 buffers.
 template <typename T>
@@ -239,16 +237,16 @@ FASTGEN_ALWAYS_INLINE void stage_guide(const I* __restrict__ c, const I* __restr
 }
 
 // x0 and the deterministic part of x_prev; img / keep (the known region) are read only when KNOWN.
-template <int CLIP, bool KNOWN, typename I, typename X0, typename XP>
+template <int CLIP, bool KNOWN, typename I>
 FASTGEN_ALWAYS_INLINE void stage_predict(const StepCoeffs& k, const I* __restrict__ xv, const float* __restrict__ m,
                                          const I* __restrict__ img, const I* __restrict__ keep, float clip, float s,
-                                         X0* __restrict__ x0, XP* __restrict__ xp, int64_t n) {
+                                         float* __restrict__ x0, float* __restrict__ xp, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float a, e;
     const float xj = ld(xv, j);
     predict<CLIP, KNOWN>(k, xj, m[j], KNOWN ? ld(img, j) : 0.0f, KNOWN ? ld(keep, j) : 0.0f, clip, s, a, e);
-    st(x0, j, a);
-    st(xp, j, update(k, xj, a, e));
+    x0[j] = a;
+    xp[j] = update(k, xj, a, e);
   }
 }
 
@@ -266,9 +264,9 @@ FASTGEN_ALWAYS_INLINE void stage_abs_x0(const StepCoeffs& k, const I* __restrict
 
 // The run-time clip mode of a call resolved to one instantiation (uniform per call, so the branches are
 // predicted; each arm is a straight vectorized loop).
-template <bool KNOWN, typename I, typename X0, typename XP>
+template <bool KNOWN, typename I>
 FASTGEN_ALWAYS_INLINE void predict_any(int clip_mode, const StepCoeffs& k, const I* xv, const float* m, const I* img,
-                                       const I* keep, float clip, float s, X0* x0, XP* xp, int64_t n) {
+                                       const I* keep, float clip, float s, float* x0, float* xp, int64_t n) {
   if (clip_mode == CLIP_STATIC) return stage_predict<CLIP_STATIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
   if (clip_mode == CLIP_DYNAMIC) return stage_predict<CLIP_DYNAMIC, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
   stage_predict<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, x0, xp, n);
@@ -340,20 +338,18 @@ struct Ctx {
 
 template <typename T, int PATH>
 FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t end) {
-  using I = Elem<T>;  // what the stages read and write: T, or float32 buffers for fp16
+  using I = Elem<T>;  // what the stages read: T, or float32 buffers for fp16
   constexpr bool kBuffered = !std::is_same_v<I, T>;
   const StepParams<T>& p = c.p;
   const StepCoeffs k = c.k;
   const int64_t N = p.N;
   const bool known = p.known != nullptr;
   const bool learned = p.var_mode == VAR_LEARNED_RANGE;
-  // stages after predict (then x_prev is accumulated in float32 and stored at the end)
-  const bool extra = p.prev != nullptr || p.grad != nullptr || p.noise_mode != NOISE_NONE;
-  alignas(64) float m[kTile], z[kTile], xpbuf[kTile], u1[kTile / 2], u2[kTile / 2];
-  alignas(64) I x0buf[kTile];  // pred_x0 when not wanted (or fp16's float32 staging)
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  alignas(64) float m[kTile], z[kTile], xpbuf[kTile], x0buf[kTile], u1[kTile / 2], u2[kTile / 2];
   // fp16 staging buffers (unused for float32 / bf16)
-  alignas(64) float hc[kBuffered ? kTile : 1], hx[kBuffered ? kTile : 1], hu[kBuffered ? kTile : 1], hi[kBuffered ? kTile : 1],
-      hk[kBuffered ? kTile : 1], hv[kBuffered ? kTile : 1], hp[kBuffered ? kTile : 1];
+  constexpr int64_t kH = kBuffered ? kTile : 1;
+  alignas(64) float hc[kH], hx[kH], hu[kH], hi[kH], hk[kH], hv[kH], hp[kH];
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / c.tiles_per_row;
     const int64_t i0 = (t - b * c.tiles_per_row) * kTile;
@@ -400,55 +396,47 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
       }
       continue;
     }
-    // pred_x0 straight into the output (float32 / bf16), else into x0buf
-    I* x0 = (!kBuffered && p.x0) ? reinterpret_cast<I*>(p.x0 + row) : x0buf;
-    if (extra || kBuffered) {
-      // x_prev in float32: in place in the float32 output rows, else in xpbuf
-      float* xp = xpbuf;
-      if constexpr (std::is_same_v<T, float>) xp = p.out + row;
-      if (known) {
-        predict_any<true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
-      } else {
-        predict_any<false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
-      }
-      if (p.prev) stage_prev(k[CPREV], in(p.prev + row, hp), xp, n);
-      // the learned-variance channels of the conditional output (its second half)
-      const I* vf = learned && (p.grad || p.noise_mode != NOISE_NONE) ? in(crow + N, hv) : nullptr;
-      if (p.grad) {
-        const I* gf = in(p.grad + row, hp);
-        if (learned) {
-          stage_grad<VAR_LEARNED_RANGE>(k, gf, vf, p.grad_scale, xp, n);
-        } else {
-          stage_grad<VAR_SIGMA>(k, gf, vf, p.grad_scale, xp, n);
-        }
-      }
-      if (p.noise_mode != NOISE_NONE) {
-        const I* zt = nullptr;
-        if (p.noise_mode == NOISE_TENSOR) {
-          zt = in(p.noise + row, z);
-        } else {
-          const RngKey key =
-              rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
-          stage_rng(key, i0, u1, u2, z, n);
-        }
-        if (learned) {
-          add_noise_any<VAR_LEARNED_RANGE>(k, z, zt, vf, xp, n);
-        } else {
-          add_noise_any<VAR_SIGMA>(k, z, zt, vf, xp, n);
-        }
-      }
-      if constexpr (!std::is_same_v<T, float>) Convert<T, PATH>::store(xp, p.out + row, n);
+    // float32 outputs are computed in place in the output rows (they stay in L1 until the tile ends);
+    // 16-bit ones in xpbuf / x0buf, converted at the end
+    float* xp = xpbuf;
+    float* x0 = x0buf;
+    if constexpr (kF32) {
+      xp = p.out + row;
+      if (p.x0) x0 = p.x0 + row;
+    }
+    if (known) {
+      predict_any<true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
     } else {
-      // float32 / bf16 without later stages: x_prev straight into the output
-      I* xp = reinterpret_cast<I*>(p.out + row);
-      if (known) {
-        predict_any<true>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
+      predict_any<false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
+    }
+    if (p.prev) stage_prev(k[CPREV], in(p.prev + row, hp), xp, n);
+    // the learned-variance channels of the conditional output (its second half)
+    const I* vf = learned && (p.grad || p.noise_mode != NOISE_NONE) ? in(crow + N, hv) : nullptr;
+    if (p.grad) {
+      const I* gf = in(p.grad + row, hp);
+      if (learned) {
+        stage_grad<VAR_LEARNED_RANGE>(k, gf, vf, p.grad_scale, xp, n);
       } else {
-        predict_any<false>(p.clip_mode, k, xv, mm, img, keep, p.clip, s, x0, xp, n);
+        stage_grad<VAR_SIGMA>(k, gf, vf, p.grad_scale, xp, n);
       }
     }
-    if constexpr (kBuffered) {
-      if (p.x0) Convert<T, PATH>::store(x0buf, p.x0 + row, n);
+    if (p.noise_mode != NOISE_NONE) {
+      const I* zt = nullptr;
+      if (p.noise_mode == NOISE_TENSOR) {
+        zt = in(p.noise + row, z);
+      } else {
+        const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
+        stage_rng(key, i0, u1, u2, z, n);
+      }
+      if (learned) {
+        add_noise_any<VAR_LEARNED_RANGE>(k, z, zt, vf, xp, n);
+      } else {
+        add_noise_any<VAR_SIGMA>(k, z, zt, vf, xp, n);
+      }
+    }
+    if constexpr (!kF32) {
+      Convert<T, PATH>::store(xp, p.out + row, n);
+      if (p.x0) Convert<T, PATH>::store(x0, p.x0 + row, n);
     }
   }
 }
