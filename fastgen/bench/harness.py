@@ -995,23 +995,32 @@ def write_plot(path: Path, results: Sequence[OpResult], copy_gbps: float | None,
                 if row is None:
                     continue
                 wrong = row.correct is False
+                # a wrong fastgen row is fastgen's failure (red); a baseline that disagrees with the oracle
+                # (e.g. the reference run in bf16) is the baseline's error (grey cross-hatch), drawn apart
                 ax.bar(
                     i - 0.4 + width * (j + 0.5),
                     row.gbps if use_gbps else row.ms,
                     width,
                     color=_COLORS[j % len(_COLORS)],
-                    hatch="//" if wrong else None,
-                    edgecolor="red" if wrong else None,
+                    hatch=("xx" if row.baseline else "//") if wrong else None,
+                    edgecolor=("0.4" if row.baseline else "red") if wrong else None,
                     label=None if labelled else impl,
                 )
                 labelled = True
         if use_gbps and copy_gbps:
             ax.axhline(copy_gbps, color="k", ls="--", lw=1, label=f"copy bandwidth {copy_gbps:.0f} GB/s")
         ax.set_xticks(range(len(cases)), cases, rotation=15, ha="right", fontsize=8)
-        ax.set_ylabel("achieved GB/s" if use_gbps else "median ms (lower is better)")
+        if not use_gbps:
+            ax.set_yscale("log")  # cases differ by orders of magnitude
+        ax.set_ylabel("achieved GB/s" if use_gbps else "median ms, log scale (lower is better)")
         title = f"{result.bench.op} on {device_name}"
-        if any(r.correct is False for r in timed):
-            title += "  (hatched red: WRONG output)"
+        notes = []
+        if any(r.correct is False and not r.baseline for r in timed):
+            notes.append("hatched red: fastgen output WRONG")
+        if any(r.correct is False and r.baseline for r in timed):
+            notes.append("grey cross-hatch: a baseline that disagrees with the oracle")
+        if notes:
+            title += "  (" + "; ".join(notes) + ")"
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="best")
     fig.savefig(path, dpi=110)
@@ -1253,19 +1262,30 @@ def main(argv: Sequence[str] | None = None, *, only: Sequence[str] | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _stem(out_dir, device_slug(info))
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
-    plotted = False
+    plots: list[str] = []
     if not args.no_plot:
-        try:
-            plotted = write_plot(png_path, results, copy_gbps, info["name"])
-        except Exception as e:
-            print(
-                f"fastgen.bench: plotting failed ({_err_text(e)}); results are in the JSON", file=sys.stderr
-            )
-    meta["plot"] = png_path.name if plotted else None
+        # one PNG per op: <stem>.png for a one-op run, <stem>_<op>.png each otherwise
+        per_op = [(png_path, results)] if len(results) == 1 else [
+            (out_dir / f"{stem}_{res.bench.op}.png", [res]) for res in results
+        ]  # fmt: skip
+        for path, group in per_op:
+            try:
+                if write_plot(path, group, copy_gbps, info["name"]):
+                    plots.append(path.name)
+                elif importlib.util.find_spec("matplotlib") is None:
+                    break  # write_plot said why, once
+            except Exception as e:
+                print(
+                    f"fastgen.bench: plotting failed ({_err_text(e)}); results are in the JSON",
+                    file=sys.stderr,
+                )
+    meta["plot"] = plots[0] if plots else None
+    meta["plots"] = plots
     text = json.dumps(_jsonable(meta), indent=2) + "\n"
     json_path.write_text(text)
     (out_dir / "latest.json").write_text(text)
-    print(f"wrote {json_path}" + (f", {png_path}" if plotted else "") + f", {out_dir / 'latest.json'}")
+    pngs = "".join(f", {out_dir / name}" for name in plots)
+    print(f"wrote {json_path}{pngs}, {out_dir / 'latest.json'}")
 
     status = 0
     for r in baselines_off:

@@ -458,3 +458,34 @@ def test_headline_runs_the_quick_cases_narrowed_with_full_timing(tmp_path):
     assert {r["case"] for r in headline["rows"]} == {"headline"} and not headline["quick"]
     assert "min_run_time=0.5s" in headline["timer"]  # full timing budgets, not the quick ones
     assert {r["case"] for r in quick["rows"]} == {"a", "b"} and "min_run_time=0.05s" in quick["timer"]
+
+
+def test_one_png_per_op_and_baseline_errors_marked_apart(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    x = torch.ones(8)
+    titles = []
+    from matplotlib.axes import Axes
+
+    real = Axes.set_title
+    monkeypatch.setattr(
+        Axes, "set_title", lambda self, t, *a, **k: titles.append(t) or real(self, t, *a, **k)
+    )
+
+    for op in ("synth_p1", "synth_p2"):
+
+        @harness.register(op=op)
+        def cases(device, quick):
+            yield Case("n=8", [Impl("reference", lambda: x * 3, baseline=True),
+                               Impl("reference-bf16", lambda: x * 3.5, baseline=True),
+                               Impl("fast", lambda: x + x + x)])  # fmt: skip
+
+    try:
+        out = tmp_path / "results"
+        args = ["--quick", "--device", "cpu", "--out", str(out), "--copy-mib", "8"]
+        assert main(args, only=["synth_p1", "synth_p2"]) == 0
+    finally:
+        harness._REGISTRY.clear()
+    data = json.loads((out / "latest.json").read_text())
+    assert [p.rsplit("_", 1)[-1] for p in data["plots"]] == ["p1.png", "p2.png"]
+    assert all((out / p).exists() for p in data["plots"])
+    assert len(titles) == 2 and all("grey cross-hatch: a baseline" in t and "WRONG" not in t for t in titles)
