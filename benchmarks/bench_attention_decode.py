@@ -60,18 +60,24 @@ def shapes(device: torch.device, quick: bool):
     op="attention_decode", description="KV-cache decoding attention (flash-decoding), contiguous and paged"
 )
 def attention_decode_cases(device: torch.device, quick: bool):
-    dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.float32]
-    if device.type == "cuda" and not quick:
-        dtypes.append(torch.float16)
+    if device.type == "cuda":
+        dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+        fills = [False]
+    else:  # the CPU rows: fp32 and bf16, ragged and full caches (the 1- and 2-thread runs are separate runs)
+        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+        fills = [False] if quick else [False, True]
     for shape in shapes(device, quick):
         for dtype in dtypes:
-            yield make_case(device, *shape, dtype)
+            for full in fills:
+                yield make_case(device, *shape, dtype, full=full)
 
 
-def make_case(device, label, b, sq, hq, hkv, d, length, paged, dtype) -> Case:
+def make_case(device, label, b, sq, hq, hkv, d, length, paged, dtype, full=False) -> Case:
     g = torch.Generator(device="cpu").manual_seed(0)
-    # ragged lengths between half and all of the cache (>= seq_q: every query sees a key)
+    # ragged lengths between half and all of the cache (>= seq_q: every query sees a key), or all full
     lens_list = torch.randint(length // 2, length + 1, (b,), generator=g).clamp(min=sq).tolist()
+    if full:
+        lens_list = [length] * b
     lens = torch.tensor(lens_list, dtype=torch.int32, device=device)
     q = torch.randn(b, sq, hq, d, generator=g).to(device, dtype)
     k = torch.randn(b, length, hkv, d, generator=g).to(device, dtype)
@@ -114,7 +120,8 @@ def make_case(device, label, b, sq, hq, hkv, d, length, paged, dtype) -> Case:
     nbytes = sum(lens_list) * hkv * d * 2 * elem + 2 * q.numel() * elem
     low = dtype != torch.float32
     return Case(
-        f"{label} b{b} sq{sq} h{hq}/{hkv} d{d} L{length}{' paged' if paged else ''} {DTYPE_NAMES[dtype]}",
+        f"{label} b{b} sq{sq} h{hq}/{hkv} d{d} L{length}{' paged' if paged else ''}{' full' if full else ''} "
+        f"{DTYPE_NAMES[dtype]}",
         impls,
         bytes=nbytes,
         params={
@@ -127,6 +134,7 @@ def make_case(device, label, b, sq, hq, hkv, d, length, paged, dtype) -> Case:
             "max_seqlen": length,
             "mean_seqlen": sum(lens_list) / b,
             "paged": paged,
+            "full": full,
             "page_size": PAGE if paged else None,
             "dtype": DTYPE_NAMES[dtype],
         },
