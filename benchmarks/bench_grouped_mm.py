@@ -13,7 +13,11 @@ Rows, side by side:
   the speed to aim at (>= 80% of it). It computes another function, so its output is not checked.
 * ``torch._grouped_mm`` (+ the activation in PyTorch), where torch has it; skipped with torch's reason when
   it refuses (it needs bf16 and 16-aligned groups on sm90).
-* ``fastgen[triton]`` and ``fastgen[torch]`` (the fallback loop; timed on CPU only).
+* ``fastgen[triton]`` and ``fastgen[torch]`` (the CPU path; timed on CPU only).
+* CPU only, the strongest plain baselines: ``sorted-loop`` (``torch.cat`` of ``act(x[a:b] @ w[e])`` over the
+  non-empty experts) and ``unbind-loop`` (the same over ``w.unbind(0)``, whose backward stacks dw at once).
+  Peak memory on CPU (``peak_mib`` in the case's params): the CPU allocator's "Total Allocated" high-water
+  mark over one call, from ``torch.profiler`` memory events (no tracemalloc), above what was live before.
 
 FLOPs: ``2 * R_used * K * N`` forward, x3 for fwd+bwd (dx and dw GEMMs). %roof is against the dense
 bf16 / fp16 tensor-core peak of known GPUs (fastgen/bench/device.py). Outputs of fwd+bwd: (out, dx, dw),
@@ -71,6 +75,41 @@ def group_sizes(rows: int, e: int, skew: bool) -> list[int]:
     return sizes
 
 
+def sizes_cum(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for s in sizes:
+        acc += s
+        out.append(acc)
+    return out
+
+
+def cpu_peak_mib(impls: list[Impl]) -> dict[str, float]:
+    """Peak CPU tensor memory (MiB) of one call of each runnable implementation above what was live before:
+    the max of the allocator's "Total Allocated" over torch.profiler's memory events (profile_memory=True)."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for impl in impls:
+        if impl.skip is not None:
+            continue
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            impl.fn()
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f)["traceEvents"]
+        mem = sorted((e["ts"], e["args"]) for e in events if e.get("name") == "[memory]")
+        if mem:
+            start = mem[0][1]["Total Allocated"] - mem[0][1]["Bytes"]
+            out[impl.name] = round((max(a["Total Allocated"] for _, a in mem) - start) / 2**20, 2)
+    return out
+
+
 def _runner(fwd: Callable[..., Any], inputs: list[torch.Tensor], mode: str) -> Callable[[], Any]:
     if mode == "fwd":
         return lambda: fwd(*inputs)
@@ -121,6 +160,20 @@ def make_case(device, dtype, e, d, tokens, act, skew, mode) -> Case:
         Impl("reference", _runner(ref, [x, w], mode), baseline=True),
         Impl(DENSE, lambda: {DENSE: dense()}, baseline=True),
     ]
+    if device.type == "cpu":
+        groups = [
+            (i, a, b) for i, (a, b) in enumerate(zip([0, *sizes_cum(sizes)[:-1]], sizes_cum(sizes))) if b > a
+        ]
+
+        def sorted_loop(x, w):
+            return torch.cat([activation_ref(x[a:b] @ w[i], act) for i, a, b in groups])
+
+        def unbind_loop(x, w):
+            ws = w.unbind(0)
+            return torch.cat([activation_ref(x[a:b] @ ws[i], act) for i, a, b in groups])
+
+        impls += [Impl("sorted-loop", _runner(sorted_loop, [x, w], mode), baseline=True),
+                  Impl("unbind-loop", _runner(unbind_loop, [x, w], mode), baseline=True)]  # fmt: skip
     if not hasattr(torch, "_grouped_mm"):
         impls.append(
             Impl.skipped("torch._grouped_mm", "torch has no _grouped_mm (torch < 2.8)", baseline=True)
@@ -140,6 +193,7 @@ def make_case(device, dtype, e, d, tokens, act, skew, mode) -> Case:
             impl = Impl.skipped(impl.name, "the fallback loop over experts: timed on CPU only")
         impls.append(impl)
 
+    peaks = cpu_peak_mib(impls) if device.type == "cpu" else {}
     oracle = impls[0].fn()
     tol = TOL[dtype]
 
@@ -171,6 +225,7 @@ def make_case(device, dtype, e, d, tokens, act, skew, mode) -> Case:
             "max_group": max(sizes),
             "dtype": DTYPE_NAMES[dtype],
             "flop_rule": "2*R_used*K*N fwd; x3 fwd+bwd",
+            "peak_mib": peaks,
         },
         check=check,
     )

@@ -1,0 +1,110 @@
+"""grouped_mm's CPU path (torch backend, eager): both schedules ("whole": torch._grouped_mm + one activation;
+"blocked": per-expert row blocks with the activation / backward fused per block), every activation, bias or
+not, fp32 / bf16, empty experts, one expert owning every row, unused head / tail rows, odd (unaligned) sizes,
+against grouped_mm_ref in float64 and autograd through it."""
+
+import pytest
+import torch
+
+import fastgen.ops.grouped_mm as G
+from fastgen.ops.grouped_mm import ACTIVATIONS, grouped_mm, grouped_mm_ref
+
+TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(params=["whole", "blocked"])
+def schedule(request, monkeypatch):
+    if request.param == "blocked":  # tiny blocks: several per expert, so dw / dbias accumulate over blocks
+        monkeypatch.setattr(G, "_WHOLE_BYTES", 0)
+        monkeypatch.setattr(G, "_BLOCK_MIN_ROWS", 0)
+        monkeypatch.setattr(G, "_BLOCK_BYTES", 1)
+    else:
+        monkeypatch.setattr(G, "_WHOLE_BYTES", 1 << 40)
+    return request.param
+
+
+def _check(x, w, offsets, bias, act, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w) + ((bias,) if bias is not None else ())]
+    out = grouped_mm(
+        leaves[0], leaves[1], offsets, bias=leaves[2] if bias is not None else None, activation=act
+    )
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = grouped_mm_ref(ref_leaves[0], ref_leaves[1], offsets,
+                         bias=ref_leaves[2] if bias is not None else None, activation=act)  # fmt: skip
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = TOL[dtype]
+    scale = ref.abs().max().item() + 1.0
+    assert (out.double() - ref).abs().max().item() <= tol * scale, "forward"
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(out, leaves, dout.to(dtype))
+    want = torch.autograd.grad(ref, ref_leaves, dout)
+    for name, g, r in zip(("dx", "dw", "dbias"), got, want):
+        s = r.abs().max().item() + 1.0
+        assert (g.double() - r).abs().max().item() <= tol * s, name
+    # rows outside [offsets[0], offsets[E]) are zeros, and so is their dx
+    off = offsets.tolist()
+    assert out[: off[0]].abs().sum() == 0 and out[off[-1] :].abs().sum() == 0
+    assert got[0][: off[0]].abs().sum() == 0 and got[0][off[-1] :].abs().sum() == 0
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_activations_dtypes_bias(schedule, act, dtype):
+    g = torch.Generator().manual_seed(0)
+    # aligned sizes (torch._grouped_mm can take them); experts 1 and 3 empty; head row and tail rows unused
+    # values on a coarse grid: every pre-activation is exact in bf16, so relu's kink cannot flip a sign
+    x = (torch.randn(70, 16, generator=g) * 2).round().clamp(-2, 2) / 2
+    w = (torch.randn(5, 16, 32, generator=g) * 2).round().clamp(-2, 2) / 4
+    bias = (torch.randn(5, 32, generator=g) * 4).round().clamp(-8, 8) / 8
+    offsets = torch.tensor([0, 23, 23, 48, 48, 66], dtype=torch.int32)
+    _check(x, w, offsets, bias, act, dtype)
+    _check(x, w, offsets, None, act, dtype)
+
+
+@pytest.mark.parametrize("act", [None, "gelu", "swiglu"])
+def test_odd_sizes_and_row_ranges(schedule, act):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(41, 13, generator=g)  # K = 13, N = 10: unaligned, the per-expert mm path
+    w = torch.randn(3, 13, 10, generator=g) / 4
+    bias = torch.randn(3, 10, generator=g)
+    for offs in ([3, 20, 20, 37], [0, 0, 41, 41], [0, 0, 0, 0], [5, 6, 7, 8]):
+        _check(x, w, torch.tensor(offs), bias, act, torch.float32)
+
+
+def test_one_expert_all_rows_and_int64_offsets(schedule):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(96, 32, generator=g)
+    w = torch.randn(4, 32, 64, generator=g) / 6
+    offsets = torch.tensor([0, 0, 0, 96, 96], dtype=torch.int64)
+    _check(x, w, offsets, torch.randn(4, 64, generator=g), "silu", torch.float32)
+    _check(x, w, offsets, None, "gelu_tanh", torch.bfloat16)
+
+
+def test_float64_and_no_grad_inplace(schedule):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(30, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 16, 32, generator=g, dtype=torch.float64)
+    offsets = torch.tensor([2, 10, 28])
+    ref = grouped_mm_ref(x, w, offsets, activation="relu")
+    with torch.no_grad():  # the in-place activation path (h not kept)
+        out = grouped_mm(x, w, offsets, activation="relu")
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    small = torch.tensor([1, 5, 11])
+    xs = x[:12, :3].clone().requires_grad_()
+    ws = w[:, :3, :4].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, small, activation="gelu"), (xs, ws))
+
+
+def test_partial_grads_cpu_path(schedule):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 16, generator=g)
+    w = torch.randn(3, 16, 32, generator=g, requires_grad=True)
+    bias = torch.randn(3, 32, generator=g, requires_grad=True)
+    offsets = torch.tensor([0, 15, 15, 40])
+    out = grouped_mm(x, w, offsets, bias=bias, activation="gelu")
+    dw, db = torch.autograd.grad(out.sum(), (w, bias))
+    w64, b64 = w.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    rw, rb = torch.autograd.grad(grouped_mm_ref(x.double(), w64, offsets, bias=b64, activation="gelu").sum(),
+                                 (w64, b64))  # fmt: skip
+    assert torch.allclose(dw.double(), rw, atol=1e-4) and torch.allclose(db.double(), rb, atol=1e-4)
+    assert torch.all(dw[1] == 0) and torch.all(db[1] == 0)  # the empty expert
