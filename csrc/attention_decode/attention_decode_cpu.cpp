@@ -36,6 +36,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -627,14 +631,30 @@ void run(const DecodeArgs& a) {
     }
   };
 
-  // One parallel region: every thread takes the next item from a shared counter (a thread that the OS
-  // runs late, on a busy machine, then costs its current item, not a fixed share of the work), and the
-  // thread finishing the last split of a (b, head block) pair merges that pair's partials right away.
-  std::atomic<int64_t> next{0};
+  // Work sharing without a barrier. The calling thread and up to threads - 1 helpers (tasks on ATen's
+  // inter-op pool) take items from a shared counter; the caller then sleeps until the helpers that did
+  // take an item are done, and never waits for a helper that has not started (on a busy machine the OS
+  // may run it milliseconds late; an OpenMP region's closing barrier would wait for it, spinning on the
+  // core it needs). A helper that starts after the last item was taken returns without touching anything
+  // but the shared state. The thread finishing the last split of a (b, head block) pair merges that
+  // pair's partials right away, so the result does not depend on which thread ran what.
   std::vector<std::atomic<int64_t>> pending(groups);
   for (const Item& it : items) pending[it.group].store(it.splits, std::memory_order_relaxed);
-  const int64_t workers = std::min(threads, n_items);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  struct Sharing {
+    std::mutex mu;
+    std::condition_variable done;
+    int64_t next = 0, n = 0, active = 0;
+    std::function<void(int64_t)> work;  // runs items from a claimed one on; refers to this frame
+    bool claim(int64_t& idx) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (next >= n) return false;
+      idx = next++;
+      return true;
+    }
+  };
+  auto sh = std::make_shared<Sharing>();
+  sh->n = n_items;
+  sh->work = [&, sh_raw = sh.get()](int64_t first) {
     std::vector<float> buf(2 * slot * D + 2 * slot + slot * kTile + D);
     std::vector<int64_t> nv(slot);
     float* qf = buf.data();
@@ -645,7 +665,7 @@ void run(const DecodeArgs& a) {
     float* merged = s + slot * kTile;
     std::vector<int64_t> lim(R);
     int64_t q_group = -1;  // the (b, head block) whose queries are in qf
-    for (int64_t idx = next.fetch_add(1); idx < n_items; idx = next.fetch_add(1)) {
+    for (int64_t idx = first; idx >= 0; idx = sh_raw->claim(idx) ? idx : -1) {
       const Item& it = items[idx];
       const int64_t len = seq_len(p, it.b), nh = it.h1 - it.h0;
       if (it.group != q_group) {
@@ -679,7 +699,26 @@ void run(const DecodeArgs& a) {
       // acq_rel: the last split's thread sees every other split's partials
       if (it.splits > 1 && pending[it.group].fetch_sub(1, std::memory_order_acq_rel) == 1) merge(it, merged);
     }
-  });
+  };
+  const bool nested = at::in_parallel_region();
+  const int64_t helpers = nested ? 0 : std::min(threads, n_items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    at::launch([sh] {
+      {
+        std::lock_guard<std::mutex> lock(sh->mu);
+        if (sh->next >= sh->n) return;  // every item taken: the caller may have returned already
+        ++sh->active;
+      }
+      int64_t first;
+      if (sh->claim(first)) sh->work(first);
+      std::lock_guard<std::mutex> lock(sh->mu);
+      if (--sh->active == 0) sh->done.notify_all();
+    });
+  }
+  int64_t first;
+  if (sh->claim(first)) sh->work(first);
+  std::unique_lock<std::mutex> lock(sh->mu);
+  sh->done.wait(lock, [&] { return sh->active == 0; });
 }
 
 #undef FASTGEN_DECODE_ITEM_ARGS
