@@ -101,7 +101,10 @@ def device_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (a Triton launcher) run with its tensors' GPU as the current device.
 
     Triton launches on the current device and its stream; tensors on ``cuda:1`` while ``cuda:0`` is
-    current would be read through the wrong context. (The CUDA C++ kernels hold a ``CUDAGuard``.)"""
+    current would be read through the wrong context. (The CUDA C++ kernels hold a ``CUDAGuard``.) A named
+    tuple of launchers (an op with several entry points) gets each of them guarded."""
+    if isinstance(fn, tuple):
+        return type(fn)(*(device_guarded(f) for f in fn))
 
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:

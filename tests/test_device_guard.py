@@ -15,12 +15,20 @@ def test_every_triton_backend_is_guarded():
     ops = _backend.registered_ops()
     triton = [op.backends["triton"] for op in ops.values() if "triton" in op.backends]
     assert len(triton) >= 8
+
+    def launchers(fn):
+        return list(fn) if isinstance(fn, tuple) else [fn]  # moe_permute: a named tuple of entry points
+
     for b in triton:
-        assert hasattr(b.fn, "__wrapped_launcher__"), b
+        assert all(hasattr(f, "__wrapped_launcher__") for f in launchers(b.fn)), b
     for op in ops.values():
         for name, b in op.backends.items():
             if name != "triton":
-                assert not hasattr(b.fn, "__wrapped_launcher__"), (op.name, name)
+                assert not any(hasattr(f, "__wrapped_launcher__") for f in launchers(b.fn)), (op.name, name)
+    from fastgen.ops import moe_permute
+
+    guarded = moe_permute.OP.backends["triton"].fn
+    assert type(guarded) is type(moe_permute._TRITON) and callable(guarded.gather)
 
 
 def test_guard_switches_to_the_tensors_device(monkeypatch):
