@@ -6,9 +6,10 @@
 //   lim_i = causal ? len - Sq + i + 1 : len        (bottom-right aligned causal mask), clamped to [0, len]
 //   out   = softmax_j<lim_i(scale q.k_j) @ v_j,    zero when lim_i == 0
 // Key j of sequence b lives at k[b, j, h] (contiguous cache) or at k[block_table[b, j / page], j % page, h]
-// (paged cache). Both kernels split the keys of a (b, h) pair into num_splits chunks, keep an online
-// softmax (running max m, running sum l, unnormalised accumulator) per query row and merge the chunks
-// with their log-sum-exp.
+// (paged cache). Both kernels split the keys of a (b, h) pair into chunks (num_splits of them when it is
+// > 0; the CPU kernel also caps a chunk at 4096 keys and, for float32 / 16-bit caches, takes a block of
+// KV heads per chunk), keep an online softmax (running max m, running sum l, unnormalised accumulator) per
+// query row and merge the chunks with their log-sum-exp.
 //
 // This header is included by the CUDA translation unit, so it must not include torch/extension.h.
 #pragma once
@@ -134,8 +135,9 @@ FASTGEN_HD int64_t key_offset(const DecodeParams<T>& p, int64_t b, int64_t j, in
   return page * s0 + (j % p.page_size) * s1;
 }
 
-// Splits used for the CPU kernel (the CUDA launcher has its own heuristic): enough (b, h, split) tasks to
-// keep every thread busy, each split at least 256 keys of the cache.
+// Splits used by the CPU kernel's float64 path (the CUDA launcher and the CPU float32 / 16-bit path have
+// their own heuristics): enough (b, h, split) tasks to keep every thread busy, each split at least 256
+// keys of the cache.
 inline int64_t clamp_splits(int64_t requested, int64_t heuristic) {
   const int64_t s = requested > 0 ? requested : heuristic;
   return s < 1 ? 1 : (s > kMaxSplits ? kMaxSplits : s);

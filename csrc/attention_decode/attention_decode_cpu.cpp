@@ -18,9 +18,14 @@
 //
 // Work split: the keys of each (sequence, head block) pair are cut into items of one common length
 // (<= kItemKeys keys, so a float32 running sum stays accurate), about kItemsPerThread items per thread,
-// so that ragged cache_seqlens still give every thread equal work; threads take items from a shared
-// counter, in one parallel region. Pairs with several items write (normalised out, log-sum-exp) partials;
-// the thread that finishes a pair's last item merges them. A row without a visible key gets zeros; a
+// so that ragged cache_seqlens still give every thread equal work (num_splits > 0 asks for that many
+// splits per sequence instead). The calling thread and at::get_num_threads() - 1 helper tasks on ATen's
+// inter-op pool take items from a shared counter; the caller waits (sleeping) only for helpers that took
+// an item, never for one the OS has not started yet (an OpenMP region's closing barrier would, spinning
+// on the core that helper needs: on a busy 2-core machine that made 2 threads slower than 1). Called
+// inside an intra-op parallel region, the caller does all the items. Pairs with several items write
+// (normalised out, log-sum-exp) partials; the thread that finishes a pair's last item merges them, in
+// split order, so the result does not depend on the threads. A row without a visible key gets zeros; a
 // NaN / inf among the visible keys, values or the query gives NaN, as the reference (exp(inf - inf),
 // 0 * inf and NaN flow through the same steps).
 //
@@ -579,8 +584,8 @@ void run(const DecodeArgs& a) {
   bool any_split = false;
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t len = seq_len(p, b);
-    int64_t c = chunk;
-    if (a.num_splits > 0) c = std::min(kItemKeys, std::max<int64_t>(1, (len + a.num_splits - 1) / a.num_splits));
+    int64_t c = chunk;  // num_splits > 0: that many splits of this sequence (items stay <= kItemKeys)
+    if (a.num_splits > 0) c = std::clamp<int64_t>((len + a.num_splits - 1) / a.num_splits, 1, kItemKeys);
     const int64_t ns = std::max<int64_t>(1, (len + c - 1) / c);
     any_split |= ns > 1;
     for (int64_t hb = 0; hb < nhb; ++hb, ++groups) {

@@ -30,8 +30,10 @@ handles all the query heads of its group and all seq_q tokens, so K/V are read o
 
 Backends (``python -m fastgen.info``; ``FASTGEN_BACKEND=attention_decode:<name>`` forces one):
 cuda (csrc/attention_decode/*_cuda.cu: split-K kernel, 16-byte loads; head_dim a multiple of 16 bytes,
-16-byte aligned K/V rows), cpp (csrc/attention_decode/*_cpu.cpp: at::parallel_for over (batch, KV head,
-split)), torch (gather + masked softmax in PyTorch ops, any device, float64 too).
+16-byte aligned K/V rows), cpp (csrc/attention_decode/*_cpu.cpp: work items of (batch, KV-head block, key
+split) that read the cache rows in memory order, AVX-512 / AVX2 / baseline SIMD picked at run time
+(``FASTGEN_CPU_ISA``), 16-bit caches converted in registers), torch (gather + masked softmax in PyTorch
+ops, any device, float64 too).
 
 Inference only: the kernels have no backward. When grad mode is on and q / k / v require grad, the call is
 served by the torch backend through autograd (differentiable); forcing another backend then raises.
@@ -258,7 +260,7 @@ def _cuda_check(call: Call) -> list[str]:
 OP.register("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.cuda_available,
             check=_cuda_check, note="CUDA C++ split-K flash-decoding, 16-byte loads")(_decode_cuda)  # fmt: skip
 OP.register("cpp", devices=("cpu",), dtypes=ALL_DTYPES, available=_backend.cpp_available,
-            note="C++ at::parallel_for over (batch, kv head, split)")(_decode_cpp)  # fmt: skip
+            note="C++ SIMD (runtime ISA) over (batch, kv-head block, split) items")(_decode_cpp)  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=ALL_DTYPES,
             note="gather + masked softmax in PyTorch ops")(_decode_torch)  # fmt: skip
 
