@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fastgen._backend import Call
-from fastgen.bench import Case, Check, Impl, backend_impls, compare_outputs, main, register
+from fastgen.bench import Case, Check, Impl, backend_impls, compare_outputs, main, peak_memory_mib, register
 from fastgen.ops.grouped_mm import activation_ref, grouped_mm, grouped_mm_ref
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -80,33 +80,6 @@ def sizes_cum(sizes: list[int]) -> list[int]:
     for s in sizes:
         acc += s
         out.append(acc)
-    return out
-
-
-def cpu_peak_mib(impls: list[Impl]) -> dict[str, float]:
-    """Peak CPU tensor memory (MiB) of one call of each runnable implementation above what was live before:
-    the max of the allocator's "Total Allocated" over torch.profiler's memory events (profile_memory=True)."""
-    import json
-    import os
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    out = {}
-    for impl in impls:
-        if impl.skip is not None:
-            continue
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            impl.fn()
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "trace.json")
-            prof.export_chrome_trace(path)
-            with open(path) as f:
-                events = json.load(f)["traceEvents"]
-        mem = sorted((e["ts"], e["args"]) for e in events if e.get("name") == "[memory]")
-        if mem:
-            start = mem[0][1]["Total Allocated"] - mem[0][1]["Bytes"]
-            out[impl.name] = round((max(a["Total Allocated"] for _, a in mem) - start) / 2**20, 2)
     return out
 
 
@@ -193,7 +166,7 @@ def make_case(device, dtype, e, d, tokens, act, skew, mode) -> Case:
             impl = Impl.skipped(impl.name, "the fallback loop over experts: timed on CPU only")
         impls.append(impl)
 
-    peaks = cpu_peak_mib(impls) if device.type == "cpu" else {}
+    peaks = peak_memory_mib(device, impls, cpu=True)
     oracle = impls[0].fn()
     tol = TOL[dtype]
 

@@ -115,33 +115,6 @@ def _grouped_mm_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _cpu_peaks(impls):
-    """Peak CPU tensor memory (MiB) of one call of each runnable implementation above what was live before:
-    the max of the allocator's "Total Allocated" over torch.profiler's memory events (profile_memory=True)."""
-    import json
-    import os
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    out = {}
-    for impl in impls:
-        if impl.skip is not None:
-            continue
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            impl.fn()
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "trace.json")
-            prof.export_chrome_trace(path)
-            with open(path) as f:
-                events = json.load(f)["traceEvents"]
-        mem = sorted((e["ts"], e["args"]) for e in events if e.get("name") == "[memory]")
-        if mem:
-            start = mem[0][1]["Total Allocated"] - mem[0][1]["Bytes"]
-            out[impl.name] = round((max(a["Total Allocated"] for _, a in mem) - start) / 2**20, 2)
-    return out
-
-
 def make_case(device, dtype, e, d, tokens, act, mode):
     torch.manual_seed(0)
     moe = Top2MoE(d, 4 * d, e, capacity_factor=1.25, activation=act, device=device, dtype=dtype)
@@ -190,7 +163,7 @@ def make_case(device, dtype, e, d, tokens, act, mode):
         else Impl("torch-grouped-mm", run, baseline=True)
     )
     impls.append(Impl("fastgen", runner(lambda: moe(x)[0])))
-    peaks = peak_memory_mib(device, impls) if device.type == "cuda" else _cpu_peaks(impls)
+    peaks = peak_memory_mib(device, impls, cpu=True)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     name = f"{mode:<7} E{e} d{d} ff{4 * d} T{tokens} {act} {DTYPE_NAMES[dtype]}"
     params = {"experts": e, "d_model": d, "d_ff": 4 * d, "tokens": tokens, "activation": act, "mode": mode,

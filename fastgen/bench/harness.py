@@ -85,6 +85,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
@@ -265,9 +266,15 @@ def token_agreement_check(exact: bool, head: int = 8, min_rows: float = 0.75) ->
     return check
 
 
-def peak_memory_mib(device: torch.device, impls: Sequence[Impl]) -> dict[str, float | str]:
+def peak_memory_mib(
+    device: torch.device, impls: Sequence[Impl], *, cpu: bool = False
+) -> dict[str, float | str]:
     """Peak CUDA memory (MiB) above what is resident before the call, during one call of each runnable
-    implementation ("oom" when it ran out of memory); empty off CUDA. Benchmarks put it in ``params``."""
+    implementation ("oom" when it ran out of memory). Off CUDA: empty, or with ``cpu=True`` the peak CPU
+    tensor memory from torch.profiler's memory events (the max of the allocator's "Total Allocated" above
+    what was live before; a profiled extra call per implementation). Benchmarks put it in ``params``."""
+    if device.type == "cpu" and cpu:
+        return _cpu_peak_mib(impls)
     if device.type != "cuda":
         return {}
     out: dict[str, float | str] = {}
@@ -285,6 +292,27 @@ def peak_memory_mib(device: torch.device, impls: Sequence[Impl]) -> dict[str, fl
             continue
         torch.cuda.synchronize(device)
         out[impl.name] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+    return out
+
+
+def _cpu_peak_mib(impls: Sequence[Impl]) -> dict[str, float | str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, float | str] = {}
+    for impl in impls:
+        if impl.skip is not None:
+            continue
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            impl.fn()
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f)["traceEvents"]
+        mem = sorted((e["ts"], e["args"]) for e in events if e.get("name") == "[memory]")
+        if mem:
+            start = mem[0][1]["Total Allocated"] - mem[0][1]["Bytes"]
+            out[impl.name] = round((max(a["Total Allocated"] for _, a in mem) - start) / 2**20, 2)
     return out
 
 
