@@ -44,7 +44,6 @@ planes; layout notes at :func:`_ssim_cpu`.
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import torch
@@ -72,12 +71,6 @@ OP = _backend.get_op("ssim", "SSIM / contrast-structure means per (image, channe
 
 def _err(msg: str) -> ValueError:
     return ValueError(f"fastgen.ssim: {msg}")
-
-
-@functools.lru_cache(maxsize=64)
-def _cpu_window(window_size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
-    """gaussian_window on CPU, cached (read-only: callers never write into it)."""
-    return gaussian_window(window_size, sigma, dtype=dtype)
 
 
 def gaussian_window(
@@ -384,7 +377,7 @@ def _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2):
     out = torch.empty((b * c, 2), dtype=dt, device=x.device)
     if b == 0:
         return out.view(b, c, 2)
-    win = _cpu_window(window_size, sigma, dt)
+    win = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     xf, yf = x.reshape(b * c, h, w), y.reshape(b * c, h, w)
     step = _chunk_planes(h, w)
@@ -412,7 +405,7 @@ def _ssim_backward_cpu(x, y, grad, data_range, window_size, sigma, k1, k2):
     dy = torch.empty((b * c, h, w), dtype=y.dtype, device=y.device)
     if b == 0:
         return dx.view(x.shape), dy.view(y.shape)
-    win = _cpu_window(window_size, sigma, dt)
+    win = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
     wflip = win.flip(0)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     g2 = grad.to(dt).reshape(b * c, 2) / (ho * wo)
