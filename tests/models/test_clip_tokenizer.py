@@ -9,11 +9,11 @@ import collections
 import gzip
 import html
 import importlib.util
-import itertools
 import json
 
 import pytest
 import torch
+from bpe_merges import learn_bpe_merges
 
 from fastgen.models import clip
 from fastgen.models.clip import BPE_FILE, SimpleTokenizer, find_bpe_file
@@ -74,29 +74,7 @@ def learn_merges(text, n):
     for piece in regex.findall(PATTERN, " ".join(text.lower().split())):
         sym = [b2u[b] for b in piece.encode()]
         words[(*sym[:-1], sym[-1] + "</w>")] += 1
-    merges = []
-    for _ in range(n):
-        pairs = collections.Counter()
-        for w, c in words.items():
-            for p in itertools.pairwise(w):
-                pairs[p] += c
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))  # most frequent, ties by the pair: deterministic
-        merges.append(best)
-        new = collections.Counter()
-        for w, c in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new[tuple(out)] += c
-        words = new
-    return merges
+    return learn_bpe_merges(words, n)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 import collections
 import gzip
-import itertools
 import json
 
 import pytest
 import torch
+from bpe_merges import learn_bpe_merges
 
 from fastgen.models.glide_tokenizer import GlideTokenizer, byte_to_unicode, pre_tokenize
 
@@ -36,29 +36,7 @@ def _train_merges(text, n_merges):
     words = collections.Counter(
         tuple(byte_to_unicode()[b] for b in piece.encode()) for piece in regex.findall(GPT2_PATTERN, text)
     )
-    merges = []
-    for _ in range(n_merges):
-        pairs = collections.Counter()
-        for w, c in words.items():
-            for p in itertools.pairwise(w):
-                pairs[p] += c
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        merges.append(best)
-        new = collections.Counter()
-        for w, c in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new[tuple(out)] += c
-        words = new
-    return merges
+    return learn_bpe_merges(words, n_merges)
 
 
 @pytest.fixture(scope="module")
