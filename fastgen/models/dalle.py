@@ -74,7 +74,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -841,7 +841,9 @@ class DALLE(nn.Module):
         make the load fail.
         """
         meta, state = hub.load_fastgen_dir(_check_path("path", path), "dalle")
-        cfg = _with_overrides(hub.config_from_dict(DALLEConfig, meta["config"]), overrides, "DALLE")
+        cfg = hub.config_with_overrides(
+            hub.config_from_dict(DALLEConfig, meta["config"]), overrides, "DALLE.from_pretrained"
+        )
         if dvae is not None:
             if not isinstance(dvae, DiscreteVAE):
                 dvae = DiscreteVAE.from_pretrained(dvae)
@@ -862,15 +864,6 @@ def _check_path(name: str, path) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
     return Path(path)
-
-
-def _with_overrides(cfg, overrides: dict, who: str):
-    """``replace(cfg, **overrides)`` with unknown field names refused by name."""
-    known = {f.name for f in fields(cfg)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"{who}.from_pretrained: unknown config fields {unknown}; known: {sorted(known)}")
-    return replace(cfg, **overrides) if overrides else cfg
 
 
 def count_parameters(module: nn.Module, exclude: Iterable[str] = ("dvae.",)) -> int:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -623,13 +623,9 @@ class GLaM(nn.Module):
                 f"GLaM.from_pretrained: path must be a str or os.PathLike, got {type(path).__name__}"
             )
         meta, state = hub.load_fastgen_dir(path, "glam")
-        cfg = hub.config_from_dict(GLaMConfig, meta["config"])
-        known = {f.name for f in fields(GLaMConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise TypeError(f"GLaM.from_pretrained: unknown config fields {unknown}; known: {sorted(known)}")
-        if overrides:
-            cfg = replace(cfg, **overrides)
+        cfg = hub.config_with_overrides(
+            hub.config_from_dict(GLaMConfig, meta["config"]), overrides, "GLaM.from_pretrained"
+        )
         tied = meta.get("tied") or {}
         for name, source in tied.items():
             if source not in state:

@@ -83,7 +83,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -728,7 +728,9 @@ class GLIDE(nn.Module):
                     f"save_pretrained directory or a release checkpoint file{hint}"
                 )
             meta, state = hub.load_fastgen_dir(p, "glide")
-            cfg = _with_overrides(hub.config_from_dict(GLIDEConfig, meta["config"]), overrides)
+            cfg = hub.config_with_overrides(
+                hub.config_from_dict(GLIDEConfig, meta["config"]), overrides, "GLIDE.from_pretrained"
+            )
         else:
             if not p.is_file():
                 where = RELEASE_URLS.get(
@@ -746,14 +748,6 @@ RELEASE_URLS = {
     f"{name}.pt": f"https://openaipublic.blob.core.windows.net/diffusion/dec-2021/{name}.pt"
     for name in ("base", "upsample", "base_inpaint", "upsample_inpaint")
 }
-
-
-def _with_overrides(cfg: GLIDEConfig, overrides: dict) -> GLIDEConfig:
-    known = {f.name for f in fields(GLIDEConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"GLIDE.from_pretrained: unknown config fields {unknown}; known: {sorted(known)}")
-    return replace(cfg, **overrides) if overrides else cfg
 
 
 def _architecture(cfg: GLIDEConfig) -> dict:
@@ -877,7 +871,7 @@ def config_from_state_dict(state: dict[str, torch.Tensor], **overrides) -> GLIDE
             raise _err(
                 f"image_size {image_size} is not a multiple of the attention downsampling factors {bad}"
             )
-        return _with_overrides(base, fields_)
+        return hub.config_with_overrides(base, fields_, "GLIDE.from_pretrained")
     except ValueError as e:
         if matches:
             raise

@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -362,7 +362,11 @@ class GlideCLIP(nn.Module):
             d = Path(path)
             if (d / hub.CONFIG_NAME).is_file():
                 meta, state = hub.load_fastgen_dir(d, "glide_clip")
-                cfg = _with_overrides(hub.config_from_dict(GlideCLIPConfig, meta["config"]), overrides)
+                cfg = hub.config_with_overrides(
+                    hub.config_from_dict(GlideCLIPConfig, meta["config"]),
+                    overrides,
+                    "GlideCLIP.from_pretrained",
+                )
                 model = cls(cfg)
                 model.load_state_dict(state)
                 return model
@@ -405,14 +409,6 @@ def _find_release(d: Path, which: str) -> Path:
             if (sub / name).is_file():
                 return sub / name
     return d / names[0]
-
-
-def _with_overrides(cfg: GlideCLIPConfig, overrides: dict) -> GlideCLIPConfig:
-    known = {f.name for f in fields(GlideCLIPConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise TypeError(f"GlideCLIP.from_pretrained: unknown config fields {unknown}; known: {sorted(known)}")
-    return replace(cfg, **overrides) if overrides else cfg
 
 
 def config_from_state_dicts(image_state: dict, text_state: dict, **overrides) -> GlideCLIPConfig:
@@ -465,7 +461,7 @@ def config_from_state_dicts(image_state: dict, text_state: dict, **overrides) ->
     else:
         found.update(n_head_state=state_w, n_head_image=w_img // state_w, n_head_text=w_txt // state_w)
     found.update(overrides)
-    return _with_overrides(GlideCLIPConfig(), found)
+    return hub.config_with_overrides(GlideCLIPConfig(), found, "GlideCLIP.from_pretrained")
 
 
 __all__ = [

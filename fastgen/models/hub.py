@@ -36,6 +36,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "config_from_dict",
     "config_to_dict",
+    "config_with_overrides",
     "is_fastgen_dir",
     "load_fastgen_dir",
     "missing_weights_error",
@@ -100,6 +101,16 @@ def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
         else:
             kwargs[name] = _tuples(value)
     return cls(**kwargs)
+
+
+def config_with_overrides(cfg: Any, overrides: Mapping[str, Any], who: str) -> Any:
+    """``dataclasses.replace(cfg, **overrides)`` with unknown field names refused by name (``who`` names the
+    caller in the message, e.g. ``"GLIDE.from_pretrained"``)."""
+    known = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"{who}: unknown config fields {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
 def _dataclass_in(hint: Any) -> type | None:
