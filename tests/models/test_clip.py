@@ -3,13 +3,12 @@ packed mixed-size batches, backend swaps, the tokenizer and input errors. Tiny c
 
 import gzip
 import math
-import sys
-import types
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from optional_imports import import_or_skip
 
 import fastgen
 from fastgen.models import clip
@@ -25,20 +24,6 @@ from fastgen.models.clip import (
 )
 
 TOL = {"atol": 2e-5, "rtol": 1e-4}
-
-
-def _import(name):
-    """open_clip / transformers import torchvision; a PyPI torchvision wheel (a CUDA build) beside the CPU
-    torch fails while registering its meta kernels. Those kernels (nms, roi_align) are not used here."""
-    try:
-        return pytest.importorskip(name)
-    except RuntimeError as err:
-        if "torchvision" not in str(err):
-            raise
-        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith(("torchvision.", name))]:
-            del sys.modules[mod]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-        return pytest.importorskip(name)
 
 
 def images(b=2, h=32, w=32):
@@ -89,7 +74,7 @@ def test_presets_published_sizes():
 
 
 def test_open_clip_equivalence():
-    open_clip = _import("open_clip")
+    open_clip = import_or_skip("open_clip")
     vision = open_clip.model.CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=8, image_size=32)
     text = open_clip.model.CLIPTextCfg(context_length=16, vocab_size=100, width=64, heads=4, layers=2)
     ref = open_clip.model.CLIP(32, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
@@ -109,7 +94,7 @@ def test_open_clip_equivalence():
 
 @pytest.mark.parametrize("eos", [99, 2])  # 2: HF's legacy configs pool at the argmax
 def test_hf_equivalence(eos):
-    transformers = _import("transformers")
+    transformers = import_or_skip("transformers")
     tiny = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2)
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=100, max_position_embeddings=16, eos_token_id=eos, **tiny),

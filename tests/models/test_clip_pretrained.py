@@ -5,12 +5,11 @@ names; open_clip files are the checkpoint / Hub layouts open_clip writes; HF dir
 transformers' own save_pretrained and are compared with transformers' outputs."""
 
 import json
-import sys
-import types
 from dataclasses import replace
 
 import pytest
 import torch
+from optional_imports import import_or_skip
 from torch import nn
 
 from fastgen.models import hub
@@ -25,20 +24,6 @@ from fastgen.models.clip import (
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
 JIT_WARNINGS = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
-
-
-def _import(name):
-    """transformers may pull in a torchvision wheel that fails to register its kernels beside the CPU torch;
-    those kernels are not used here (same workaround as test_clip.py)."""
-    try:
-        return pytest.importorskip(name)
-    except RuntimeError as err:
-        if "torchvision" not in str(err):
-            raise
-        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith(("torchvision.", name))]:
-            del sys.modules[mod]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-        return pytest.importorskip(name)
 
 
 def tiny(name="tiny", **kw):
@@ -207,7 +192,7 @@ def test_open_clip_hub_directory(tmp_path, name, weights):
 
 @pytest.fixture(scope="module")
 def hf_model():
-    transformers = _import("transformers")
+    transformers = import_or_skip("transformers")
     tiny_kw = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2)
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=100, max_position_embeddings=16, eos_token_id=99, bos_token_id=98,
