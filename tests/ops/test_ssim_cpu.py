@@ -70,11 +70,13 @@ def test_values_and_grads_vs_float64_ref(shape, kw, dtype):
     assert_grads_close(gy, wy, rel)
 
 
-@pytest.mark.parametrize("chunk_elems", [1, 4 * 23 * 19 * 2, 4 * 23 * 19 * 4])  # 1, 2, 4 planes per chunk
-def test_chunks_and_short_last_chunk(chunk_elems, monkeypatch):
-    """7 planes in chunks of 1, 2 (last: 1) and 4 (last: 3) planes: the same values and gradients."""
-    monkeypatch.setattr(S, "CPU_CHUNK_ELEMS", chunk_elems)
-    monkeypatch.setattr(S, "CPU_CHUNK_MAX_ELEMS", chunk_elems)
+@pytest.mark.parametrize("planes", [1, 2, 3, 4, 5, 8])
+def test_chunks_and_short_last_chunk(planes, monkeypatch):
+    """7 planes in chunks of 1..8 planes (short last chunks; 3 and 5 padded to 4 and 8 in the conv):
+    the same values and gradients."""
+    monkeypatch.setattr(S, "CPU_CHUNK_ELEMS", 4 * 23 * 19 * planes)
+    monkeypatch.setattr(S, "CPU_CHUNK_MAX_ELEMS", 4 * 23 * 19 * planes)
+    assert S._chunk_planes(23, 19) == planes
     x, y = pair((7, 1, 23, 19), torch.float64, seed=3)
     w = torch.randn(7, 1, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     got, gx, gy = ours_and_grads(x, y, w)
@@ -82,6 +84,10 @@ def test_chunks_and_short_last_chunk(chunk_elems, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
     assert_grads_close(gx, wx, 1e-10)
     assert_grads_close(gy, wy, 1e-10)
+
+
+def test_padded_planes():
+    assert [S._padded_planes(p) for p in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 12]
 
 
 def test_chunk_rule():
