@@ -385,18 +385,20 @@ def _cpu_terms(filt: torch.Tensor, c1: float, c2: float):
     return lum, cs, b1, b2
 
 
-def _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2):
+def _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2, *, keep: bool = False):
     """Forward on CPU: (B, C, H, W) x 2 -> (B, C, 2) float32 (float64 for float64), chunked separable.
 
     Layout and chunking: see the comment block above :data:`CPU_CHUNK_ELEMS`. fp16 / bf16 planes are
-    converted to fp32 one chunk at a time (no full-size fp32 copy of the batch).
+    converted to fp32 one chunk at a time (no full-size fp32 copy of the batch). ``keep``: return
+    ``(stats, filtered)`` where ``filtered`` is the (4, B C, H', W') filtered maps when the batch is a
+    single chunk (so a backward need not recompute them), else None.
     """
     b, c, h, w = x.shape
     dt = _compute_dtype(x.dtype)
     ho, wo = h - window_size + 1, w - window_size + 1
     out = torch.empty((b * c, 2), dtype=dt, device=x.device)
     if b == 0:
-        return out.view(b, c, 2)
+        return (out.view(b, c, 2), None) if keep else out.view(b, c, 2)
     win = gaussian_window(window_size, sigma, dtype=dt, device=x.device)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     xf, yf = x.reshape(b * c, h, w), y.reshape(b * c, h, w)
@@ -405,19 +407,24 @@ def _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2):
     for i in range(0, b * c, step):
         xc = xf[i : i + step].to(dt).contiguous()
         yc = yf[i : i + step].to(dt).contiguous()
-        lum, cs, _, _ = _cpu_terms(_cpu_filtered(xc, yc, win, maps), c1, c2)
+        filt = _cpu_filtered(xc, yc, win, maps)
+        lum, cs, _, _ = _cpu_terms(filt, c1, c2)
         torch.sum(cs, (1, 2), out=out[i : i + step, 1])
         torch.sum(lum.mul_(cs), (1, 2), out=out[i : i + step, 0])
-    return out.div_(ho * wo).view(b, c, 2)
+    out = out.div_(ho * wo).view(b, c, 2)
+    if keep:
+        return out, (filt if step == b * c else None)
+    return out
 
 
-def _ssim_backward_cpu(x, y, grad, data_range, window_size, sigma, k1, k2):
+def _ssim_backward_cpu(x, y, grad, data_range, window_size, sigma, k1, k2, filt=None):
     """grad: (B, C, 2) of the (ssim, cs) means -> (dx, dy) in x's dtype; chunked like :func:`_ssim_cpu`.
 
     With p = dL/dcs_map, q = dL/dlum_map, u = 2 q / b1 and v = 2 p / b2 per pixel, the coefficient maps
     of (mu_x, mu_y, E[x^2 + y^2], E[xy]) are (A mu_x + D mu_y, A mu_y + D mu_x, -v cs / 2, v) with
     A = v cs - u lum and D = u - v; filtered back by the adjoint G^T (t_*),
-    ``dx = t_mx + 2 x t_e2 + y t_exy`` and ``dy = t_my + 2 y t_e2 + x t_exy``.
+    ``dx = t_mx + 2 x t_e2 + y t_exy`` and ``dy = t_my + 2 y t_e2 + x t_exy``. ``filt``: the forward's
+    filtered maps of a single-chunk batch (``_ssim_cpu(..., keep=True)``), else recomputed per chunk.
     """
     b, c, h, w = x.shape
     dt = _compute_dtype(x.dtype)
@@ -433,7 +440,7 @@ def _ssim_backward_cpu(x, y, grad, data_range, window_size, sigma, k1, k2):
     xf, yf = x.reshape(b * c, h, w), y.reshape(b * c, h, w)
     step = min(_chunk_planes(h, w), b * c)
     pad = window_size - 1
-    maps = _maps_buffer(step, h, w, dt, x.device)
+    maps = _maps_buffer(step, h, w, dt, x.device) if filt is None else None
     # coefficient maps (plane-major like the maps), zero-padded by k - 1 columns on both sides (the
     # borders stay zero across chunks): oneDNN's depthwise conv with padding along W is ~10x slower
     # than on a padded input
@@ -442,7 +449,8 @@ def _ssim_backward_cpu(x, y, grad, data_range, window_size, sigma, k1, k2):
         xc = xf[i : i + step].to(dt).contiguous()
         yc = yf[i : i + step].to(dt).contiguous()
         p = xc.shape[0]
-        filt = _cpu_filtered(xc, yc, win, maps)
+        if maps is not None:
+            filt = _cpu_filtered(xc, yc, win, maps)
         mu_x, mu_y = filt[0], filt[1]
         lum, cs, b1, b2 = _cpu_terms(filt, c1, c2)
         gs = g2[i : i + p, 0].view(p, 1, 1)
@@ -594,7 +602,12 @@ class _SSIMEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, data_range, window_size, sigma, k1, k2):
         backend = OP.dispatch(_call(x, window_size))
-        out = backend.fn(x, y, data_range, window_size, sigma, k1, k2)
+        ctx.filt = None
+        if backend.name == "torch" and x.device.type == "cpu" and any(ctx.needs_input_grad[:2]):
+            # a single-chunk batch keeps its filtered maps for the backward (two convs fewer)
+            out, ctx.filt = _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2, keep=True)
+        else:
+            out = backend.fn(x, y, data_range, window_size, sigma, k1, k2)
         ctx.save_for_backward(x, y)
         ctx.args = (data_range, window_size, sigma, k1, k2)
         return out
@@ -602,5 +615,9 @@ class _SSIMEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
-        dx, dy = _ssim_backward(x, y, grad, *ctx.args)
+        if ctx.filt is not None:
+            dx, dy = _ssim_backward_cpu(x, y, grad, *ctx.args, filt=ctx.filt)
+        else:
+            dx, dy = _ssim_backward(x, y, grad, *ctx.args)
+        ctx.filt = None
         return dx, dy, None, None, None, None, None
