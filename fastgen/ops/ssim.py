@@ -44,7 +44,9 @@ planes; layout notes at :func:`_ssim_cpu`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import numbers
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -385,6 +387,53 @@ def _cpu_terms(filt: torch.Tensor, c1: float, c2: float):
     return lum, cs, b1, b2
 
 
+# Threads. With T > 1 intra-op threads, every small op of a chunk would be its own OpenMP parallel
+# region (~40 per chunk); on a busy machine each region's barrier waits for a descheduled partner and
+# the chunked path ran 10-20x slower with 2 threads than with 1. Instead the chunks are split into T
+# contiguous runs, each run by a worker thread whose own intra-op thread count is 1 (OpenMP's thread
+# count is per calling thread: the caller's stays T). Inside tracing / dispatch modes (FakeTensor,
+# torch.compile) everything stays on the calling thread, whose modes worker threads would not see.
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+_ONE_THREAD = threading.local()
+
+
+def _pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _POOL_LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            pool = _POOLS[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="fastgen-ssim")
+        return pool
+
+
+def _single_threaded(fn, lo: int, hi: int) -> None:
+    if not getattr(_ONE_THREAD, "set", False):
+        torch.set_num_threads(1)  # this worker's OpenMP / MKL thread count
+        _ONE_THREAD.set = True
+    with torch.no_grad():
+        fn(lo, hi)
+
+
+def _run_chunks(fn, planes: int, step: int, x: torch.Tensor) -> None:
+    """``fn(lo, hi)`` over planes ``0 .. planes - 1``: on the calling thread, or in T chunk-aligned runs
+    on T single-threaded workers when torch has T > 1 threads and there are >= 2 chunks."""
+    threads = torch.get_num_threads()
+    chunks = -(-planes // step)
+    parts = min(threads, chunks)
+    if parts <= 1 or not _plain_eager(x, x):
+        fn(0, planes)
+        return
+    per = -(-chunks // parts) * step
+    runs = [(lo, min(lo + per, planes)) for lo in range(0, planes, per)]
+    futures = [_pool(threads).submit(_single_threaded, fn, lo, hi) for lo, hi in runs]
+    for fut in futures:
+        fut.result()
+    # a worker's set_num_threads(1) also set the default that threads started later inherit: restore it
+    # (the caller's own thread count is unchanged)
+    torch.set_num_threads(threads)
+
+
 def _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2, *, keep: bool = False):
     """Forward on CPU: (B, C, H, W) x 2 -> (B, C, 2) float32 (float64 for float64), chunked separable.
 
@@ -403,17 +452,23 @@ def _ssim_cpu(x, y, data_range, window_size, sigma, k1, k2, *, keep: bool = Fals
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     xf, yf = x.reshape(b * c, h, w), y.reshape(b * c, h, w)
     step = min(_chunk_planes(h, w), b * c)
-    maps = _maps_buffer(step, h, w, dt, x.device)
-    for i in range(0, b * c, step):
-        xc = xf[i : i + step].to(dt).contiguous()
-        yc = yf[i : i + step].to(dt).contiguous()
-        filt = _cpu_filtered(xc, yc, win, maps)
-        lum, cs, _, _ = _cpu_terms(filt, c1, c2)
-        torch.sum(cs, (1, 2), out=out[i : i + step, 1])
-        torch.sum(lum.mul_(cs), (1, 2), out=out[i : i + step, 0])
+    kept = []
+
+    def run(lo: int, hi: int) -> None:  # planes lo .. hi - 1, whole chunks
+        maps = _maps_buffer(min(step, hi - lo), h, w, dt, x.device)
+        for i in range(lo, hi, step):
+            xc = xf[i : min(i + step, hi)].to(dt).contiguous()
+            yc = yf[i : min(i + step, hi)].to(dt).contiguous()
+            filt = _cpu_filtered(xc, yc, win, maps)
+            lum, cs, _, _ = _cpu_terms(filt, c1, c2)
+            torch.sum(cs, (1, 2), out=out[i : i + xc.shape[0], 1])
+            torch.sum(lum.mul_(cs), (1, 2), out=out[i : i + xc.shape[0], 0])
+        kept.append(filt)
+
+    _run_chunks(run, b * c, step, x)
     out = out.div_(ho * wo).view(b, c, 2)
     if keep:
-        return out, (filt if step == b * c else None)
+        return out, (kept[0] if step == b * c else None)
     return out
 
 
@@ -440,35 +495,41 @@ def _ssim_backward_cpu(x, y, grad, data_range, window_size, sigma, k1, k2, filt=
     xf, yf = x.reshape(b * c, h, w), y.reshape(b * c, h, w)
     step = min(_chunk_planes(h, w), b * c)
     pad = window_size - 1
-    maps = _maps_buffer(step, h, w, dt, x.device) if filt is None else None
-    # coefficient maps (plane-major like the maps), zero-padded by k - 1 columns on both sides (the
-    # borders stay zero across chunks): oneDNN's depthwise conv with padding along W is ~10x slower
-    # than on a padded input
-    coef_buf = torch.zeros((_padded_planes(step), 4, ho, wo + 2 * pad), dtype=dt, device=x.device)
-    for i in range(0, b * c, step):
-        xc = xf[i : i + step].to(dt).contiguous()
-        yc = yf[i : i + step].to(dt).contiguous()
-        p = xc.shape[0]
-        if maps is not None:
-            filt = _cpu_filtered(xc, yc, win, maps)
-        mu_x, mu_y = filt[0], filt[1]
-        lum, cs, b1, b2 = _cpu_terms(filt, c1, c2)
-        gs = g2[i : i + p, 0].view(p, 1, 1)
-        gc = g2[i : i + p, 1].view(p, 1, 1)
-        coef = coef_buf[:p, :, :, pad : pad + wo].transpose(0, 1)  # (4, p, ho, wo) view
-        v = torch.mul(lum, gs).add_(gc).mul_(2.0).div_(b2)  # 2 p / b2
-        u = torch.mul(cs, gs).mul_(2.0).div_(b1)  # 2 q / b1
-        a = torch.mul(v, cs).sub_(u.mul(lum))  # A
-        d = u.sub_(v)  # D
-        torch.mul(a, mu_x, out=coef[0]).addcmul_(d, mu_y)
-        torch.mul(a, mu_y, out=coef[1]).addcmul_(d, mu_x)
-        torch.mul(v, cs, out=coef[2]).neg_()  # 2 * (-v cs / 2): the 2 of 2 x t_e2 folded in
-        coef[3].copy_(v)
-        hor = _hpass(coef_buf.view(-1, ho, wo + 2 * pad), wflip, 0)
-        back = _vpass(hor[: 4 * p], wflip, pad)
-        t_mx, t_my, t_e2, t_xy = back.view(p, 4, h, w).unbind(1)
-        dx[i : i + p] = t_mx.addcmul_(xc, t_e2).addcmul_(yc, t_xy)
-        dy[i : i + p] = t_my.addcmul_(yc, t_e2).addcmul_(xc, t_xy)
+
+    def run(lo: int, hi: int) -> None:  # planes lo .. hi - 1, whole chunks
+        n = min(step, hi - lo)
+        maps = _maps_buffer(n, h, w, dt, x.device) if filt is None else None
+        # coefficient maps (plane-major like the maps), zero-padded by k - 1 columns on both sides (the
+        # borders stay zero across chunks): oneDNN's depthwise conv with padding along W is ~10x slower
+        # than on a padded input
+        coef_buf = torch.zeros((_padded_planes(n), 4, ho, wo + 2 * pad), dtype=dt, device=x.device)
+        f = filt
+        for i in range(lo, hi, step):
+            xc = xf[i : min(i + step, hi)].to(dt).contiguous()
+            yc = yf[i : min(i + step, hi)].to(dt).contiguous()
+            p = xc.shape[0]
+            if maps is not None:
+                f = _cpu_filtered(xc, yc, win, maps)
+            mu_x, mu_y = f[0], f[1]
+            lum, cs, b1, b2 = _cpu_terms(f, c1, c2)
+            gs = g2[i : i + p, 0].view(p, 1, 1)
+            gc = g2[i : i + p, 1].view(p, 1, 1)
+            coef = coef_buf[:p, :, :, pad : pad + wo].transpose(0, 1)  # (4, p, ho, wo) view
+            v = torch.mul(lum, gs).add_(gc).mul_(2.0).div_(b2)  # 2 p / b2
+            u = torch.mul(cs, gs).mul_(2.0).div_(b1)  # 2 q / b1
+            a = torch.mul(v, cs).sub_(u.mul(lum))  # A
+            d = u.sub_(v)  # D
+            torch.mul(a, mu_x, out=coef[0]).addcmul_(d, mu_y)
+            torch.mul(a, mu_y, out=coef[1]).addcmul_(d, mu_x)
+            torch.mul(v, cs, out=coef[2]).neg_()  # 2 * (-v cs / 2): the 2 of 2 x t_e2 folded in
+            coef[3].copy_(v)
+            hor = _hpass(coef_buf.view(-1, ho, wo + 2 * pad), wflip, 0)
+            back = _vpass(hor[: 4 * p], wflip, pad)
+            t_mx, t_my, t_e2, t_xy = back.view(p, 4, h, w).unbind(1)
+            dx[i : i + p] = t_mx.addcmul_(xc, t_e2).addcmul_(yc, t_xy)
+            dy[i : i + p] = t_my.addcmul_(yc, t_e2).addcmul_(xc, t_xy)
+
+    _run_chunks(run, b * c, step, x)
     return dx.view(x.shape), dy.view(y.shape)
 
 

@@ -144,10 +144,14 @@ def test_gradcheck_float64_tiny():
     y.requires_grad_()
     with fastgen.use_backend("torch", op="ssim"):
         assert torch.autograd.gradcheck(
-            lambda a, b: ssim_stats(a, b, data_range=1.5, window_size=5, sigma=1.1, k1=0.03, k2=0.05), (x, y)
+            lambda a, b: ssim_stats(a, b, data_range=1.5, window_size=5, sigma=1.1, k1=0.03, k2=0.05),
+            (x, y),
+            fast_mode=True,
         )
         # the custom op itself (what torch.compile sees) has the same backward
-        assert torch.autograd.gradcheck(lambda a, b: S._ssim_op(a, b, 1.0, 3, 0.7, 0.01, 0.03), (x, y))
+        assert torch.autograd.gradcheck(
+            lambda a, b: S._ssim_op(a, b, 1.0, 3, 0.7, 0.01, 0.03), (x, y), fast_mode=True
+        )
 
 
 def test_eager_path_equals_custom_op():
@@ -190,3 +194,30 @@ def test_errors_unchanged():
         ssim_stats(x, x)
     with pytest.raises(ValueError, match="data_range"):
         ssim_stats(x, x, window_size=3, data_range=float("nan"))
+
+
+def test_chunks_on_worker_threads(monkeypatch):
+    """With 2 intra-op threads the chunks run on 2 single-threaded workers: same values and gradients,
+    and the caller's thread count (and the default of threads started later) is unchanged."""
+    import threading
+
+    monkeypatch.setattr(S, "CPU_CHUNK_ELEMS", 4 * 23 * 19 * 2)
+    monkeypatch.setattr(S, "CPU_CHUNK_MAX_ELEMS", 4 * 23 * 19 * 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, y = pair((7, 1, 23, 19), torch.float64, seed=11)
+        w = torch.randn(7, 1, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        got, gx, gy = ours_and_grads(x, y, w)
+        assert torch.get_num_threads() == 2
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)
+    want, wx, wy = ref_and_grads(x, y, w)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert_grads_close(gx, wx, 1e-10)
+    assert_grads_close(gy, wy, 1e-10)
