@@ -5,7 +5,8 @@
   maps plus the map temporaries), autograd for the backward.
 * ``fastgen[<backend>]``: :func:`fastgen.ops.ssim.ssim_stats` through dispatch: on CUDA the one-pass Triton
   kernel (separable filtering in tiles, per-tile sums, no full-size intermediates); its backward is the
-  analytic PyTorch formula (separable conv2d + conv_transpose2d) for every backend.
+  analytic PyTorch formula (separable conv2d + conv_transpose2d off CPU; on CPU the chunked
+  separable path below) for every backend.
 
 Plain-PyTorch baselines (CPU rows; ``fwd+bwd`` through autograd), the strongest alternatives on CPU:
 
