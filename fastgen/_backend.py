@@ -89,6 +89,19 @@ class Backend:
         return reasons
 
 
+def plain_eager(x: Any) -> bool:
+    """True when a call on ``x`` may skip its ``torch.library`` custom op and run the backend directly: plain
+    eager mode (not torch.compile / export tracing, no dispatch or function mode such as FakeTensor or
+    FlopCounter) and a plain tensor (no subclass). The custom op's Python wrapper costs ~30-50 us per call on
+    a CPU, more than small kernels; traced calls keep the op, so compiled graphs still see one node."""
+    return (
+        type(x) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
 def _launch_device(args: tuple) -> torch.device | None:
     """The CUDA device of the first tensor argument (None when it is not a CUDA tensor)."""
     for a in args:

@@ -365,6 +365,8 @@ def attention_decode(
     q, seqlens, _, scale = _check(q, k_cache, v_cache, cache_seqlens, None, scale, num_splits, paged=False)
     if _needs_grad(q, k_cache, v_cache):
         return _attend_torch(q, k_cache, v_cache, seqlens, scale, causal, q.dtype)
+    if _backend.plain_eager(q) and type(k_cache) is type(v_cache) is torch.Tensor:
+        return _run(q, k_cache, v_cache, None, seqlens, scale, bool(causal), int(num_splits))
     return _decode_op(q, k_cache, v_cache, seqlens, scale, bool(causal), int(num_splits))
 
 
@@ -395,6 +397,8 @@ def attention_decode_paged(
         return _attend_torch(
             q, _gather_pages(k_pages, bt), _gather_pages(v_pages, bt), seqlens, scale, causal, q.dtype
         )
+    if _backend.plain_eager(q) and type(k_pages) is type(v_pages) is torch.Tensor:
+        return _run(q, k_pages, v_pages, bt, seqlens, scale, bool(causal), int(num_splits))
     return _decode_paged_op(q, k_pages, v_pages, bt, seqlens, scale, bool(causal), int(num_splits))
 
 
@@ -466,6 +470,26 @@ def kv_cache_append(
             f"{_extent(v_cache)} of k_cache's storage, k_cache {_extent(k_cache)}); they must be separate caches"
         )
     s_new = k_new.shape[1]
+    if k_cache.device.type == "cpu" and _backend.plain_eager(k_cache):
+        # on the CPU the lengths are readable without a sync: check them here and copy slices (no index
+        # tensors, no advanced indexing: a decode step appends one token per layer)
+        starts = cache_seqlens.tolist()
+        bad = [(i, n) for i, n in enumerate(starts) if not 0 <= n <= length - s_new]
+        if bad:
+            raise _err(
+                f"kv_cache_append: cache_seqlens + s_new ({s_new}) must be in [0, {length}] (max_seqlen of the "
+                f"cache); cache_seqlens[{bad[0][0]}] = {bad[0][1]}"
+            )
+        if s_new == 0 or b == 0:
+            return
+        if all(n == starts[0] for n in starts):
+            k_cache[:, starts[0] : starts[0] + s_new] = k_new
+            v_cache[:, starts[0] : starts[0] + s_new] = v_new
+        else:
+            for i, n in enumerate(starts):
+                k_cache[i, n : n + s_new] = k_new[i]
+                v_cache[i, n : n + s_new] = v_new[i]
+        return
     _assert_values(
         (cache_seqlens >= 0) & (cache_seqlens + s_new <= length),
         f"kv_cache_append: cache_seqlens + s_new ({s_new}) must be in [0, {length}] (max_seqlen of the cache)",

@@ -599,12 +599,7 @@ _DISPATCHED: dict[tuple, _backend.Backend] = {}
 def eager_backend(x: torch.Tensor) -> _backend.Backend | None:
     """The backend that serves a step on ``x`` (B, N) when the call can skip the custom op (plain eager
     mode, a plain tensor); None when something traces it (then call ``_sampler_step_op``)."""
-    if (
-        type(x) is not torch.Tensor
-        or torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-    ):
+    if not _backend.plain_eager(x):
         return None
     # what dispatch depends on: device, dtype, the size limit, a forced backend, the Triton interpreter
     key = (x.device, x.dtype, x.shape[1] < 2**31, OP.forced_backend(), _backend.triton_interpret())

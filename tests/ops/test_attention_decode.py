@@ -381,3 +381,24 @@ def test_cuda_poison_zero_rows_and_fallback():
     assert AD.OP.dispatch(call).name == "torch"
     with fastgen.use_backend("cuda", op="attention_decode"), pytest.raises(fastgen.BackendUnavailableError):
         attention_decode(q[..., :36].contiguous(), k[..., :36], v[..., :36], lens)
+
+
+def test_kv_cache_append_cpu_ragged_and_out_of_range():
+    """The CPU path reads the lengths on the host: ragged appends land at each row's own length, equal
+    lengths as one slice, and a length past the cache is refused by name before anything is written."""
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(3, 10, 2, 4, generator=g), torch.randn(3, 10, 2, 4, generator=g)
+    kn, vn = torch.randn(3, 2, 2, 4, generator=g), torch.randn(3, 2, 2, 4, generator=g)
+    for lens in ([1, 4, 8], [5, 5, 5]):
+        k2, v2 = kc.clone(), vc.clone()
+        AD.kv_cache_append(k2, v2, kn, vn, torch.tensor(lens, dtype=torch.int32))
+        want_k, want_v = kc.clone(), vc.clone()
+        for i, n in enumerate(lens):
+            want_k[i, n : n + 2], want_v[i, n : n + 2] = kn[i], vn[i]
+        assert torch.equal(k2, want_k) and torch.equal(v2, want_v)
+    k2 = kc.clone()
+    with pytest.raises(
+        ValueError, match=r"cache_seqlens \+ s_new \(2\) must be in \[0, 10\].*cache_seqlens\[2\] = 9"
+    ):
+        AD.kv_cache_append(k2, vc.clone(), kn, vn, torch.tensor([0, 3, 9]))
+    assert torch.equal(k2, kc)  # nothing written
