@@ -107,24 +107,34 @@ def make_model(train_size: int, width: int, layers: int, seed: int) -> VisionTra
     return m
 
 
-def train(model, x8, y, steps: int, lr: float, sizes: tuple[int, ...], bs: int, seed: int) -> float:
-    """AdamW with a cosine schedule; each batch at a size drawn from ``sizes``. Returns the seconds."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+def _fit(
+    model, params, loss_of, x8, n: int, steps: int, lr: float, wd: float, sizes, bs: int, seed: int
+) -> float:
+    """AdamW with a cosine schedule; each batch of ``bs`` indices into the ``n`` examples at a size drawn
+    from ``sizes``; ``loss_of(images, idx)`` gives the loss. Returns the seconds."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     g = torch.Generator().manual_seed(seed)
     cache = {s: at_size(x8, s) for s in sizes}
     model.train()
     t0 = time.perf_counter()
     for _ in range(steps):
-        idx = torch.randint(0, len(y), (bs,), generator=g)
+        idx = torch.randint(0, n, (bs,), generator=g)
         s = sizes[int(torch.randint(0, len(sizes), (1,), generator=g))]
-        loss = F.cross_entropy(model(cache[s][idx]), y[idx])
+        loss = loss_of(cache[s][idx], idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     model.eval()
     return time.perf_counter() - t0
+
+
+def train(model, x8, y, steps: int, lr: float, sizes: tuple[int, ...], bs: int, seed: int) -> float:
+    """AdamW (weight decay 0.05) with a cosine schedule on the cross-entropy; each batch at a size drawn
+    from ``sizes``. Returns the seconds."""
+    return _fit(model, model.parameters(), lambda x, idx: F.cross_entropy(model(x), y[idx]), x8, len(y), steps,
+                lr, 0.05, sizes, bs, seed)  # fmt: skip
 
 
 @torch.no_grad()
@@ -256,24 +266,12 @@ def train_ae(
     """AdamW with a cosine schedule on MSE + the VQ commitment loss; each batch at a size drawn from
     ``sizes`` (native strategy). Returns the seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    g = torch.Generator().manual_seed(seed)
-    cache = {s: at_size(x8, s) for s in sizes}
-    model.train()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x8), (bs,), generator=g)
-        s = sizes[int(torch.randint(0, len(sizes), (1,), generator=g))]
-        x = cache[s][idx]
-        y, commit = model(x)
-        loss = F.mse_loss(y, x) + commit
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    return time.perf_counter() - t0
+
+    def loss_of(x, idx):
+        recon, commit = model(x)
+        return F.mse_loss(recon, x) + commit
+
+    return _fit(model, params, loss_of, x8, len(x8), steps, lr, 0.0, sizes, bs, seed)
 
 
 @torch.no_grad()
