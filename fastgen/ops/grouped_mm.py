@@ -366,14 +366,7 @@ class _GroupedMMCPU(torch.autograd.Function):
         need_dbias = ctx.has_bias and ctx.needs_input_grad[3]
         dx, dw, dbias = _bwd_torch(dout.contiguous(), x, w, offsets, h, ctx.act, need_dx, need_dw, need_dbias,
                                    ctx.off)  # fmt: skip
-        return (
-            (dx if need_dx else None),
-            (dw if need_dw else None),
-            None,
-            (dbias if need_dbias else None),
-            None,
-            None,
-        )
+        return _input_grads(dx, dw, dbias, need_dx, need_dw, need_dbias)
 
 
 # =====================================================================================================
@@ -690,6 +683,18 @@ OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=_TORCH_DTYPES
 _BWD = {"triton": _bwd_triton, "torch": _bwd_torch}
 
 
+def _input_grads(dx, dw, dbias, need_dx: bool, need_dw: bool, need_dbias: bool) -> tuple:
+    """The backward's gradients in the forward's argument order (x, w, offsets, bias, activation, ...)."""
+    return (
+        (dx if need_dx else None),
+        (dw if need_dw else None),
+        None,
+        (dbias if need_dbias else None),
+        None,
+        None,
+    )
+
+
 def _call(x: torch.Tensor, w: torch.Tensor) -> Call:
     return Call(x.device, x.dtype, {"experts": w.shape[0], "k": w.shape[1], "n": w.shape[2]})
 
@@ -763,14 +768,7 @@ def _backward(ctx, dout, dh_unused):
     dx, dw, dbias = _grouped_mm_bwd_op(
         dout.contiguous(), x, w, offsets, h, act, need_dx, need_dw, need_dbias, ctx.backend
     )
-    return (
-        (dx if need_dx else None),
-        (dw if need_dw else None),
-        None,
-        (dbias if need_dbias else None),
-        None,
-        None,
-    )
+    return _input_grads(dx, dw, dbias, need_dx, need_dw, need_dbias)
 
 
 _grouped_mm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
