@@ -39,12 +39,16 @@ def test_fast_path_equals_full_path_bitwise(name, kw, learned, dtype, monkeypatc
         return full_step(*a, **k)
 
     monkeypatch.setattr(D, "sampler_step", counting)
-    fast = S.SAMPLERS[name](sched, **kw).sample(_model(learned, 3), shape, seed=7, dtype=dtype, progress=False)
+    fast = S.SAMPLERS[name](sched, **kw).sample(
+        _model(learned, 3), shape, seed=7, dtype=dtype, progress=False
+    )
     # x_T (counter_normal runs a step) and the first step validate and plan; the other 7 take the fast path
     assert len(calls) == 2
     monkeypatch.setattr(S.Sampler, "_fast_step", lambda self, *a: None)
     calls.clear()
-    slow = S.SAMPLERS[name](sched, **kw).sample(_model(learned, 3), shape, seed=7, dtype=dtype, progress=False)
+    slow = S.SAMPLERS[name](sched, **kw).sample(
+        _model(learned, 3), shape, seed=7, dtype=dtype, progress=False
+    )
     assert len(calls) == 9
     assert torch.equal(fast, slow)
 
