@@ -315,8 +315,9 @@ def _bwd_torch(dout, q, k, v, out, lse, bias, mask, cu_q, cu_k, max_q, max_k, ca
             dq[bi, rs] = ((ds @ kh) * scale).transpose(0, 1)
             if dbias is not None:
                 dbias[bi, :, r0 : r0 + rows, :sk] = ds
-        dk[bi, k0 : k0 + sk] = dkh.reshape(hk, g, sk, -1).sum(1).transpose(0, 1)
-        dv[bi, k0 : k0 + sk] = dvh.reshape(hk, g, sk, -1).sum(1).transpose(0, 1)
+        # explicit last dims: a sequence with no keys (sk = 0) makes -1 ambiguous
+        dk[bi, k0 : k0 + sk] = dkh.reshape(hk, g, sk, k.shape[3]).sum(1).transpose(0, 1)
+        dv[bi, k0 : k0 + sk] = dvh.reshape(hk, g, sk, v.shape[3]).sum(1).transpose(0, 1)
     dbias = dbias.to(bias.dtype) if dbias is not None else q.new_empty(0)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
@@ -1149,6 +1150,35 @@ def _via_torch_sdpa(query, key, value, bias, mask, causal, scale, dropout_p):
                        enable_gqa=query.shape[1] != key.shape[1])  # fmt: skip
 
 
+def _varlen_via_torch_sdpa(q, k, v, cu_q, cu_k, causal, scale, dropout_p):
+    """flash_attn_varlen on the CPU through torch's fused SDPA (the lengths are on the host): rule 11, its
+    tiled CPU kernels beat the torch backend's per-segment score tiles. Sequences of the same (Sq, Sk) run
+    as one batched call. A sequence with no keys gives zeros (fastgen's convention); causal is bottom-right
+    aligned, as flash-attn."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(cq) - 1):
+        groups.setdefault((cq[i + 1] - cq[i], ck[i + 1] - ck[i]), []).append(i)
+    out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
+    for (sq, sk), seqs in groups.items():
+        if sq == 0 or sk == 0:
+            continue  # no rows, or no keys: zeros
+        qs = torch.stack([q[cq[i] : cq[i] + sq] for i in seqs]).transpose(1, 2)  # (n, Hq, Sq, D)
+        ks = torch.stack([k[ck[i] : ck[i] + sk] for i in seqs]).transpose(1, 2)
+        vs = torch.stack([v[ck[i] : ck[i] + sk] for i in seqs]).transpose(1, 2)
+        attn, is_causal = None, False
+        if causal:
+            if sq == sk:
+                is_causal = True
+            else:
+                attn = _visible(sq, sk, BOTTOM_RIGHT, q.device)
+        o = _TORCH_SDPA(qs, ks, vs, attn, dropout_p, is_causal, scale=scale, enable_gqa=gqa).transpose(1, 2)
+        for n, i in enumerate(seqs):
+            out[cq[i] : cq[i] + sq] = o[n]
+    return out
+
+
 def _broadcast(name: str, t: torch.Tensor, full: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if t.device != device:
         raise _err(f"{name} is on {t.device} but query is on {device}")
@@ -1315,6 +1345,13 @@ def flash_attn_varlen(
     scale = _check_scale(scale, q.shape[2])
     if q.shape[0] == 0:
         return q.new_zeros((0, q.shape[1], v.shape[2]))
+    if (
+        q.device.type == "cpu"
+        and _backend.plain_eager(q)
+        and not _torch_sdpa_why_not(q, v, None, None, dropout_p, seed, deterministic)
+        and (not causal or _SDPA_ZERO_ROWS)  # bottom-right rows with no key: zeros only from torch >= 2.5
+    ):
+        return _varlen_via_torch_sdpa(q, k, v, cu_q, cu_k, causal, scale, dropout_p)
     qq, kk, vv = (_last_dim_contiguous(t)[None] for t in (q, k, v))
     out, _ = _attention_fwd_op(qq, kk, vv, None, None, cu_q, cu_k, max_q, max_k,
                                BOTTOM_RIGHT if causal else NO_CAUSAL, scale, dropout_p,

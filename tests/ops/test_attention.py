@@ -4,6 +4,8 @@ The numerics gate is flash-attention's: the kernel's max error against float64 i
 of the same computation done by PyTorch in the input dtype, plus a small atol.
 """
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -361,3 +363,33 @@ def test_more_than_65535_batch_heads_on_the_gpu():
     torch.testing.assert_close(out, ref.to(out.dtype), atol=2e-3, rtol=2e-3)
     for got, want in zip(grads, (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_varlen_on_cpu_goes_through_torch_sdpa_per_sequence(monkeypatch):
+    """On the CPU the default varlen call runs torch's fused SDPA per sequence (rule 11); it equals the
+    reference and the forced torch backend, values and gradients, with GQA, bottom-right causal with
+    Sq != Sk, and a sequence with no keys (zeros)."""
+    calls = []
+    real = A._TORCH_SDPA
+    monkeypatch.setattr(A, "_TORCH_SDPA", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    lq, lk = [3, 5, 0, 4, 2], [3, 7, 2, 0, 5]
+    cu_q = torch.tensor([0, *itertools.accumulate(lq)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lk)], dtype=torch.int32)
+    q = torch.randn(sum(lq), 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(sum(lk), 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(lk), 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    for causal in (False, True):
+        out = A.flash_attn_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal)
+        assert len(calls) == 3  # one batched call per (Sq, Sk) with queries and keys
+        calls.clear()
+        ref = A.flash_attn_varlen_ref(q, k, v, cu_q, cu_k, causal=causal)
+        torch.testing.assert_close(out, ref)
+        assert out[sum(lq[:3]) : sum(lq[:4])].abs().max() == 0  # no keys: zeros
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        with fastgen.use_backend("torch", op="attention"):
+            forced = A.flash_attn_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal)
+        assert not calls
+        torch.testing.assert_close(out, forced)
+        for a, b in zip(grads, torch.autograd.grad(forced.square().sum(), (q, k, v))):
+            torch.testing.assert_close(a, b)
