@@ -174,7 +174,7 @@ def cmd_sample_glide(args) -> None:
 
 
 def _clip_tokenizer(bpe: str | None, vocab_size: int):
-    from fastgen.models.clip import SimpleTokenizer
+    from fastgen.models.clip import SimpleTokenizer, find_bpe_file
 
     if bpe is not None:
         _check_exists(bpe, "--bpe", "CLIP's bpe_simple_vocab_16e6.txt.gz")
@@ -182,25 +182,14 @@ def _clip_tokenizer(bpe: str | None, vocab_size: int):
     elif vocab_size <= 258:
         tok = SimpleTokenizer()  # the byte-level tokenizer of the tiny presets
     else:
-        tok = SimpleTokenizer(_find_clip_bpe())
+        tok = SimpleTokenizer(
+            find_bpe_file()
+        )  # in open_clip / clip; FileNotFoundError says where it comes from
     if tok.vocab_size > vocab_size:
         raise CLIError(
             f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary has {vocab_size}"
         )
     return tok
-
-
-def _find_clip_bpe() -> str:
-    from fastgen.models.glide_tokenizer import _package_dir
-
-    for pkg in ("open_clip", "clip"):
-        d = _package_dir(pkg)
-        if d and os.path.isfile(os.path.join(d, "bpe_simple_vocab_16e6.txt.gz")):
-            return os.path.join(d, "bpe_simple_vocab_16e6.txt.gz")
-    raise CLIError(
-        "no CLIP tokenizer file: pass --bpe bpe_simple_vocab_16e6.txt.gz (it ships with open_clip and with "
-        "OpenAI's clip package, github.com/openai/CLIP/blob/main/clip/bpe_simple_vocab_16e6.txt.gz)"
-    )
 
 
 def cmd_sample_dalle(args) -> None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import html
-import importlib.util
 import json
 import math
 import os
@@ -71,6 +70,7 @@ from fastgen.models.hub import (
     config_from_dict,
     load_fastgen_dir,
     missing_weights_error,
+    package_dirs,
     read_state_dict,
     save_fastgen_dir,
 )
@@ -1428,16 +1428,7 @@ def find_bpe_file() -> Path:
     Raises ``FileNotFoundError`` naming the file and where it comes from when neither package has it."""
     searched = []
     for name in _BPE_PACKAGES:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None:
-            continue
-        dirs = list(spec.submodule_search_locations or [])
-        if not dirs and spec.origin:
-            dirs = [os.path.dirname(spec.origin)]
-        for d in dirs:
+        for d in package_dirs(name):
             f = Path(d) / BPE_FILE
             if f.is_file():
                 return f

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fastgen.models.hub import package_dirs
+
 __all__ = ["GlideTokenizer", "byte_to_unicode", "pre_tokenize"]
 
 END_OF_TEXT = "<|endoftext|>"
@@ -114,19 +116,6 @@ _FILES_NEEDED = (
 )
 
 
-def _package_dir(name: str) -> str | None:
-    """The directory of an installed package, without importing it (None when not installed)."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return next(iter(spec.submodule_search_locations))
-
-
 class GlideTokenizer:
     """GLIDE's tokenizer from a GPT-2 ``encoder.json`` and ``vocab.bpe`` (each plain or gzip).
 
@@ -170,7 +159,7 @@ class GlideTokenizer:
         file is needed and where it comes from. Nothing is downloaded.
         """
         if directory is None:
-            found = _package_dir("glide_text2im")
+            found = next(iter(package_dirs("glide_text2im")), None)
             if found is None:
                 raise FileNotFoundError(
                     "GlideTokenizer.from_pretrained(): no directory given and no glide_text2im package is "

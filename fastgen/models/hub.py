@@ -41,6 +41,7 @@ __all__ = [
     "load_fastgen_dir",
     "missing_weights_error",
     "module_state_dict",
+    "package_dirs",
     "read_state_dict",
     "restricted_torch_load",
     "save_fastgen_dir",
@@ -185,6 +186,23 @@ def load_fastgen_dir(
     if found != model_type:
         raise ValueError(f"from_pretrained: {d} holds a {found!r} model, not a {model_type!r} model")
     return meta, load_file(str(d / WEIGHTS_NAME))
+
+
+def package_dirs(name: str) -> list[str]:
+    """The directories of an installed package, found without importing it (empty when not installed): where
+    packages ship data files (CLIP's BPE merges, GLIDE's GPT-2 vocabulary)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    dirs = list(spec.submodule_search_locations or [])
+    if not dirs and spec.origin:
+        dirs = [os.path.dirname(spec.origin)]
+    return dirs
 
 
 def missing_weights_error(path: str | os.PathLike, what: str, where: str) -> FileNotFoundError:
