@@ -220,8 +220,7 @@ class Sampler:
         if plan.noise_mode == 2:
             if seed is None or type(seed) is not int or type(sample_offset) is not int:
                 return None
-            seed &= 0xFFFFFFFFFFFFFFFF
-            seed = seed - (1 << 64) if seed >= (1 << 63) else seed
+            seed = D.op_seed(seed)
             sample_offset &= 0xFFFFFFFF
         else:
             seed, sample_offset = 0, 0

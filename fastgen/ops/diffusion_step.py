@@ -106,6 +106,12 @@ def _fmix32(h: Any) -> Any:
     return h ^ (h >> 16)
 
 
+def op_seed(seed: int) -> int:
+    """The seed as the op's int64 argument: its low 64 bits, the bit pattern kept (>= 2^63 wraps negative)."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
 def _split_seed(seed: int) -> tuple[int, int]:
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     return seed & _M32, seed >> 32
@@ -983,8 +989,7 @@ def sampler_step(
     )
     if p.noise_mode == 2 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, no device sync
-    seed = int(seed or 0) & 0xFFFFFFFFFFFFFFFF
-    seed = seed - (1 << 64) if seed >= (1 << 63) else seed  # the op takes int64: keep the bit pattern
+    seed = op_seed(int(seed or 0))
     sample_offset = int(sample_offset) & _M32
     g = float(guidance_scale) if guidance_scale is not None else 1.0
     # an empty batch or sample has nothing to rescale or threshold (and no rows to take statistics of)
