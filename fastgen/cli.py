@@ -136,8 +136,8 @@ def _glide_tokens(args, model):
     tok = GlideTokenizer.from_pretrained(tok_dir)
     ctx = model.cfg.text_ctx
     tokens, mask = tok([args.prompt] * args.batch_size, text_ctx=ctx)
-    vocab = model.cfg.n_vocab if hasattr(model.cfg, "n_vocab") else None
-    if vocab is not None and int(tokens.max()) >= vocab:
+    vocab = model.cfg.n_vocab
+    if int(tokens.max()) >= vocab:
         raise CLIError(
             f"the tokenizer's ids reach {int(tokens.max())} but the model's vocabulary has {vocab} tokens: "
             "--tokenizer does not belong to these weights"
@@ -372,9 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             info_main(["--json"] if args.json else [])
         elif args.command == "sample":
-            for name in ("batch_size",):
-                if getattr(args, name) < 1:
-                    raise CLIError(f"--batch-size must be >= 1, got {getattr(args, name)}")
+            if args.batch_size < 1:
+                raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
             (cmd_sample_glide if args.model == "glide" else cmd_sample_dalle)(args)
         elif args.command == "clip":
             cmd_clip_zero_shot(args)
