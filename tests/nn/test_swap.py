@@ -19,13 +19,7 @@ from fastgen.nn.swap import sdpa_scope
 TORCH_SDPA = F.scaled_dot_product_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is fastest, and on a shared, loaded CI box several threads are 100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/nn/conftest.py
 
 
 @pytest.fixture

@@ -16,13 +16,7 @@ import fastgen.ops.attention as fa  # noqa: E402
 V = 64  # vocabulary of the text models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is fastest, and on a shared, loaded CI box several threads are 100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/nn/conftest.py
 
 
 def _bert():
