@@ -19,6 +19,16 @@ SCHED = NoiseSchedule.from_name("linear", 1000).respace("50")
 T, T_PREV, T_LAST = 30, 29, 31
 GUIDANCE = 4.0
 
+# GLIDE's step (learned-range variance, clipped x0): (fused call, reference call)
+_GLIDE_DDPM = (
+    lambda x, mo, abar, **kw: D.ddpm_step(
+        x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
+    ),
+    lambda x, mo, abar, **kw: D.ddpm_step_ref(
+        x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
+    ),
+)
+
 # name -> (fused call, reference call, learned variance, noise[, extras: "inpaint" (known image + mask),
 # "grad" (a guidance gradient: GLIDE's CLIP guidance)])
 SAMPLERS = {
@@ -47,29 +57,9 @@ SAMPLERS = {
         False,
     ),
     # GLIDE inpainting: the known region replaces x0 before clipping, in the same pass
-    "ddpm-learned+cfg+inpaint": (
-        lambda x, mo, abar, **kw: D.ddpm_step(
-            x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
-        ),
-        lambda x, mo, abar, **kw: D.ddpm_step_ref(
-            x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
-        ),
-        True,
-        True,
-        ("inpaint",),
-    ),
+    "ddpm-learned+cfg+inpaint": (*_GLIDE_DDPM, True, True, ("inpaint",)),
     # GLIDE CLIP guidance: mean + variance * grad, in the same pass
-    "ddpm-learned+clip-grad": (
-        lambda x, mo, abar, **kw: D.ddpm_step(
-            x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
-        ),
-        lambda x, mo, abar, **kw: D.ddpm_step_ref(
-            x, mo, abar, T, variance_type="learned_range", clip_sample=1.0, **kw
-        ),
-        True,
-        True,
-        ("grad",),
-    ),
+    "ddpm-learned+clip-grad": (*_GLIDE_DDPM, True, True, ("grad",)),
 }
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
