@@ -470,16 +470,16 @@ def kv_cache_append(
             f"{_extent(v_cache)} of k_cache's storage, k_cache {_extent(k_cache)}); they must be separate caches"
         )
     s_new = k_new.shape[1]
+    range_msg = (
+        f"kv_cache_append: cache_seqlens + s_new ({s_new}) must be in [0, {length}] (max_seqlen of the cache)"
+    )
     if k_cache.device.type == "cpu" and _backend.plain_eager(k_cache):
         # on the CPU the lengths are readable without a sync: check them here and copy slices (no index
         # tensors, no advanced indexing: a decode step appends one token per layer)
         starts = cache_seqlens.tolist()
         bad = [(i, n) for i, n in enumerate(starts) if not 0 <= n <= length - s_new]
         if bad:
-            raise _err(
-                f"kv_cache_append: cache_seqlens + s_new ({s_new}) must be in [0, {length}] (max_seqlen of the "
-                f"cache); cache_seqlens[{bad[0][0]}] = {bad[0][1]}"
-            )
+            raise _err(f"{range_msg}; cache_seqlens[{bad[0][0]}] = {bad[0][1]}")
         if s_new == 0 or b == 0:
             return
         if all(n == starts[0] for n in starts):
@@ -492,7 +492,7 @@ def kv_cache_append(
         return
     _assert_values(
         (cache_seqlens >= 0) & (cache_seqlens + s_new <= length),
-        f"kv_cache_append: cache_seqlens + s_new ({s_new}) must be in [0, {length}] (max_seqlen of the cache)",
+        range_msg,
         ("cache_seqlens", cache_seqlens),
     )
     if s_new == 0 or b == 0:
