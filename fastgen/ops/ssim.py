@@ -650,13 +650,7 @@ def ssim_stats(
 
 
 def _plain_eager(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return (
-        type(x) is torch.Tensor
-        and type(y) is torch.Tensor
-        and not torch.compiler.is_compiling()
-        and not torch._C._len_torch_dispatch_stack()
-        and not torch._C._is_torch_function_mode_enabled()
-    )
+    return _backend.plain_eager(x) and type(y) is torch.Tensor
 
 
 class _SSIMEager(torch.autograd.Function):
