@@ -9,7 +9,7 @@ the square), S = text_seq_len + grid**2. Implementations, on the same weights:
 * ``recompute (torch sdpa)`` (the oracle): the whole sequence again at every step with
   ``torch.nn.functional.scaled_dot_product_attention`` — what a model without a cache runs;
 * ``kv-cache (torch sdpa)``: plain PyTorch with a KV cache (index assignment, SDPA over the cache);
-* ``fastgen``: ``fastgen.kv_cache_append`` + ``fastgen.attention_decode`` (and fastgen's fused attention
+* ``fastgen``: slice-copy appends + ``fastgen.attention_decode`` (and fastgen's fused attention
   for the prompt).
 
 Correctness: in float32 the tokens must equal the oracle's exactly. In bf16 the paths round differently,

@@ -57,7 +57,7 @@ bool masks. The paper's 64-layer schedule (:func:`paper_attn_types`): column in 
 (i - 2) % 4 == 0, conv in the last layer, row elsewhere. ``attn_types=()`` means every layer is full.
 
 **Generation** (:meth:`DALLE.generate_images`): one prompt pass over BOS + text fills a KV cache per layer
-((batch, S, heads, head_dim), written by ``fastgen.kv_cache_append``), then one image token per step:
+((batch, S, heads, head_dim); every row appends at the same position, a slice copy), then one image token per step:
 full layers through ``fastgen.attention_decode``, sparse layers through
 ``fastgen.scaled_dot_product_attention`` on the cache with the layer's mask row. Classifier-free
 guidance appends a null-text row (all pad tokens) per sample: ``logits = uncond + cond_scale * (cond -
@@ -564,15 +564,15 @@ class _Attention(nn.Module):
         else:
             kc, vc = cache
             end = pos + s
-            lens = torch.full((b,), pos, dtype=torch.int32, device=x.device)
-            if plain:
-                kc[:, pos:end], vc[:, pos:end] = k, v
-            else:
-                fastgen.kv_cache_append(kc, vc, k, v, lens)
+            # every row is at the same position: a slice copy is the append on any device
+            # (fastgen.kv_cache_append is for ragged lengths)
+            kc[:, pos:end], vc[:, pos:end] = k, v
             if pos == 0:  # the prompt: attention over itself, as the full forward
                 o = _sdpa(q, k, v, None if mask is None else mask[:s, :s], plain)
             elif mask is None and not plain:
-                o = fastgen.attention_decode(q, kc, vc, lens + s)
+                o = fastgen.attention_decode(
+                    q, kc, vc, torch.full((b,), end, dtype=torch.int32, device=x.device)
+                )
             else:
                 m = _causal_rows(pos, end, x.device) if mask is None else mask[pos:end, :end]
                 o = _sdpa(q, kc[:, :end], vc[:, :end], m, plain, causal=False)

@@ -32,8 +32,8 @@ a capacity, a token's fate depends on the other tokens of the batch, so a cached
 a full recomputation could route differently; dropless inference keeps them equal and never loses a token.
 
 **Generation** (:meth:`GLaM.generate`): a prefill pass over the prompt fills a (batch, max_len, kv_heads,
-head_dim) K/V cache per layer (``fastgen.kv_cache_append``) through the fused causal attention, then one
-token per step: ``kv_cache_append`` + ``fastgen.attention_decode``. Sampling: temperature, top-k, top-p
+head_dim) K/V cache per layer (slice copies: every row appends at the same position) through the fused
+causal attention, then one token per step: the copy + ``fastgen.attention_decode``. Sampling: temperature, top-k, top-p
 with a seeded generator (``fastgen.models.common.sample_logits``). ``use_cache=False`` recomputes the whole
 sequence each step (the oracle of the tests).
 
@@ -288,15 +288,15 @@ class _Attention(nn.Module):
         else:
             kc, vc = cache
             end = pos + s
-            lens = torch.full((b,), pos, dtype=torch.int32, device=x.device)
-            if plain:
-                kc[:, pos:end], vc[:, pos:end] = k, v
-            else:
-                fastgen.kv_cache_append(kc, vc, k, v, lens)
+            # every row is at the same position: a slice copy is the append on any device
+            # (fastgen.kv_cache_append is for ragged lengths)
+            kc[:, pos:end], vc[:, pos:end] = k, v
             if pos == 0:  # prefill: the prompt attends to itself, as in the full forward
                 o = _sdpa(q, k, v, plain)
             elif not plain:
-                o = fastgen.attention_decode(q, kc, vc, lens + s)
+                o = fastgen.attention_decode(
+                    q, kc, vc, torch.full((b,), end, dtype=torch.int32, device=x.device)
+                )
             else:
                 rows = torch.arange(pos, end, device=x.device)[:, None]
                 o = _sdpa(q, kc[:, :end], vc[:, :end], plain, torch.arange(end, device=x.device) <= rows)

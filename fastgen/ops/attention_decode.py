@@ -85,6 +85,25 @@ def _assert_values(cond: torch.Tensor, msg: str, values: tuple[str, torch.Tensor
         torch._assert_async(cond.all(), f"fastgen.attention_decode: {msg}")
 
 
+def _host_lengths(t: torch.Tensor) -> list[int] | None:
+    """The values of a CPU ``t`` as a list when they can be read on the host (eager mode, a plain tensor,
+    a few of them: cheaper than building a boolean tensor to test), else None."""
+    if t.device.type == "cpu" and t.numel() <= 4096 and _backend.plain_eager(t):
+        return t.tolist()
+    return None
+
+
+def _check_range(t: torch.Tensor, name: str, lo: int, hi: int, msg: str) -> None:
+    """Raise ValueError(msg) naming the first value of the 1-D ``t`` outside [lo, hi]."""
+    values = _host_lengths(t)
+    if values is None:
+        _assert_values((t >= lo) & (t <= hi), msg, (name, t))
+        return
+    for i, n in enumerate(values):
+        if not lo <= n <= hi:
+            raise _err(f"{msg}; got {name}[{i}] = {n}")
+
+
 def _check(q, k, v, cache_seqlens, block_table, scale, num_splits, paged):
     """Validate; returns (q, cache_seqlens as int32, block_table as int32 or None, scale as float)."""
     kn, vn = ("k_pages", "v_pages") if paged else ("k_cache", "v_cache")
@@ -165,12 +184,15 @@ def _check(q, k, v, cache_seqlens, block_table, scale, num_splits, paged):
     # validated in their own dtype (int64 values past 2^31 must not wrap into range), then narrowed; a
     # paged cache can hold more than the kernels' int32 lengths address
     capacity = min(capacity, torch.iinfo(torch.int32).max)
-    _assert_values(
-        (cache_seqlens >= 0) & (cache_seqlens <= capacity),
+    _check_range(
+        cache_seqlens,
+        "cache_seqlens",
+        0,
+        capacity,
         f"cache_seqlens out of range [0, {capacity}] (the cache holds {capacity} tokens per sequence)",
-        ("cache_seqlens", cache_seqlens),
     )
-    seqlens = cache_seqlens.to(torch.int32).contiguous()
+    seqlens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
+    seqlens = seqlens.contiguous()
     if paged:
         if block_table.numel() > 0:
             page = k.shape[1]
@@ -278,8 +300,24 @@ def _make_call(q, k, v, paged: bool) -> Call:
     )
 
 
+_DISPATCHED: dict[tuple, _backend.Backend] = {}
+
+
+def _backend_for(q, k, v, paged: bool) -> _backend.Backend:
+    """OP.dispatch on the call, remembered per what the dispatch reads (device, dtype, the call's params, a
+    forced backend, the Triton interpreter): a decode step is a few microseconds of kernel on a CPU."""
+    aligned = _aligned16(k) and _aligned16(v)
+    key = (q.device, q.dtype, paged, q.shape[-1], aligned, OP.forced_backend(), _backend.triton_interpret())
+    backend = _DISPATCHED.get(key)
+    if backend is None:
+        backend = OP.dispatch(_make_call(q, k, v, paged))
+        if len(_DISPATCHED) < 256:
+            _DISPATCHED[key] = backend
+    return backend
+
+
 def _run(q, k, v, block_table, seqlens, scale, causal, num_splits):
-    backend = OP.dispatch(_make_call(q, k, v, block_table is not None))
+    backend = _backend_for(q, k, v, block_table is not None)
     return backend.fn(q, k, v, block_table, seqlens, scale, causal, num_splits)
 
 
