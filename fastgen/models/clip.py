@@ -502,7 +502,8 @@ class VisionTransformer(nn.Module):
         """Images of different sizes, each (C, H, W) or (1, C, H, W), as ONE packed varlen batch."""
         if len(images) == 0:
             raise _err("images: expected a non-empty list")
-        seqs = []
+        groups: dict[tuple, list[int]] = {}  # images of one shape are embedded as one batch
+        batches = []
         for i, img in enumerate(images):
             img = img.unsqueeze(0) if img.dim() == 3 else img
             self._check(img, f"images[{i}]")
@@ -510,12 +511,22 @@ class VisionTransformer(nn.Module):
                 raise _err(
                     f"images[{i}]: expected one image (C, H, W) or (1, C, H, W), got {tuple(img.shape)}"
                 )
-            seqs.append(self._tokens(img)[0])
-        lens = torch.tensor([0] + [s.shape[0] for s in seqs], device=seqs[0].device)
-        cu = lens.cumsum(0).to(torch.int32)
-        x = self.ln_pre(torch.cat(seqs, dim=0))  # (total, width)
-        x = self.transformer(x, cu_seqlens=cu, max_seqlen=max(s.shape[0] for s in seqs))
-        return self._head(x[cu[:-1].long()])
+            groups.setdefault((tuple(img.shape), img.dtype, img.device), []).append(i)
+            batches.append(img)
+        order, lens, seqs = [], [0], []
+        for idx in groups.values():
+            t = self._tokens(torch.cat([batches[i] for i in idx]) if len(idx) > 1 else batches[idx[0]])
+            order += idx
+            lens += [t.shape[1]] * t.shape[0]
+            seqs.append(t.reshape(-1, t.shape[-1]))
+        cu = torch.tensor(lens, device=seqs[0].device).cumsum(0).to(torch.int32)
+        x = self.ln_pre(torch.cat(seqs) if len(seqs) > 1 else seqs[0])  # (total, width), size-group order
+        x = self.transformer(x, cu_seqlens=cu, max_seqlen=max(lens))
+        out = self._head(x[cu[:-1].long()])
+        if order == sorted(order):
+            return out
+        # back to the order of ``images``
+        return out[torch.tensor(order, device=out.device).argsort()]
 
 
 class Bottleneck(nn.Module):

@@ -32,6 +32,7 @@ backend serves only what fastgen adds (a bias gradient, a seeded dropout stream,
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 import os
@@ -1160,13 +1161,21 @@ def _varlen_via_torch_sdpa(q, k, v, cu_q, cu_k, causal, scale, dropout_p):
     groups: dict[tuple[int, int], list[int]] = {}
     for i in range(len(cq) - 1):
         groups.setdefault((cq[i + 1] - cq[i], ck[i + 1] - ck[i]), []).append(i)
-    out = q.new_zeros((q.shape[0], q.shape[1], v.shape[2]))
+    parts = []  # (first packed row, output rows)
     for (sq, sk), seqs in groups.items():
         if sq == 0 or sk == 0:
             continue  # no rows, or no keys: zeros
-        qs = torch.stack([q[cq[i] : cq[i] + sq] for i in seqs]).transpose(1, 2)  # (n, Hq, Sq, D)
-        ks = torch.stack([k[ck[i] : ck[i] + sk] for i in seqs]).transpose(1, 2)
-        vs = torch.stack([v[ck[i] : ck[i] + sk] for i in seqs]).transpose(1, 2)
+        n = len(seqs)
+        # consecutive sequences of one length are a (n, S, H, D) view of the packed rows: no copies
+        run = seqs[-1] - seqs[0] + 1 == n
+        if run:
+            qs = q[cq[seqs[0]] : cq[seqs[0]] + n * sq].unflatten(0, (n, sq)).transpose(1, 2)  # (n, Hq, Sq, D)
+            ks = k[ck[seqs[0]] : ck[seqs[0]] + n * sk].unflatten(0, (n, sk)).transpose(1, 2)
+            vs = v[ck[seqs[0]] : ck[seqs[0]] + n * sk].unflatten(0, (n, sk)).transpose(1, 2)
+        else:
+            qs = torch.stack([q[cq[i] : cq[i] + sq] for i in seqs]).transpose(1, 2)
+            ks = torch.stack([k[ck[i] : ck[i] + sk] for i in seqs]).transpose(1, 2)
+            vs = torch.stack([v[ck[i] : ck[i] + sk] for i in seqs]).transpose(1, 2)
         attn, is_causal = None, False
         if causal:
             if sq == sk:
@@ -1174,8 +1183,19 @@ def _varlen_via_torch_sdpa(q, k, v, cu_q, cu_k, causal, scale, dropout_p):
             else:
                 attn = _visible(sq, sk, BOTTOM_RIGHT, q.device)
         o = _TORCH_SDPA(qs, ks, vs, attn, dropout_p, is_causal, scale=scale, enable_gqa=gqa).transpose(1, 2)
-        for n, i in enumerate(seqs):
-            out[cq[i] : cq[i] + sq] = o[n]
+        if run:
+            parts.append((cq[seqs[0]], o.flatten(0, 1)))
+        else:
+            parts += [(cq[i], o[j]) for j, i in enumerate(seqs)]
+    parts.sort(key=operator.itemgetter(0))
+    shape = (q.shape[0], q.shape[1], v.shape[2])
+    tiled = parts and parts[0][0] == 0 and parts[-1][0] + parts[-1][1].shape[0] == q.shape[0]
+    if tiled and all(a[0] + a[1].shape[0] == b[0] for a, b in itertools.pairwise(parts)):
+        # the outputs tile the packed rows in order (every sequence has rows and keys)
+        return parts[0][1].reshape(shape) if len(parts) == 1 else torch.cat([t for _, t in parts])
+    out = q.new_zeros(shape)
+    for row, t in parts:
+        out[row : row + t.shape[0]] = t
     return out
 
 
@@ -1286,6 +1306,22 @@ def _check_cu(
         raise _err(f"{name} is on {cu.device} but q is on {device}")
     if total > torch.iinfo(torch.int32).max:
         raise _err(f"{name}: {total} total tokens do not fit the kernels' int32 offsets")
+    if device.type == "cpu" and cu.numel() <= 4096 and _backend.plain_eager(cu):
+        # the offsets are on the host: check the list (a few tensor ops per condition cost more than a
+        # small attention call)
+        offs = cu.tolist()
+        bad = None
+        if offs[0] != 0:
+            bad = f"{name}[0] must be 0"
+        elif offs[-1] != total:
+            bad = f"{name}[-1] must equal the total tokens {total}"
+        elif min(lens := [b - a for a, b in itertools.pairwise(offs)], default=0) < 0:
+            bad = f"{name} must be non-decreasing"
+        elif max(lens, default=0) > max_len:
+            bad = f"{name} has a sequence longer than {max_name} = {max_len}"
+        if bad is not None:
+            raise _err(f"{bad}, got {name} = {offs if len(offs) <= 16 else _shape(cu)}")
+        return cu if cu.dtype == torch.int32 else cu.to(torch.int32)
     c64 = cu.to(torch.int64)
     lens = c64[1:] - c64[:-1]
     checks = [

@@ -5,6 +5,7 @@ aliased caches are refused. Oracles are exact by construction (uniform averages,
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -368,3 +369,45 @@ def test_decode_empty_batch_with_stride_zero_q(paged):
                 cache = torch.randn(0, 5, 2, 8)
                 out = fastgen.attention_decode(q, cache, cache, seqlens)
         assert out.shape == (0, 1, 2, 8), backend
+
+
+@pytest.mark.parametrize(
+    "lens",
+    [
+        [4, 4, 4, 9, 9],  # two runs of one length each: views of the packed rows, outputs tile them
+        [4, 9, 4, 9, 4],  # one length scattered: stacked copies
+        [16],  # one sequence
+        [3, 3, 0, 3],  # an empty sequence between equal ones: no longer one run
+    ],
+)
+def test_varlen_cpu_groups_of_equal_lengths(lens):
+    g = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    q, k, v = (
+        torch.randn(sum(lens), 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in "qkv"
+    )
+    for causal in (False, True):
+        out = A.flash_attn_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=causal)
+        ref = A.flash_attn_varlen_ref(q, k, v, cu, cu, causal=causal)
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(
+            torch.autograd.grad(out.square().sum(), (q, k, v)),
+            torch.autograd.grad(ref.square().sum(), (q, k, v)),
+        ):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "cu, match",
+    [
+        ([1, 3, 5], r"cu_seqlens_q\[0\] must be 0, got cu_seqlens_q = \[1, 3, 5\]"),
+        ([0, 3, 4], r"cu_seqlens_q\[-1\] must equal the total tokens 5"),
+        ([0, 4, 3, 5], r"cu_seqlens_q must be non-decreasing, got cu_seqlens_q = \[0, 4, 3, 5\]"),
+        ([0, 1, 5], r"cu_seqlens_q has a sequence longer than max_seqlen_q = 3"),
+    ],
+)
+def test_varlen_cpu_cu_seqlens_errors_name_the_values(cu, match):
+    t = torch.randn(5, 2, 4)
+    ok = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        A.flash_attn_varlen(t, t, t, torch.tensor(cu, dtype=torch.int32), ok, 3, 3)
