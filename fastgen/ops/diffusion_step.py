@@ -602,12 +602,9 @@ def _(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thr
 _DISPATCHED: dict[tuple, _backend.Backend] = {}
 
 
-def eager_backend(x: torch.Tensor) -> _backend.Backend | None:
-    """The backend that serves a step on ``x`` (B, N) when the call can skip the custom op (plain eager
-    mode, a plain tensor); None when something traces it (then call ``_sampler_step_op``)."""
-    if not _backend.plain_eager(x):
-        return None
-    # what dispatch depends on: device, dtype, the size limit, a forced backend, the Triton interpreter
+def _dispatched(x: torch.Tensor) -> _backend.Backend:
+    """``OP.dispatch`` for a step on ``x`` (B, N), memoised on what dispatch depends on: device, dtype, the
+    size limit, a forced backend, the Triton interpreter."""
     key = (x.device, x.dtype, x.shape[1] < 2**31, OP.forced_backend(), _backend.triton_interpret())
     backend = _DISPATCHED.get(key)
     if backend is None:
@@ -615,6 +612,12 @@ def eager_backend(x: torch.Tensor) -> _backend.Backend | None:
         if len(_DISPATCHED) < 256:
             _DISPATCHED[key] = backend
     return backend
+
+
+def eager_backend(x: torch.Tensor) -> _backend.Backend | None:
+    """The backend that serves a step on ``x`` (B, N) when the call can skip the custom op (plain eager
+    mode, a plain tensor); None when something traces it (then call ``_sampler_step_op``)."""
+    return _dispatched(x) if _backend.plain_eager(x) else None
 
 
 def _run_step(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -921,6 +924,116 @@ def _prepare_known_and_grad(x_t, known_image, known_mask, cond_grad, cond_grad_s
     return known, keep, grad, float(cond_grad_scale) if grad is not None else 0.0
 
 
+# ---- the fast lane ------------------------------------------------------------------------------------
+#
+# The common eager step (plain contiguous tensors of one kernel dtype, no rescale / thresholding /
+# inpainting / guidance gradient) checked with a few attribute reads and straight to the backend, in a
+# fraction of the full path's Python cost (which dominates the kernel at sampling sizes). It returns None
+# whenever anything is of another kind, and the full path then runs and raises every error: the lane
+# serves only calls that the full path would accept, with the same backend arguments, so it never has to.
+
+_FAST_DTYPES = frozenset(KERNEL_DTYPES)
+_COEFF_SHAPE = (NUM_COEFFS,)
+
+
+def _plain_real(v: Any) -> bool:
+    return type(v) is float or type(v) is int  # not bool, numpy or tensor scalars: the full path judges those
+
+
+def _like(t: Any, dt: torch.dtype, dev: torch.device, shape: torch.Size) -> bool:
+    return (
+        type(t) is torch.Tensor
+        and t.dtype is dt
+        and t.device == dev
+        and t.shape == shape
+        and t.is_contiguous()
+    )
+
+
+def _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, learned, needs_noise, noise, seed,
+               sample_offset, prev_x0, return_x0):  # fmt: skip
+    """``sampler_step`` for the common case, or None (then the full path runs). The caller has checked
+    ``_backend.plain_eager(x_t)``."""
+    if type(x_t) is not torch.Tensor or type(model_output) is not torch.Tensor:
+        return None
+    dt, dev, xs, ms = x_t.dtype, x_t.device, x_t.shape, model_output.shape
+    if (
+        dt not in _FAST_DTYPES
+        or model_output.dtype is not dt
+        or model_output.device != dev
+        or len(xs) < 2
+        or len(ms) != len(xs)
+        or not x_t.is_contiguous()
+        or not model_output.is_contiguous()
+        or type(coeffs) is not torch.Tensor
+        or coeffs.dtype is not torch.float32
+        or coeffs.device != dev
+        or coeffs.shape != _COEFF_SHAPE
+        or not coeffs.is_contiguous()
+        or type(return_x0) is not bool
+        or type(sample_offset) is not int
+        or not (seed is None or type(seed) is int)
+    ):
+        return None
+    b, c = xs[0], xs[1]
+    numel = x_t.numel()
+    if b == 0 or numel == 0 or numel >= b * 2**31:  # empty, or too long for the kernels: the full path
+        return None
+    if guidance_scale is None:
+        if uncond is not None:
+            return None
+        g = 1.0
+    elif _plain_real(guidance_scale) and math.isfinite(guidance_scale):
+        g = float(guidance_scale)
+    else:
+        return None
+    if clip_sample is None:
+        clip = 0.0
+    elif _plain_real(clip_sample) and clip_sample > 0:
+        clip = float(clip_sample)
+    else:
+        return None
+    c_out = 2 * c if learned else c
+    rows = 2 * b if guidance_scale is not None and uncond is None else b
+    if ms[0] != rows or ms[1] != c_out or ms[2:] != xs[2:]:
+        return None
+    if (noise is not None and not _like(noise, dt, dev, xs)) or (
+        prev_x0 is not None and not _like(prev_x0, dt, dev, xs)
+    ):
+        return None
+    n = numel // b
+    xf = x_t.view(b, n)
+    cond = model_output.view(rows, -1)
+    uoff = 0
+    if uncond is not None:
+        us = uncond.shape if type(uncond) is torch.Tensor else ()
+        if (
+            len(us) != len(xs)
+            or us[0] != b
+            or us[1] not in (c, c_out)
+            or us[2:] != xs[2:]
+            or uncond.dtype is not dt
+            or uncond.device != dev
+            or not uncond.is_contiguous()
+        ):
+            return None
+        uncond = uncond.view(b, -1)
+    elif guidance_scale is not None:
+        uncond, uoff = cond, b
+    noise_mode = 0
+    if needs_noise:
+        noise_mode = 1 if noise is not None else 2
+    if noise_mode == 2 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, no device sync
+    seed = op_seed(seed or 0)
+    out, x0 = _dispatched(xf).fn(
+        xf, cond, uncond, uoff, coeffs, None if prev_x0 is None else prev_x0.view(b, n),
+        noise.view(b, n) if noise_mode == 1 else None, None, None, g, clip, 1 if learned else 0, noise_mode, seed,
+        sample_offset & _M32, return_x0, False, None, None, None, 0.0,
+    )  # fmt: skip
+    return out.view_as(x_t), (x0.view_as(x_t) if return_x0 else None)
+
+
 def sampler_step(
     x_t: torch.Tensor,
     model_output: torch.Tensor,
@@ -969,6 +1082,21 @@ def sampler_step(
     Returns:
         (x_prev, pred_x0): pred_x0 is None when ``return_x0`` is False.
     """
+    if (
+        _plain_real(guidance_rescale)
+        and guidance_rescale == 0
+        and dynamic_threshold is None
+        and known_image is None
+        and known_mask is None
+        and cond_grad is None
+        and _plain_real(cond_grad_scale)
+        and math.isfinite(cond_grad_scale)
+        and _backend.plain_eager(x_t)
+    ):
+        out = _fast_step(x_t, model_output, coeffs, uncond_output, guidance_scale, clip_sample, learned_variance,
+                         needs_noise, noise, seed, sample_offset, prev_x0, return_x0)  # fmt: skip
+        if out is not None:
+            return out
     thr = check_step_options(guidance_scale, guidance_rescale, clip_sample, dynamic_threshold)
     p = _prepare(x_t, model_output, uncond_output=uncond_output, guidance_scale=guidance_scale,
                  learned_variance=learned_variance, noise=noise, needs_noise=needs_noise, prev_x0=prev_x0)  # fmt: skip
@@ -1021,9 +1149,13 @@ def sampler_step(
 
 
 class _Schedule:
-    """A validated schedule and the coefficients built from it, keyed by the step's arguments."""
+    """A validated schedule and the coefficients built from it, keyed by the step's arguments.
 
-    __slots__ = ("coeffs", "ref", "snapshot", "version", "zero_snr_end")
+    ``fast`` maps the raw arguments of a per-step call that passed every check (its timesteps Python ints,
+    its options plain str / int / float: equal keys of those types are judged alike) to its float32
+    coefficients, so that a repeated call skips both the checks and the key normalisation."""
+
+    __slots__ = ("coeffs", "fast", "ref", "snapshot", "version", "zero_snr_end")
 
 
 _SCHEDULES: dict[tuple, _Schedule] = {}
@@ -1061,8 +1193,12 @@ def _validate_schedule(abar: torch.Tensor) -> bool:
     )
 
 
-def _schedule(abar: torch.Tensor) -> _Schedule:
-    key = (abar.data_ptr(), abar.shape[0], abar.stride(0), abar.dtype, abar.device)
+def _schedule_key(abar: torch.Tensor) -> tuple:
+    return (abar.data_ptr(), abar.shape[0], abar.stride(0), abar.dtype, abar.device)
+
+
+def _schedule_hit(abar: torch.Tensor, key: tuple) -> _Schedule | None:
+    """The cached state of a 1-D schedule tensor, if it is still valid for it (see above)."""
     st = _SCHEDULES.get(key)
     if st is not None:
         if st.snapshot is not None:
@@ -1070,9 +1206,18 @@ def _schedule(abar: torch.Tensor) -> _Schedule:
                 return st
         elif st.ref() is abar and st.version == abar._version:
             return st
+    return None
+
+
+def _schedule(abar: torch.Tensor) -> _Schedule:
+    key = _schedule_key(abar)
+    st = _schedule_hit(abar, key)
+    if st is not None:
+        return st
     st = _Schedule()
     st.zero_snr_end = _validate_schedule(abar)
     st.coeffs = {}
+    st.fast = {}
     if abar.device.type == "cpu":
         st.ref, st.version, st.snapshot = None, None, abar.detach().clone()
     else:
@@ -1095,6 +1240,41 @@ def _cached(st: _Schedule, key: tuple, dtype: torch.dtype, build) -> torch.Tenso
             st.coeffs.clear()
         hit = st.coeffs[key] = build().to(ct)
     return hit
+
+
+def _fast_coeffs(abar: Any, x_t: Any, key: tuple) -> torch.Tensor | None:
+    """The coefficients of a per-step call whose raw arguments ``key`` passed every check before on this
+    schedule (unchanged since), or None. Only in plain eager mode: anything traced takes the full path."""
+    if type(abar) is not torch.Tensor or abar.ndim != 1 or not _backend.plain_eager(x_t):
+        return None
+    st = _schedule_hit(abar, _schedule_key(abar))
+    return None if st is None else st.fast.get(key)
+
+
+def _remember(st: _Schedule, key: tuple | None, coeffs: torch.Tensor) -> None:
+    if key is not None and coeffs.dtype == torch.float32:
+        if len(st.fast) >= _MAX_COEFFS_PER_SCHEDULE:
+            st.fast.clear()
+        st.fast[key] = coeffs
+
+
+# The keywords the fast lane of the per-step functions takes; any other one (or a typo) takes the full path.
+_FAST_KEYWORDS = frozenset(("uncond_output", "guidance_scale", "seed", "sample_offset"))
+
+
+def _fast_public(coeffs, x_t, model_output, clip_sample, learned, needs_noise, noise, prev_x0, kwargs):
+    """``sampler_step`` through the fast lane for a per-step function whose coefficients were found."""
+    uncond = guidance_scale = seed = None
+    sample_offset = 0
+    if kwargs:
+        if not kwargs.keys() <= _FAST_KEYWORDS:
+            return None
+        uncond = kwargs.get("uncond_output")
+        guidance_scale = kwargs.get("guidance_scale")
+        seed = kwargs.get("seed")
+        sample_offset = kwargs.get("sample_offset", 0)
+    return _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, learned, needs_noise, noise,
+                      seed, sample_offset, prev_x0, True)  # fmt: skip
 
 
 _STEP_KEYWORDS = frozenset(
@@ -1134,6 +1314,15 @@ def ddpm_step(
     dynamic_threshold, seed, sample_offset, known_image / known_mask (inpainting), cond_grad /
     cond_grad_scale (guidance gradient)). Returns (x_{t-1}, pred_x0).
     """
+    fast = None
+    if type(t) is int and type(prediction_type) is str and type(variance_type) is str:
+        fast = ("ddpm", prediction_type, variance_type, t)
+        coeffs = _fast_coeffs(alphas_cumprod, x_t, fast)
+        if coeffs is not None:
+            out = _fast_public(coeffs, x_t, model_output, clip_sample, variance_type == "learned_range", True, noise,
+                               None, kwargs)  # fmt: skip
+            if out is not None:
+                return out
     pred = _norm_pred(prediction_type)
     if variance_type not in VARIANCE_TYPES:
         raise _err(f"unknown variance_type {variance_type!r}; expected one of {VARIANCE_TYPES}")
@@ -1142,6 +1331,7 @@ def ddpm_step(
     t = _check_t("t", t, alphas_cumprod.numel(), False, x_t.device)
     coeffs = _cached(st, ("ddpm", pred, variance_type, t), x_t.dtype,
                      lambda: ddpm_coeffs(alphas_cumprod, t, pred, variance_type))  # fmt: skip
+    _remember(st, fast, coeffs)
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=True,
                         learned_variance=variance_type == "learned_range", **kwargs)  # fmt: skip
 
@@ -1165,6 +1355,14 @@ def ddim_step(
     When x0 is clipped / thresholded, eps is re-derived from the clipped x0 (as ADM/GLIDE do).
     Extra keywords: see ``sampler_step``. Returns (x_prev, pred_x0).
     """
+    fast = None
+    if type(t) is int and type(t_prev) is int and _plain_real(eta) and type(prediction_type) is str:
+        fast = ("ddim", prediction_type, eta, t, t_prev)
+        coeffs = _fast_coeffs(alphas_cumprod, x_t, fast)
+        if coeffs is not None:
+            out = _fast_public(coeffs, x_t, model_output, clip_sample, False, eta > 0, noise, None, kwargs)
+            if out is not None:
+                return out
     kwargs = _common("ddim_step", kwargs)
     pred = _norm_pred(prediction_type)
     eta = _check_eta(eta)
@@ -1175,12 +1373,21 @@ def ddim_step(
     _check_before("t_prev", t_prev, "t", t, _T_PREV_WHY)
     coeffs = _cached(st, ("ddim", pred, eta, t, t_prev), x_t.dtype,
                      lambda: ddim_coeffs(alphas_cumprod, t, t_prev, eta, pred))  # fmt: skip
+    _remember(st, fast, coeffs)
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=eta > 0,
                         **kwargs)  # fmt: skip
 
 
 def _euler(ancestral: bool, x_t, model_output, alphas_cumprod, t, t_prev, noise, prediction_type, clip_sample,
            kwargs):  # fmt: skip
+    fast = None
+    if type(t) is int and type(t_prev) is int and type(prediction_type) is str:
+        fast = ("euler", ancestral, prediction_type, t, t_prev)
+        coeffs = _fast_coeffs(alphas_cumprod, x_t, fast)
+        if coeffs is not None:
+            out = _fast_public(coeffs, x_t, model_output, clip_sample, False, ancestral, noise, None, kwargs)
+            if out is not None:
+                return out
     kwargs = _common("euler_ancestral_step" if ancestral else "euler_step", kwargs)
     pred = _norm_pred(prediction_type)
     st = _check_schedule(alphas_cumprod, x_t)
@@ -1192,6 +1399,7 @@ def _euler(ancestral: bool, x_t, model_output, alphas_cumprod, t, t_prev, noise,
         _check_before("t", t, "the last step", size - 1, _ZERO_SNR_WHY)
     coeffs = _cached(st, ("euler", pred, ancestral, t, t_prev), x_t.dtype,
                      lambda: euler_coeffs(alphas_cumprod, t, t_prev, pred, ancestral))  # fmt: skip
+    _remember(st, fast, coeffs)
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, noise=noise, needs_noise=ancestral,
                         **kwargs)  # fmt: skip
 
@@ -1244,6 +1452,20 @@ def dpm_solver_2m_step(
     without them (first step) and on the final step (t_prev = -1) the update is first order.
     Returns (x_prev, pred_x0) — pass pred_x0 back as ``prev_x0`` next step.
     """
+    fast = None
+    if (
+        type(t) is int
+        and type(t_prev) is int
+        and (t_last is None or type(t_last) is int)
+        and (prev_x0 is None) == (t_last is None)
+        and type(prediction_type) is str
+    ):
+        fast = ("dpm2m", prediction_type, t, t_prev, t_last)
+        coeffs = _fast_coeffs(alphas_cumprod, x_t, fast)
+        if coeffs is not None:
+            out = _fast_public(coeffs, x_t, model_output, clip_sample, False, False, None, prev_x0, kwargs)
+            if out is not None:
+                return out
     kwargs = _common("dpm_solver_2m_step", kwargs)
     pred = _norm_pred(prediction_type)
     if (prev_x0 is None) != (t_last is None):
@@ -1258,6 +1480,7 @@ def dpm_solver_2m_step(
         _check_before("t", t, "t_last", t_last, "t_last is the timestep of the previous, noisier step")
     coeffs = _cached(st, ("dpm2m", pred, t, t_prev, t_last), x_t.dtype,
                      lambda: dpm_solver_2m_coeffs(alphas_cumprod, t, t_prev, t_last, pred))  # fmt: skip
+    _remember(st, fast, coeffs)
     return sampler_step(x_t, model_output, coeffs, clip_sample=clip_sample, prev_x0=prev_x0, **kwargs)
 
 
