@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from fastgen.ops.attention import scaled_dot_product_attention
+from fastgen.ops import attention as _attention
 
 __all__ = ["FALLBACKS", "NAME", "fastgen_attention_forward", "register"]
 
@@ -94,16 +94,15 @@ def fastgen_attention_forward(
     if position_bias is not None:
         attention_mask = create_position_bias_mask(position_bias, attention_mask, causal, query, key)
         causal = False
-    out = scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        is_causal=causal,
-        scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+    gqa = query.shape[1] != key.shape[1]
+    if _attention._sdpa_cpu_direct(query, key, value, attention_mask, dropout, causal, scaling, gqa):
+        # what scaled_dot_product_attention would do with this call, without its Python layer
+        out = _attention._sdpa_direct(query, key, value, attention_mask, dropout, causal, scaling, gqa)
+    else:
+        out = _attention.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scaling,
+            enable_gqa=gqa,
+        )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

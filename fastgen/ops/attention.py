@@ -1215,6 +1215,53 @@ def _broadcasts(shape: tuple[int, ...], full: tuple[int, ...]) -> bool:
     return len(shape) <= len(full) and all(s in (1, f) for s, f in zip(reversed(shape), reversed(full)))
 
 
+def _sdpa_cpu_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    """Whether a scaled_dot_product_attention call goes straight to torch's SDPA: a valid 4-D call in plain
+    eager mode that the checked path below would hand to torch's SDPA unchanged anyway (the CPU; the
+    default backend "torch"). Anything else, a bad argument included, answers False and takes the checked
+    path, which raises the named errors. Saves ~15 us of Python per call, which tiny models feel."""
+    if not (
+        type(query) is type(key) is type(value) is torch.Tensor
+        and query.dim() == key.dim() == value.dim() == 4
+        and query.is_cpu
+        and key.is_cpu
+        and value.is_cpu
+        and query.dtype == key.dtype == value.dtype
+        and type(is_causal) is bool
+        and (dropout_p == 0 or (type(dropout_p) is float and 0.0 < dropout_p < 1.0))
+        and (scale is None or (type(scale) is float and math.isfinite(scale)))
+    ):
+        return False
+    b, hq, sq, d = query.shape
+    bk, hk, sk, dk = key.shape
+    bv, hv, sv, dv = value.shape
+    if not (
+        query.is_floating_point()
+        and bk == bv == b
+        and dk == d > 0
+        and hv == hk > 0
+        and sv == sk
+        and dv > 0
+        and (hq == hk or (enable_gqa and hq % hk == 0))
+    ):
+        return False
+    if attn_mask is not None:
+        if is_causal or type(attn_mask) is not torch.Tensor or not attn_mask.is_cpu:
+            return False
+        if attn_mask.dtype != torch.bool and (
+            attn_mask.dtype != query.dtype or (attn_mask.requires_grad and torch.is_grad_enabled())
+        ):
+            return False
+        if not (_SDPA_ZERO_ROWS and _broadcasts(tuple(attn_mask.shape), (b, hq, sq, sk))):
+            return False
+    return _backend.plain_eager(query) and _default_backend("cpu", query.dtype, d, dv) == "torch"
+
+
+def _sdpa_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, gqa) -> torch.Tensor:
+    """torch's SDPA on a call :func:`_sdpa_cpu_direct` accepted."""
+    return _TORCH_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=gqa)
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -1233,6 +1280,10 @@ def scaled_dot_product_attention(
     j <= i), as SDPA; may be combined with attn_mask. enable_gqa: allow Hq a multiple of Hkv.
     Differs from SDPA only where SDPA gives NaN: a row with every key masked gives zeros here.
     """
+    if _sdpa_cpu_direct(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        return _sdpa_direct(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, query.shape[1] != key.shape[1]
+        )
     _check_qkv(query, key, value)
     if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
         raise _err(

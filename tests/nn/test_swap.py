@@ -27,7 +27,7 @@ def fastgen_calls(monkeypatch):
     """Counts calls of fastgen's attention: its fused op or, where torch's SDPA serves the call for it
     (CPU), fastgen's route to it (every fastgen attention path goes through one of them)."""
     calls = []
-    for name in ("_attention_fwd_op", "_via_torch_sdpa"):
+    for name in ("_attention_fwd_op", "_via_torch_sdpa", "_sdpa_direct"):
         real = getattr(fa, name)
         monkeypatch.setattr(fa, name, lambda *a, _real=real: calls.append(1) or _real(*a))
     return calls
@@ -325,7 +325,7 @@ def test_errors():
 
 def _route(monkeypatch):
     seen = []
-    for name in ("_attention_fwd_op", "_via_torch_sdpa"):
+    for name in ("_attention_fwd_op", "_via_torch_sdpa", "_sdpa_direct"):
         real = getattr(fa, name)
         monkeypatch.setattr(fa, name, lambda *a, _n=name, _r=real: seen.append(_n) or _r(*a))
     return seen

@@ -101,7 +101,7 @@ def _build(name):
 @pytest.fixture
 def routes(monkeypatch):
     seen = []
-    for name in ("_attention_fwd_op", "_via_torch_sdpa"):
+    for name in ("_attention_fwd_op", "_via_torch_sdpa", "_sdpa_direct"):
         real = getattr(fa, name)
         monkeypatch.setattr(fa, name, lambda *a, _n=name, _r=real: seen.append(_n) or _r(*a))
     return seen

@@ -411,3 +411,41 @@ def test_varlen_cpu_cu_seqlens_errors_name_the_values(cu, match):
     ok = torch.tensor([0, 2, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match=match):
         A.flash_attn_varlen(t, t, t, torch.tensor(cu, dtype=torch.int32), ok, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "kw, direct",
+    [
+        ({}, True),
+        ({"attn_mask": "bool"}, True),
+        ({"attn_mask": "float"}, True),
+        ({"is_causal": True}, True),
+        ({"attn_mask": "bool", "is_causal": True}, False),  # SDPA refuses both: fastgen combines them
+        ({"attn_mask": "grad"}, False),  # the bias gradient is fastgen's
+        ({"attn_mask": "float64"}, False),  # SDPA would round a mask of another dtype
+        ({"scale": 1}, False),  # an int scale: the checked path converts it
+    ],
+)
+def test_sdpa_cpu_calls_go_straight_to_torch_sdpa_when_nothing_changes(monkeypatch, kw, direct):
+    """A valid 4-D CPU call that the checked path would hand to torch's SDPA unchanged skips that path's
+    Python layer; every other call takes it. The values are the reference's either way."""
+    seen = []
+    real = A._sdpa_direct
+    monkeypatch.setattr(A, "_sdpa_direct", lambda *a: seen.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    args = dict(kw)
+    m = args.get("attn_mask")
+    if m == "bool":
+        args["attn_mask"] = torch.rand(2, 1, 6, 6, generator=g) > 0.3
+    elif m is not None:
+        args["attn_mask"] = torch.randn(
+            1, 4, 6, 6, generator=g, dtype=torch.float64 if m == "float64" else None
+        )
+        args["attn_mask"].requires_grad_(m == "grad")
+    out = A.scaled_dot_product_attention(q, k, v, **args)
+    assert bool(seen) == direct
+    mask = args.get("attn_mask")
+    mask = mask.detach().to(q.dtype) if mask is not None and mask.dtype != torch.bool else mask
+    ref = A.attention_ref(q, k, v, mask, args.get("is_causal", False), scale=args.get("scale"))
+    torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-5, rtol=1e-5)
