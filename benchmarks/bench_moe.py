@@ -75,6 +75,23 @@ def naive_loop(moe: Top2MoE, x2: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def sorted_loop(moe: Top2MoE, x2: torch.Tensor) -> torch.Tensor:
+    g = _gating(moe, x2)
+    k = g.expert_idx.shape[1]
+    a = torch.nonzero((g.routing.dest >= 0).reshape(-1)).squeeze(1)  # kept assignments t * k + j
+    ex = g.expert_idx.reshape(-1)[a]
+    a = a[torch.argsort(ex, stable=True)]
+    tok = a // k
+    xs = x2.index_select(0, tok)
+    outs = []
+    for e, xe in enumerate(xs.split(torch.bincount(ex, minlength=moe.num_experts).tolist())):
+        if xe.shape[0]:
+            h = activation_ref(torch.addmm(moe.b1[e], xe, moe.w1[e]), moe.activation)
+            outs.append(torch.addmm(moe.b2[e], h, moe.w2[e]))
+    o = torch.cat(outs) * g.gates.reshape(-1)[a, None].to(x2.dtype)
+    return torch.zeros_like(x2).index_add_(0, tok, o)
+
+
 def gshard_einsum(moe: Top2MoE, x2: torch.Tensor) -> torch.Tensor:
     g = _gating(moe, x2)
     t, c = x2.shape[0], g.capacity
@@ -110,8 +127,10 @@ def torch_grouped(moe: Top2MoE, x2: torch.Tensor) -> torch.Tensor:
 def _grouped_mm_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
+    if device.type == "cpu":
+        return None  # the CPU kernel takes float32 / bfloat16 / float16 (probed below)
     if device.type != "cuda" or dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] < 9:
-        return "torch._grouped_mm needs bf16 on an sm90+ GPU"
+        return "torch._grouped_mm needs bf16 on an sm90+ GPU, or a CPU tensor"
     return None
 
 
@@ -143,7 +162,10 @@ def make_case(device, dtype, e, d, tokens, act, mode):
         return run
 
     capacity = g.capacity
-    impls = [Impl("naive-loop", runner(lambda: naive_loop(moe, x)), baseline=True)]
+    impls = [
+        Impl("naive-loop", runner(lambda: naive_loop(moe, x)), baseline=True),
+        Impl("sorted-loop", runner(lambda: sorted_loop(moe, x)), baseline=True),
+    ]
     onehot = tokens * e * capacity
     if onehot > EINSUM_MAX_ELEMENTS:
         why = f"the (T, E, C) one-hot has {onehot / 2**30:.1f} Gi elements (> 2 Gi)"

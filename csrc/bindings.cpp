@@ -417,13 +417,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route(bool cuda, 
   return {a.dest, a.src, a.offsets, a.counts};
 }
 
-at::Tensor moe_gather_cpu(const at::Tensor& x, const at::Tensor& src, const OptTensor& scale, int64_t k) {
+at::Tensor moe_gather_cpu(const at::Tensor& x, const at::Tensor& src, const OptTensor& scale, int64_t k,
+                          const OptTensor& out_opt) {
   check_data(x, "x", "moe_gather_cpu");
   check_int_table(src, "src", x, 1);
-  TORCH_CHECK(k >= 1 && src.size(0) == x.size(0) * k, "moe_permute: src has ", src.size(0), " rows, expected ",
-              x.size(0), " * k (k = ", k, ")");
-  check_weights(scale, "scale", x, src.size(0));
-  at::Tensor out = at::empty({src.size(0), x.size(1)}, x.options());
+  TORCH_CHECK(k >= 1, "moe_permute: k must be >= 1, got ", k);
+  // scale is indexed by the assignment a = t*k + j, so it has T*k entries whatever rows src selects
+  check_weights(scale, "scale", x, x.size(0) * k);
+  at::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == x.scalar_type() && out.device() == x.device() &&
+                    out.dim() == 2 && out.size(0) == src.size(0) && out.size(1) == x.size(1),
+                "moe_gather_cpu: out must be a contiguous ", x.scalar_type(), " tensor of shape (", src.size(0), ", ",
+                x.size(1), "), got ", out.scalar_type(), " ", out.sizes());
+  } else {
+    out = at::empty({src.size(0), x.size(1)}, x.options());
+  }
   if (out.numel() > 0) moe_gather_cpu_impl(x, src, scale, k, out);
   return out;
 }
@@ -431,8 +441,6 @@ at::Tensor moe_gather_cpu(const at::Tensor& x, const at::Tensor& src, const OptT
 at::Tensor moe_combine_cpu(const at::Tensor& buf, const at::Tensor& dest, const OptTensor& gates) {
   check_data(buf, "buf", "moe_combine_cpu");
   check_int_table(dest, "dest", buf, 2);
-  TORCH_CHECK(buf.size(0) == dest.numel(), "moe_permute: buf has ", buf.size(0), " rows, expected tokens * k = ",
-              dest.numel());
   check_weights(gates, "gates", buf, dest.numel());
   at::Tensor out = at::empty({dest.size(0), buf.size(1)}, buf.options());
   if (out.numel() > 0) moe_combine_cpu_impl(buf, dest, gates, out);
@@ -443,13 +451,27 @@ at::Tensor moe_gate_grad_cpu(const at::Tensor& dy, const at::Tensor& buf, const 
   check_data(buf, "buf", "moe_gate_grad_cpu");
   check_data(dy, "dy", "moe_gate_grad_cpu");
   check_int_table(dest, "dest", buf, 2);
-  TORCH_CHECK(dy.scalar_type() == buf.scalar_type() && dy.size(0) == dest.size(0) && dy.size(1) == buf.size(1) &&
-                  buf.size(0) == dest.numel(),
+  TORCH_CHECK(dy.scalar_type() == buf.scalar_type() && dy.size(0) == dest.size(0) && dy.size(1) == buf.size(1),
               "moe_permute: gate_grad shapes: dy ", dy.sizes(), " buf ", buf.sizes(), " dest ", dest.sizes());
   const auto acc = buf.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(dest.sizes(), buf.options().dtype(acc));
   if (out.numel() > 0) moe_gate_grad_cpu_impl(dy, buf, dest, out);
   return out;
+}
+
+void moe_scatter_add_cpu(at::Tensor& out, const at::Tensor& rows, const at::Tensor& src, const OptTensor& scale,
+                         int64_t k) {
+  check_data(rows, "rows", "moe_scatter_add_cpu");
+  check_data(out, "out", "moe_scatter_add_cpu");
+  check_int_table(src, "src", rows, 1);
+  const auto rt = rows.scalar_type(), ot = out.scalar_type();
+  const bool half = rt == at::kHalf || rt == at::kBFloat16;
+  TORCH_CHECK(ot == rt || (half && ot == at::kFloat), "moe_scatter_add_cpu: out must be ", rt,
+              half ? " or float32" : "", ", got ", ot);
+  TORCH_CHECK(k >= 1 && src.size(0) == rows.size(0) && out.size(1) == rows.size(1),
+              "moe_scatter_add_cpu: shapes: out ", out.sizes(), " rows ", rows.sizes(), " src ", src.sizes(), " k ", k);
+  check_weights(scale, "scale", rows, out.size(0) * k);
+  if (rows.numel() > 0) moe_scatter_add_cpu_impl(out, rows, src, scale, k);
 }
 
 template <bool CUDA>
@@ -532,8 +554,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("moe_route_cuda", &moe_route_entry<true>, kRouteDoc, py::arg("expert_idx"), py::arg("valid"),
           py::arg("num_experts"), py::arg("capacity"), nogil);
 #endif
-    m.def("moe_gather_cpu", &moe_gather_cpu, "out[row] = scale[a] * x[a / k] for a = src[row] >= 0, else 0",
-          py::arg("x"), py::arg("src"), py::arg("scale"), py::arg("k"), nogil);
+    m.def("moe_gather_cpu", &moe_gather_cpu,
+          "out[row] = scale[a] * x[a / k] for a = src[row] >= 0, else 0 (into out when given)", py::arg("x"),
+          py::arg("src"), py::arg("scale"), py::arg("k"), py::arg("out") = py::none(), nogil);
+    m.def("moe_scatter_add_cpu", &moe_scatter_add_cpu,
+          "out[a / k] += scale[a] * rows[r] for a = src[r] >= 0, in place (deterministic)", py::arg("out"),
+          py::arg("rows"), py::arg("src"), py::arg("scale"), py::arg("k"), nogil);
     m.def("moe_combine_cpu", &moe_combine_cpu, "out[t] = sum_j gates[t, j] * buf[dest[t, j]] (dest >= 0)",
           py::arg("buf"), py::arg("dest"), py::arg("gates"), nogil);
     m.def("moe_gate_grad_cpu", &moe_gate_grad_cpu, "out[t, j] = <dy[t], buf[dest[t, j]]> (0 where dest < 0)",

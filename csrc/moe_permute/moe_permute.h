@@ -24,12 +24,17 @@ struct RouteArgs {
 void moe_route_cpu_impl(RouteArgs& a);
 
 // out[row] = scale.flat[s] * x[s / k] for s = src[row] >= 0, else 0. scale: optional, float32 (float64 for
-// a float64 x), numel T*k.
+// a float64 x), numel T*k. src: any number of rows (the whole T*k table, its used rows, or one block of them).
 void moe_gather_cpu_impl(const at::Tensor& x, const at::Tensor& src, const std::optional<at::Tensor>& scale,
                          int64_t k, at::Tensor& out);
-// out[t] = sum_{j: dest[t, j] >= 0} gates[t, j] * buf[dest[t, j]] (gates optional: 1), opmath accumulation.
+// out[t] = sum_{j: dest[t, j] >= 0} gates[t, j] * buf[dest[t, j]] (gates optional: 1), opmath accumulation. buf
+// may hold fewer than T*k rows (only the used ones): every dest entry must be below its row count.
 void moe_combine_cpu_impl(const at::Tensor& buf, const at::Tensor& dest, const std::optional<at::Tensor>& gates,
                           at::Tensor& out);
+// out[src[r] / k] += scale.flat[src[r]] * rows[r] for src[r] >= 0 (in place; scale optional: 1). out: (T, D) of
+// rows' dtype, or float32 for float16 / bfloat16 rows (an accumulator); columns split over threads.
+void moe_scatter_add_cpu_impl(at::Tensor& out, const at::Tensor& rows, const at::Tensor& src,
+                              const std::optional<at::Tensor>& scale, int64_t k);
 // out[t, j] = <dy[t], buf[dest[t, j]]> (0 where dest < 0), out float32 (float64 for float64 inputs).
 void moe_gate_grad_cpu_impl(const at::Tensor& dy, const at::Tensor& buf, const at::Tensor& dest, at::Tensor& out);
 

@@ -147,6 +147,50 @@ void moe_combine_cpu_impl(const at::Tensor& buf, const at::Tensor& dest, const s
   });
 }
 
+namespace {
+
+// out[src[r] / k] += scale[src[r]] * rows[r] (scale 1 when absent; rows with src < 0 skipped). The threads
+// split the columns, so every element of out is updated by one thread in row order: deterministic, and
+// correct when src names the same token twice.
+template <typename scalar_t, typename out_t>
+void scatter_add(at::Tensor& out, const at::Tensor& rows, const at::Tensor& src,
+                 const std::optional<at::Tensor>& scale, int64_t k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t R = rows.size(0), D = rows.size(1);
+  const int32_t* s = src.data_ptr<int32_t>();
+  const scalar_t* rp = rows.data_ptr<scalar_t>();
+  out_t* op = out.data_ptr<out_t>();
+  const opmath_t* sc = scale.has_value() ? scale->data_ptr<opmath_t>() : nullptr;
+  // below ~32K elements one thread is faster than waking the others; column chunks of whole cache lines
+  const int64_t grain =
+      R * D < 32768 ? D : std::max<int64_t>(16, std::min<int64_t>(D, 32768 / std::max<int64_t>(R, 1)));
+  at::parallel_for(0, D, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t a = s[r];
+      if (a < 0) continue;
+      const opmath_t w = sc != nullptr ? sc[a] : opmath_t(1);
+      const scalar_t* b = rp + r * D;
+      out_t* o = op + (a / k) * D;
+      for (int64_t i = c0; i < c1; ++i) {
+        o[i] = static_cast<out_t>(static_cast<opmath_t>(o[i]) + w * static_cast<opmath_t>(b[i]));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void moe_scatter_add_cpu_impl(at::Tensor& out, const at::Tensor& rows, const at::Tensor& src,
+                              const std::optional<at::Tensor>& scale, int64_t k) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "moe_scatter_add_cpu", [&] {
+    if (out.scalar_type() == rows.scalar_type()) {
+      scatter_add<scalar_t, scalar_t>(out, rows, src, scale, k);
+    } else {
+      scatter_add<scalar_t, at::opmath_type<scalar_t>>(out, rows, src, scale, k);
+    }
+  });
+}
+
 void moe_gate_grad_cpu_impl(const at::Tensor& dy, const at::Tensor& buf, const at::Tensor& dest, at::Tensor& out) {
   const int64_t T = dest.size(0), k = dest.size(1), D = buf.size(1);
   const int32_t* dp = dest.data_ptr<int32_t>();

@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgen._checks import check_int, check_real
-from fastgen.ops.grouped_mm import ACTIVATIONS, grouped_mm, grouped_mm_ref
+from fastgen.ops.grouped_mm import (
+    ACTIVATIONS,
+    grouped_mm,
+    grouped_mm_ref,
+    moe_experts_cpu,
+    moe_experts_cpu_usable,
+)
 from fastgen.ops.moe_gating import POLICIES, Gating, top2_gating
 from fastgen.ops.moe_permute import Routing, moe_permute, moe_unpermute
 
@@ -227,13 +233,17 @@ class Top2MoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.d_model)
         g = self.gate(x2)
-        buf = moe_permute(x2, g.routing)
-        out = (
-            self.experts(buf, g.routing.offsets)
-            if self.world == 1
-            else self._experts_parallel(buf, g.routing)
-        )
-        y = moe_unpermute(out, g.routing, g.gates)
+        if self.world == 1 and moe_experts_cpu_usable(x2):
+            # no (T*k, d) / (T*k, d_ff) buffers: each expert's rows go from x through both GEMMs into y
+            y = moe_experts_cpu(x2, g.routing, g.gates, self.w1, self.b1, self.w2, self.b2, self.activation)
+        else:
+            buf = moe_permute(x2, g.routing)
+            out = (
+                self.experts(buf, g.routing.offsets)
+                if self.world == 1
+                else self._experts_parallel(buf, g.routing)
+            )
+            y = moe_unpermute(out, g.routing, g.gates)
         if self.dropped_tokens == "residual":
             lost = (g.routing.dest < 0).all(dim=1, keepdim=True)
             y = torch.where(lost, x2, y)

@@ -370,6 +370,223 @@ class _GroupedMMCPU(torch.autograd.Function):
 
 
 # =====================================================================================================
+# The whole expert FFN of an MoE layer on CPU: gather, two GEMMs and combine per block of rows
+# =====================================================================================================
+# For tokens x (T, d) routed by a Routing (dest, src, offsets) with gates (T, k), expert e's rows
+# r in [off[e], off[e + 1]) hold the assignment a = src[r] (token a // k, gate gates.flat[a]) and
+#
+#     y[t] = sum_{j kept} gates[t, j] * o[dest[t, j]],  o[r] = act(x[a // k] @ w1[e] + b1[e]) @ w2[e] + b2[e]
+#
+# which is moe_unpermute(grouped_mm(grouped_mm(moe_permute(x), w1, act), w2), gates). Run block by block
+# (rows of one expert, about _BLOCK_BYTES of h), the (T*k, d) permuted buffer, the (T*k, d_ff) activations
+# and the (T*k, d) expert outputs are never materialised: a block's rows are gathered from x (C++), go
+# through both GEMMs while in cache and are added into y with their gates (C++, threads split the columns:
+# deterministic). Saved for the backward (only when a gradient is needed): the pre-activation h of the used
+# rows, and o only when the gates need a gradient (dgates[t, j] = <dy[t], o[dest[t, j]]>); act(h) and the
+# gathered x rows are recomputed per block. Peak memory is thus below a plain loop over experts, which keeps
+# every expert's gathered x, h, act(h) and o for autograd.
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _gather_into(x, src, scale, k, out):
+    from fastgen import _ext
+
+    return _ext.C.moe_gather_cpu(x, src, scale, k, out)
+
+
+def _scatter_add(out, rows, src, scale, k):
+    from fastgen import _ext
+
+    _ext.C.moe_scatter_add_cpu(out, rows, src, scale, k)
+
+
+def _ffn_rows_per_block(n: int, elsize: int, off: list[int]) -> int:
+    """Whole experts (one GEMM call each, as a plain loop makes) unless an expert's h would pass
+    _FFN_BLOCK_BYTES; then blocks of that size (16-bit weight gradients are then accumulated over blocks in
+    their own dtype, one rounding per block)."""
+    most = max(1, max(b - a for a, b in itertools.pairwise(off)))
+    return min(most, max(16, _FFN_BLOCK_BYTES // max(1, n * elsize)))
+
+
+_FFN_BLOCK_BYTES = 1 << 23
+
+
+def _ffn_fwd(x, gates, w1, b1, w2, b2, dest, src, off, act, train: bool, keep_o: bool):
+    """y, and (train) h of the used rows and (keep_o) o of the used rows for the backward."""
+    t, d = x.shape
+    k = dest.shape[1]
+    n1, f = w1.shape[2], w2.shape[1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    hi = off[-1]
+    gw = gates.reshape(-1).to(acc).contiguous()
+    y = torch.zeros((t, d), dtype=acc if x.dtype in _HALF else x.dtype)
+    new = x.new_empty
+    h_all = new((hi, n1)) if train else None
+    o_all = new((hi, d)) if keep_o else None
+    rpb = _ffn_rows_per_block(n1, x.element_size(), off)
+    xb_s = new((rpb, d))
+    h_s = None if train else new((rpb, n1))
+    a_s = new((rpb, f)) if act != "none" and (train or act == "swiglu") else None
+    o_s = None if keep_o else new((rpb, d))
+    for e, a, b in _blocks(off, rpb):
+        n, s = b - a, src[a:b]
+        xb = _gather_into(x, s, None, k, xb_s[:n])
+        hb = h_all[a:b] if train else h_s[:n]
+        if b1 is None:
+            torch.mm(xb, w1[e], out=hb)
+        else:
+            torch.addmm(b1[e], xb, w1[e], out=hb)
+        if act == "none":
+            ab = hb
+        else:
+            ab = hb if a_s is None else a_s[:n]
+            _act_fwd_block(hb, ab, act, train, f)
+        ob = o_all[a:b] if keep_o else o_s[:n]
+        if b2 is None:
+            torch.mm(ab, w2[e], out=ob)
+        else:
+            torch.addmm(b2[e], ab, w2[e], out=ob)
+        _scatter_add(y, ob, s, gw, k)
+    return y.to(x.dtype), h_all, o_all
+
+
+class _MoEFFNCPU(torch.autograd.Function):
+    """y = combine(gates, FFN(gather(x))) on CPU tensors, block by block (see the section comment)."""
+
+    @staticmethod
+    def forward(ctx, x, gates, w1, b1, w2, b2, dest, src, off, act):
+        # only called when a gradient is needed (moe_experts_cpu runs _ffn_fwd directly otherwise)
+        y, h_all, o_all = _ffn_fwd(
+            x, gates, w1, b1, w2, b2, dest, src, off, act, True, ctx.needs_input_grad[1]
+        )
+        ctx.save_for_backward(x, gates, w1, b1, w2, b2, dest, src, h_all, o_all)
+        ctx.off, ctx.act = off, act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gates, w1, b1, w2, b2, dest, src, h_all, o_all = ctx.saved_tensors
+        off, act = ctx.off, ctx.act
+        need_x, need_g, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
+        dy = dy.contiguous()
+        t, d = x.shape
+        k = dest.shape[1]
+        e_count, n1, f = w1.shape[0], w1.shape[2], w2.shape[1]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        from fastgen import _ext
+
+        dgates = _ext.C.moe_gate_grad_cpu(dy, o_all, dest).to(gates.dtype) if need_g else None
+        gw = gates.reshape(-1).to(acc).contiguous()
+        dx = torch.zeros((t, d), dtype=acc if x.dtype in _HALF else x.dtype) if need_x else None
+        dw1 = torch.empty_like(w1) if need_w1 else None
+        db1 = torch.empty_like(b1) if need_b1 else None
+        dw2 = torch.empty_like(w2) if need_w2 else None
+        db2 = torch.empty_like(b2) if need_b2 else None
+        rpb = _ffn_rows_per_block(n1, x.element_size(), off)
+        new = x.new_empty
+        do_s, xb_s = new((rpb, d)), new((rpb, d))
+        a_s = new((rpb, f)) if act != "none" else None
+        da_s = new((rpb, f))
+        dh_s = new((rpb, n1)) if act == "swiglu" else None
+        inner = need_x or need_w1 or need_b1
+        for e in range(e_count):
+            if off[e] == off[e + 1]:
+                for g in (dw1, db1, dw2, db2):
+                    if g is not None:
+                        g[e].zero_()
+                continue
+            for i, a in enumerate(range(off[e], off[e + 1], rpb)):
+                b = min(a + rpb, off[e + 1])
+                n, s = b - a, src[a:b]
+                dob = _gather_into(dy, s, gw, k, do_s[:n])  # gates[a] * dy[a // k]
+                hb = h_all[a:b]
+                if need_w2:
+                    if act == "none":
+                        ab = hb
+                    else:
+                        ab = a_s[:n]
+                        _act_fwd_block(hb, ab, act, True, f)
+                    _mm_acc(dw2[e], ab.transpose(0, 1), dob, i)
+                if need_b2:
+                    _sum_acc(db2[e], dob, i)
+                if not inner:
+                    continue
+                dab = torch.mm(dob, w2[e].transpose(0, 1), out=da_s[:n])
+                if act == "none":
+                    dhb = dab
+                elif act == "swiglu":
+                    dhb = _act_bwd_block(dab, hb, act, dh_s[:n])
+                else:
+                    dhb = _ACT_BWD[act](dab, hb, dab)  # in place: one elementwise pass
+                if need_w1:
+                    xb = _gather_into(x, s, None, k, xb_s[:n])
+                    _mm_acc(dw1[e], xb.transpose(0, 1), dhb, i)
+                if need_b1:
+                    _sum_acc(db1[e], dhb, i)
+                if need_x:
+                    _scatter_add(dx, torch.mm(dhb, w1[e].transpose(0, 1), out=xb_s[:n]), s, None, k)
+        if dx is not None:
+            dx = dx.to(x.dtype)
+        return dx, dgates, dw1, db1, dw2, db2, None, None, None, None
+
+
+def _mm_acc(out, a, b, i):
+    if i == 0:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def _sum_acc(out, rows, i):
+    if i == 0:
+        torch.sum(rows, 0, out=out)
+    else:
+        out.add_(rows.sum(0))
+
+
+def moe_experts_cpu_usable(x: torch.Tensor) -> bool:
+    """Whether :func:`moe_experts_cpu` serves a layer call on ``x``: a plain eager CPU call, fastgen._C
+    built, and no backend forced away from the CPU paths (grouped_mm: torch, moe_permute: cpp)."""
+    from fastgen import _ext
+
+    return (
+        x.device.type == "cpu"
+        and _ext.C is not None
+        and _backend.plain_eager(x)
+        and OP.forced_backend() in (None, "torch")
+        and _backend.forced_backend("moe_permute") in (None, "cpp")
+    )
+
+
+def moe_experts_cpu(x, routing, gates, w1, b1, w2, b2, activation: str | None) -> torch.Tensor:
+    """The expert FFN of a top-k MoE layer on CPU, from tokens to combined outputs (differentiable in x,
+    gates, w1, b1, w2, b2): ``moe_unpermute(grouped_mm(grouped_mm(moe_permute(x, routing), w1, bias=b1,
+    activation=activation), w2, bias=b2), routing, gates)`` without the padded buffers.
+
+    x: (T, d); routing: a Routing of (T, k) assignments from moe_route (trusted: the caller made it);
+    gates: (T, k); w1: (E, d, N1) (N1 = 2F for swiglu, else F), b1: (E, N1) or None; w2: (E, F, d), b2:
+    (E, d) or None. Returns (T, d) in x's dtype; tokens with no kept assignment get zeros."""
+    off = routing.offsets.tolist()
+    act = "none" if activation is None else activation
+    args = (
+        x.contiguous(),
+        gates,
+        w1,
+        b1,
+        w2,
+        b2,
+        routing.dest.contiguous(),
+        routing.src.contiguous(),
+        off,
+        act,
+    )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, gates, w1, b1, w2, b2)):
+        return _MoEFFNCPU.apply(*args)
+    return _ffn_fwd(*args, False, False)[0]
+
+
+# =====================================================================================================
 # Triton kernels
 # =====================================================================================================
 # ACT ids (constexpr): 0 none, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu, 5 swiglu.
