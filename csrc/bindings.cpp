@@ -474,6 +474,19 @@ void moe_scatter_add_cpu(at::Tensor& out, const at::Tensor& rows, const at::Tens
   if (rows.numel() > 0) moe_scatter_add_cpu_impl(out, rows, src, scale, k);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_top2_router_cpu(const at::Tensor& logits) {
+  check_data(logits, "logits", "moe_top2_router_cpu");
+  TORCH_CHECK(logits.size(1) >= 2, "moe_top2_router_cpu: logits must have at least 2 experts (columns), got ",
+              logits.sizes());
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const auto stat = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto i32 = logits.options().dtype(at::kInt);
+  at::Tensor top = at::empty({T, 2}, stat), lse = at::empty({T}, stat), psum = at::zeros({E}, stat);
+  at::Tensor idx = at::empty({T, 2}, i32), first = at::zeros({E}, i32);
+  if (T > 0) moe_top2_router_cpu_impl(logits, top, lse, psum, idx, first);
+  return {top, lse, psum, idx, first};
+}
+
 template <bool CUDA>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_entry(const at::Tensor& expert_idx,
                                                                            const OptTensor& valid,
@@ -557,6 +570,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("moe_gather_cpu", &moe_gather_cpu,
           "out[row] = scale[a] * x[a / k] for a = src[row] >= 0, else 0 (into out when given)", py::arg("x"),
           py::arg("src"), py::arg("scale"), py::arg("k"), py::arg("out") = py::none(), nogil);
+    m.def("moe_top2_router_cpu", &moe_top2_router_cpu,
+          "logits (T, E) -> top (T, 2), lse (T,), psum (E,), idx (T, 2) int32, first (E,) int32", py::arg("logits"),
+          nogil);
     m.def("moe_scatter_add_cpu", &moe_scatter_add_cpu,
           "out[a / k] += scale[a] * rows[r] for a = src[r] >= 0, in place (deterministic)", py::arg("out"),
           py::arg("rows"), py::arg("src"), py::arg("scale"), py::arg("k"), nogil);

@@ -38,6 +38,13 @@ void moe_scatter_add_cpu_impl(at::Tensor& out, const at::Tensor& rows, const at:
 // out[t, j] = <dy[t], buf[dest[t, j]]> (0 where dest < 0), out float32 (float64 for float64 inputs).
 void moe_gate_grad_cpu_impl(const at::Tensor& dy, const at::Tensor& buf, const at::Tensor& dest, at::Tensor& out);
 
+// Top-2 router statistics of logits (T, E >= 2) (fastgen/ops/moe_gating.py): top (T, 2) softmax probabilities
+// of the first / second argmax, lse (T,) (NaN for a row with a non-finite logit), psum (E,) the per-expert
+// sums of the probabilities, idx (T, 2) int32, first (E,) int32 first-choice counts. Statistics in float32
+// (float64 for float64 logits).
+void moe_top2_router_cpu_impl(const at::Tensor& logits, at::Tensor& top, at::Tensor& lse, at::Tensor& psum,
+                              at::Tensor& idx, at::Tensor& first);
+
 #ifdef FASTGEN_WITH_CUDA
 constexpr int64_t kMaxCudaExperts = 12288;  // shared-memory counters: one int per expert (per warp)
 void moe_route_cuda_impl(RouteArgs& a);

@@ -6,7 +6,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace fastgen {
@@ -213,6 +215,82 @@ void moe_gate_grad_cpu_impl(const at::Tensor& dy, const at::Tensor& buf, const a
         }
       }
     });
+  });
+}
+
+namespace {
+
+// One pass over each row of logits: the first and second argmax (ties: the lowest index, as torch.argmax),
+// the logsumexp (NaN when the row holds a non-finite value) and the softmax probabilities, which are added
+// to fixed chunks' partial per-expert sums (summed in chunk order afterwards: the result does not depend on
+// the number of threads).
+template <typename scalar_t, typename stat_t>
+void top2_router(const at::Tensor& logits, at::Tensor& top, at::Tensor& lse, at::Tensor& psum, at::Tensor& idx,
+                 at::Tensor& first) {
+  const int64_t T = logits.size(0), E = logits.size(1);
+  constexpr int64_t kChunk = 256;
+  const int64_t nchunks = (T + kChunk - 1) / kChunk;
+  const scalar_t* xp = logits.data_ptr<scalar_t>();
+  stat_t* topp = top.data_ptr<stat_t>();
+  stat_t* lsep = lse.data_ptr<stat_t>();
+  int32_t* idxp = idx.data_ptr<int32_t>();
+  std::vector<stat_t> part(static_cast<size_t>(nchunks * E), stat_t(0));
+  std::vector<int32_t> cnt(static_cast<size_t>(nchunks * E), 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<stat_t> ex(static_cast<size_t>(E));
+    for (int64_t c = c0; c < c1; ++c) {
+      stat_t* ps = part.data() + c * E;
+      for (int64_t t = c * kChunk, end = std::min(T, (c + 1) * kChunk); t < end; ++t) {
+        const scalar_t* x = xp + t * E;
+        int64_t i1 = 0, i2 = -1;
+        stat_t m1 = static_cast<stat_t>(x[0]), m2 = -std::numeric_limits<stat_t>::infinity();
+        bool finite = std::isfinite(m1);
+        for (int64_t e = 1; e < E; ++e) {
+          const stat_t v = static_cast<stat_t>(x[e]);
+          finite = finite && std::isfinite(v);
+          if (v > m1) {
+            m2 = m1, i2 = i1, m1 = v, i1 = e;
+          } else if (v > m2 || i2 < 0) {
+            m2 = v, i2 = e;
+          }
+        }
+        stat_t sum = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          ex[e] = std::exp(static_cast<stat_t>(x[e]) - m1);
+          sum += ex[e];
+        }
+        const stat_t inv = stat_t(1) / sum;
+        for (int64_t e = 0; e < E; ++e) ps[e] += ex[e] * inv;
+        topp[2 * t] = ex[i1] * inv;
+        topp[2 * t + 1] = ex[i2] * inv;
+        lsep[t] = finite ? m1 + std::log(sum) : std::numeric_limits<stat_t>::quiet_NaN();
+        idxp[2 * t] = static_cast<int32_t>(i1);
+        idxp[2 * t + 1] = static_cast<int32_t>(i2);
+        ++cnt[c * E + i1];
+      }
+    }
+  });
+  stat_t* psp = psum.data_ptr<stat_t>();
+  int32_t* fp = first.data_ptr<int32_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    stat_t acc = 0;
+    int32_t n = 0;
+    for (int64_t c = 0; c < nchunks; ++c) acc += part[c * E + e], n += cnt[c * E + e];
+    psp[e] = acc;
+    fp[e] = n;
+  }
+}
+
+}  // namespace
+
+void moe_top2_router_cpu_impl(const at::Tensor& logits, at::Tensor& top, at::Tensor& lse, at::Tensor& psum,
+                              at::Tensor& idx, at::Tensor& first) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "moe_top2_router_cpu", [&] {
+    if (logits.scalar_type() == at::kDouble) {
+      top2_router<scalar_t, double>(logits, top, lse, psum, idx, first);
+    } else {
+      top2_router<scalar_t, float>(logits, top, lse, psum, idx, first);
+    }
   });
 }
 

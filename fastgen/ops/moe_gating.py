@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen import _backend
+from fastgen import _backend, _ext
 from fastgen._backend import Call
 from fastgen._checks import check_int, check_real
-from fastgen.ops.moe_permute import Routing, moe_route
+from fastgen.ops.moe_permute import Routing, route_trusted
 
 try:  # triton is optional (not on every platform)
     import triton
@@ -309,6 +309,9 @@ def _fwd_triton(logits: torch.Tensor):
 OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
             check=_backend.triton_check(num_experts=MAX_KERNEL_EXPERTS), forced_only_devices=("cpu",),
             note="one pass over each row of logits; O(T + E) outputs")(_fwd_triton)  # fmt: skip
+OP.register("cpp", devices=("cpu",), dtypes=(*KERNEL_DTYPES, torch.float64), available=_backend.cpp_available,
+            note="C++ one pass over each row of logits, fixed-chunk partial sums")(
+    lambda logits: _ext.C.moe_top2_router_cpu(logits.contiguous()))  # fmt: skip
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=(*KERNEL_DTYPES, torch.float64),
             note="PyTorch ops, probabilities materialised")(_fwd_torch)  # fmt: skip
 
@@ -356,6 +359,27 @@ def _backward(ctx, g_top, g_lse, g_psum, g_idx, g_first):
 
 
 _top2_router_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RouterEager(torch.autograd.Function):
+    """The router op's backend called directly on plain eager CPU calls (no torch.library wrapping, which
+    costs more than the C++ kernel on small inputs); same functions, same results."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        out = OP.dispatch(_call(logits)).fn(logits)
+        ctx.save_for_backward(logits, out[3], out[1])
+        ctx.mark_non_differentiable(out[3], out[4])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_top, g_lse, g_psum, g_idx, g_first):
+        logits, idx, lse = ctx.saved_tensors
+        z = torch.zeros((), dtype=lse.dtype)
+        g_top = z.expand(idx.shape) if g_top is None else g_top
+        g_lse = z.expand(lse.shape) if g_lse is None else g_lse
+        g_psum = z.expand(logits.shape[1:]) if g_psum is None else g_psum
+        return _bwd(logits, idx, lse, g_top, g_lse, g_psum)
 
 
 # =====================================================================================================
@@ -407,23 +431,28 @@ def top2_gating(
     """
     _check(logits, capacity_factor, second_expert_policy, min_capacity, second_threshold)
     t, e = logits.shape
-    # CPU: a host check, before any kernel; CUDA (and under torch.compile): checked on the device below
+    # CPU: a host check before any other kernel, on the router's lse (NaN exactly for the rows holding a
+    # non-finite logit; the router only reads logits); CUDA (and under torch.compile): on the device
     host_check = logits.device.type == "cpu" and not torch.compiler.is_compiling()
-    if host_check and not bool(torch.isfinite(logits).all()):
-        raise _err("logits contain NaN or +-inf")
-    top, lse, psum, idx, first = _top2_router_op(logits)
-    if not host_check:
+    eager = host_check and _backend.plain_eager(logits)
+    top, lse, psum, idx, first = (_RouterEager.apply if eager else _top2_router_op)(logits)
+    if host_check:
+        if not bool(torch.isfinite(lse).all()):
+            raise _err("logits contain NaN or +-inf")
+    else:
         # the kernel marks a row holding a non-finite logit with lse = NaN: checked without a host sync
         torch._assert_async(torch.isfinite(lse).all(), "fastgen.top2_gating: logits contain NaN or +-inf")
     g_norm = top / top.sum(-1, keepdim=True)
-    valid2 = _second_valid(g_norm[:, 1], second_expert_policy, second_threshold, seed)
-    valid = torch.stack([torch.ones_like(valid2), valid2], 1)
+    valid = None  # "all": every second choice is routed
+    if second_expert_policy != "all":
+        valid2 = _second_valid(g_norm[:, 1], second_expert_policy, second_threshold, seed)
+        valid = torch.stack([torch.ones_like(valid2), valid2], 1)
     cap = capacity_for(t, e, capacity_factor, K, min_capacity)
 
-    routing = moe_route(idx, e, cap, valid)
+    routing = route_trusted(idx, e, cap, valid)  # idx: the router's own output, in [0, E)
     keep = routing.dest >= 0
     gates = (g_norm if normalize else top) * keep.to(top.dtype)
-    dropped = (valid & ~keep).sum()
+    dropped = (~keep).sum() if valid is None else (valid & ~keep).sum()
     if t > 0:
         aux = (e / (t * t)) * (first.to(psum.dtype) * psum).sum()  # E * sum_e (count_e / T) * (psum_e / T)
         z = (lse * lse).mean()

@@ -659,6 +659,18 @@ def moe_route(
     )
 
 
+def route_trusted(
+    expert_idx: torch.Tensor, num_experts: int, capacity: int | None, valid: torch.Tensor | None
+) -> Routing:
+    """``moe_route`` for callers that made expert_idx themselves (contiguous, in range: e.g. the top-2
+    router): no value checks, and plain eager calls skip the torch.library wrapper."""
+    cap = -1 if capacity is None else capacity
+    if _backend.plain_eager(expert_idx):
+        call = Call(expert_idx.device, expert_idx.dtype, {"num_experts": num_experts})
+        return Routing(*ROUTE.dispatch(call).fn(expert_idx, valid, num_experts, cap))
+    return Routing(*_route_op(expert_idx, valid, num_experts, cap))
+
+
 def moe_permute(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Gather token rows into the expert-sorted buffer: (T, d) -> (T*k, d), buf[row] = x[src[row] // k],
     zeros on unused rows. Differentiable in x (dx[t] = sum over kept j of dbuf[dest[t, j]])."""

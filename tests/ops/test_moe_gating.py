@@ -14,7 +14,8 @@ from fastgen.ops.moe_permute import moe_route
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
-BACKENDS = ["torch", "triton"]
+# cpp: the C++ CPU router (CPU tensors only)
+BACKENDS = ["torch", "triton"] + ([] if GPU or fastgen._ext.C is None else ["cpp"])
 POLICIES = ["all", "threshold", "random"]
 
 
@@ -207,13 +208,14 @@ def _outputs(gating):
     return gating.gates, gating.aux_loss, gating.z_loss
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck_float64(normalize):
+def test_gradcheck_float64(normalize, backend):
     # tight capacity and the threshold policy: some gates are 0 (dropped / not routed)
     logits = torch.randn(11, 5, dtype=torch.float64, device=DEV, requires_grad=True)
     kw = dict(capacity_factor=0.6, min_capacity=2, second_expert_policy="threshold", normalize=normalize)
-    fn = lambda x: _outputs(gate(x, "torch", **kw))
-    assert int(gate(logits, "torch", **kw).dropped) > 0
+    fn = lambda x: _outputs(gate(x, backend, **kw))
+    assert int(gate(logits, backend, **kw).dropped) > 0
     torch.autograd.gradcheck(fn, (logits,))
     # and the same gradients as autograd through the reference
     w = [torch.randn(11, 2, dtype=torch.float64, device=DEV), 0.7, 1.3]
@@ -221,6 +223,29 @@ def test_gradcheck_float64(normalize):
     g_got = torch.autograd.grad(loss(fn(logits)), logits)[0]
     g_ref = torch.autograd.grad(loss(_outputs(G.top2_gating_ref(logits, **kw))), logits)[0]
     torch.testing.assert_close(g_got, g_ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ router serves CPU tensors")
+def test_cpp_router_chunks_and_threads():
+    """Rows in several fixed chunks (256 tokens each): the per-expert sums are the same whatever the
+    number of threads, and match the torch backend; a non-finite logit is reported like there."""
+    logits = torch.randn(700, 7) * 3
+    n = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(fastgen._ext.C.moe_top2_router_cpu(logits))
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    ref = G._fwd_torch(logits)
+    for a, b in zip(outs[0], ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    bad = logits.clone()
+    bad[5, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or"):
+        gate(bad, "cpp")
 
 
 def test_triton_gradients_match_torch(poison_empty):
