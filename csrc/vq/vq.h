@@ -1,7 +1,7 @@
 // Fused nearest-codebook lookup (vector quantisation): for every row x[h, n] the code c[h, k] that
 // minimises
 //   L2:     d = (||x||^2 - 2 x.c) + ||c||^2      (argmin on this value; dist reports max(0, d))
-//   cosine: d = 1 - x.c                           (the caller passes normalised x and codes)
+//   cosine: d = 1 - x.c                           (the caller passes normalised x and codes; dist in [0, 2])
 // ties -> the lowest k (as torch.argmin; a NaN distance wins, the first one). Never forms the N x K
 // matrix: running (min, argmin) per row over tiles of codes. Math and reference: fastgen/ops/vq.py.
 #pragma once
@@ -45,7 +45,7 @@ vq_nearest_{cpu,cuda}(x, codebook, code_sqnorm, cosine, exact, with_counts) -> (
 
 x: (H, N, D); codebook: (H, K, D), same dtype (float32 / float16 / bfloat16; CPU also float64), contiguous;
 code_sqnorm: (H, K) float32 ||c||^2 (float64 allowed for float64 inputs). L2: d = (||x||^2 - 2 x.c) + ||c||^2,
-dist = max(0, d); cosine (normalised inputs): dist = 1 - x.c. indices: (H, N) int64 argmin, ties -> lowest
+dist = max(0, d); cosine (normalised inputs): dist = 1 - x.c clamped to [0, 2]. indices: (H, N) int64 argmin, ties -> lowest
 index; dist: (H, N) float32; counts: (H, K) int64 histogram of indices if with_counts, else empty. Dot
 products accumulate in fp32 (fp64 for fp64). exact (CPU and CUDA): the best 4 candidates by
 the expanded form are re-ranked by the direct form (L2 sum((x - c)^2), cosine 1 - x.c) from the original

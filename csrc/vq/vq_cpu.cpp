@@ -1,27 +1,54 @@
 // Nearest-codebook lookup: argument checks shared by the CPU and CUDA entry points, and the CPU kernel.
 //
-// CPU kernel. One task = RB rows of one head (at::parallel_for over tasks). A task packs its rows once,
-// converted to the accumulation type, into panels of MR rows laid out [d][MR], with ||x||^2; then walks
-// the codebook in tiles of KT codes, packing each into panels of NR codes laid out [d][NR]. An MR x NR
-// register-blocked micro-kernel (AVX-512 / AVX2+FMA intrinsics picked at run time, portable loops
-// otherwise) computes the MR x NR dot products over the whole D, each accumulated sequentially over d;
-// D is walked in chunks of DC (the micro-kernel continues its sums, so the rounding is that of one pass);
-// the epilogue folds the RB x KT dots into the running (min, argmin) of each row, codes in ascending order
-// with a strict "<" so ties keep the lowest index. Exact mode instead keeps each row's best kRerank = 4
-// (distance, index) candidates by that expanded form (a sorted insertion, ties by lower index), then
-// re-ranks them with the direct form in fp32 (fp64 for fp64) from the original values, summed over D in
-// order, and returns the lowest-index minimum of those and its direct distance. Extra memory per thread:
-// (RB + KT) x D + RB x KT (+ RB x kRerank candidates in exact mode).
+// CPU kernel: a blocked candidate scan on BLAS. One task = RB rows of one head (at::parallel_for over
+// tasks; a BLAS call inside the parallel region runs on its own thread). A task walks the codebook in
+// blocks of KB codes; each (RB x KB) tile of dot products x.c comes from one sgemm (dgemm for float64)
+// into a thread-local buffer that stays in L2, and an epilogue folds the tile into per-row state while it
+// is hot. The epilogue ranks codes by the key
+//     l2: ||c||^2 - 2 x.c        cosine (unit vectors): -x.c
+// (||x||^2 is the same for every code of a row, so it is left out of the ranking: one rounding fewer, and
+// 2 x.c is exact, so the key is one correctly rounded subtraction on every path, FMA or not).
+// Fast mode keeps a running (min, argmin) per row in kLanes lanes (lane l sees the codes k = l mod
+// kLanes in ascending order, a strict "<": each lane keeps its lowest index on ties), reduced at the end
+// (the lowest index among the lanes holding the minimum): the argmin with ties -> the lowest index, the
+// same result whatever the lane width. dist = max(0, ||x||^2 + key) (cosine: 1 + key, clamped to [0, 2]).
+// Exact mode keeps each row's best kRerank (key, index) candidates (a sorted insertion behind a SIMD
+// threshold test, ties by lower index), then re-ranks them by the direct form from the original values
+// (l2 sum((x - c)^2), cosine 1 - x.c) in the accumulation type and returns the lowest-index minimum and
+// its direct distance. The direct sums use 16 partial sums (coordinate d goes to partial d mod 16) added
+// in a fixed tree, so every SIMD path (and the portable one) gives the same bits: FMA contraction is off
+// for this file (the pragma below; GCC would contract a * b + c under target("avx2,fma") otherwise).
+//
+// NaN / inf: the SIMD epilogues use ordered compares, right only when no key is NaN. A row whose ||x||^2
+// is not finite, or a head with a non-finite code value or ||c||^2, takes the portable epilogue instead,
+// whose `better` ranks a NaN first (torch.argmin's rule: the first NaN wins). Finite x and c with finite
+// norms give no NaN key (|x.c| <= |x| |c|; an overflow gives +-inf, which orders).
+//
+// SIMD paths (cpu::selected_isa(), FASTGEN_CPU_ISA): AVX-512F / AVX2 intrinsics for the float32 epilogues
+// and the re-rank, portable loops otherwise (and for float64). The BLAS picks its own instructions; the
+// candidate re-rank makes exact mode independent of how it rounds. 16-bit inputs are converted to
+// float32 (the codebook once, the rows per task: exact conversions). Extra memory: a float32 copy of a
+// 16-bit codebook, O(H K) norms, and per thread RB x (D + KB + kLanes) values: never N x K.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -32,107 +59,53 @@
 #include "cpu_isa.h"
 #include "vq/vq.h"
 
+// The Fortran BLAS that torch links (MKL, OpenBLAS; LP64, as torch's own CPUBlas declares them). Weak: a
+// torch build that does not export them leaves these null and the kernel calls at::mm_out instead.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
 namespace fastgen {
 namespace vq {
 namespace {
 
-// out[r * NR + j] (+)= sum_{d < D} xp[d * MR + r] * cp[d * NR + j], sequentially over d; with `accumulate`
-// the sums continue from out, so a dot split into D chunks rounds exactly as one uninterrupted pass.
+constexpr int kLanes = 32;   // fast mode: running (min, argmin) lanes per row; code blocks are multiples
+constexpr int kRerank = 4;   // exact mode: candidates per row kept by the scan (RERANK in fastgen/ops/vq.py)
+constexpr int kParts = 16;   // partial sums of the direct forms (coordinate d -> partial d mod 16)
+
+// out[r * ldo + j] = sum_d xs[r * D + d] * cs[j * D + d] for r < rows, j < kb (row-major out; BLAS is
+// column-major, so this is out^T = cs^T' * xs with cs transposed).
 template <typename acc_t>
-using TileFn = void (*)(const acc_t*, const acc_t*, int64_t, acc_t*, bool);
-
-// Portable micro-kernel: GCC / clang vector extensions (16-byte vectors: SSE2, NEON), NR = 2 vectors.
-template <typename acc_t, int MR>
-void tile_generic(const acc_t* __restrict__ xp, const acc_t* __restrict__ cp, int64_t D, acc_t* __restrict__ out,
-                  bool accumulate) {
-  constexpr int L = 16 / sizeof(acc_t), NR = 2 * L;
-  typedef acc_t vec __attribute__((vector_size(16)));
-  vec acc[MR][2] = {};
-  if (accumulate) std::memcpy(&acc[0][0], out, sizeof(acc));
-  for (int64_t d = 0; d < D; ++d) {
-    vec b0, b1;
-    std::memcpy(&b0, cp + d * NR, 16);
-    std::memcpy(&b1, cp + d * NR + L, 16);
-    for (int r = 0; r < MR; ++r) {
-      const acc_t xv = xp[d * MR + r];
-      acc[r][0] += xv * b0;
-      acc[r][1] += xv * b1;
+void tile_dots(const acc_t* xs, int64_t rows, const acc_t* cs, int64_t kb, int64_t D, acc_t* out, int64_t ldo) {
+  const int m = static_cast<int>(kb), n = static_cast<int>(rows), k = static_cast<int>(D);
+  const int ld = static_cast<int>(D), ldc = static_cast<int>(ldo);
+  const acc_t one = 1, zero = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_("T", "N", &m, &n, &k, &one, cs, &ld, xs, &ld, &zero, out, &ldc);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_("T", "N", &m, &n, &k, &one, cs, &ld, xs, &ld, &zero, out, &ldc);
+      return;
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    std::memcpy(out + r * NR, &acc[r][0], 16);
-    std::memcpy(out + r * NR + L, &acc[r][1], 16);
-  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor o = at::from_blob(out, {rows, kb}, {ldo, 1}, opts);
+  at::mm_out(o, at::from_blob(const_cast<acc_t*>(xs), {rows, D}, opts),
+             at::from_blob(const_cast<acc_t*>(cs), {kb, D}, opts).t());
 }
-
-#ifdef FASTGEN_VQ_X86
-constexpr int kMR2 = 6, kNR2 = 16;  // AVX2: 12 ymm accumulators + 2 code vectors + 1 broadcast
-__attribute__((target("avx2,fma"))) void tile_avx2(const float* __restrict__ xp, const float* __restrict__ cp,
-                                                    int64_t D, float* __restrict__ out, bool accumulate) {
-  __m256 acc[kMR2][2];
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR2; ++r) {
-    acc[r][0] = accumulate ? _mm256_loadu_ps(out + r * kNR2) : _mm256_setzero_ps();
-    acc[r][1] = accumulate ? _mm256_loadu_ps(out + r * kNR2 + 8) : _mm256_setzero_ps();
-  }
-  for (int64_t d = 0; d < D; ++d) {
-    const __m256 b0 = _mm256_loadu_ps(cp + d * kNR2), b1 = _mm256_loadu_ps(cp + d * kNR2 + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < kMR2; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(xp + d * kMR2 + r);
-      acc[r][0] = _mm256_fmadd_ps(xv, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(xv, b1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR2; ++r) {
-    _mm256_storeu_ps(out + r * kNR2, acc[r][0]);
-    _mm256_storeu_ps(out + r * kNR2 + 8, acc[r][1]);
-  }
-}
-
-constexpr int kMR5 = 12, kNR5 = 32;  // AVX-512: 24 zmm accumulators + 2 code vectors
-__attribute__((target("avx512f"))) void tile_avx512(const float* __restrict__ xp, const float* __restrict__ cp,
-                                                     int64_t D, float* __restrict__ out, bool accumulate) {
-  __m512 acc[kMR5][2];
-#pragma GCC unroll 12
-  for (int r = 0; r < kMR5; ++r) {
-    acc[r][0] = accumulate ? _mm512_loadu_ps(out + r * kNR5) : _mm512_setzero_ps();
-    acc[r][1] = accumulate ? _mm512_loadu_ps(out + r * kNR5 + 16) : _mm512_setzero_ps();
-  }
-  for (int64_t d = 0; d < D; ++d) {
-    const __m512 b0 = _mm512_loadu_ps(cp + d * kNR5), b1 = _mm512_loadu_ps(cp + d * kNR5 + 16);
-#pragma GCC unroll 12
-    for (int r = 0; r < kMR5; ++r) {
-      const __m512 xv = _mm512_set1_ps(xp[d * kMR5 + r]);
-      acc[r][0] = _mm512_fmadd_ps(xv, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xv, b1, acc[r][1]);
-    }
-  }
-#pragma GCC unroll 12
-  for (int r = 0; r < kMR5; ++r) {
-    _mm512_storeu_ps(out + r * kNR5, acc[r][0]);
-    _mm512_storeu_ps(out + r * kNR5 + 16, acc[r][1]);
-  }
-}
-#endif
 
 template <typename acc_t>
 inline bool better(acc_t d, acc_t best) {  // codes arrive in ascending order: "<" keeps the lowest on ties
   return d < best || (std::isnan(d) && !std::isnan(best));
 }
-
-// dst[d * W + i] = src[i * D + d] for the n <= W rows of src, 0 for the rest: the [d][W] panel layout.
-template <int W, typename scalar_t, typename acc_t>
-void pack(const scalar_t* src, int64_t n, int64_t D, acc_t* dst) {
-  for (int64_t d = 0; d < D; ++d) {
-    acc_t* o = dst + d * W;
-    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<acc_t>(src[i * D + d]);
-    for (int64_t i = n; i < W; ++i) o[i] = 0;
-  }
-}
-
-constexpr int kRerank = 4;  // exact mode: candidates per row kept by the scan (RERANK in fastgen/ops/vq.py)
 
 // Exact mode: insert (dd, code) into a row's candidate list cd / ci (kRerank slots, best first by
 // `better`, empty slots (index -1) last). Codes arrive in ascending order, so an equal distance never
@@ -150,153 +123,511 @@ inline void insert_candidate(acc_t* cd, int64_t* ci, acc_t dd, int64_t code) {
   ci[pos] = code;
 }
 
-// Exact mode: the direct-form distance of row xr to code cr in acc_t from the original values, summed
-// over d in order: L2 sum((x - c)^2), cosine (unit vectors) 1 - x.c.
-template <typename scalar_t, typename acc_t>
-inline acc_t direct_distance(const scalar_t* xr, const scalar_t* cr, int64_t D, bool cosine) {
-  acc_t s = 0;
-  if (cosine) {
-    for (int64_t d = 0; d < D; ++d) s += static_cast<acc_t>(xr[d]) * static_cast<acc_t>(cr[d]);
-    return acc_t(1) - s;
+// Adds the kParts partial sums p in a fixed tree (every path stores its vector partials and calls this).
+template <typename acc_t>
+inline acc_t tree_sum(acc_t* p) {
+  for (int w = kParts / 2; w >= 1; w /= 2) {
+    for (int l = 0; l < w; ++l) p[l] += p[l + w];
   }
-  for (int64_t d = 0; d < D; ++d) {
-    const acc_t df = static_cast<acc_t>(xr[d]) - static_cast<acc_t>(cr[d]);
-    s += df * df;
+  return p[0];
+}
+
+// sum_d x[d]^2 in the partial-sum order (||x||^2 of a row: the fast mode's dist and the finiteness test).
+template <typename acc_t>
+acc_t sumsq(const acc_t* x, int64_t D) {
+  acc_t p[kParts] = {};
+  int64_t d0 = 0;
+  for (; d0 + kParts <= D; d0 += kParts) {
+    for (int l = 0; l < kParts; ++l) p[l] += x[d0 + l] * x[d0 + l];
   }
+  for (int l = 0; d0 + l < D; ++l) p[l] += x[d0 + l] * x[d0 + l];
+  return tree_sum(p);
+}
+
+// ---- portable epilogues (any acc_t; every row the SIMD ones may not take) -------------------------------
+
+// Fast mode: fold n keys (n a multiple of kLanes; padded codes have key +inf) into the lanes lb / li.
+template <typename acc_t>
+void scan_min_generic(const acc_t* dots, const acc_t* cn, int64_t n, acc_t scale, int32_t k0, acc_t* lb,
+                      int32_t* li) {
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t key = cn[j0 + l] - scale * dots[j0 + l];
+      if (better(key, lb[l])) {
+        lb[l] = key;
+        li[l] = k0 + static_cast<int32_t>(j0 + l);
+      }
+    }
+  }
+}
+
+// Exact mode: insert the n keys (the real codes only) into the candidate list.
+template <typename acc_t>
+void scan_topr_generic(const acc_t* dots, const acc_t* cn, int64_t n, acc_t scale, int32_t k0, acc_t* cd,
+                       int64_t* ci) {
+  bool open = ci[kRerank - 1] < 0;  // an empty slot admits anything (a NaN too, which `better` ranks first)
+  acc_t worst = cd[kRerank - 1];
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t key = cn[j] - scale * dots[j];
+    if (open || better(key, worst)) {
+      insert_candidate(cd, ci, key, k0 + j);
+      open = ci[kRerank - 1] < 0;
+      worst = cd[kRerank - 1];
+    }
+  }
+}
+
+// Direct-form distances of row x to the nc <= kRerank codes c[s]: l2 sum((x - c)^2), cosine 1 - x.c.
+template <typename acc_t>
+void direct_generic(const acc_t* x, const acc_t* const* c, int nc, int64_t D, bool cosine, acc_t* out) {
+  for (int s = 0; s < nc; ++s) {
+    acc_t p[kParts] = {};
+    const acc_t* cs = c[s];
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t v = cosine ? x[d] * cs[d] : (x[d] - cs[d]) * (x[d] - cs[d]);
+      p[d % kParts] += v;
+    }
+    const acc_t t = tree_sum(p);
+    out[s] = cosine ? acc_t(1) - t : t;
+  }
+}
+
+// The kRerank-th smallest of v[0..n) (n >= kRerank; +inf padding allowed), by a min / max insertion network:
+// every key of a block that can enter a row's candidate list is <= it, since kRerank distinct codes are.
+template <typename acc_t>
+inline acc_t rth_smallest(const acc_t* v, int n) {
+  acc_t s[kRerank];
+  for (int i = 0; i < kRerank; ++i) s[i] = std::numeric_limits<acc_t>::infinity();
+  for (int j = 0; j < n; ++j) {
+    acc_t t = v[j];
+    for (int i = 0; i < kRerank; ++i) {  // s stays sorted: s[i] <- min(s[i], t), t <- the larger one
+      const acc_t lo = std::min(s[i], t), hi = std::max(s[i], t);
+      s[i] = lo;
+      t = hi;
+    }
+  }
+  return s[kRerank - 1];
+}
+
+// Exact mode, rows without NaN keys: the same list as scan_topr_generic's in two cheap passes. Pass 1
+// writes the keys over the dots (n padded to whole lanes, padding +inf) and takes the min of each of
+// kLanes lanes; the kRerank-th smallest lane min bounds the block's kRerank-th smallest key, so pass 2
+// offers insert_candidate only the (few) real codes at or under it, in ascending order.
+template <typename acc_t>
+void scan_topr_clean_generic(acc_t* dots, const acc_t* cn, int64_t n, int64_t kb, acc_t scale, int32_t k0,
+                             acc_t* cd, int64_t* ci) {
+  acc_t m[kLanes];
+  for (int l = 0; l < kLanes; ++l) m[l] = std::numeric_limits<acc_t>::infinity();
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t key = cn[j0 + l] - scale * dots[j0 + l];
+      dots[j0 + l] = key;
+      m[l] = std::min(m[l], key);
+    }
+  }
+  const acc_t t = std::min(rth_smallest(m, kLanes), cd[kRerank - 1]);  // an open list's last slot is +inf
+  for (int64_t j = 0; j < kb; ++j) {
+    if (dots[j] <= t) insert_candidate(cd, ci, dots[j], int64_t{k0} + j);
+  }
+}
+
+// Fast mode: the lanes' (min, argmin) -> the row's, ties -> the lowest index (NaN-aware: the first NaN).
+template <typename acc_t>
+void finish_min_generic(const acc_t* lb, const int32_t* li, acc_t* best, int64_t* bi) {
+  acc_t b = lb[0];
+  int64_t i = li[0];
+  for (int s = 1; s < kLanes; ++s) {
+    if (better(lb[s], b) || (li[s] < i && (lb[s] == b || (std::isnan(lb[s]) && std::isnan(b))))) {
+      b = lb[s];
+      i = li[s];
+    }
+  }
+  *best = b;
+  *bi = i;
+}
+
+template <typename acc_t>
+struct Epilogue {
+  void (*scan_min)(const acc_t*, const acc_t*, int64_t, acc_t, int32_t, acc_t*, int32_t*);
+  void (*scan_topr)(acc_t*, const acc_t*, int64_t, int64_t, acc_t, int32_t, acc_t*, int64_t*);
+  void (*direct)(const acc_t*, const acc_t* const*, int, int64_t, bool, acc_t*);
+  void (*finish_min)(const acc_t*, const int32_t*, acc_t*, int64_t*);
+};
+
+#ifdef FASTGEN_VQ_X86
+// GCC 12 flags the undefined pass-through operand of its own _mm512_min_ps / _mm512_min_epi32 wrappers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// ---- AVX-512F (float32, rows whose keys are all ordered) -------------------------------------------------
+
+__attribute__((target("avx512f"))) void scan_min_avx512(const float* dots, const float* cn, int64_t n, float scale,
+                                                         int32_t k0, float* lb, int32_t* li) {
+  __m512 b0 = _mm512_loadu_ps(lb), b1 = _mm512_loadu_ps(lb + 16);
+  __m512i i0 = _mm512_loadu_si512(li), i1 = _mm512_loadu_si512(li + 16);
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(k0),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_add_epi32(c0, _mm512_set1_epi32(16));
+  const __m512i step = _mm512_set1_epi32(kLanes);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const __m512 k_0 = _mm512_sub_ps(_mm512_loadu_ps(cn + j), _mm512_mul_ps(s, _mm512_loadu_ps(dots + j)));
+    const __m512 k_1 =
+        _mm512_sub_ps(_mm512_loadu_ps(cn + j + 16), _mm512_mul_ps(s, _mm512_loadu_ps(dots + j + 16)));
+    const __mmask16 m0 = _mm512_cmp_ps_mask(k_0, b0, _CMP_LT_OQ), m1 = _mm512_cmp_ps_mask(k_1, b1, _CMP_LT_OQ);
+    b0 = _mm512_mask_mov_ps(b0, m0, k_0);
+    b1 = _mm512_mask_mov_ps(b1, m1, k_1);
+    i0 = _mm512_mask_mov_epi32(i0, m0, c0);
+    i1 = _mm512_mask_mov_epi32(i1, m1, c1);
+    c0 = _mm512_add_epi32(c0, step);
+    c1 = _mm512_add_epi32(c1, step);
+  }
+  _mm512_storeu_ps(lb, b0);
+  _mm512_storeu_ps(lb + 16, b1);
+  _mm512_storeu_si512(li, i0);
+  _mm512_storeu_si512(li + 16, i1);
+}
+
+// scan_topr_clean_generic's two passes (the same list).
+__attribute__((target("avx512f"))) void scan_topr_avx512(float* dots, const float* cn, int64_t n, int64_t kb,
+                                                          float scale, int32_t k0, float* cd, int64_t* ci) {
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512 m0 = _mm512_set1_ps(std::numeric_limits<float>::infinity()), m1 = m0;
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const __m512 k_0 = _mm512_sub_ps(_mm512_loadu_ps(cn + j), _mm512_mul_ps(s, _mm512_loadu_ps(dots + j)));
+    const __m512 k_1 =
+        _mm512_sub_ps(_mm512_loadu_ps(cn + j + 16), _mm512_mul_ps(s, _mm512_loadu_ps(dots + j + 16)));
+    _mm512_storeu_ps(dots + j, k_0);
+    _mm512_storeu_ps(dots + j + 16, k_1);
+    m0 = _mm512_min_ps(m0, k_0);
+    m1 = _mm512_min_ps(m1, k_1);
+  }
+  alignas(64) float m[kLanes];
+  _mm512_store_ps(m, m0);
+  _mm512_store_ps(m + 16, m1);
+  const __m512 t = _mm512_set1_ps(std::min(rth_smallest(m, kLanes), cd[kRerank - 1]));
+  for (int64_t j = 0; j < kb; j += 16) {
+    const __mmask16 valid = kb - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (kb - j)) - 1);
+    for (unsigned bits = _mm512_mask_cmp_ps_mask(valid, _mm512_loadu_ps(dots + j), t, _CMP_LE_OQ); bits != 0;
+         bits &= bits - 1) {
+      const int64_t jj = j + __builtin_ctz(bits);
+      insert_candidate(cd, ci, dots[jj], int64_t{k0} + jj);
+    }
+  }
+}
+
+// finish_min_generic for lanes without NaN: the min, then the lowest index among the lanes holding it.
+__attribute__((target("avx512f"))) void finish_min_avx512(const float* lb, const int32_t* li, float* best,
+                                                           int64_t* bi) {
+  const __m512 b0 = _mm512_loadu_ps(lb), b1 = _mm512_loadu_ps(lb + 16);
+  alignas(64) float v[16];
+  _mm512_store_ps(v, _mm512_min_ps(b0, b1));
+  float b = v[0];
+  for (int l = 1; l < 16; ++l) b = std::min(b, v[l]);
+  const __m512 bv = _mm512_set1_ps(b);
+  const __m512i big = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+  const __m512i i0 = _mm512_mask_mov_epi32(big, _mm512_cmp_ps_mask(b0, bv, _CMP_EQ_OQ), _mm512_loadu_si512(li));
+  const __m512i i1 =
+      _mm512_mask_mov_epi32(big, _mm512_cmp_ps_mask(b1, bv, _CMP_EQ_OQ), _mm512_loadu_si512(li + 16));
+  alignas(64) int32_t iv[16];
+  _mm512_store_si512(iv, _mm512_min_epi32(i0, i1));
+  int32_t i = iv[0];
+  for (int l = 1; l < 16; ++l) i = std::min(i, iv[l]);
+  *best = b;
+  *bi = i;
+}
+
+__attribute__((target("avx512f"))) void direct_avx512(const float* x, const float* const* c, int nc, int64_t D,
+                                                       bool cosine, float* out) {
+  __m512 acc[kRerank];
+  for (int s = 0; s < kRerank; ++s) acc[s] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 valid = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(valid, x + d);
+    for (int s = 0; s < nc; ++s) {  // masked-off coordinates add +0: the partial sums are unchanged
+      const __m512 cv = _mm512_maskz_loadu_ps(valid, c[s] + d);
+      if (cosine) {
+        acc[s] = _mm512_add_ps(acc[s], _mm512_mul_ps(xv, cv));
+      } else {
+        const __m512 df = _mm512_sub_ps(xv, cv);
+        acc[s] = _mm512_add_ps(acc[s], _mm512_mul_ps(df, df));
+      }
+    }
+  }
+  alignas(64) float p[kParts];
+  for (int s = 0; s < nc; ++s) {
+    _mm512_store_ps(p, acc[s]);
+    const float t = tree_sum(p);
+    out[s] = cosine ? 1.0f - t : t;
+  }
+}
+
+#pragma GCC diagnostic pop
+
+// ---- AVX2 (float32) ----------------------------------------------------------------------------------
+
+__attribute__((target("avx2"))) void scan_min_avx2(const float* dots, const float* cn, int64_t n, float scale,
+                                                    int32_t k0, float* lb, int32_t* li) {
+  __m256 b[4];
+  __m256i bi[4], ci[4];
+  const __m256i step = _mm256_set1_epi32(kLanes);
+  for (int q = 0; q < 4; ++q) {
+    b[q] = _mm256_loadu_ps(lb + 8 * q);
+    bi[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(li + 8 * q));
+    ci[q] = _mm256_add_epi32(_mm256_set1_epi32(k0 + 8 * q), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += kLanes) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m256 key =
+          _mm256_sub_ps(_mm256_loadu_ps(cn + j + 8 * q), _mm256_mul_ps(s, _mm256_loadu_ps(dots + j + 8 * q)));
+      const __m256 m = _mm256_cmp_ps(key, b[q], _CMP_LT_OQ);
+      b[q] = _mm256_blendv_ps(b[q], key, m);
+      bi[q] = _mm256_castps_si256(
+          _mm256_blendv_ps(_mm256_castsi256_ps(bi[q]), _mm256_castsi256_ps(ci[q]), m));
+      ci[q] = _mm256_add_epi32(ci[q], step);
+    }
+  }
+  for (int q = 0; q < 4; ++q) {
+    _mm256_storeu_ps(lb + 8 * q, b[q]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(li + 8 * q), bi[q]);
+  }
+}
+
+__attribute__((target("avx2"))) inline __m256i tail_mask8(int64_t left) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))), lane);
+}
+
+__attribute__((target("avx2"))) void scan_topr_avx2(float* dots, const float* cn, int64_t n, int64_t kb,
+                                                     float scale, int32_t k0, float* cd, int64_t* ci) {
+  const __m256 s = _mm256_set1_ps(scale);
+  __m256 m[4];
+  for (int q = 0; q < 4; ++q) m[q] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += kLanes) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m256 key =
+          _mm256_sub_ps(_mm256_loadu_ps(cn + j + 8 * q), _mm256_mul_ps(s, _mm256_loadu_ps(dots + j + 8 * q)));
+      _mm256_storeu_ps(dots + j + 8 * q, key);
+      m[q] = _mm256_min_ps(m[q], key);
+    }
+  }
+  alignas(32) float mm[kLanes];
+  for (int q = 0; q < 4; ++q) _mm256_store_ps(mm + 8 * q, m[q]);
+  const __m256 t = _mm256_set1_ps(std::min(rth_smallest(mm, kLanes), cd[kRerank - 1]));
+  for (int64_t j = 0; j < kb; j += 8) {
+    const __m256 hit = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(dots + j), t, _CMP_LE_OQ),
+                                     _mm256_castsi256_ps(tail_mask8(kb - j)));
+    for (unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(hit)); bits != 0; bits &= bits - 1) {
+      const int64_t jj = j + __builtin_ctz(bits);
+      insert_candidate(cd, ci, dots[jj], int64_t{k0} + jj);
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void finish_min_avx2(const float* lb, const int32_t* li, float* best, int64_t* bi) {
+  __m256 b = _mm256_min_ps(_mm256_min_ps(_mm256_loadu_ps(lb), _mm256_loadu_ps(lb + 8)),
+                           _mm256_min_ps(_mm256_loadu_ps(lb + 16), _mm256_loadu_ps(lb + 24)));
+  alignas(32) float v[8];
+  _mm256_store_ps(v, b);
+  float m = v[0];
+  for (int l = 1; l < 8; ++l) m = std::min(m, v[l]);
+  int32_t i = std::numeric_limits<int32_t>::max();
+  for (int l = 0; l < kLanes; ++l) i = lb[l] == m ? std::min(i, li[l]) : i;
+  *best = m;
+  *bi = i;
+}
+
+__attribute__((target("avx2"))) void direct_avx2(const float* x, const float* const* c, int nc, int64_t D,
+                                                  bool cosine, float* out) {
+  __m256 acc[kRerank][2];
+  for (int s = 0; s < kRerank; ++s) acc[s][0] = acc[s][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i valid = tail_mask8(D - d - 8 * h);
+      if (D - d - 8 * h <= 0) break;
+      const __m256 xv = _mm256_maskload_ps(x + d + 8 * h, valid);
+      for (int s = 0; s < nc; ++s) {
+        const __m256 cv = _mm256_maskload_ps(c[s] + d + 8 * h, valid);
+        if (cosine) {
+          acc[s][h] = _mm256_add_ps(acc[s][h], _mm256_mul_ps(xv, cv));
+        } else {
+          const __m256 df = _mm256_sub_ps(xv, cv);
+          acc[s][h] = _mm256_add_ps(acc[s][h], _mm256_mul_ps(df, df));
+        }
+      }
+    }
+  }
+  alignas(32) float p[kParts];
+  for (int s = 0; s < nc; ++s) {
+    _mm256_store_ps(p, acc[s][0]);
+    _mm256_store_ps(p + 8, acc[s][1]);
+    const float t = tree_sum(p);
+    out[s] = cosine ? 1.0f - t : t;
+  }
+}
+#endif  // FASTGEN_VQ_X86
+
+// Per-thread buffers kept across calls: a dot tile is 256 KB, and a fresh allocation that size is fresh
+// pages, which the OS zeroes at every call (measured: ~8% of a call).
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> xbuf, dots, x2, lb, cd;
+  std::vector<int32_t> li;
+  std::vector<int64_t> ci;
+  std::vector<char> row_ok;
+};
+
+template <typename acc_t>
+Scratch<acc_t>& scratch() {
+  thread_local Scratch<acc_t> s;
   return s;
 }
 
-template <typename scalar_t, typename acc_t, int MR, int NR>
-void nearest(const VqArgs& a, TileFn<acc_t> tile) {
+// True when no element of v[0..n) is inf or NaN (an exponent test on the bits: vectorizes, no FP compare).
+template <typename acc_t>
+bool all_finite(const acc_t* v, int64_t n) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  constexpr bits_t exp_mask = sizeof(acc_t) == 4 ? bits_t(0x7F800000u) : bits_t(0x7FF0000000000000ull);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bits_t b;
+    std::memcpy(&b, v + i, sizeof(b));
+    bad += (b & exp_mask) == exp_mask;
+  }
+  return bad == 0;
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+template <typename scalar_t, typename acc_t>
+void nearest(const VqArgs& a, const Epilogue<acc_t>& ep) {
   const int64_t H = a.x.size(0), N = a.x.size(1), D = a.x.size(2), K = a.codebook.size(1);
+  const bool cosine = a.cosine, exact = a.exact;
+  constexpr bool convert = !std::is_same_v<scalar_t, acc_t>;
   const scalar_t* xg = a.x.data_ptr<scalar_t>();
-  const scalar_t* cg = a.codebook.data_ptr<scalar_t>();
+  at::Tensor cbuf = convert ? a.codebook.to(c10::CppTypeToScalarType<acc_t>::value) : a.codebook;
+  const acc_t* cg = cbuf.data_ptr<acc_t>();
   const acc_t* cn = a.code_sqnorm.data_ptr<acc_t>();
   int64_t* out_i = a.indices.data_ptr<int64_t>();
   float* out_d = a.dist.data_ptr<float>();
-  const bool cosine = a.cosine, exact = a.exact;
-  constexpr int64_t KT = 4 * NR;
-  constexpr int64_t DC = 128;  // D chunk: one MR x DC row panel + one NR x DC code panel stay in L1
-  // Rows per task: many (each code tile is packed once per task), while the packed rows stay in L2
-  // (<= 1 MB), and every thread gets work.
-  auto round_mr = [](int64_t v) { return (v + MR - 1) / MR * MR; };
-  const int64_t l2_rows = (1024 * 1024 / static_cast<int64_t>(sizeof(acc_t))) / D;
-  int64_t RB = std::clamp<int64_t>(round_mr(l2_rows), MR, 512 / MR * MR);
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t scale = cosine ? acc_t(1) : acc_t(2);
+
+  // Per head: the key offsets (l2 ||c||^2, cosine 0), +inf past K up to a whole number of lanes, and whether
+  // every code value and norm is finite (the SIMD epilogues' condition).
+  const int64_t Kp = round_up(K, kLanes);
+  std::vector<acc_t> cnp(static_cast<size_t>(H * Kp), inf);
+  std::vector<char> head_ok(static_cast<size_t>(H));
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      acc_t* o = cnp.data() + h * Kp;
+      for (int64_t k = 0; k < K; ++k) o[k] = cosine ? acc_t(0) : cn[h * K + k];
+      head_ok[h] = all_finite(cg + h * K * D, K * D) && all_finite(cn + h * K, K);
+    }
+  });
+
+  // Rows per task: enough that every thread gets work, at most 256 (the packed rows and the dot tile then
+  // stay in L2 next to the BLAS's own packing). Codes per block: a dot tile of ~64K values (256 KB in
+  // float32), whole lanes.
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  RB = std::max<int64_t>(MR, std::min<int64_t>(RB, round_mr((H * N + nth - 1) / nth)));
+  const int64_t RB = std::clamp<int64_t>(round_up((H * N + nth - 1) / nth, 16), 16, 256);
+  const int64_t KB = std::min(Kp, std::clamp<int64_t>((65536 / RB) / kLanes * kLanes, 128, 4096));
   const int64_t nblk = (N + RB - 1) / RB;
+
   at::parallel_for(0, H * nblk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> xpack(static_cast<size_t>(RB * D)), cpack(static_cast<size_t>(KT * D));
-    std::vector<acc_t> xn(RB), best(RB), dots(static_cast<size_t>(RB * KT));
-    std::vector<int64_t> bidx(RB);
-    std::vector<acc_t> cand_d(exact ? static_cast<size_t>(RB * kRerank) : 0);
-    std::vector<int64_t> cand_i(exact ? static_cast<size_t>(RB * kRerank) : 0);
+    Scratch<acc_t>& sc = scratch<acc_t>();
+    auto& [xbuf, dots, x2, lb, cd, li, ci, row_ok] = sc;
+    if (convert) xbuf.resize(static_cast<size_t>(RB * D));
+    dots.resize(static_cast<size_t>(RB * KB));
+    x2.resize(RB);
+    row_ok.resize(RB);
+    (exact ? cd : lb).resize(static_cast<size_t>(RB * (exact ? kRerank : kLanes)));
+    if (exact) {
+      ci.resize(static_cast<size_t>(RB * kRerank));
+    } else {
+      li.resize(static_cast<size_t>(RB * kLanes));
+    }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t / nblk, r0 = (t % nblk) * RB, rows = std::min(RB, N - r0);
-      const int64_t panels = (rows + MR - 1) / MR;
-      const scalar_t* xb = xg + (h * N + r0) * D;
-      for (int64_t row = 0; row < rows; ++row) {
-        acc_t s = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          const acc_t v = static_cast<acc_t>(xb[row * D + d]);
-          s += v * v;
-        }
-        xn[row] = s;
-        best[row] = std::numeric_limits<acc_t>::infinity();
-        bidx[row] = 0;
+      const acc_t* xs;
+      if constexpr (convert) {
+        const scalar_t* src = xg + (h * N + r0) * D;
+        for (int64_t i = 0; i < rows * D; ++i) xbuf[i] = static_cast<acc_t>(src[i]);
+        xs = xbuf.data();
+      } else {
+        xs = xg + (h * N + r0) * D;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        x2[r] = sumsq(xs + r * D, D);
+        row_ok[r] = head_ok[h] && std::isfinite(x2[r]);
       }
       if (exact) {
-        std::fill(cand_d.begin(), cand_d.end(), std::numeric_limits<acc_t>::infinity());
-        std::fill(cand_i.begin(), cand_i.end(), int64_t{-1});
-      }
-      for (int64_t p = 0; p < panels; ++p) {
-        pack<MR>(xb + p * MR * D, std::min<int64_t>(MR, rows - p * MR), D, xpack.data() + p * D * MR);
-      }
-      for (int64_t k0 = 0; k0 < K; k0 += KT) {
-        const int64_t kc = std::min(KT, K - k0), qpanels = (kc + NR - 1) / NR;
-        const scalar_t* cb = cg + (h * K + k0) * D;
-        for (int64_t q = 0; q < qpanels; ++q) {
-          pack<NR>(cb + q * NR * D, std::min<int64_t>(NR, kc - q * NR), D, cpack.data() + q * D * NR);
+        std::fill(cd.begin(), cd.begin() + rows * kRerank, inf);
+        std::fill(ci.begin(), ci.begin() + rows * kRerank, int64_t{-1});
+      } else {
+        std::fill(lb.begin(), lb.begin() + rows * kLanes, inf);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int l = 0; l < kLanes; ++l) li[r * kLanes + l] = l;  // all +inf: the lowest index, 0, wins
         }
-        const acc_t* cnk = cn + h * K + k0;
-        // dots of panel pair (p, q) at ((p * qpanels) + q) * MR * NR, [r][j]
-        for (int64_t d0 = 0; d0 < D; d0 += DC) {
-          const int64_t dc = std::min(DC, D - d0);
-          for (int64_t q = 0; q < qpanels; ++q) {
-            for (int64_t p = 0; p < panels; ++p) {
-              tile(xpack.data() + p * D * MR + d0 * MR, cpack.data() + q * D * NR + d0 * NR, dc,
-                   dots.data() + (p * qpanels + q) * MR * NR, d0 > 0);
-            }
-          }
-        }
-        for (int64_t p = 0; p < panels; ++p) {
-          const int64_t rmax = std::min<int64_t>(MR, rows - p * MR);
-          for (int64_t q = 0; q < qpanels; ++q) {
-            const int64_t jmax = std::min<int64_t>(NR, kc - q * NR);
-            for (int64_t r = 0; r < rmax; ++r) {
-              const int64_t row = p * MR + r;
-              const acc_t* dr = dots.data() + (p * qpanels + q) * MR * NR + r * NR;
-              if (exact) {  // keep the best kRerank by the expanded form, re-ranked below
-                acc_t* cd = cand_d.data() + row * kRerank;
-                int64_t* ci = cand_i.data() + row * kRerank;
-                const acc_t x2 = xn[row];
-                // an empty slot admits anything (-inf would refuse a NaN, which `better` ranks first)
-                bool open = ci[kRerank - 1] < 0;
-                acc_t worst = cd[kRerank - 1];
-                for (int64_t j = 0; j < jmax; ++j) {
-                  const int64_t code = q * NR + j;
-                  const acc_t dd = cosine ? acc_t(1) - dr[j] : (x2 - acc_t(2) * dr[j]) + cnk[code];
-                  if (open || better(dd, worst)) {
-                    insert_candidate(cd, ci, dd, k0 + code);
-                    open = ci[kRerank - 1] < 0;
-                    worst = cd[kRerank - 1];
-                  }
-                }
-                continue;
-              }
-              acc_t b = best[row];
-              int64_t bi = bidx[row];
-              for (int64_t j = 0; j < jmax; ++j) {
-                const int64_t code = q * NR + j;
-                const acc_t dd = cosine ? acc_t(1) - dr[j] : (xn[row] - acc_t(2) * dr[j]) + cnk[code];
-                if (better(dd, b)) {
-                  b = dd;
-                  bi = k0 + code;
-                }
-              }
-              best[row] = b;
-              bidx[row] = bi;
-            }
+      }
+      const acc_t* ch = cg + h * K * D;
+      for (int64_t k0 = 0; k0 < K; k0 += KB) {
+        const int64_t kb = std::min(KB, K - k0), kbp = round_up(kb, kLanes);
+        tile_dots(xs, rows, ch + k0 * D, kb, D, dots.data(), KB);
+        const acc_t* cnk = cnp.data() + h * Kp + k0;
+        const int32_t k0i = static_cast<int32_t>(k0);
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* dr = dots.data() + r * KB;
+          std::fill(dr + kb, dr + kbp, acc_t(0));  // padded codes: key +inf - 0, never a NaN
+          if (exact && row_ok[r]) {
+            ep.scan_topr(dr, cnk, kbp, kb, scale, k0i, cd.data() + r * kRerank, ci.data() + r * kRerank);
+          } else if (exact) {
+            scan_topr_generic(dr, cnk, kb, scale, k0i, cd.data() + r * kRerank, ci.data() + r * kRerank);
+          } else {
+            (row_ok[r] ? ep.scan_min : &scan_min_generic<acc_t>)(dr, cnk, kbp, scale, k0i, lb.data() + r * kLanes,
+                                                                  li.data() + r * kLanes);
           }
         }
       }
-      if (exact) {  // re-rank: direct form from the original values; ties (and NaNs) -> the lowest index
-        for (int64_t row = 0; row < rows; ++row) {
-          const int64_t* ci = cand_i.data() + row * kRerank;
-          const scalar_t* xr = xb + row * D;
-          acc_t b = std::numeric_limits<acc_t>::infinity();
-          int64_t bi = -1;
-          for (int s = 0; s < kRerank && ci[s] >= 0; ++s) {
-            const acc_t dd = direct_distance<scalar_t, acc_t>(xr, cg + (h * K + ci[s]) * D, D, cosine);
-            if (bi < 0 || better(dd, b) || (ci[s] < bi && (dd == b || (std::isnan(dd) && std::isnan(b))))) {
-              b = dd;
-              bi = ci[s];
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t b;
+        int64_t bi;
+        if (exact) {  // re-rank by the direct form; ties (and NaNs) -> the lowest index
+          const int64_t* c = ci.data() + r * kRerank;
+          const acc_t* cp[kRerank];
+          int nc = 0;
+          while (nc < kRerank && c[nc] >= 0) {
+            cp[nc] = ch + c[nc] * D;
+            ++nc;
+          }
+          acc_t dd[kRerank];
+          (row_ok[r] ? ep.direct : &direct_generic<acc_t>)(xs + r * D, cp, nc, D, cosine, dd);
+          b = inf;
+          bi = -1;
+          for (int s = 0; s < nc; ++s) {
+            if (bi < 0 || better(dd[s], b) || (c[s] < bi && (dd[s] == b || (std::isnan(dd[s]) && std::isnan(b))))) {
+              b = dd[s];
+              bi = c[s];
             }
           }
-          if (cosine && b < 0) b = 0;
-          if (cosine && b > 2) b = 2;
-          best[row] = b;
-          bidx[row] = bi < 0 ? 0 : bi;
+          bi = std::max<int64_t>(bi, 0);
+        } else {
+          (row_ok[r] ? ep.finish_min : &finish_min_generic<acc_t>)(lb.data() + r * kLanes, li.data() + r * kLanes,
+                                                                    &b, &bi);
+          b = cosine ? acc_t(1) + b : x2[r] + b;
         }
-      }
-      for (int64_t row = 0; row < rows; ++row) {
-        const acc_t b = best[row];
-        out_i[h * N + r0 + row] = bidx[row];
-        out_d[h * N + r0 + row] = static_cast<float>(!cosine && b < 0 ? acc_t(0) : b);
+        if (b < 0) b = 0;  // comparisons: a NaN stays NaN
+        if (cosine && b > 2) b = 2;
+        out_i[h * N + r0 + r] = bi;
+        out_d[h * N + r0 + r] = static_cast<float>(b);
       }
     }
   });
 }
+
 
 void check_operand(const at::Tensor& t, const char* name, int64_t dim, const char* entry, bool cuda) {
   TORCH_CHECK(t.defined(), "vq_nearest: ", name, " is undefined");
@@ -367,25 +698,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_nearest(bool cuda, const at::T
 void vq_nearest_cpu_impl(const VqArgs& a) {
   const auto st = a.x.scalar_type();
   if (st == at::kDouble) {
-    nearest<double, double, 6, 4>(a, &tile_generic<double, 6>);
+    nearest<double, double>(a, Epilogue<double>{&scan_min_generic<double>, &scan_topr_clean_generic<double>,
+                                                &direct_generic<double>, &finish_min_generic<double>});
   } else {
     // Read before any work: a bad FASTGEN_CPU_ISA is an error, raised before the kernel runs.
     const cpu::Isa isa = cpu::selected_isa();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "vq_nearest_cpu", [&] {
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-        switch (isa) {
+    Epilogue<float> ep{&scan_min_generic<float>, &scan_topr_clean_generic<float>, &direct_generic<float>,
+                       &finish_min_generic<float>};
 #ifdef FASTGEN_VQ_X86
-          case cpu::Isa::kAvx512:
-            nearest<scalar_t, float, kMR5, kNR5>(a, &tile_avx512);
-            return;
-          case cpu::Isa::kAvx2:
-            nearest<scalar_t, float, kMR2, kNR2>(a, &tile_avx2);
-            return;
+    if (isa == cpu::Isa::kAvx512) ep = {&scan_min_avx512, &scan_topr_avx512, &direct_avx512, &finish_min_avx512};
+    if (isa == cpu::Isa::kAvx2) ep = {&scan_min_avx2, &scan_topr_avx2, &direct_avx2, &finish_min_avx2};
+#else
+    (void)isa;
 #endif
-          default:
-            nearest<scalar_t, float, 6, 8>(a, &tile_generic<float, 6>);
-        }
-      }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "vq_nearest_cpu", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) nearest<scalar_t, float>(a, ep);
     });
   }
   if (a.with_counts) {

@@ -30,8 +30,10 @@ Counts: one int32 atomic add per row at the end of its program into a zeroed (H,
 int64 (integer atomics: deterministic).
 
 Backends (priority cuda, triton, cpp, torch): ``triton`` and ``torch`` (any device and dtype including
-float64: row chunks of the expanded form with ``torch.matmul``, top-R + re-rank in exact mode; the CPU
-path), ``cpp`` (CPU C++ kernel: both modes, exact with the top-R + direct-form re-rank) and ``cuda``
+float64: row chunks of the expanded form with ``torch.matmul``, top-R + re-rank in exact mode), ``cpp``
+(CPU C++ kernel: (rows x codes) tiles of dot products from the BLAS sgemm torch links, each folded while
+it sits in L2 by an AVX-512 / AVX2 / portable epilogue into running argmins (fast) or top-R lists (exact,
+then the direct-form re-rank); never the N x K matrix; see csrc/vq/vq_cpu.cpp) and ``cuda``
 (C++ CUDA kernel: both modes; exact keeps the top-R per row in the scan and re-ranks them by the fp32
 direct form, one warp per row, as the CPU kernel). Reference: :func:`vq_nearest_ref` (float64, materialises N x K).
 """
@@ -402,7 +404,7 @@ def _cuda_check(call: Call) -> list[str]:
 OP.register("cuda", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.cuda_available, check=_cuda_check,
             note="fp32 SIMT tiles, split-K over the codebook when rows are few; exact: top-R + fp32 direct-form re-rank")(_cxx("vq_nearest_cuda"))  # fmt: skip
 OP.register("cpp", devices=("cpu",), dtypes=(*KERNEL_DTYPES, torch.float64), available=_backend.cpp_available,
-            note="register-blocked AVX-512 / AVX2 / portable micro-kernels; exact: top-R + fp32 direct-form re-rank")(_cxx("vq_nearest_cpu"))  # fmt: skip
+            note="sgemm tiles + AVX-512 / AVX2 / portable argmin epilogue; exact: top-R + fp32 direct-form re-rank")(_cxx("vq_nearest_cpu"))  # fmt: skip
 
 OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backend.triton_available,
             check=_backend.triton_check(dim=MAX_DIM, codes=MAX_CODES), forced_only_devices=("cpu",),
