@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -401,54 +402,135 @@ def _scatter_add(out, rows, src, scale, k):
     _ext.C.moe_scatter_add_cpu(out, rows, src, scale, k)
 
 
-def _ffn_rows_per_block(n: int, elsize: int, off: list[int]) -> int:
-    """Whole experts (one GEMM call each, as a plain loop makes) unless an expert's h would pass
-    _FFN_BLOCK_BYTES; then blocks of that size (16-bit weight gradients are then accumulated over blocks in
-    their own dtype, one rounding per block)."""
-    most = max(1, max(b - a for a, b in itertools.pairwise(off)))
-    return min(most, max(16, _FFN_BLOCK_BYTES // max(1, n * elsize)))
+class _Block(NamedTuple):
+    """Rows [a, b) of experts e0 .. e1 - 1 (whole experts when e1 - e0 > 1: one torch._grouped_mm call;
+    else all or part of expert e0: torch.mm / addmm). offs / local: for grouped blocks, the experts' end
+    rows relative to a (int32) and each row's expert relative to e0 (int64, for the biases)."""
+
+    e0: int
+    e1: int
+    a: int
+    b: int
+    offs: torch.Tensor | None
+    local: torch.Tensor | None
+
+
+def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> list[_Block]:
+    """Whole experts, one GEMM call each, as a plain loop makes, unless an expert's h would pass
+    _FFN_BLOCK_BYTES (then blocks of that size; 16-bit weight gradients are then accumulated over blocks in
+    their own dtype). Small experts (on average < _BLOCK_MIN_ROWS rows) are grouped into blocks of up to
+    _FFN_GROUP_BYTES of h served by torch._grouped_mm, where torch has it for the dtype and every GEMM
+    operand is 16-byte aligned: one call instead of one per expert."""
+    e_count = len(off) - 1
+    elsize = x.element_size()
+    cap = max(16, _FFN_BLOCK_BYTES // max(1, n1 * elsize))
+    used = [e for e in range(e_count) if off[e + 1] > off[e]]
+    align = 16 // elsize
+    group = (
+        _HAS_TORCH_GMM
+        and x.dtype in _GMM_DTYPES
+        and len(used) > 1
+        and (off[-1] - off[0]) < _BLOCK_MIN_ROWS * len(used)
+        and not (d % align or n1 % align or f % align)
+    )
+    gcap = max(16, _FFN_GROUP_BYTES // max(1, n1 * elsize))
+    blocks, e = [], 0
+    while e < e_count:
+        a = off[e]
+        if off[e + 1] == a:
+            e += 1
+            continue
+        if group and off[e + 1] - a <= gcap:
+            e1 = e + 1
+            while e1 < e_count and off[e1 + 1] - a <= gcap:
+                e1 += 1
+            if e1 - e > 1:
+                ends = torch.tensor([off[j + 1] - a for j in range(e, e1)], dtype=torch.int32)
+                counts = torch.tensor([off[j + 1] - off[j] for j in range(e, e1)])
+                local = torch.repeat_interleave(torch.arange(e1 - e), counts)
+                blocks.append(_Block(e, e1, a, off[e1], ends, local))
+                e = e1
+                continue
+        for r in range(a, off[e + 1], cap):
+            blocks.append(_Block(e, e + 1, r, min(r + cap, off[e + 1]), None, None))
+        e += 1
+    return blocks
 
 
 _FFN_BLOCK_BYTES = 1 << 23
+_FFN_GROUP_BYTES = 1 << 19
+
+
+def _gemm(xb, w, bias, blk: _Block, out=None):
+    """xb @ w[e] (+ bias[e]) for the rows of each expert of the block; w: (E, K, N) or its transpose view."""
+    if blk.offs is None:
+        e = blk.e0
+        if bias is None:
+            return torch.mm(xb, w[e], out=out) if out is not None else torch.mm(xb, w[e])
+        return torch.addmm(bias[e], xb, w[e], out=out) if out is not None else torch.addmm(bias[e], xb, w[e])
+    h = torch._grouped_mm(xb, w[blk.e0 : blk.e1], offs=blk.offs)
+    if bias is not None:
+        h.add_(bias[blk.e0 : blk.e1].index_select(0, blk.local))
+    return h
+
+
+def _wgrad(out, a_t, g, blk: _Block, first: bool):
+    """out[e] (+)= a_t @ g over the rows of each expert of the block (a_t: (K, rows), g: (rows, N))."""
+    if blk.offs is None:
+        if first:
+            torch.mm(a_t, g, out=out[blk.e0])
+        else:
+            out[blk.e0].addmm_(a_t, g)
+    else:  # the K-grouped form: zeros for an expert without rows
+        out[blk.e0 : blk.e1].copy_(torch._grouped_mm(a_t, g, offs=blk.offs))
+
+
+def _bgrad(out, g, blk: _Block, first: bool):
+    if blk.offs is None:
+        if first:
+            torch.sum(g, 0, out=out[blk.e0])
+        else:
+            out[blk.e0].add_(g.sum(0))
+    else:
+        out[blk.e0 : blk.e1].zero_().index_add_(0, blk.local, g)
 
 
 def _ffn_fwd(x, gates, w1, b1, w2, b2, dest, src, off, act, train: bool, keep_o: bool):
-    """y, and (train) h of the used rows and (keep_o) o of the used rows for the backward."""
+    """y, and for the backward: (train) the blocks and their pre-activations h, (keep_o) o of the used
+    rows."""
     t, d = x.shape
     k = dest.shape[1]
     n1, f = w1.shape[2], w2.shape[1]
     acc = torch.promote_types(x.dtype, torch.float32)
-    hi = off[-1]
     gw = gates.reshape(-1).to(acc).contiguous()
     y = torch.zeros((t, d), dtype=acc if x.dtype in _HALF else x.dtype)
+    blocks = _ffn_blocks(off, x, d, n1, f)
+    rows = max((blk.b - blk.a for blk in blocks), default=1)
+    # scratch for the GEMM outputs of one-expert blocks (grouped blocks get torch._grouped_mm's outputs)
+    out_rows = max((blk.b - blk.a for blk in blocks if blk.offs is None), default=0)
     new = x.new_empty
-    h_all = new((hi, n1)) if train else None
-    o_all = new((hi, d)) if keep_o else None
-    rpb = _ffn_rows_per_block(n1, x.element_size(), off)
-    xb_s = new((rpb, d))
-    h_s = None if train else new((rpb, n1))
-    a_s = new((rpb, f)) if act != "none" and (train or act == "swiglu") else None
-    o_s = None if keep_o else new((rpb, d))
-    for e, a, b in _blocks(off, rpb):
-        n, s = b - a, src[a:b]
+    o_all = new((off[-1], d)) if keep_o else None
+    xb_s = new((rows, d))
+    h_s = None if train else new((out_rows, n1))
+    a_s = new((rows, f)) if act != "none" and (train or act == "swiglu") else None
+    o_s = None if keep_o else new((out_rows, d))
+    hs = []
+    for blk in blocks:
+        n, s = blk.b - blk.a, src[blk.a : blk.b]
         xb = _gather_into(x, s, None, k, xb_s[:n])
-        hb = h_all[a:b] if train else h_s[:n]
-        if b1 is None:
-            torch.mm(xb, w1[e], out=hb)
-        else:
-            torch.addmm(b1[e], xb, w1[e], out=hb)
+        hb = _gemm(xb, w1, b1, blk, None if train else h_s[:n])
+        if train:
+            hs.append(hb)
         if act == "none":
             ab = hb
         else:
             ab = hb if a_s is None else a_s[:n]
             _act_fwd_block(hb, ab, act, train, f)
-        ob = o_all[a:b] if keep_o else o_s[:n]
-        if b2 is None:
-            torch.mm(ab, w2[e], out=ob)
-        else:
-            torch.addmm(b2[e], ab, w2[e], out=ob)
+        ob = _gemm(ab, w2, b2, blk, o_all[blk.a : blk.b] if keep_o else o_s[:n])
+        if keep_o and blk.offs is not None:
+            o_all[blk.a : blk.b].copy_(ob)
         _scatter_add(y, ob, s, gw, k)
-    return y.to(x.dtype), h_all, o_all
+    return y.to(x.dtype), (blocks, hs), o_all
 
 
 class _MoEFFNCPU(torch.autograd.Function):
@@ -457,92 +539,77 @@ class _MoEFFNCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gates, w1, b1, w2, b2, dest, src, off, act):
         # only called when a gradient is needed (moe_experts_cpu runs _ffn_fwd directly otherwise)
-        y, h_all, o_all = _ffn_fwd(
+        y, (blocks, hs), o_all = _ffn_fwd(
             x, gates, w1, b1, w2, b2, dest, src, off, act, True, ctx.needs_input_grad[1]
         )
-        ctx.save_for_backward(x, gates, w1, b1, w2, b2, dest, src, h_all, o_all)
-        ctx.off, ctx.act = off, act
+        ctx.save_for_backward(x, gates, w1, b1, w2, b2, dest, src, o_all, *hs)
+        ctx.off, ctx.act, ctx.blocks = off, act, blocks
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, gates, w1, b1, w2, b2, dest, src, h_all, o_all = ctx.saved_tensors
-        off, act = ctx.off, ctx.act
+        x, gates, w1, b1, w2, b2, dest, src, o_all, *hs = ctx.saved_tensors
+        act, blocks = ctx.act, ctx.blocks
         need_x, need_g, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
         dy = dy.contiguous()
         t, d = x.shape
         k = dest.shape[1]
-        e_count, n1, f = w1.shape[0], w1.shape[2], w2.shape[1]
+        f = w2.shape[1]
         acc = torch.promote_types(x.dtype, torch.float32)
         from fastgen import _ext
 
         dgates = _ext.C.moe_gate_grad_cpu(dy, o_all, dest).to(gates.dtype) if need_g else None
         gw = gates.reshape(-1).to(acc).contiguous()
         dx = torch.zeros((t, d), dtype=acc if x.dtype in _HALF else x.dtype) if need_x else None
-        dw1 = torch.empty_like(w1) if need_w1 else None
-        db1 = torch.empty_like(b1) if need_b1 else None
-        dw2 = torch.empty_like(w2) if need_w2 else None
-        db2 = torch.empty_like(b2) if need_b2 else None
-        rpb = _ffn_rows_per_block(n1, x.element_size(), off)
-        new = x.new_empty
-        do_s, xb_s = new((rpb, d)), new((rpb, d))
-        a_s = new((rpb, f)) if act != "none" else None
-        da_s = new((rpb, f))
-        dh_s = new((rpb, n1)) if act == "swiglu" else None
-        inner = need_x or need_w1 or need_b1
-        for e in range(e_count):
-            if off[e] == off[e + 1]:
-                for g in (dw1, db1, dw2, db2):
+        grads = [
+            torch.empty_like(p) if need else None
+            for p, need in zip((w1, b1, w2, b2), ctx.needs_input_grad[2:6])
+        ]
+        dw1, db1, dw2, db2 = grads
+        for e in range(w1.shape[0]):  # experts without rows; every other entry is written by its blocks
+            if ctx.off[e] == ctx.off[e + 1]:
+                for g in grads:
                     if g is not None:
                         g[e].zero_()
-                continue
-            for i, a in enumerate(range(off[e], off[e + 1], rpb)):
-                b = min(a + rpb, off[e + 1])
-                n, s = b - a, src[a:b]
-                dob = _gather_into(dy, s, gw, k, do_s[:n])  # gates[a] * dy[a // k]
-                hb = h_all[a:b]
-                if need_w2:
-                    if act == "none":
-                        ab = hb
-                    else:
-                        ab = a_s[:n]
-                        _act_fwd_block(hb, ab, act, True, f)
-                    _mm_acc(dw2[e], ab.transpose(0, 1), dob, i)
-                if need_b2:
-                    _sum_acc(db2[e], dob, i)
-                if not inner:
-                    continue
-                dab = torch.mm(dob, w2[e].transpose(0, 1), out=da_s[:n])
+        rows = max((blk.b - blk.a for blk in blocks), default=1)
+        new = x.new_empty
+        do_s, xb_s = new((rows, d)), new((rows, d))
+        a_s = new((rows, f)) if act != "none" else None
+        inner = need_x or need_w1 or need_b1
+        last = -1
+        for blk, hb in zip(blocks, hs, strict=True):
+            first = blk.e0 != last  # the first block of its expert(s): write, not accumulate
+            last = blk.e0
+            n, s = blk.b - blk.a, src[blk.a : blk.b]
+            dob = _gather_into(dy, s, gw, k, do_s[:n])  # gates[a] * dy[a // k]
+            if need_w2:
                 if act == "none":
-                    dhb = dab
-                elif act == "swiglu":
-                    dhb = _act_bwd_block(dab, hb, act, dh_s[:n])
+                    ab = hb
                 else:
-                    dhb = _ACT_BWD[act](dab, hb, dab)  # in place: one elementwise pass
-                if need_w1:
-                    xb = _gather_into(x, s, None, k, xb_s[:n])
-                    _mm_acc(dw1[e], xb.transpose(0, 1), dhb, i)
-                if need_b1:
-                    _sum_acc(db1[e], dhb, i)
-                if need_x:
-                    _scatter_add(dx, torch.mm(dhb, w1[e].transpose(0, 1), out=xb_s[:n]), s, None, k)
+                    ab = a_s[:n]
+                    _act_fwd_block(hb, ab, act, True, f)
+                _wgrad(dw2, ab.transpose(0, 1), dob, blk, first)
+            if need_b2:
+                _bgrad(db2, dob, blk, first)
+            if not inner:
+                continue
+            dab = _gemm(dob, w2.transpose(1, 2), None, blk)
+            if act == "none":
+                dhb = dab
+            elif act == "swiglu":
+                dhb = _act_bwd_block(dab, hb, act, torch.empty_like(hb))
+            else:
+                dhb = _ACT_BWD[act](dab, hb, dab)  # in place: one elementwise pass
+            if need_w1:
+                xb = _gather_into(x, s, None, k, xb_s[:n])
+                _wgrad(dw1, xb.transpose(0, 1), dhb, blk, first)
+            if need_b1:
+                _bgrad(db1, dhb, blk, first)
+            if need_x:
+                _scatter_add(dx, _gemm(dhb, w1.transpose(1, 2), None, blk), s, None, k)
         if dx is not None:
             dx = dx.to(x.dtype)
         return dx, dgates, dw1, db1, dw2, db2, None, None, None, None
-
-
-def _mm_acc(out, a, b, i):
-    if i == 0:
-        torch.mm(a, b, out=out)
-    else:
-        out.addmm_(a, b)
-
-
-def _sum_acc(out, rows, i):
-    if i == 0:
-        torch.sum(rows, 0, out=out)
-    else:
-        out.add_(rows.sum(0))
 
 
 def moe_experts_cpu_usable(x: torch.Tensor) -> bool:

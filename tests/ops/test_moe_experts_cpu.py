@@ -28,7 +28,7 @@ def composition(x, routing, gates, w1, b1, w2, b2, act, upcast):
     return moe_unpermute_ref(o, routing, gates.to(dt), upcast=upcast)
 
 
-def problem(t=37, e=5, d=12, f=20, act="gelu", bias=True, capacity=9, dtype=torch.float32, seed=0):
+def problem(t=53, e=5, d=12, f=20, act="gelu", bias=True, capacity=9, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     n1 = 2 * f if act == "swiglu" else f
     x = torch.randn(t, d, generator=g).to(dtype)
@@ -50,16 +50,29 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-@pytest.mark.parametrize("block_bytes", [None, 1], ids=["whole-experts", "16-row-blocks"])
+@pytest.mark.parametrize(
+    "grouped, block_bytes",
+    [(True, None), (False, None), (False, 1)],
+    ids=["grouped", "per-expert", "16-row-blocks"],
+)
 @pytest.mark.parametrize(
     "act, bias, capacity",
-    [("gelu", True, 9), ("swiglu", False, 9), ("relu", True, None), (None, True, 3)],
+    [("gelu", True, 20), ("swiglu", False, 20), ("relu", True, None), (None, True, 3)],
     ids=["gelu-dropping", "swiglu-nobias", "relu-dropless", "none-tight"],
 )
-def test_matches_composition_fwd_bwd(monkeypatch, block_bytes, act, bias, capacity):
-    if block_bytes is not None:  # 16-row blocks: experts of ~15-20 rows split, weight grads accumulated
+def test_matches_composition_fwd_bwd(monkeypatch, grouped, block_bytes, act, bias, capacity):
+    # grouped: the experts (~15 rows each) in one torch._grouped_mm block; per-expert: one mm each;
+    # 16-row blocks: experts split, weight gradients accumulated over blocks
+    if not grouped:
+        monkeypatch.setattr(gm, "_HAS_TORCH_GMM", False)
+    if block_bytes is not None:
         monkeypatch.setattr(gm, "_FFN_BLOCK_BYTES", block_bytes)
     x, routing, gates, w1, b1, w2, b2 = problem(act=act or "none", bias=bias, capacity=capacity)
+    off = routing.offsets.tolist()
+    blocks = gm._ffn_blocks(off, x, 12, w1.shape[2], 20)
+    assert any(blk.offs is not None for blk in blocks) == grouped
+    split = any(blk.b - blk.a < off[blk.e0 + 1] - off[blk.e0] for blk in blocks)
+    assert split == (block_bytes is not None and capacity != 3)
     ins = leaves(x, gates, w1, b1, w2, b2)
     y = moe_experts_cpu(ins[0], routing, *ins[1:], act)
     dy = torch.randn_like(y)
