@@ -32,6 +32,12 @@ _GLIDE_DDPM = (
 # name -> (fused call, reference call, learned variance, noise[, extras: "inpaint" (known image + mask),
 # "grad" (a guidance gradient: GLIDE's CLIP guidance)])
 SAMPLERS = {
+    "ddim+cfg": (
+        lambda x, mo, abar, **kw: D.ddim_step(x, mo, abar, T, T_PREV, **kw),
+        lambda x, mo, abar, **kw: D.ddim_step_ref(x, mo, abar, T, T_PREV, **kw),
+        False,
+        False,
+    ),
     "ddim+cfg+clip": (
         lambda x, mo, abar, **kw: D.ddim_step(x, mo, abar, T, T_PREV, clip_sample=1.0, **kw),
         lambda x, mo, abar, **kw: D.ddim_step_ref(x, mo, abar, T, T_PREV, clip_sample=1.0, **kw),
@@ -140,7 +146,12 @@ def shapes(device: torch.device, quick: bool):
         ]
     if quick:
         return [((4, 3, 64, 64), torch.float32)]
-    return [((16, 3, 128, 128), torch.float32), ((16, 3, 128, 128), torch.bfloat16)]
+    # a latent batch that sits in L2 / L3, and a pixel-space batch that streams from memory
+    return [
+        (shape, dtype)
+        for shape in ((16, 4, 64, 64), (8, 3, 256, 256))
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
 
 
 @register(
@@ -217,7 +228,26 @@ def make_case(device: torch.device, shape, dtype: torch.dtype, name: str) -> Cas
 def step_overhead_cases(device: torch.device, quick: bool):
     """At 1 x 4 x 8 x 8 the kernel is ~2 us on a CPU, so each row's time over the raw entry point is the cost
     of its Python path (validation, dispatch, views). Ratios here are < 1 by construction: they show the
-    tax, not a speed-up. The sampler validates once (first step) and then takes its fast path."""
+    tax, not a speed-up. The sampler validates once (first step) and then takes its fast path; the per-step
+    functions validate a schedule and their arguments once, then take the fast lane. One case per step
+    function, and the whole sampling loop (50 steps, an identity model) against a loop of raw calls."""
+    yield _overhead_ddim(device)
+    if not quick:
+        yield from _overhead_per_function(device)
+        yield _overhead_loop(device)
+
+
+def _raw(device, x, coeffs, clip=0.0, prev=None):
+    """The raw entry point on (1, N) views of x (and of x as the model output), x_prev viewed back."""
+    xf = x.view(1, -1)
+    backend = D.OP.dispatch(Call(x.device, x.dtype, {"n": xf.shape[1]}))
+    pf = prev.view(1, -1) if prev is not None else None
+    args = (xf, xf, None, 0, coeffs, pf, None, None, None, 1.0, clip, 0, 0, 0, 0, True, False, None, None, None,
+            0.0)  # fmt: skip
+    return backend, args
+
+
+def _overhead_ddim(device):
     from fastgen.diffusion import DDIMSampler
 
     x = torch.randn(1, 4, 8, 8, device=device)
@@ -226,10 +256,8 @@ def step_overhead_cases(device: torch.device, quick: bool):
     smp.step(T, x, eps)  # the first step validates and plans
     coeffs = smp.coefficients(device, torch.float32)[T]
     abar = SCHED.alphas_cumprod.to(device)
-    xf, ef = x.view(1, -1), eps.view(1, -1)
-    backend = D.OP.dispatch(Call(x.device, x.dtype, {"n": xf.shape[1]}))
-    args = (xf, ef, None, 0, coeffs, None, None, None, None, 1.0, 1.0, 0, 0, 0, 0, True, False, None, None,
-            None, 0.0)  # fmt: skip
+    backend, args = _raw(device, x, coeffs, clip=1.0)
+    args = (args[0], eps.view(1, -1), *args[2:])
     impls = [
         Impl(f"raw kernel[{backend.name}]", lambda: backend.fn(*args)[0].view(x.shape), baseline=True),
         Impl("Sampler.step", lambda: smp.step(T, x, eps)[0]),
@@ -237,8 +265,74 @@ def step_overhead_cases(device: torch.device, quick: bool):
         Impl("ddim_step(abar, t, t_prev)", lambda: D.ddim_step(x, eps, abar, T, T_PREV, clip_sample=1.0)[0]),
         Impl("torch.library op", lambda: D._sampler_step_op(*args)[0].view(x.shape)),
     ]
-    yield Case("ddim+clip 1x4x8x8 fp32", impls, params={"shape": [1, 4, 8, 8], "dtype": "fp32"}, atol=1e-6,
-               rtol=1e-6)  # fmt: skip
+    return Case("ddim+clip 1x4x8x8 fp32", impls, params={"shape": [1, 4, 8, 8], "dtype": "fp32"}, atol=1e-6,
+                rtol=1e-6)  # fmt: skip
+
+
+def _overhead_per_function(device):
+    """ddpm_step (a noise tensor), euler_step, dpm_solver_2m_step (prev_x0): each against its raw call."""
+    x = torch.randn(1, 4, 8, 8, device=device)
+    prev = torch.randn(1, 4, 8, 8, device=device)
+    abar = SCHED.alphas_cumprod.to(device)
+    cases = {
+        "ddpm_step(abar, t)": (
+            D.ddpm_coeffs(abar, T, "epsilon", "fixed_small"),
+            lambda: D.ddpm_step(x, x, abar, T, noise=x)[0],
+            None,
+        ),
+        "euler_step(abar, t, t_prev)": (
+            D.euler_coeffs(abar, T, T_PREV, "epsilon"),
+            lambda: D.euler_step(x, x, abar, T, T_PREV)[0],
+            None,
+        ),
+        "dpm_solver_2m_step(abar, t, t_prev)": (
+            D.dpm_solver_2m_coeffs(abar, T, T_PREV, T_LAST, "epsilon"),
+            lambda: D.dpm_solver_2m_step(x, x, abar, T, T_PREV, prev_x0=prev, t_last=T_LAST)[0],
+            prev,
+        ),
+    }
+    for name, (coeffs, call, pv) in cases.items():
+        backend, args = _raw(device, x, coeffs.float(), prev=pv)
+        if name.startswith("ddpm"):  # the noise tensor (noise_mode 1)
+            args = (*args[:6], args[0], *args[7:12], 1, *args[13:])
+        impls = [
+            Impl(
+                f"raw kernel[{backend.name}]",
+                lambda b=backend, a=args: b.fn(*a)[0].view(x.shape),
+                baseline=True,
+            ),
+            Impl(name, call),
+        ]
+        yield Case(f"{name.split('(')[0]} 1x4x8x8 fp32", impls, params={"shape": [1, 4, 8, 8], "dtype": "fp32"},
+                   atol=1e-6, rtol=1e-6)  # fmt: skip
+
+
+def _overhead_loop(device):
+    """DDIMSampler(clip).sample over 50 steps with an identity model vs the same loop of raw calls."""
+    from fastgen.diffusion import DDIMSampler
+
+    shape = (1, 4, 8, 8)
+    x_t = torch.randn(shape, device=device)
+    smp = DDIMSampler(SCHED, clip_sample=1.0)
+    table = smp.coefficients(device, torch.float32)
+    backend = D.OP.dispatch(Call(x_t.device, x_t.dtype, {"n": x_t[0].numel()}))
+
+    def identity(x, t):
+        return x
+
+    def raw_loop():
+        x = x_t.view(1, -1)
+        for i in range(SCHED.num_timesteps - 1, -1, -1):
+            x, _ = backend.fn(x, x, None, 0, table[i], None, None, None, None, 1.0, 1.0, 0, 0, 0, 0, True, False,
+                              None, None, None, 0.0)  # fmt: skip
+        return x.view(shape)
+
+    impls = [
+        Impl(f"raw kernel loop[{backend.name}]", raw_loop, baseline=True),
+        Impl("Sampler.sample", lambda: smp.sample(identity, shape, x_T=x_t, device=device, progress=False)),
+    ]
+    return Case("ddim+clip sample() 50 steps 1x4x8x8 fp32", impls, params={"shape": list(shape), "steps": 50},
+                atol=1e-6, rtol=1e-6)  # fmt: skip
 
 
 if __name__ == "__main__":

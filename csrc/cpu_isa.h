@@ -52,6 +52,24 @@ inline bool has_f16c() {
   return yes;
 }
 
+// Extensions past AVX-512F that a kernel's avx512 path may add where cpuid reports all of them: BW, DQ and
+// VL (16-bit lanes in 512-bit registers, vfpclassps: every AVX-512 part since Skylake-SP and Zen 4) and
+// BF16 (vcvtneps2bf16, float32 -> bfloat16 in one instruction: Cooper Lake, Sapphire Rapids, Zen 4).
+// FASTGEN_CPU_ISA=avx512 keeps them; a capped path (avx2, scalar) never uses them.
+inline bool has_avx512_bf16_set() {
+  static const bool yes = [] {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return yes;
+}
+
 inline Isa selected_isa() {
   const Isa best = best_isa();
   const char* env = std::getenv("FASTGEN_CPU_ISA");

@@ -9,12 +9,14 @@
 // resolved once per tile, not per element. Staging keeps the template instantiations additive in the
 // features (about 25 loops per dtype and path) instead of multiplicative.
 //
-// SIMD paths. The per-chunk body (tile loop + every stage, all always-inline) is instantiated three
+// SIMD paths. The per-chunk body (tile loop + every stage, all always-inline) is instantiated four
 // times in this one translation unit: in a wrapper without a target attribute (the portable x86-64
-// baseline, SSE2), in a target("avx2,fma") wrapper and in a target("avx512f") wrapper, so the
-// vectorizer emits 128-bit, 256-bit and (where GCC's cost model picks them) 512-bit loops from one
-// source. cpu::selected_isa() (cpuid, capped by FASTGEN_CPU_ISA) picks the wrapper at every call. No
-// global -m flag is involved, so the baseline never executes an instruction the CPU might lack.
+// baseline, SSE2), in a target("avx2,fma") wrapper, in a target("avx512f") wrapper and, for CPUs with
+// cpu::has_avx512_bf16_set() (Cooper Lake, Sapphire Rapids, Zen 4), in an AVX-512 F/BW/DQ/VL/BF16 one, so
+// the vectorizer emits 128-bit, 256-bit and (where GCC's cost model picks them) 512-bit loops from one
+// source; only with BW does it widen the bf16 loads to 512 bits. cpu::selected_isa() (cpuid, capped by
+// FASTGEN_CPU_ISA) picks the wrapper at every call. No global -m flag is involved, so the baseline never
+// executes an instruction the CPU might lack.
 //
 // Same results on every path, bit for bit: every stage is elementwise (no reductions), and FMA
 // contraction is switched off for this file (the pragma below; GCC contracts a * b + c into an FMA under
@@ -26,12 +28,14 @@
 // there: vpmovzxwd + vpslld); fp16 inputs are converted to float32 tile buffers first. The stages write
 // float32, and each 16-bit output is converted by one pass with explicit intrinsics on the SIMD paths:
 // f32 -> bf16 rounds to nearest even on the integer bits, NaN -> 0x7FC0 (c10::BFloat16's rounding, which
-// torch's .to(bfloat16) uses too); fp16 uses F16C's vcvtph2ps / vcvtps2ph (round to nearest even) under
-// target("avx2,f16c") where cpuid reports F16C, or the AVX-512F forms. The baseline uses the scalar
-// forms; all give the same bits (a NaN stays a NaN; an fp16 NaN's payload may differ). Measured (1
-// thread, interleaved medians): a bf16 step is 1.3-1.5x faster than the fp32 one when the tensors come
-// from memory (8x3x256x256), ~1.6x slower when they sit in L2 / L3 (16x4x64x64: the conversions'
-// instructions then cost more than the halved bytes save).
+// torch's .to(bfloat16) uses too), or with AVX512-BF16's vcvtneps2bf16 (the same rounding; the rare
+// vector with a subnormal or a NaN takes the integer form); fp16 uses F16C's vcvtph2ps / vcvtps2ph (round
+// to nearest even) under target("avx2,f16c") where cpuid reports F16C, or the AVX-512F forms. The
+// baseline uses the scalar forms; all give the same bits (a NaN stays a NaN; an fp16 NaN's payload may
+// differ). The bf16 loops are bound by the vector ALUs, not by memory (the same time per element whether
+// the tensors sit in L2 or stream from memory): a bf16 DDIM step costs ~1.35x the fp32 one at 16x4x64x64
+// (the conversions' instructions), ~0.75x at 8x3x256x256, where fp32 waits on memory (1 thread, Zen 4;
+// the BF16 wrapper takes ~20% off the avx512f wrapper's bf16 time).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #elif defined(__clang__)
@@ -67,7 +71,8 @@ constexpr int64_t kTile = 512;
 constexpr int64_t kGrainTiles = 64;
 
 // The code path of one instantiation (a template argument; the wrappers at the end set the target).
-enum Path : int { PATH_BASE = 0, PATH_AVX2 = 1, PATH_AVX512 = 2 };
+// PATH_AVX512BF16 is the avx512 path on CPUs with cpu::has_avx512_bf16_set().
+enum Path : int { PATH_BASE = 0, PATH_AVX2 = 1, PATH_AVX512 = 2, PATH_AVX512BF16 = 3 };
 
 // ---- 16-bit conversions ---------------------------------------------------------------------------------
 //
@@ -152,6 +157,24 @@ __attribute__((target("avx512f"))) void f32_to_bf16_avx512(const float* __restri
   for (; j < n; ++j) dst[j] = f32_to_bf16_bits(src[j]);
 }
 
+// vcvtneps2bf16 rounds to nearest even as c10 does, but flushes subnormal inputs to zero and keeps a NaN's
+// sign and payload: a vector holding either (vfpclassps: QNaN 0x01, subnormal 0x20, SNaN 0x80; rare) takes
+// the scalar rounding, so the bits stay those of every other path.
+__attribute__((target("avx512f,avx512dq,avx512bf16"))) void f32_to_bf16_avx512bf16(const float* __restrict__ src,
+                                                                                  uint16_t* __restrict__ dst,
+                                                                                  int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 f = _mm512_loadu_ps(src + j);
+    if (__builtin_expect(_mm512_fpclass_ps_mask(f, 0xA1) != 0, 0)) {
+      for (int64_t i = j; i < j + 16; ++i) dst[i] = f32_to_bf16_bits(src[i]);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f)));
+    }
+  }
+  for (; j < n; ++j) dst[j] = f32_to_bf16_bits(src[j]);
+}
+
 __attribute__((target("avx512f"))) void f16_to_f32_avx512(const c10::Half* __restrict__ src,
                                                            float* __restrict__ dst, int64_t n) {
   int64_t j = 0;
@@ -183,6 +206,7 @@ struct Convert<c10::BFloat16, PATH> {
   static void store(const float* s, c10::BFloat16* d, int64_t n) {
     uint16_t* dst = reinterpret_cast<uint16_t*>(d);
 #ifdef FASTGEN_STEP_X86
+    if constexpr (PATH == PATH_AVX512BF16) return f32_to_bf16_avx512bf16(s, dst, n);
     if constexpr (PATH == PATH_AVX512) return f32_to_bf16_avx512(s, dst, n);
     if constexpr (PATH == PATH_AVX2) return f32_to_bf16_avx2(s, dst, n);
 #endif
@@ -194,7 +218,7 @@ template <int PATH>
 struct Convert<c10::Half, PATH> {
   static void load(const c10::Half* s, float* d, int64_t n) {
 #ifdef FASTGEN_STEP_X86
-    if constexpr (PATH == PATH_AVX512) return f16_to_f32_avx512(s, d, n);
+    if constexpr (PATH >= PATH_AVX512) return f16_to_f32_avx512(s, d, n);
     if constexpr (PATH == PATH_AVX2) {
       if (cpu::has_f16c()) return f16_to_f32_f16c(s, d, n);
     }
@@ -203,7 +227,7 @@ struct Convert<c10::Half, PATH> {
   }
   static void store(const float* s, c10::Half* d, int64_t n) {
 #ifdef FASTGEN_STEP_X86
-    if constexpr (PATH == PATH_AVX512) return f32_to_f16_avx512(s, d, n);
+    if constexpr (PATH >= PATH_AVX512) return f32_to_f16_avx512(s, d, n);
     if constexpr (PATH == PATH_AVX2) {
       if (cpu::has_f16c()) return f32_to_f16_f16c(s, d, n);
     }
@@ -460,6 +484,13 @@ template <typename T>
 __attribute__((target("avx512f"))) void chunk_avx512(const Ctx<T>& c, int64_t begin, int64_t end) {
   chunk_body<T, PATH_AVX512>(c, begin, end);
 }
+// With BW, GCC vectorizes the bf16 loads (vpmovzxwd + vpslld) in 512-bit registers instead of 256-bit ones.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) void chunk_avx512bf16(const Ctx<T>& c,
+                                                                                            int64_t begin,
+                                                                                            int64_t end) {
+  chunk_body<T, PATH_AVX512BF16>(c, begin, end);
+}
 #endif
 
 template <typename T>
@@ -473,7 +504,7 @@ void run(const StepArgs& a, cpu::Isa isa) {
   void (*chunk)(const Ctx<T>&, int64_t, int64_t) = chunk_base<T>;
 #ifdef FASTGEN_STEP_X86
   if (isa == cpu::Isa::kAvx512) {
-    chunk = chunk_avx512<T>;
+    chunk = cpu::has_avx512_bf16_set() ? chunk_avx512bf16<T> : chunk_avx512<T>;
   } else if (isa == cpu::Isa::kAvx2) {
     chunk = chunk_avx2<T>;
   }
