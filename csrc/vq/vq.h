@@ -45,9 +45,9 @@ vq_nearest_{cpu,cuda}(x, codebook, code_sqnorm, cosine, exact, with_counts) -> (
 
 x: (H, N, D); codebook: (H, K, D), same dtype (float32 / float16 / bfloat16; CPU also float64), contiguous;
 code_sqnorm: (H, K) float32 ||c||^2 (float64 allowed for float64 inputs). L2: d = (||x||^2 - 2 x.c) + ||c||^2,
-dist = max(0, d); cosine (normalised inputs): dist = 1 - x.c clamped to [0, 2]. indices: (H, N) int64 argmin, ties -> lowest
-index; dist: (H, N) float32; counts: (H, K) int64 histogram of indices if with_counts, else empty. Dot
-products accumulate in fp32 (fp64 for fp64). exact (CPU and CUDA): the best 4 candidates by
+dist = max(0, d); cosine (normalised inputs): dist = 1 - x.c (CPU: clamped to [0, 2]). indices: (H, N) int64
+argmin, ties -> lowest index; dist: (H, N) float32; counts: (H, K) int64 histogram of indices if with_counts,
+else empty. Dot products accumulate in fp32 (fp64 for fp64). exact (CPU and CUDA): the best 4 candidates by
 the expanded form are re-ranked by the direct form (L2 sum((x - c)^2), cosine 1 - x.c) from the original
 values, ties -> lowest index, dist = the direct distance. Math: fastgen/ops/vq.py.
 )doc";

@@ -83,9 +83,10 @@ def run(x, c, cosine, exact):
     return C.vq_nearest_cpu(x, c, sq, cosine, exact, True)
 
 
-# (H, N, K, D): 3 code blocks with a 188-code tail; a last block of 3 codes; K < 4 (candidate lists never
-# fill); one row and one code; 2 blocks of 1344 codes at 64 rows a task
-SHAPES = [(1, 600, 700, 20), (3, 130, 515, 33), (2, 9, 3, 5), (1, 1, 1, 1), (1, 40, 2000, 64)]
+# (H, N, K, D), blocks at 1 thread (the kernel's tiling: 256 rows x 512 codes, fewer rows -> more codes):
+# 512 + 188 codes; a last block of 3 codes; K < 4 (candidate lists never fill); one row and one code;
+# 2720 + 280 codes at 48 rows a task
+SHAPES = [(1, 600, 700, 20), (3, 130, 515, 33), (2, 9, 3, 5), (1, 1, 1, 1), (1, 40, 3000, 64)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -121,9 +122,9 @@ def test_nan_rows_and_codes(path, exact):
     x, c, want_i, want_d = problem((2, 300, 700, 20), torch.float32, False, seed=2)
     x, c, want_i, want_d = x.clone(), c.clone(), want_i.clone(), want_d.clone()
     x[0, 5, 3] = x[0, 299, 0] = float("nan")
-    c[1, 400, 7] = float("nan")
+    c[1, 600, 7] = float("nan")
     want_i[0, [5, 299]], want_d[0, [5, 299]] = 0, float("nan")
-    want_i[1], want_d[1] = 400, float("nan")
+    want_i[1], want_d[1] = 600, float("nan")
     with setting(path, 2):
         idx, dist, _ = run(x, c, False, exact)
     assert torch.equal(idx, want_i)
