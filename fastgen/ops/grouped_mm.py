@@ -33,7 +33,11 @@ Backends: ``triton`` and ``torch`` (any device and dtype including float64; it r
 so it synchronises — the CPU path): ``torch._grouped_mm`` (float32 / bfloat16 / float16, where torch has it)
 or one ``torch.mm(out=)`` / ``torch.addmm(out=)`` per non-empty expert into a preallocated output, the
 activation once over all used rows (in place without autograd) and the backward's dh in one fused ATen
-kernel; see the section comment at ``_fwd_torch``.
+kernel; see the section comment at ``_fwd_torch``. Small CPU calls that use every row and need a gradient
+(not swiglu) run ``torch._grouped_mm`` + the activation under torch's own autograd: its C++ nodes cost
+less per call than a Python autograd.Function and save the same tensors.
+For the MoE layer, :func:`moe_experts_cpu` runs gather -> both GEMMs -> combine block by block on CPU
+without the padded (T*k, .) buffers.
 Reference: :func:`grouped_mm_ref`, a plain loop over experts in float64.
 """
 
@@ -209,10 +213,11 @@ def _zero_unused(t: torch.Tensor, lo: int, hi: int) -> None:
 #   its bias + activation (forward) or its dh, dx and dw updates (backward) while the block is in cache.
 #   The backward then needs only one block of dh as scratch, not an (R, N) dh.
 #   Used when the experts are big enough (on average >= _BLOCK_MIN_ROWS rows) for the per-block Python calls
-#   not to matter. (Measured on 2 AMD EPYC cores: 1 MiB blocks beat 256 KiB and 4 MiB ones.)
+#   not to matter. (Measured on 2 AMD EPYC cores: 1 MiB blocks beat 256 KiB and 4 MiB ones; 4 experts of
+#   128 rows, 64 -> 512 swiglu: one torch._grouped_mm beat 4 blocks, hence 256 rows, not 128.)
 _WHOLE_BYTES = 1 << 19
 _BLOCK_BYTES = 1 << 20
-_BLOCK_MIN_ROWS = 128
+_BLOCK_MIN_ROWS = 256
 
 
 def _whole(x, w, lo, hi, backward):
@@ -264,7 +269,8 @@ def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
                     h[off[e] : off[e + 1]].add_(bias[e])
         out = torch.empty((r, n_out), dtype=x.dtype, device=x.device) if separate else h
         if act != "none":
-            _act_fwd_block(h[lo:hi], out[lo:hi], act, save_h, n_out)
+            every = lo == 0 and hi == r  # no views to make (a few us: this path serves small calls)
+            _act_fwd_block(h if every else h[lo:hi], out if every else out[lo:hi], act, save_h, n_out)
     else:
         h = torch.empty((r, n), dtype=x.dtype, device=x.device)
         out = torch.empty((r, n_out), dtype=x.dtype, device=x.device) if separate else h
@@ -418,7 +424,7 @@ class _Block(NamedTuple):
 def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> list[_Block]:
     """Whole experts, one GEMM call each, as a plain loop makes, unless an expert's h would pass
     _FFN_BLOCK_BYTES (then blocks of that size; 16-bit weight gradients are then accumulated over blocks in
-    their own dtype). Small experts (on average < _BLOCK_MIN_ROWS rows) are grouped into blocks of up to
+    their own dtype). Small experts (on average < _FFN_GROUP_MIN_ROWS rows) are grouped into blocks of up to
     _FFN_GROUP_BYTES of h served by torch._grouped_mm, where torch has it for the dtype and every GEMM
     operand is 16-byte aligned: one call instead of one per expert."""
     e_count = len(off) - 1
@@ -430,7 +436,7 @@ def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> lis
         _HAS_TORCH_GMM
         and x.dtype in _GMM_DTYPES
         and len(used) > 1
-        and (off[-1] - off[0]) < _BLOCK_MIN_ROWS * len(used)
+        and (off[-1] - off[0]) < _FFN_GROUP_MIN_ROWS * len(used)
         and not (d % align or n1 % align or f % align)
     )
     gcap = max(16, _FFN_GROUP_BYTES // max(1, n1 * elsize))
@@ -459,6 +465,7 @@ def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> lis
 
 _FFN_BLOCK_BYTES = 1 << 23
 _FFN_GROUP_BYTES = 1 << 19
+_FFN_GROUP_MIN_ROWS = 128
 
 
 def _gemm(xb, w, bias, blk: _Block, out=None):
@@ -1089,7 +1096,8 @@ def _check_offsets(offsets: torch.Tensor, rows: int) -> tuple[torch.Tensor, list
             torch._assert_async(
                 (offsets[1:] - offsets[:-1]).min() >= 0, "fastgen.grouped_mm: offsets must be non-decreasing"
             )
-    return offsets.to(torch.int32), off  # exact once 0 <= offsets <= R < 2^31 holds; off: host list (CPU)
+    narrow = offsets if offsets.dtype == torch.int32 else offsets.to(torch.int32)
+    return narrow, off  # exact once 0 <= offsets <= R < 2^31 holds; off: host list (CPU)
 
 
 def grouped_mm(
@@ -1140,9 +1148,25 @@ def grouped_mm(
         raise _err(f"swiglu needs an even N = 2F (gate | up halves), got N = {w.shape[2]}")
     offsets, off = _check_offsets(offsets, x.shape[0])
     act = "none" if activation is None else activation
-    if off is not None and x.dtype in _TORCH_DTYPES and OP.forced_backend() in (None, "torch"):
-        # CPU eager: the torch backend is the one dispatch picks (triton takes CPU tensors only when forced)
-        return _GroupedMMCPU.apply(x, w, offsets, bias, act, off)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias))
+    if (
+        off is not None
+        and x.dtype in _TORCH_DTYPES
+        and _backend.plain_eager(x)
+        and OP.forced_backend() in (None, "torch")
+    ):
+        # CPU eager: the torch backend is the one dispatch picks (triton takes CPU tensors only when forced);
+        # called directly, without the custom op's wrapping, and without autograd when no gradient is needed
+        if not grad:
+            return _fwd_torch(x, w, offsets, bias, act, False, off)[0]
+        if act != "swiglu" and off[0] == 0 and off[-1] == x.shape[0] and _whole(x, w, 0, off[-1], True):
+            # small calls whose rows are all used: torch's own autograd nodes (C++) over torch._grouped_mm
+            # cost less per call than a Python autograd.Function, and save the same tensors (x, w, h);
+            # swiglu keeps the Function, which saves h alone (autograd would also save silu(gate))
+            h = torch._grouped_mm(x, w, offs=offsets[1:])
+            if bias is not None:
+                h = h + bias.repeat_interleave(torch.diff(offsets), dim=0, output_size=off[-1])
+            return activation_ref(h, act)
+        return _GroupedMMCPU.apply(x, w, offsets, bias, act, off)
     out, _ = _grouped_mm_fwd_op(x, w, offsets, bias, act, act != "none" and grad)
     return out

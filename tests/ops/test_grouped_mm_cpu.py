@@ -108,3 +108,20 @@ def test_partial_grads_cpu_path(schedule):
                                  (w64, b64))  # fmt: skip
     assert torch.allclose(dw.double(), rw, atol=1e-4) and torch.allclose(db.double(), rb, atol=1e-4)
     assert torch.all(dw[1] == 0) and torch.all(db[1] == 0)  # the empty expert
+
+
+@pytest.mark.parametrize("act", ["gelu", "swiglu", None])
+def test_small_all_rows_calls_use_torch_autograd(schedule, act):
+    """A "whole" call using every row, with a gradient, runs torch._grouped_mm under torch's own autograd
+    (cheaper per call than the Python Function); swiglu (less saved memory in the Function), calls with
+    unused rows and the blocked schedule keep the Function. Same values and gradients either way."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(32, 16, generator=g)
+    w = torch.randn(4, 16, 32, generator=g) / 4
+    bias = torch.randn(4, 32, generator=g)
+    for offs, all_rows in (([0, 8, 8, 20, 32], True), ([2, 8, 8, 20, 30], False)):
+        offsets = torch.tensor(offs, dtype=torch.int32)
+        out = grouped_mm(x.requires_grad_(), w, offsets, bias=bias, activation=act)
+        native = schedule == "whole" and act != "swiglu" and all_rows
+        assert isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction) != native
+        _check(x, w, offsets, bias, act, torch.float32)
