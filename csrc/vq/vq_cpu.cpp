@@ -180,6 +180,20 @@ void scan_min_generic(const acc_t* dots, const acc_t* cn, int64_t n, acc_t scale
   }
 }
 
+// scan_min_generic for keys that are never NaN: branch-free selects, which the compiler vectorizes.
+template <typename acc_t>
+void scan_min_ordered(const acc_t* dots, const acc_t* cn, int64_t n, acc_t scale, int32_t k0, acc_t* lb,
+                      int32_t* li) {
+  for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t key = cn[j0 + l] - scale * dots[j0 + l];
+      const bool lt = key < lb[l];
+      lb[l] = lt ? key : lb[l];
+      li[l] = lt ? k0 + static_cast<int32_t>(j0 + l) : li[l];
+    }
+  }
+}
+
 // Exact mode: insert the n keys (the real codes only) into the candidate list.
 template <typename acc_t>
 void scan_topr_generic(const acc_t* dots, const acc_t* cn, int64_t n, acc_t scale, int32_t k0, acc_t* cd,
@@ -561,12 +575,52 @@ void nearest(const VqArgs& a, const Epilogue<acc_t>& ep) {
   // L2 next to the BLAS's own packing). Codes per block: a dot tile of ~128K values (512 KB in float32),
   // whole lanes; measured (1 thread, Zen 4, 1 MB L2): 64K-256K values within 2% in fast mode, exact mode
   // (whose first block of a row costs the most) 8% faster at 128K than at 64K for K = 512.
+  // Fewer row tasks than threads (few rows): the codebook is split too (splits of >= 512 codes, whole
+  // lanes), each split's result kept per row and merged in code order below. Every BLAS call then runs
+  // inside the parallel region, on one thread: outside it, a multi-threaded BLAS on tiles this small
+  // costs more in synchronisation than it computes (measured: 16 rows x 65536 codes, 2 busy cores).
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
   const int64_t RB = std::clamp<int64_t>(round_up((H * N + nth - 1) / nth, 16), 16, 256);
-  const int64_t KB = std::min(Kp, std::clamp<int64_t>((131072 / RB) / kLanes * kLanes, 128, 4096));
   const int64_t nblk = (N + RB - 1) / RB;
+  const int64_t want = std::clamp<int64_t>((nth + H * nblk - 1) / (H * nblk), 1, std::max<int64_t>(1, K / 512));
+  const int64_t KS = round_up((K + want - 1) / want, kLanes);  // codes per split
+  const int64_t splits = (K + KS - 1) / KS;                      // none empty
+  const int64_t KB = std::min(KS, std::clamp<int64_t>((131072 / RB) / kLanes * kLanes, 128, 4096));
+  // splits > 1: per split and row, the fast mode's (key, index) or the exact mode's candidate list
+  const int64_t part = splits > 1 ? splits * H * N : 0;
+  std::vector<acc_t> part_d(static_cast<size_t>(part * (exact ? kRerank : 1)));
+  std::vector<int64_t> part_i(static_cast<size_t>(part * (exact ? kRerank : 1)));
 
-  at::parallel_for(0, H * nblk, 1, [&](int64_t t0, int64_t t1) {
+  // Exact mode: re-rank a candidate list by the direct form; ties (and NaNs) -> the lowest index.
+  // (The direct forms are plain arithmetic, NaN or not: every path serves every row.)
+  auto rerank = [&](const acc_t* xr, const acc_t* ch, const int64_t* cir) {
+    const acc_t* cp[kRerank];
+    int nc = 0;
+    while (nc < kRerank && cir[nc] >= 0) {
+      cp[nc] = ch + cir[nc] * D;
+      ++nc;
+    }
+    acc_t dd[kRerank];
+    ep.direct(xr, cp, nc, D, cosine, dd);
+    acc_t b = inf;
+    int64_t bi = -1;
+    for (int s = 0; s < nc; ++s) {
+      const bool tie = dd[s] == b || (std::isnan(dd[s]) && std::isnan(b));
+      if (bi < 0 || better(dd[s], b) || (cir[s] < bi && tie)) {
+        b = dd[s];
+        bi = cir[s];
+      }
+    }
+    return std::pair<acc_t, int64_t>(b, std::max<int64_t>(bi, 0));
+  };
+  auto store = [&](int64_t row, acc_t b, int64_t bi) {  // row: h * N + n
+    if (b < 0) b = 0;  // comparisons: a NaN stays NaN
+    if (cosine && b > 2) b = 2;
+    out_i[row] = bi;
+    out_d[row] = static_cast<float>(b);
+  };
+
+  at::parallel_for(0, H * nblk * splits, 1, [&](int64_t t0, int64_t t1) {
     Scratch<acc_t>& sc = scratch<acc_t>();
     auto& [xbuf, dots, x2, lb, cd, li, hits, ci, row_ok] = sc;
     if (convert) xbuf.resize(static_cast<size_t>(RB * D));
@@ -581,7 +635,8 @@ void nearest(const VqArgs& a, const Epilogue<acc_t>& ep) {
       li.resize(static_cast<size_t>(RB * kLanes));
     }
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t / nblk, r0 = (t % nblk) * RB, rows = std::min(RB, N - r0);
+      const int64_t sp = t % splits, h = t / splits / nblk, r0 = (t / splits % nblk) * RB;
+      const int64_t rows = std::min(RB, N - r0), kbeg = sp * KS, kend = std::min(K, kbeg + KS);
       const acc_t* xs;
       if constexpr (convert) {
         const scalar_t* src = xg + (h * N + r0) * D;
@@ -599,13 +654,13 @@ void nearest(const VqArgs& a, const Epilogue<acc_t>& ep) {
         std::fill(ci.begin(), ci.begin() + rows * kRerank, int64_t{-1});
       } else {
         std::fill(lb.begin(), lb.begin() + rows * kLanes, inf);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int l = 0; l < kLanes; ++l) li[r * kLanes + l] = l;  // all +inf: the lowest index, 0, wins
+        for (int64_t r = 0; r < rows; ++r) {  // all +inf: the lowest index wins
+          for (int l = 0; l < kLanes; ++l) li[r * kLanes + l] = static_cast<int32_t>(kbeg) + l;
         }
       }
       const acc_t* ch = cg + h * K * D;
-      for (int64_t k0 = 0; k0 < K; k0 += KB) {
-        const int64_t kb = std::min(KB, K - k0), kbp = round_up(kb, kLanes);
+      for (int64_t k0 = kbeg; k0 < kend; k0 += KB) {
+        const int64_t kb = std::min(KB, kend - k0), kbp = round_up(kb, kLanes);
         tile_dots(xs, rows, ch + k0 * D, kb, D, dots.data(), KB);
         const acc_t* cnk = cnp.data() + h * Kp + k0;
         const int32_t k0i = static_cast<int32_t>(k0);
@@ -618,47 +673,70 @@ void nearest(const VqArgs& a, const Epilogue<acc_t>& ep) {
           } else if (exact) {
             scan_topr_generic(dr, cnk, kb, scale, k0i, cd.data() + r * kRerank, ci.data() + r * kRerank);
           } else {
-            (row_ok[r] ? ep.scan_min : &scan_min_generic<acc_t>)(dr, cnk, kbp, scale, k0i, lb.data() + r * kLanes,
-                                                                  li.data() + r * kLanes);
+            (row_ok[r] ? ep.scan_min : &scan_min_generic<acc_t>)(dr, cnk, kbp, scale, k0i,
+                                                                  lb.data() + r * kLanes, li.data() + r * kLanes);
           }
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        acc_t b;
-        int64_t bi;
-        if (exact) {  // re-rank by the direct form; ties (and NaNs) -> the lowest index
-          const int64_t* c = ci.data() + r * kRerank;
-          const acc_t* cp[kRerank];
-          int nc = 0;
-          while (nc < kRerank && c[nc] >= 0) {
-            cp[nc] = ch + c[nc] * D;
-            ++nc;
-          }
-          acc_t dd[kRerank];
-          (row_ok[r] ? ep.direct : &direct_generic<acc_t>)(xs + r * D, cp, nc, D, cosine, dd);
-          b = inf;
-          bi = -1;
-          for (int s = 0; s < nc; ++s) {
-            if (bi < 0 || better(dd[s], b) || (c[s] < bi && (dd[s] == b || (std::isnan(dd[s]) && std::isnan(b))))) {
-              b = dd[s];
-              bi = c[s];
-            }
-          }
-          bi = std::max<int64_t>(bi, 0);
+        const int64_t row = h * N + r0 + r;
+        if (exact && splits > 1) {
+          std::copy_n(cd.data() + r * kRerank, kRerank, part_d.data() + (sp * H * N + row) * kRerank);
+          std::copy_n(ci.data() + r * kRerank, kRerank, part_i.data() + (sp * H * N + row) * kRerank);
+        } else if (exact) {
+          const auto [b, bi] = rerank(xs + r * D, ch, ci.data() + r * kRerank);
+          store(row, b, bi);
         } else {
+          acc_t b;
+          int64_t bi;
           (row_ok[r] ? ep.finish_min : &finish_min_generic<acc_t>)(lb.data() + r * kLanes, li.data() + r * kLanes,
                                                                     &b, &bi);
-          b = cosine ? acc_t(1) + b : x2[r] + b;
+          if (splits > 1) {  // the key; ||x||^2 is added after the merge
+            part_d[sp * H * N + row] = b;
+            part_i[sp * H * N + row] = bi;
+          } else {
+            store(row, cosine ? acc_t(1) + b : x2[r] + b, bi);
+          }
         }
-        if (b < 0) b = 0;  // comparisons: a NaN stays NaN
-        if (cosine && b > 2) b = 2;
-        out_i[h * N + r0 + r] = bi;
-        out_d[h * N + r0 + r] = static_cast<float>(b);
+      }
+    }
+  });
+  if (splits == 1) return;
+
+  // Merge the splits in code order: an equal key never displaces an earlier split's (lower) index, so the
+  // result is the one of a single scan.
+  at::parallel_for(0, H * N, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> xr(static_cast<size_t>(D));
+    for (int64_t row = r0; row < r1; ++row) {
+      const scalar_t* src = xg + row * D;
+      for (int64_t d = 0; d < D; ++d) xr[d] = static_cast<acc_t>(src[d]);
+      const acc_t* ch = cg + row / N * K * D;
+      if (exact) {
+        acc_t cdr[kRerank];
+        int64_t cir[kRerank];
+        std::fill_n(cdr, kRerank, inf);
+        std::fill_n(cir, kRerank, int64_t{-1});
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const acc_t* pd = part_d.data() + (sp * H * N + row) * kRerank;
+          const int64_t* pi = part_i.data() + (sp * H * N + row) * kRerank;
+          for (int s = 0; s < kRerank && pi[s] >= 0; ++s) insert_candidate(cdr, cir, pd[s], pi[s]);
+        }
+        const auto [b, bi] = rerank(xr.data(), ch, cir);
+        store(row, b, bi);
+      } else {
+        acc_t b = part_d[row];
+        int64_t bi = part_i[row];
+        for (int64_t sp = 1; sp < splits; ++sp) {
+          if (better(part_d[sp * H * N + row], b)) {
+            b = part_d[sp * H * N + row];
+            bi = part_i[sp * H * N + row];
+          }
+        }
+        store(row, cosine ? acc_t(1) + b : sumsq(xr.data(), D) + b, bi);
       }
     }
   });
 }
-
 
 void check_operand(const at::Tensor& t, const char* name, int64_t dim, const char* entry, bool cuda) {
   TORCH_CHECK(t.defined(), "vq_nearest: ", name, " is undefined");
@@ -729,12 +807,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vq_nearest(bool cuda, const at::T
 void vq_nearest_cpu_impl(const VqArgs& a) {
   const auto st = a.x.scalar_type();
   if (st == at::kDouble) {
-    nearest<double, double>(a, Epilogue<double>{&scan_min_generic<double>, &scan_topr_clean_generic<double>,
+    nearest<double, double>(a, Epilogue<double>{&scan_min_ordered<double>, &scan_topr_clean_generic<double>,
                                                 &direct_generic<double>, &finish_min_generic<double>});
   } else {
     // Read before any work: a bad FASTGEN_CPU_ISA is an error, raised before the kernel runs.
     const cpu::Isa isa = cpu::selected_isa();
-    Epilogue<float> ep{&scan_min_generic<float>, &scan_topr_clean_generic<float>, &direct_generic<float>,
+    Epilogue<float> ep{&scan_min_ordered<float>, &scan_topr_clean_generic<float>, &direct_generic<float>,
                        &finish_min_generic<float>};
 #ifdef FASTGEN_VQ_X86
     if (isa == cpu::Isa::kAvx512) ep = {&scan_min_avx512, &scan_topr_avx512, &direct_avx512, &finish_min_avx512};

@@ -85,8 +85,15 @@ def run(x, c, cosine, exact):
 
 # (H, N, K, D), blocks at 1 thread (the kernel's tiling: 256 rows x 512 codes, fewer rows -> more codes):
 # 512 + 188 codes; a last block of 3 codes; K < 4 (candidate lists never fill); one row and one code;
-# 2720 + 280 codes at 48 rows a task
-SHAPES = [(1, 600, 700, 20), (3, 130, 515, 33), (2, 9, 3, 5), (1, 1, 1, 1), (1, 40, 3000, 64)]
+# 2720 + 280 codes at 48 rows a task; at 2 threads, one row task: the codebook split in 768 + 732 codes
+SHAPES = [
+    (1, 600, 700, 20),
+    (3, 130, 515, 33),
+    (2, 9, 3, 5),
+    (1, 1, 1, 1),
+    (1, 40, 3000, 64),
+    (1, 16, 1500, 24),
+]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -129,6 +136,26 @@ def test_nan_rows_and_codes(path, exact):
         idx, dist, _ = run(x, c, False, exact)
     assert torch.equal(idx, want_i)
     assert torch.equal(dist.isnan(), want_d.isnan()) and torch.equal(dist.nan_to_num(), want_d.nan_to_num())
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cos"])
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+@pytest.mark.parametrize("path", PATHS)
+def test_codebook_split(path, exact, cosine):
+    """Few rows, 8 threads (2 row tasks): the codebook is split in 4 (672 codes each but the last), the
+    per-split results merged in code order. A NaN row, a NaN code in the third split (head 1), ties across
+    splits (code 2599 = code 1)."""
+    x, c, want_i, want_d = problem((2, 4, 2600, 16), torch.float32, cosine, seed=4)
+    x, c, want_i, want_d = x.clone(), c.clone(), want_i.clone(), want_d.clone()
+    x[0, 2, 5] = float("nan")
+    c[1, 1500, 0] = float("nan")
+    want_i[0, 2], want_d[0, 2] = 0, float("nan")
+    want_i[1], want_d[1] = 1500, float("nan")
+    with setting(path, 8):
+        idx, dist, counts = run(x, c, cosine, exact)
+    assert torch.equal(idx, want_i)
+    assert torch.equal(dist.isnan(), want_d.isnan()) and torch.equal(dist.nan_to_num(), want_d.nan_to_num())
+    assert torch.equal(counts, torch.stack([torch.bincount(i, minlength=2600) for i in want_i]))
 
 
 @pytest.mark.parametrize("mode", V.MODES)
