@@ -6,10 +6,12 @@ uses the same weights and the same GShard routing rule, so they compute the same
 
 * ``naive-loop`` (the correctness oracle): a PyTorch loop over experts, each on the tokens routed to it
   (``index_select`` / ``index_add_``), gating in plain PyTorch — what a user writes first.
+* ``sorted-loop``: the kept assignments sorted by expert once (one gather of x, one ``index_add_`` back),
+  ``addmm`` per expert on contiguous slices — the strongest plain loop on CPU.
 * ``gshard-einsum``: the dense GShard formulation, a (T, E, C) dispatch / combine one-hot and einsums
   with a padded (E, C, d) expert batch; skipped when the one-hot alone passes 2^31 elements.
 * ``torch-grouped-mm``: fastgen's routing and permutation with ``torch._grouped_mm`` for the expert GEMMs,
-  where torch has it (bf16, sm90) — an apples-to-apples check of the grouped GEMM alone.
+  where torch has it (bf16 on sm90; CPU) — an apples-to-apples check of the grouped GEMM alone.
 * ``fastgen``: ``fastgen.nn.Top2MoE``.
 
 Peak memory of one call of each implementation is measured while the case is built and stored in the
@@ -35,7 +37,10 @@ EINSUM_MAX_ELEMENTS = 2**31
 def shapes(device: torch.device, quick: bool):
     """(E, d_model, tokens, activation) with d_ff = 4 d_model."""
     if device.type != "cuda":
-        return [(4, 32, 96, "gelu")] if quick else [(8, 128, 1024, "gelu"), (8, 128, 1024, "swiglu")]
+        if quick:
+            return [(4, 32, 96, "gelu")]
+        # the last: 64 small experts (~32 rows each), the layer's grouped (torch._grouped_mm) blocks
+        return [(8, 128, 1024, "gelu"), (8, 128, 1024, "swiglu"), (64, 64, 1024, "gelu")]
     if quick:
         return [(8, 1024, 4096, "gelu")]
     return [

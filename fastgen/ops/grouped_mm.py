@@ -410,15 +410,17 @@ def _scatter_add(out, rows, src, scale, k):
 
 class _Block(NamedTuple):
     """Rows [a, b) of experts e0 .. e1 - 1 (whole experts when e1 - e0 > 1: one torch._grouped_mm call;
-    else all or part of expert e0: torch.mm / addmm). offs / local: for grouped blocks, the experts' end
-    rows relative to a (int32) and each row's expert relative to e0 (int64, for the biases)."""
+    else all or part of expert e0: torch.mm / addmm). offs / onehot: for grouped blocks, the experts' end
+    rows relative to a (int32) and the (rows, e1 - e0) one-hot of each row's expert in x's dtype: the
+    biases are added as h += onehot @ bias[e0:e1] and summed as onehot^T @ dh (GEMMs: no (rows, N) bias
+    temporary, deterministic)."""
 
     e0: int
     e1: int
     a: int
     b: int
     offs: torch.Tensor | None
-    local: torch.Tensor | None
+    onehot: torch.Tensor | None
 
 
 def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> list[_Block]:
@@ -426,7 +428,8 @@ def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> lis
     _FFN_BLOCK_BYTES (then blocks of that size; 16-bit weight gradients are then accumulated over blocks in
     their own dtype). Small experts (on average < _FFN_GROUP_MIN_ROWS rows) are grouped into blocks of up to
     _FFN_GROUP_BYTES of h served by torch._grouped_mm, where torch has it for the dtype and every GEMM
-    operand is 16-byte aligned: one call instead of one per expert."""
+    operand is 16-byte aligned, and there are at least _FFN_GROUP_MIN_EXPERTS experts with rows: one call
+    instead of one per expert."""
     e_count = len(off) - 1
     elsize = x.element_size()
     cap = max(16, _FFN_BLOCK_BYTES // max(1, n1 * elsize))
@@ -435,7 +438,7 @@ def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> lis
     group = (
         _HAS_TORCH_GMM
         and x.dtype in _GMM_DTYPES
-        and len(used) > 1
+        and len(used) >= _FFN_GROUP_MIN_EXPERTS
         and (off[-1] - off[0]) < _FFN_GROUP_MIN_ROWS * len(used)
         and not (d % align or n1 % align or f % align)
     )
@@ -454,7 +457,8 @@ def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> lis
                 ends = torch.tensor([off[j + 1] - a for j in range(e, e1)], dtype=torch.int32)
                 counts = torch.tensor([off[j + 1] - off[j] for j in range(e, e1)])
                 local = torch.repeat_interleave(torch.arange(e1 - e), counts)
-                blocks.append(_Block(e, e1, a, off[e1], ends, local))
+                onehot = torch.nn.functional.one_hot(local, e1 - e).to(x.dtype)
+                blocks.append(_Block(e, e1, a, off[e1], ends, onehot))
                 e = e1
                 continue
         for r in range(a, off[e + 1], cap):
@@ -466,6 +470,7 @@ def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> lis
 _FFN_BLOCK_BYTES = 1 << 23
 _FFN_GROUP_BYTES = 1 << 19
 _FFN_GROUP_MIN_ROWS = 128
+_FFN_GROUP_MIN_EXPERTS = 8  # fewer experts: one GEMM call each costs little, and a block holds one
 
 
 def _gemm(xb, w, bias, blk: _Block, out=None):
@@ -477,7 +482,7 @@ def _gemm(xb, w, bias, blk: _Block, out=None):
         return torch.addmm(bias[e], xb, w[e], out=out) if out is not None else torch.addmm(bias[e], xb, w[e])
     h = torch._grouped_mm(xb, w[blk.e0 : blk.e1], offs=blk.offs)
     if bias is not None:
-        h.add_(bias[blk.e0 : blk.e1].index_select(0, blk.local))
+        h.addmm_(blk.onehot, bias[blk.e0 : blk.e1])
     return h
 
 
@@ -499,7 +504,7 @@ def _bgrad(out, g, blk: _Block, first: bool):
         else:
             out[blk.e0].add_(g.sum(0))
     else:
-        out[blk.e0 : blk.e1].zero_().index_add_(0, blk.local, g)
+        torch.mm(blk.onehot.transpose(0, 1), g, out=out[blk.e0 : blk.e1])
 
 
 def _ffn_fwd(x, gates, w1, b1, w2, b2, dest, src, off, act, train: bool, keep_o: bool):

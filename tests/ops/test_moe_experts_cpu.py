@@ -63,6 +63,7 @@ def max_err(a, b):
 def test_matches_composition_fwd_bwd(monkeypatch, grouped, block_bytes, act, bias, capacity):
     # grouped: the experts (~15 rows each) in one torch._grouped_mm block; per-expert: one mm each;
     # 16-row blocks: experts split, weight gradients accumulated over blocks
+    monkeypatch.setattr(gm, "_FFN_GROUP_MIN_EXPERTS", 2)  # 5 experts here
     if not grouped:
         monkeypatch.setattr(gm, "_HAS_TORCH_GMM", False)
     if block_bytes is not None:
@@ -99,7 +100,9 @@ def test_float64_exact_and_no_grad_path():
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_bfloat16_within_2x_of_the_same_dtype_composition():
+@pytest.mark.parametrize("min_experts", [2, 100], ids=["grouped", "per-expert"])
+def test_bfloat16_within_2x_of_the_same_dtype_composition(monkeypatch, min_experts):
+    monkeypatch.setattr(gm, "_FFN_GROUP_MIN_EXPERTS", min_experts)
     x, routing, gates, w1, b1, w2, b2 = problem(dtype=torch.bfloat16)
     y = moe_experts_cpu(x, routing, gates, w1, b1, w2, b2, "gelu")
     ref = composition(x, routing, gates, w1, b1, w2, b2, "gelu", upcast=True)
