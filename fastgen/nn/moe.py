@@ -9,6 +9,11 @@ For tokens ``x: (T, d_model)`` (any leading dims are flattened)::
     o      = grouped_mm(h, w2) + b2
     y      = moe_unpermute(o, g.routing, gates) # y_t = sum_j gate_tj * o[dest_tj]
 
+On CPU in eager mode (single process) the last four lines run as one block-by-block pass
+(:func:`fastgen.ops.grouped_mm.moe_experts_cpu`): each expert's rows are gathered from x, go through both
+GEMMs and are added into y with their gates, so neither the (T*k, d) buffers nor the (T*k, d_ff)
+activations are materialised; peak memory stays below a plain loop over experts.
+
 A token whose assignments were all dropped by capacity gets zeros (``dropped_tokens="zero"``, GShard) or
 itself (``"residual"``, i.e. the layer is the identity for it). ``capacity_factor=None`` is dropless.
 
