@@ -456,6 +456,15 @@ def _times_pow2(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return t * torch.exp2((e - e1).to(t.dtype)) * torch.exp2(e1.to(t.dtype))
 
 
+def _absmax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| over the last dim, NaN where a NaN is. CPU: amax and -amin (two vectorized passes; the inf-norm
+    reduction takes ~20x longer there: 3 ms for 4096 x 256 float32, a seventh of the lookup itself at
+    K = 1024). Elsewhere the inf-norm (one pass)."""
+    if t.device.type == "cpu":
+        return torch.maximum(t.amax(-1), -t.amin(-1))
+    return torch.linalg.vector_norm(t, ord=float("inf"), dim=-1)
+
+
 def _host_checks(t: torch.Tensor) -> bool:
     """Value checks may read back to the host (CPU tensors outside a traced graph)."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -474,9 +483,7 @@ def _prepare(x: torch.Tensor, c: torch.Tensor, distance: str):
     1 for ordinary data (bit-identical results; the cost is one elementwise pass over x and the codebook,
     against the O(N K D) scan). The max-abs reduction replaces a separate isfinite pass."""
     host = _host_checks(x)
-    inf = float("inf")
-    rx = torch.linalg.vector_norm(x, ord=inf, dim=-1)  # (H, N): max |x| per row, NaN if any NaN
-    rc = torch.linalg.vector_norm(c, ord=inf, dim=-1)  # (H, K)
+    rx, rc = _absmax(x), _absmax(c)  # (H, N), (H, K): max |.| per row, NaN if any NaN
     for name, r in (("x", rx), ("codebook", rc)):
         if not r.numel():
             continue
