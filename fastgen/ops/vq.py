@@ -40,6 +40,7 @@ direct form, one warp per row, as the CPU kernel). Reference: :func:`vq_nearest_
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -483,6 +484,17 @@ def _prepare(x: torch.Tensor, c: torch.Tensor, distance: str):
     1 for ordinary data (bit-identical results; the cost is one elementwise pass over x and the codebook,
     against the O(N K D) scan). The max-abs reduction replaces a separate isfinite pass."""
     host = _host_checks(x)
+    lim = _POW2_RANGE.get(x.dtype)
+    if host and x.numel():
+        # the common case (all finite, nothing to rescale) from per-head extremes and one readback: a third
+        # of the small ops below, which cost ~0.1 ms a call (5% of a 2048 x 512 x 64 lookup)
+        heads = (-2, -1)
+        mx = torch.maximum(
+            torch.maximum(x.amax(heads), -x.amin(heads)), torch.maximum(c.amax(heads), -c.amin(heads))
+        )
+        hi, lo = (2.0**lim, 2.0**-lim) if lim is not None else (math.inf, 0.0)
+        if all(math.isfinite(v) and v <= hi and (distance != "l2" or v >= lo or v == 0) for v in mx.tolist()):
+            return x, c, None
     rx, rc = _absmax(x), _absmax(c)  # (H, N), (H, K): max |.| per row, NaN if any NaN
     for name, r in (("x", rx), ("codebook", rc)):
         if not r.numel():
@@ -492,7 +504,6 @@ def _prepare(x: torch.Tensor, c: torch.Tensor, distance: str):
                 raise _err(f"{name} contains NaN or inf")
         else:
             torch._assert_async(torch.isfinite(r).all(), f"fastgen.vq_nearest: {name} contains NaN or inf")
-    lim = _POW2_RANGE.get(x.dtype)
     if lim is None or not x.numel():
         return x, c, None
     hi, lo = 2.0**lim, 2.0**-lim

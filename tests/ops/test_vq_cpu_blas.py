@@ -169,3 +169,17 @@ def test_public_cosine_dist_in_range(mode):
         out = V.vq_nearest(x, c, distance="cosine", mode=mode)
     assert (out.dist >= 0).all() and (out.dist <= 2).all()
     assert torch.equal(c[out.indices], x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+def test_public_nonfinite_rejected(dtype, bad):
+    """The CPU input check (per-head extremes first) rejects a non-finite value in x or the codebook, in
+    every dtype, naming the argument, before any kernel runs."""
+    x, c = torch.randn(2, 5, 8).to(dtype), torch.randn(2, 7, 8).to(dtype)
+    for name in ("x", "codebook"):
+        xb, cb = x.clone(), c.clone()
+        (xb if name == "x" else cb)[1, 3, 2] = float(bad)
+        for distance in V.DISTANCES:
+            with pytest.raises(ValueError, match=f"{name} contains NaN or inf"):
+                V.vq_nearest(xb, cb, distance=distance)
