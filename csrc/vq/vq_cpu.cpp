@@ -285,6 +285,43 @@ struct Epilogue {
 };
 
 #ifdef FASTGEN_VQ_X86
+// tree_sum of the 16 partials lo (0..7), hi (8..15) in registers: the same additions in the same order.
+__attribute__((target("avx2"))) inline float tree16(__m256 lo, __m256 hi) {
+  const __m256 v8 = _mm256_add_ps(lo, hi);
+  const __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+  const __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+  return _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)));
+}
+
+// insert_ordered on a candidate list held in registers (keys d, indices i, `filled`: all-ones in kept
+// slots), with no memory round trip between the insertions of one tile row: slots with a key <= dd stay
+// (a prefix), dd goes right after them, the rest shift up by one (the last one drops).
+__attribute__((target("avx2"))) inline void insert_reg(__m128& d, __m256i& i, __m128& filled, float dd,
+                                                        int64_t code) {
+  const __m128 kv = _mm_set1_ps(dd);
+  const __m128 keep = _mm_and_ps(_mm_cmple_ps(d, kv), filled);
+  const __m128i first = _mm_setr_epi32(-1, 0, 0, 0);
+  const __m128 keep_prev = _mm_castsi128_ps(_mm_or_si128(_mm_slli_si128(_mm_castps_si128(keep), 4), first));
+  const __m128 shifted = _mm_castsi128_ps(_mm_slli_si128(_mm_castps_si128(d), 4));
+  d = _mm_blendv_ps(_mm_blendv_ps(shifted, kv, keep_prev), d, keep);
+  const __m256i keep64 = _mm256_cvtepi32_epi64(_mm_castps_si128(keep));
+  const __m256i prev64 = _mm256_cvtepi32_epi64(_mm_castps_si128(keep_prev));
+  const __m256i ishift = _mm256_permute4x64_epi64(i, _MM_SHUFFLE(2, 1, 0, 0));
+  i = _mm256_blendv_epi8(_mm256_blendv_epi8(ishift, _mm256_set1_epi64x(code), prev64), i, keep64);
+  filled = _mm_castsi128_ps(_mm_or_si128(_mm_slli_si128(_mm_castps_si128(filled), 4), first));
+}
+
+__attribute__((target("avx2"))) inline void insert_hits(float* cd, int64_t* ci, const float* keys,
+                                                         const int32_t* hits, int nh, int32_t k0) {
+  if (nh == 0) return;
+  __m128 d = _mm_loadu_ps(cd);
+  __m256i i = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ci));
+  __m128 filled = _mm_castsi128_ps(_mm_setr_epi32(-(ci[0] >= 0), -(ci[1] >= 0), -(ci[2] >= 0), -(ci[3] >= 0)));
+  for (int h = 0; h < nh; ++h) insert_reg(d, i, filled, keys[hits[h]], int64_t{k0} + hits[h]);
+  _mm_storeu_ps(cd, d);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ci), i);
+}
+
 // GCC 12 flags the undefined pass-through operand of its own _mm512_min_ps / _mm512_min_epi32 wrappers.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -353,7 +390,7 @@ __attribute__((target("avx512f"))) void scan_topr_avx512(float* dots, const floa
     nh += __builtin_popcount(m);
     jv = _mm512_add_epi32(jv, sixteen);
   }
-  for (int h = 0; h < nh; ++h) insert_ordered(cd, ci, dots[hits[h]], int64_t{k0} + hits[h]);
+  insert_hits(cd, ci, dots, hits, nh, k0);
 }
 
 // finish_min_generic for lanes without NaN: the min, then the lowest index among the lanes holding it.
@@ -394,10 +431,9 @@ __attribute__((target("avx512f"))) void direct_avx512(const float* x, const floa
       }
     }
   }
-  alignas(64) float p[kParts];
   for (int s = 0; s < nc; ++s) {
-    _mm512_store_ps(p, acc[s]);
-    const float t = tree_sum(p);
+    const float t = tree16(_mm512_castps512_ps256(acc[s]),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[s]), 1)));
     out[s] = cosine ? 1.0f - t : t;
   }
 }
@@ -441,7 +477,8 @@ __attribute__((target("avx2"))) inline __m256i tail_mask8(int64_t left) {
 }
 
 __attribute__((target("avx2"))) void scan_topr_avx2(float* dots, const float* cn, int64_t n, int64_t kb,
-                                                     float scale, int32_t k0, float* cd, int64_t* ci, int32_t*) {
+                                                     float scale, int32_t k0, float* cd, int64_t* ci,
+                                                     int32_t* hits) {
   const __m256 s = _mm256_set1_ps(scale);
   __m256 m[4];
   for (int q = 0; q < 4; ++q) m[q] = _mm256_set1_ps(std::numeric_limits<float>::infinity());
@@ -459,14 +496,15 @@ __attribute__((target("avx2"))) void scan_topr_avx2(float* dots, const float* cn
   const __m128 g2 = _mm_max_ps(g, _mm_movehl_ps(g, g));
   const float bound = _mm_cvtss_f32(_mm_max_ss(g2, _mm_shuffle_ps(g2, g2, 1)));
   const __m256 t = _mm256_set1_ps(std::min(bound, cd[kRerank - 1]));
+  int nh = 0;
   for (int64_t j = 0; j < kb; j += 8) {
     const __m256 hit = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(dots + j), t, _CMP_LE_OQ),
                                      _mm256_castsi256_ps(tail_mask8(kb - j)));
     for (unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(hit)); bits != 0; bits &= bits - 1) {
-      const int64_t jj = j + __builtin_ctz(bits);
-      insert_ordered(cd, ci, dots[jj], int64_t{k0} + jj);
+      hits[nh++] = static_cast<int32_t>(j) + __builtin_ctz(bits);
     }
   }
+  insert_hits(cd, ci, dots, hits, nh, k0);
 }
 
 __attribute__((target("avx2"))) void finish_min_avx2(const float* lb, const int32_t* li, float* best, int64_t* bi) {
@@ -502,11 +540,8 @@ __attribute__((target("avx2"))) void direct_avx2(const float* x, const float* co
       }
     }
   }
-  alignas(32) float p[kParts];
   for (int s = 0; s < nc; ++s) {
-    _mm256_store_ps(p, acc[s][0]);
-    _mm256_store_ps(p + 8, acc[s][1]);
-    const float t = tree_sum(p);
+    const float t = tree16(acc[s][0], acc[s][1]);
     out[s] = cosine ? 1.0f - t : t;
   }
 }
