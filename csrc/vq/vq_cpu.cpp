@@ -182,16 +182,22 @@ void scan_min_generic(const acc_t* dots, const acc_t* cn, int64_t n, acc_t scale
 
 // scan_min_generic for keys that are never NaN: branch-free selects, which the compiler vectorizes.
 template <typename acc_t>
-void scan_min_ordered(const acc_t* dots, const acc_t* cn, int64_t n, acc_t scale, int32_t k0, acc_t* lb,
-                      int32_t* li) {
+void scan_min_ordered(const acc_t* __restrict__ dots, const acc_t* __restrict__ cn, int64_t n, acc_t scale,
+                      int32_t k0, acc_t* __restrict__ lb, int32_t* __restrict__ li) {
+  acc_t b[kLanes];
+  int32_t bi[kLanes];
+  std::copy_n(lb, kLanes, b);
+  std::copy_n(li, kLanes, bi);
   for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const acc_t key = cn[j0 + l] - scale * dots[j0 + l];
-      const bool lt = key < lb[l];
-      lb[l] = lt ? key : lb[l];
-      li[l] = lt ? k0 + static_cast<int32_t>(j0 + l) : li[l];
+      const int32_t lt = -static_cast<int32_t>(key < b[l]);  // all ones where key wins (written as masks:
+      bi[l] = (bi[l] & ~lt) | ((k0 + static_cast<int32_t>(j0) + l) & lt);  // GCC vectorizes these, not ?:)
+      b[l] = std::min(b[l], key);
     }
   }
+  std::copy_n(b, kLanes, lb);
+  std::copy_n(bi, kLanes, li);
 }
 
 // Exact mode: insert the n keys (the real codes only) into the candidate list.
@@ -216,9 +222,16 @@ void direct_generic(const acc_t* x, const acc_t* const* c, int nc, int64_t D, bo
   for (int s = 0; s < nc; ++s) {
     acc_t p[kParts] = {};
     const acc_t* cs = c[s];
-    for (int64_t d = 0; d < D; ++d) {
-      const acc_t v = cosine ? x[d] * cs[d] : (x[d] - cs[d]) * (x[d] - cs[d]);
-      p[d % kParts] += v;
+    int64_t d0 = 0;
+    for (; d0 + kParts <= D; d0 += kParts) {  // whole chunks: a loop over the partials, which vectorizes
+      for (int l = 0; l < kParts; ++l) {
+        const acc_t df = x[d0 + l] - cs[d0 + l];
+        p[l] += cosine ? x[d0 + l] * cs[d0 + l] : df * df;
+      }
+    }
+    for (int l = 0; d0 + l < D; ++l) {
+      const acc_t df = x[d0 + l] - cs[d0 + l];
+      p[l] += cosine ? x[d0 + l] * cs[d0 + l] : df * df;
     }
     const acc_t t = tree_sum(p);
     out[s] = cosine ? acc_t(1) - t : t;
