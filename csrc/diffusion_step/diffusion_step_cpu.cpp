@@ -4,9 +4,9 @@
 // Each tile of kTile elements of one sample goes through a short pipeline of stages (guidance,
 // prediction + known-region replacement + clipping + update, prev_x0 term, guidance-gradient shift,
 // noise, stores), each a tight loop over float32 buffers that stay in L1. Every stage is templated on the
-// features it handles, so its loop has no branches and GCC / clang vectorize it (all but the
-// learned-range expf; the RNG included, see log_positive and sincos_turn in the header); the features are
-// resolved once per tile, not per element. Staging keeps the template instantiations additive in the
+// features it handles, so its loop has no branches and GCC / clang vectorize it (the RNG and the
+// learned-range exp included: see log_positive, sincos_turn and exp_approx in the header); the features
+// are resolved once per tile, not per element. Staging keeps the template instantiations additive in the
 // features (about 25 loops per dtype and path) instead of multiplicative.
 //
 // SIMD paths. The per-chunk body (tile loop + every stage, all always-inline) is instantiated four
@@ -22,7 +22,7 @@
 // contraction is switched off for this file (the pragma below; GCC contracts a * b + c into an FMA under
 // target("avx2,fma") / "avx512f" otherwise, even in ISO mode, which rounds differently from the scalar
 // path and from the torch reference). sqrt, division and the int <-> float conversions are IEEE-exact in
-// every width; expf is the same libm call on every path.
+// every width, and the kernel calls no libm function.
 //
 // 16-bit types. bf16 inputs are read inside the stage loops (bf16 -> f32 is a 16-bit shift, vectorized
 // there: vpmovzxwd + vpslld); fp16 inputs are converted to float32 tile buffers first. The stages write

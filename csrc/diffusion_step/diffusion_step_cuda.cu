@@ -8,8 +8,9 @@
 // Feature flags are kernel arguments: they are uniform over the launch (no divergence), and the kernel
 // is memory-bound, so instantiating one kernel per feature combination would only cost build time.
 //
-// The math and the RNG are the header's (shared with the CPU kernel). Build without --use_fast_math:
-// it would swap in approximate expf (learned-range sd), sqrtf and division (thresholding, Box-Muller).
+// The math and the RNG are the header's (shared with the CPU kernel, exp_approx for the learned range
+// included). Build without --use_fast_math: it would swap in approximate sqrtf and division
+// (thresholding, Box-Muller).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
