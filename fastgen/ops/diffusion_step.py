@@ -898,12 +898,9 @@ def _prepare_known_and_grad(x_t, known_image, known_mask, cond_grad, cond_grad_s
             )
         if tuple(known_image.shape) != shape:
             raise _err(f"known_image has shape {tuple(known_image.shape)}, expected {shape} like x_t")
-        try:
-            torch.broadcast_shapes(tuple(known_mask.shape), shape)
-            ok = known_mask.dim() == len(shape)
-        except RuntimeError:
-            ok = False
-        if not ok:
+        # broadcastable with as many dims (torch.broadcast_shapes would cost tens of microseconds per step)
+        ms = tuple(known_mask.shape)
+        if not (len(ms) == len(shape) and all(m in (1, s) for m, s in zip(ms, shape))):
             raise _err(
                 f"known_mask has shape {tuple(known_mask.shape)}, expected {shape} or a shape that broadcasts "
                 f"to it with as many dims, e.g. {(shape[0], 1, *shape[2:])}"
@@ -929,8 +926,9 @@ def _prepare_known_and_grad(x_t, known_image, known_mask, cond_grad, cond_grad_s
 
 # ---- the fast lane ------------------------------------------------------------------------------------
 #
-# The common eager step (plain contiguous tensors of one kernel dtype, no rescale / thresholding /
-# inpainting / guidance gradient) checked with a few attribute reads and straight to the backend, in a
+# The common eager step (plain contiguous tensors of one kernel dtype, inpainting with a full-shape mask
+# and a guidance gradient included; no rescale or thresholding) checked with a few attribute reads and
+# straight to the backend, in a
 # fraction of the full path's Python cost (which dominates the kernel at sampling sizes). It returns None
 # whenever anything is of another kind, and the full path then runs and raises every error: the lane
 # serves only calls that the full path would accept, with the same backend arguments, so it never has to.
@@ -954,7 +952,8 @@ def _like(t: Any, dt: torch.dtype, dev: torch.device, shape: torch.Size) -> bool
 
 
 def _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, learned, needs_noise, noise, seed,
-               sample_offset, prev_x0, return_x0):  # fmt: skip
+               sample_offset, prev_x0, return_x0, known_image=None, known_mask=None, cond_grad=None,
+               cond_grad_scale=1.0):  # fmt: skip
     """``sampler_step`` for the common case, or None (then the full path runs). The caller has checked
     ``_backend.plain_eager(x_t)``."""
     if type(x_t) is not torch.Tensor or type(model_output) is not torch.Tensor:
@@ -1000,8 +999,11 @@ def _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, l
     rows = 2 * b if guidance_scale is not None and uncond is None else b
     if ms[0] != rows or ms[1] != c_out or ms[2:] != xs[2:]:
         return None
-    if (noise is not None and not _like(noise, dt, dev, xs)) or (
-        prev_x0 is not None and not _like(prev_x0, dt, dev, xs)
+    for t in (noise, prev_x0, known_image, known_mask, cond_grad):
+        if t is not None and not _like(t, dt, dev, xs):
+            return None
+    if (known_image is None) != (known_mask is None) or not (
+        _plain_real(cond_grad_scale) and math.isfinite(cond_grad_scale)
     ):
         return None
     n = numel // b
@@ -1029,10 +1031,15 @@ def _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, l
     if noise_mode == 2 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, no device sync
     seed = op_seed(seed or 0)
+    known = keep = grad = None
+    if known_image is not None:
+        known, keep = known_image.view(b, n), known_mask.view(b, n)
+    if cond_grad is not None:
+        grad = cond_grad.view(b, n)
     out, x0 = _dispatched(xf).fn(
         xf, cond, uncond, uoff, coeffs, None if prev_x0 is None else prev_x0.view(b, n),
         noise.view(b, n) if noise_mode == 1 else None, None, None, g, clip, 1 if learned else 0, noise_mode, seed,
-        sample_offset & _M32, return_x0, False, None, None, None, 0.0,
+        sample_offset & _M32, return_x0, False, known, keep, grad, float(cond_grad_scale) if grad is not None else 0.0,
     )  # fmt: skip
     return out.view_as(x_t), (x0.view_as(x_t) if return_x0 else None)
 
@@ -1089,15 +1096,11 @@ def sampler_step(
         _plain_real(guidance_rescale)
         and guidance_rescale == 0
         and dynamic_threshold is None
-        and known_image is None
-        and known_mask is None
-        and cond_grad is None
-        and _plain_real(cond_grad_scale)
-        and math.isfinite(cond_grad_scale)
         and _backend.plain_eager(x_t)
     ):
         out = _fast_step(x_t, model_output, coeffs, uncond_output, guidance_scale, clip_sample, learned_variance,
-                         needs_noise, noise, seed, sample_offset, prev_x0, return_x0)  # fmt: skip
+                         needs_noise, noise, seed, sample_offset, prev_x0, return_x0, known_image, known_mask,
+                         cond_grad, cond_grad_scale)  # fmt: skip
         if out is not None:
             return out
     thr = check_step_options(guidance_scale, guidance_rescale, clip_sample, dynamic_threshold)
@@ -1262,22 +1265,23 @@ def _remember(st: _Schedule, key: tuple | None, coeffs: torch.Tensor) -> None:
 
 
 # The keywords the fast lane of the per-step functions takes; any other one (or a typo) takes the full path.
-_FAST_KEYWORDS = frozenset(("uncond_output", "guidance_scale", "seed", "sample_offset"))
+_FAST_KEYWORDS = frozenset(
+    ("uncond_output", "guidance_scale", "seed", "sample_offset", "known_image", "known_mask", "cond_grad",
+     "cond_grad_scale")
+)  # fmt: skip
 
 
 def _fast_public(coeffs, x_t, model_output, clip_sample, learned, needs_noise, noise, prev_x0, kwargs):
     """``sampler_step`` through the fast lane for a per-step function whose coefficients were found."""
-    uncond = guidance_scale = seed = None
-    sample_offset = 0
-    if kwargs:
-        if not kwargs.keys() <= _FAST_KEYWORDS:
-            return None
-        uncond = kwargs.get("uncond_output")
-        guidance_scale = kwargs.get("guidance_scale")
-        seed = kwargs.get("seed")
-        sample_offset = kwargs.get("sample_offset", 0)
-    return _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, learned, needs_noise, noise,
-                      seed, sample_offset, prev_x0, True)  # fmt: skip
+    if not kwargs:
+        return _fast_step(x_t, model_output, coeffs, None, None, clip_sample, learned, needs_noise, noise, None, 0,
+                          prev_x0, True)  # fmt: skip
+    if not kwargs.keys() <= _FAST_KEYWORDS:
+        return None
+    g = kwargs.get
+    return _fast_step(x_t, model_output, coeffs, g("uncond_output"), g("guidance_scale"), clip_sample, learned,
+                      needs_noise, noise, g("seed"), g("sample_offset", 0), prev_x0, True, g("known_image"),
+                      g("known_mask"), g("cond_grad"), g("cond_grad_scale", 1.0))  # fmt: skip
 
 
 _STEP_KEYWORDS = frozenset(

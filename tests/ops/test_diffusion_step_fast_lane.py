@@ -33,6 +33,8 @@ def tensors(dtype=torch.float32, shape=(2, 3, 4, 5), seed=0):
         "uncond": r(*shape),
         "noise": r(*shape),
         "prev": r(*shape),
+        "img": r(*shape),
+        "keep": (torch.rand(shape, generator=g) > 0.5).to(dtype),
     }
 
 
@@ -54,6 +56,19 @@ CALLS = {
         seed=1,
     ),
     "ddpm+noise+v": lambda a, v: D.ddpm_step(v["x"], v["mo"], a, 7, noise=v["noise"], prediction_type="v"),
+    "ddpm-learned+inpaint+grad": lambda a, v: D.ddpm_step(
+        v["x"],
+        v["mo_learned"],
+        a,
+        7,
+        variance_type="learned_range",
+        clip_sample=1.0,
+        seed=3,
+        known_image=v["img"],
+        known_mask=v["keep"],
+        cond_grad=v["noise"],
+        cond_grad_scale=2.5,
+    ),
     "euler": lambda a, v: D.euler_step(v["x"], v["mo"], a, 20, 10),
     "euler_a": lambda a, v: D.euler_ancestral_step(v["x"], v["mo"], a, 20, 10, seed=2),
     "dpm": lambda a, v: D.dpm_solver_2m_step(v["x"], v["mo"], a, 20, 10, prev_x0=v["prev"], t_last=30),
@@ -156,6 +171,14 @@ def test_lane_is_never_weaker_than_the_full_path():
         (ValueError, "prev_x0 has shape",
          lambda: D.dpm_solver_2m_step(x, mo, abar, 20, 10, prev_x0=v["prev"][:1], t_last=30)),
         (ValueError, "coeffs must be", lambda: D.sampler_step(x, mo, torch.zeros(15))),
+        (ValueError, "known_image and known_mask go together",
+         lambda: D.ddim_step(x, mo, abar, 20, 10, known_image=v["img"])),
+        (ValueError, "known_mask has shape",
+         lambda: D.ddim_step(x, mo, abar, 20, 10, known_image=v["img"], known_mask=v["keep"][:, :, :2])),
+        (ValueError, "known_mask has shape",  # a mask larger than x_t in a size-1 dim does not broadcast to it
+         lambda: D.ddim_step(x[:1], mo[:1], abar, 20, 10, known_image=v["img"][:1], known_mask=v["keep"])),
+        (ValueError, "cond_grad_scale", lambda: D.ddim_step(x, mo, abar, 20, 10, cond_grad=x, cond_grad_scale=math.nan)),
+        (TypeError, "cond_grad_scale", lambda: D.ddim_step(x, mo, abar, 20, 10, cond_grad=x, cond_grad_scale=True)),
     ]  # fmt: skip
     for err, match, call in bad:
         with pytest.raises(err, match=match):
