@@ -227,6 +227,33 @@ def test_rounding_ties_overflow_subnormals(path, dtype):
     assert torch.isinf(out[0, -9]) and torch.isinf(out[0, -8])  # max * (1 + half ulp) ties to inf (even)
 
 
+@pytest.mark.parametrize("path", list(RANK))
+def test_learned_range_exp_within_one_ulp(path):
+    """The learned-range sd, exp(0.5 (f MAXLOG + (1 - f) MINLOG)) with f = (v + 1) / 2, is the kernel's own
+    branch-free exp (it vectorizes; libm's expf does not): within 1 ulp of the float64 exp of the same
+    float32 argument over arguments from -110 to 95 (subnormal results, 0 below, inf above), NaN for NaN."""
+    need(path)
+    n = 20_000
+    v = torch.cat(
+        [torch.linspace(-1, 1, n - 4), torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5])]
+    )
+    k = torch.zeros(16)
+    k[MINLOG], k[MAXLOG], k[NOISE_MASK] = -220.0, 190.0, 1.0
+    x = torch.zeros(1, n)
+    cond = torch.cat([torch.zeros(1, n), v[None]], 1)
+    ones = torch.ones(1, n)  # the noise tensor: x_prev = sd * 1
+    args = [x, cond, None, 0, k, None, ones, None, None, 1.0, 0.0, 1, 1, 0, 0, False, False]
+    sd, _ = run(path, args)
+    f = (v + 1.0) * 0.5  # the argument in float32, as the kernel forms it
+    arg = 0.5 * (f * k[MAXLOG] + (1.0 - f) * k[MINLOG])
+    want = torch.exp(arg.double()).float()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(sd[0]), nan)
+    ulps = (sd[0].view(torch.int32).long() - want.view(torch.int32).long()).abs()[~nan]
+    assert ulps.max().item() <= 1, f"{path}: {ulps.max().item()} ulp"
+    assert (want == 0).any() and torch.isinf(want).any() and ((want > 0) & (want < 2**-126)).any()
+
+
 def test_isa_selection_and_errors():
     with cpu_isa("scalar"):
         assert C.cpu_isa() == "scalar"
