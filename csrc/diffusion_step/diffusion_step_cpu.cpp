@@ -308,13 +308,25 @@ FASTGEN_ALWAYS_INLINE void abs_x0_any(int clip_mode, const StepCoeffs& k, const 
   stage_abs_x0<CLIP_NONE, KNOWN>(k, xv, m, img, keep, clip, s, out, n);
 }
 
+// The learned-range sd of a tile, when both the guidance shift and the noise need it (one exp per element;
+// learned_var is its square).
+constexpr int VAR_SD_GIVEN = 2;  // a stage's v holds learned_sd already (float32)
+
+template <typename I>
+FASTGEN_ALWAYS_INLINE void stage_learned_sd(const StepCoeffs& k, const I* __restrict__ v, float* __restrict__ sd,
+                                            int64_t n) {
+  for (int64_t j = 0; j < n; ++j) sd[j] = learned_sd(k, ld(v, j));
+}
+
 // Guidance shift of the mean (GLIDE's condition_mean): xp += variance * scale * grad, also at t = 0.
-template <int VAR, typename I>
-FASTGEN_ALWAYS_INLINE void stage_grad(const StepCoeffs& k, const I* __restrict__ grad, const I* __restrict__ v,
+template <int VAR, typename I, typename V>
+FASTGEN_ALWAYS_INLINE void stage_grad(const StepCoeffs& k, const I* __restrict__ grad, const V* __restrict__ v,
                                       float scale, float* __restrict__ xp, int64_t n) {
   if constexpr (VAR == VAR_SIGMA) {
     const float c = k[SIGMA] * k[SIGMA] * scale;
     for (int64_t j = 0; j < n; ++j) xp[j] += c * ld(grad, j);
+  } else if constexpr (VAR == VAR_SD_GIVEN) {
+    for (int64_t j = 0; j < n; ++j) xp[j] += v[j] * v[j] * scale * ld(grad, j);  // = learned_var
   } else {
     for (int64_t j = 0; j < n; ++j) xp[j] += learned_var(k, ld(v, j)) * scale * ld(grad, j);
   }
@@ -341,13 +353,15 @@ FASTGEN_ALWAYS_INLINE void stage_add_noise(const StepCoeffs& k, const Z* __restr
   if constexpr (VAR == VAR_SIGMA) {
     const float c = k[NOISE_MASK] * k[SIGMA];
     for (int64_t j = 0; j < n; ++j) xp[j] += c * ld(z, j);
+  } else if constexpr (VAR == VAR_SD_GIVEN) {
+    for (int64_t j = 0; j < n; ++j) xp[j] += k[NOISE_MASK] * v[j] * ld(z, j);
   } else {
     for (int64_t j = 0; j < n; ++j) xp[j] += k[NOISE_MASK] * learned_sd(k, ld(v, j)) * ld(z, j);
   }
 }
 
-template <int VAR, typename I>
-FASTGEN_ALWAYS_INLINE void add_noise_any(const StepCoeffs& k, const float* z, const I* zt, const I* v, float* xp,
+template <int VAR, typename I, typename V>
+FASTGEN_ALWAYS_INLINE void add_noise_any(const StepCoeffs& k, const float* z, const I* zt, const V* v, float* xp,
                                          int64_t n) {
   if (zt != nullptr) return stage_add_noise<VAR>(k, zt, v, xp, n);
   stage_add_noise<VAR>(k, z, v, xp, n);
@@ -440,9 +454,14 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
     if (p.prev) stage_prev(k[CPREV], in(p.prev + row, hp), xp, n);
     // the learned-variance channels of the conditional output (its second half)
     const I* vf = learned && (p.grad || p.noise_mode != NOISE_NONE) ? in(crow + N, hv) : nullptr;
+    // both need the learned sd: once, into m (the guided output is consumed by now)
+    const bool sd_given = learned && p.grad && p.noise_mode != NOISE_NONE;
+    if (sd_given) stage_learned_sd(k, vf, m, n);
     if (p.grad) {
       const I* gf = in(p.grad + row, hp);
-      if (learned) {
+      if (sd_given) {
+        stage_grad<VAR_SD_GIVEN>(k, gf, m, p.grad_scale, xp, n);
+      } else if (learned) {
         stage_grad<VAR_LEARNED_RANGE>(k, gf, vf, p.grad_scale, xp, n);
       } else {
         stage_grad<VAR_SIGMA>(k, gf, vf, p.grad_scale, xp, n);
@@ -456,7 +475,9 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
         const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
         stage_rng(key, i0, u1, u2, z, n);
       }
-      if (learned) {
+      if (sd_given) {
+        add_noise_any<VAR_SD_GIVEN>(k, z, zt, static_cast<const float*>(m), xp, n);
+      } else if (learned) {
         add_noise_any<VAR_LEARNED_RANGE>(k, z, zt, vf, xp, n);
       } else {
         add_noise_any<VAR_SIGMA>(k, z, zt, vf, xp, n);
