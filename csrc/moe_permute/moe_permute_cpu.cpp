@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sub.h>
 
 #include <algorithm>
 #include <cmath>
@@ -220,10 +222,11 @@ void moe_gate_grad_cpu_impl(const at::Tensor& dy, const at::Tensor& buf, const a
 
 namespace {
 
-// One pass over each row of logits: the first and second argmax (ties: the lowest index, as torch.argmax),
-// the logsumexp (NaN when the row holds a non-finite value) and the softmax probabilities, which are added
-// to fixed chunks' partial per-expert sums (summed in chunk order afterwards: the result does not depend on
-// the number of threads).
+// Per row of logits: the first and second argmax (ties: the lowest index, as torch.argmax), the logsumexp
+// (NaN when the row holds a non-finite value) and the softmax probabilities, which are added to fixed
+// chunks' partial per-expert sums (summed in chunk order afterwards: the result does not depend on the
+// number of threads). Three passes: the row maxima, one vectorised at::exp over all of x - max (ATen's SIMD
+// exp; a scalar std::exp per element cost more than the rest of the router), then the sums.
 template <typename scalar_t, typename stat_t>
 void top2_router(const at::Tensor& logits, at::Tensor& top, at::Tensor& lse, at::Tensor& psum, at::Tensor& idx,
                  at::Tensor& first) {
@@ -234,38 +237,48 @@ void top2_router(const at::Tensor& logits, at::Tensor& top, at::Tensor& lse, at:
   stat_t* topp = top.data_ptr<stat_t>();
   stat_t* lsep = lse.data_ptr<stat_t>();
   int32_t* idxp = idx.data_ptr<int32_t>();
+  at::Tensor mx = at::empty({T, 1}, top.options());
+  stat_t* mp = mx.data_ptr<stat_t>();
+  std::vector<uint8_t> finite(static_cast<size_t>(T));
+  at::parallel_for(0, T, 1024, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const scalar_t* x = xp + t * E;
+      int64_t i1 = 0, i2 = -1;
+      stat_t m1 = static_cast<stat_t>(x[0]), m2 = -std::numeric_limits<stat_t>::infinity();
+      bool fin = std::isfinite(m1);
+      for (int64_t e = 1; e < E; ++e) {
+        const stat_t v = static_cast<stat_t>(x[e]);
+        fin = fin && std::isfinite(v);
+        if (v > m1) {
+          m2 = m1, i2 = i1, m1 = v, i1 = e;
+        } else if (v > m2 || i2 < 0) {
+          m2 = v, i2 = e;
+        }
+      }
+      mp[t] = m1;
+      finite[t] = fin;
+      idxp[2 * t] = static_cast<int32_t>(i1);
+      idxp[2 * t + 1] = static_cast<int32_t>(i2);
+    }
+  });
+  // (T, E), contiguous; detached: logits may require grad, and nothing here is to be recorded
+  const at::Tensor ex = at::sub(logits.detach().to(top.scalar_type()), mx).exp_();
+  const stat_t* exp_ = ex.data_ptr<stat_t>();
   std::vector<stat_t> part(static_cast<size_t>(nchunks * E), stat_t(0));
   std::vector<int32_t> cnt(static_cast<size_t>(nchunks * E), 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<stat_t> ex(static_cast<size_t>(E));
     for (int64_t c = c0; c < c1; ++c) {
       stat_t* ps = part.data() + c * E;
       for (int64_t t = c * kChunk, end = std::min(T, (c + 1) * kChunk); t < end; ++t) {
-        const scalar_t* x = xp + t * E;
-        int64_t i1 = 0, i2 = -1;
-        stat_t m1 = static_cast<stat_t>(x[0]), m2 = -std::numeric_limits<stat_t>::infinity();
-        bool finite = std::isfinite(m1);
-        for (int64_t e = 1; e < E; ++e) {
-          const stat_t v = static_cast<stat_t>(x[e]);
-          finite = finite && std::isfinite(v);
-          if (v > m1) {
-            m2 = m1, i2 = i1, m1 = v, i1 = e;
-          } else if (v > m2 || i2 < 0) {
-            m2 = v, i2 = e;
-          }
-        }
+        const stat_t* er = exp_ + t * E;
         stat_t sum = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          ex[e] = std::exp(static_cast<stat_t>(x[e]) - m1);
-          sum += ex[e];
-        }
+        for (int64_t e = 0; e < E; ++e) sum += er[e];
         const stat_t inv = stat_t(1) / sum;
-        for (int64_t e = 0; e < E; ++e) ps[e] += ex[e] * inv;
-        topp[2 * t] = ex[i1] * inv;
-        topp[2 * t + 1] = ex[i2] * inv;
-        lsep[t] = finite ? m1 + std::log(sum) : std::numeric_limits<stat_t>::quiet_NaN();
-        idxp[2 * t] = static_cast<int32_t>(i1);
-        idxp[2 * t + 1] = static_cast<int32_t>(i2);
+        for (int64_t e = 0; e < E; ++e) ps[e] += er[e] * inv;
+        const int64_t i1 = idxp[2 * t], i2 = idxp[2 * t + 1];
+        topp[2 * t] = er[i1] * inv;
+        topp[2 * t + 1] = er[i2] * inv;
+        lsep[t] = finite[t] ? mp[t] + std::log(sum) : std::numeric_limits<stat_t>::quiet_NaN();
         ++cnt[c * E + i1];
       }
     }
