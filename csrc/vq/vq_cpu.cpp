@@ -312,6 +312,12 @@ __attribute__((target("avx2"))) inline float tree16(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(_mm_add_ss(v2, _mm_shuffle_ps(v2, v2, 1)));
 }
 
+// The smallest of the 4 group minima g: the block's smallest key.
+__attribute__((target("avx2"))) inline float block_min(__m128 g) {
+  const __m128 g2 = _mm_min_ps(g, _mm_movehl_ps(g, g));
+  return _mm_cvtss_f32(_mm_min_ss(g2, _mm_shuffle_ps(g2, g2, 1)));
+}
+
 // insert_ordered on a candidate list held in registers (keys d, indices i, `filled`: all-ones in kept
 // slots), with no memory round trip between the insertions of one tile row: slots with a key <= dd stay
 // (a prefix), dd goes right after them, the rest shift up by one (the last one drops).
@@ -396,7 +402,9 @@ __attribute__((target("avx512f"))) void scan_topr_avx512(float* dots, const floa
   const __m128 g = _mm_min_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
   const __m128 g2 = _mm_max_ps(g, _mm_movehl_ps(g, g));
   const float bound = _mm_cvtss_f32(_mm_max_ss(g2, _mm_shuffle_ps(g2, g2, 1)));
-  const __m512 t = _mm512_set1_ps(std::min(bound, cd[kRerank - 1]));
+  const float tf = std::min(bound, cd[kRerank - 1]);
+  if (block_min(g) > tf) return;  // nothing in this block can enter the list (most blocks of a large K)
+  const __m512 t = _mm512_set1_ps(tf);
   // The hits' offsets are compressed into `hits` without a branch per vector (a data-dependent branch
   // there mispredicts on most rows of the first block), then inserted in order.
   __m512i jv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -514,7 +522,9 @@ __attribute__((target("avx2"))) void scan_topr_avx2(float* dots, const float* cn
   const __m128 g = _mm_min_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));  // group_bound
   const __m128 g2 = _mm_max_ps(g, _mm_movehl_ps(g, g));
   const float bound = _mm_cvtss_f32(_mm_max_ss(g2, _mm_shuffle_ps(g2, g2, 1)));
-  const __m256 t = _mm256_set1_ps(std::min(bound, cd[kRerank - 1]));
+  const float tf = std::min(bound, cd[kRerank - 1]);
+  if (block_min(g) > tf) return;
+  const __m256 t = _mm256_set1_ps(tf);
   int nh = 0;
   for (int64_t j = 0; j < kb; j += 8) {
     const __m256 hit = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(dots + j), t, _CMP_LE_OQ),
