@@ -385,9 +385,9 @@ class _GroupedMMCPU(torch.autograd.Function):
 #     y[t] = sum_{j kept} gates[t, j] * o[dest[t, j]],  o[r] = act(x[a // k] @ w1[e] + b1[e]) @ w2[e] + b2[e]
 #
 # which is moe_unpermute(grouped_mm(grouped_mm(moe_permute(x), w1, act), w2), gates). Run block by block
-# (rows of one expert, about _BLOCK_BYTES of h), the (T*k, d) permuted buffer, the (T*k, d_ff) activations
-# and the (T*k, d) expert outputs are never materialised: a block's rows are gathered from x (C++), go
-# through both GEMMs while in cache and are added into y with their gates (C++, threads split the columns:
+# (see _ffn_blocks: one expert, or several small ones for torch._grouped_mm), the (T*k, d) permuted buffer,
+# the (T*k, d_ff) activations and the (T*k, d) expert outputs are never materialised: a block's rows are
+# gathered from x (C++), go through both GEMMs while in cache and are added into y with their gates (C++, threads split the columns:
 # deterministic). Saved for the backward (only when a gradient is needed): the pre-activation h of the used
 # rows, and o only when the gates need a gradient (dgates[t, j] = <dy[t], o[dest[t, j]]>); act(h) and the
 # gathered x rows are recomputed per block. Peak memory is thus below a plain loop over experts, which keeps
