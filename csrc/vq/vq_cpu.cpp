@@ -34,9 +34,10 @@
 // when rows are too few to give every thread a task, splits x H x N partial results: never N x K.
 //
 // Measured (AMD EPYC Zen 4, 1 thread, float32, interleaved medians of the public call against
-// faiss-cpu 1.15.1 IndexFlatL2 on the same data): N x K x D = 2048 x 512 x 64: fast 1.0x faiss, exact 0.9x;
-// 4096 x 1024 x 256: fast 1.05x, exact 1.0x; the sgemm runs at ~100 GFLOP/s, this core's FMA peak, as
-// faiss's does, so the epilogue and the call overhead are all there is to win. 1.4-2x cdist + argmin.
+// faiss-cpu 1.15.1 IndexFlatL2 on the same data, a shared machine at load ~2.5): N x K x D = 2048 x 512 x
+// 64: fast 1.02x faiss, exact 0.93x; 4096 x 1024 x 256: 0.99x / 0.95x; 4096 x 8192 x 256: 0.92-0.97x /
+// 0.92-0.94x. The sgemm runs at ~100 GFLOP/s, this core's FMA peak, as faiss's does: the epilogue and the
+// call overhead are all there is to win or lose. 1.4-1.9x cdist + argmin, 1.4-2.7x the expanded mm.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #elif defined(__clang__)
