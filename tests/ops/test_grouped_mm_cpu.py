@@ -125,3 +125,33 @@ def test_small_all_rows_calls_use_torch_autograd(schedule, act):
         native = schedule == "whole" and act != "swiglu" and all_rows
         assert isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction) != native
         _check(x, w, offsets, bias, act, torch.float32)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_balanced_experts_one_bmm(monkeypatch, act, dtype):
+    """Every expert with the same rows, covering x: one bmm / baddbmm over (E, R / E, K), forward and
+    backward, with or without a gradient, no torch._grouped_mm call; a non-contiguous x, or unused rows,
+    take the other paths. Same values as the float64 loop."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("balanced experts must not call torch._grouped_mm")
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(48, 16, generator=g) * 2).round().clamp(-2, 2) / 2
+    w = (torch.randn(3, 16, 32, generator=g) * 2).round().clamp(-2, 2) / 4
+    bias = (torch.randn(3, 32, generator=g) * 4).round().clamp(-8, 8) / 8
+    offsets = torch.tensor([0, 16, 32, 48], dtype=torch.int32)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "_grouped_mm", refuse)
+        _check(x, w, offsets, bias, act, dtype)
+        _check(x, w, offsets, None, act, dtype)
+        with torch.no_grad():
+            out = grouped_mm(x.to(dtype), w.to(dtype), offsets, bias=bias.to(dtype), activation=act)
+        ref = grouped_mm_ref(x, w, offsets, bias=bias, activation=act)
+        assert (out.double() - ref.double()).abs().max().item() <= TOL[dtype] * (ref.abs().max().item() + 1)
+    xt = torch.randn(16, 48, generator=g).t()  # balanced but not contiguous: not viewable as (E, g, K)
+    _check(xt, w, offsets, bias, act, torch.float32)
+    assert G._balanced(xt, offsets.tolist()) == 0 and G._balanced(x, [0, 16, 32, 48]) == 16
+    assert G._balanced(x, [0, 16, 32, 47]) == 0 and G._balanced(x, [0, 8, 40, 48]) == 0
+    assert G._balanced(x[:0], [0, 0, 0, 0]) == 0
