@@ -263,7 +263,7 @@ def _act_fwd_block(h, out, act, save_h, n_out):
 
 
 def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
-    """``off``: offsets as a host list when the caller has read them already."""
+    """(out, h or None); ``off``: offsets as a host list when the caller has read them already."""
     r, n = x.shape[0], w.shape[2]
     swiglu = act == "swiglu"
     n_out = n // 2 if swiglu else n
@@ -280,7 +280,7 @@ def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
         out = torch.empty((r, n_out), dtype=x.dtype, device=x.device) if separate else h
         if act != "none":
             _act_fwd_block(h, out, act, save_h, n_out)
-        return out, (h if save_h and act != "none" else x.new_empty(0))
+        return out, (h if save_h and act != "none" else None)
     if _whole(x, w, lo, hi, False):
         h = torch._grouped_mm(x, w, offs=offsets[1:])  # rows >= hi are left unset by the op
         if bias is not None:
@@ -303,7 +303,7 @@ def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
                 _act_fwd_block(h[a:b], out[a:b], act, save_h, n_out)
     _zero_unused(out, lo, hi)
     if not save_h or act == "none":
-        return out, x.new_empty(0)
+        return out, None
     _zero_unused(h, lo, hi)  # h is an output of the op too: fully defined
     return out, h
 
@@ -1004,8 +1004,16 @@ OP.register("triton", devices=("cuda",), dtypes=KERNEL_DTYPES, available=_backen
             check=_backend.triton_check(experts=MAX_EXPERTS), forced_only_devices=("cpu",),
             note="one launch over all experts, device-side tile schedule; fused bias + activation")(_fwd_triton)  # fmt: skip
 _TORCH_DTYPES = (*KERNEL_DTYPES, torch.float64)
+
+
+def _op_outputs(x, out, h):
+    """The library op's (out, h): h a distinct empty tensor when not kept (outputs must not be None)."""
+    return out, (h if h is not None else x.new_empty(0))
+
+
 OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=_TORCH_DTYPES,
-            note="torch._grouped_mm or mm(out=) per expert, fused activation (host reads the offsets)")(_fwd_torch)  # fmt: skip
+            note="torch._grouped_mm or mm(out=) per expert, fused activation (host reads the offsets)")(
+    lambda x, w, offsets, bias, act, save_h: _op_outputs(x, *_fwd_torch(x, w, offsets, bias, act, save_h)))  # fmt: skip
 _BWD = {"triton": _bwd_triton, "torch": _bwd_torch}
 
 
@@ -1118,9 +1126,9 @@ def _check_offsets(offsets: torch.Tensor, rows: int) -> tuple[torch.Tensor, list
     if rows >= 2**31:
         raise _err(f"x has R = {rows} rows; at most 2^31 - 1 (the offsets are int32)")
     off = None
-    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+    if offsets.is_cpu and not torch.compiler.is_compiling():
         off = offsets.tolist()
-        if off[0] < 0 or any(b < a for a, b in itertools.pairwise(off)) or off[-1] > rows:
+        if off[0] < 0 or off[-1] > rows or off != sorted(off):  # sorted: one C call, no per-pair Python
             raise _err(f"offsets must be non-decreasing with 0 <= offsets[0] and offsets[E] <= R = {rows}, "
                        f"got {off}")  # fmt: skip
     else:
@@ -1183,7 +1191,9 @@ def grouped_mm(
         raise _err(f"swiglu needs an even N = 2F (gate | up halves), got N = {w.shape[2]}")
     offsets, off = _check_offsets(offsets, x.shape[0])
     act = "none" if activation is None else activation
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias))
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)
+    )
     if (
         off is not None
         and x.dtype in _TORCH_DTYPES
