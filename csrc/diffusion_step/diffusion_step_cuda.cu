@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const StepParams
       if (p.var_mode == VAR_LEARNED_RANGE) {
         load<T, VEC, VECTOR>(p.cond + b * p.Lc + p.N + i0, n, t);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) xp[j] += learned_var(k, t[j]) * p.grad_scale * gr[j];
+        for (int j = 0; j < VEC; ++j) xp[j] += learned_var<true>(k, t[j]) * p.grad_scale * gr[j];
       } else {
         const float c = k[SIGMA] * k[SIGMA] * p.grad_scale;
 #pragma unroll
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const StepParams
       if (p.var_mode == VAR_LEARNED_RANGE) {
         load<T, VEC, VECTOR>(p.cond + b * p.Lc + p.N + i0, n, t);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) xp[j] += k[NOISE_MASK] * learned_sd(k, t[j]) * z[j];
+        for (int j = 0; j < VEC; ++j) xp[j] += k[NOISE_MASK] * learned_sd<true>(k, t[j]) * z[j];
       } else {
         const float c = k[NOISE_MASK] * k[SIGMA];
 #pragma unroll
