@@ -239,6 +239,20 @@ def _balanced(x: torch.Tensor, off: list[int]) -> int:
     return g if off == list(range(0, r + 1, g)) else 0
 
 
+_SCRATCH_MAX_EXPERTS = 16
+
+
+def _few_experts(off: list[int]) -> bool:
+    """At most _SCRATCH_MAX_EXPERTS experts with rows: one GEMM call per expert (through a block-sized
+    scratch) costs little more Python than one torch._grouped_mm call over all of them."""
+    return len(set(off)) - 1 <= _SCRATCH_MAX_EXPERTS
+
+
+def _scratch_rows(off: list[int], rows_per_block: int) -> int:
+    """Rows of a scratch that holds any block: blocks never span experts."""
+    return max(1, min(rows_per_block, max(b - a for a, b in itertools.pairwise(off))))
+
+
 def _blocks(off, rows_per_block):
     """(expert, first row, end row) of each row block of each non-empty expert."""
     for e in range(len(off) - 1):
@@ -252,10 +266,9 @@ def _rows_per_block(x, n):
 
 def _act_fwd_block(h, out, act, save_h, n_out):
     """out = act(h) for one block of rows; in place on h when h is not kept (then out may be h)."""
-    if act == "swiglu":
+    if act == "swiglu":  # out: never h; silu(g) into out, then times u: no temporary, h left intact
         g, u = h[:, :n_out], h[:, n_out:]
-        gate = torch.nn.functional.silu(g) if save_h else _ACT_INPLACE["silu"](g)
-        torch.mul(gate, u, out=out)
+        _ACT_OUT["silu"](g, out).mul_(u)
     elif save_h:
         _ACT_OUT[act](h, out)
     else:
@@ -281,7 +294,9 @@ def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
         if act != "none":
             _act_fwd_block(h, out, act, save_h, n_out)
         return out, (h if save_h and act != "none" else None)
-    if _whole(x, w, lo, hi, False):
+    # swiglu without h kept: per expert into a scratch of one block's rows (peak memory below a loop's)
+    scratch = swiglu and not save_h and _few_experts(off)
+    if not scratch and _whole(x, w, lo, hi, False):
         h = torch._grouped_mm(x, w, offs=offsets[1:])  # rows >= hi are left unset by the op
         if bias is not None:
             for e in range(e_count):
@@ -292,15 +307,17 @@ def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
             every = lo == 0 and hi == r  # no views to make (a few us: this path serves small calls)
             _act_fwd_block(h if every else h[lo:hi], out if every else out[lo:hi], act, save_h, n_out)
     else:
-        h = torch.empty((r, n), dtype=x.dtype, device=x.device)
+        rpb = _rows_per_block(x, n)
+        h = torch.empty((_scratch_rows(off, rpb) if scratch else r, n), dtype=x.dtype, device=x.device)
         out = torch.empty((r, n_out), dtype=x.dtype, device=x.device) if separate else h
-        for e, a, b in _blocks(off, _rows_per_block(x, n)):
+        for e, a, b in _blocks(off, rpb):
+            hb = h[: b - a] if scratch else h[a:b]
             if bias is None:
-                torch.mm(x[a:b], w[e], out=h[a:b])
+                torch.mm(x[a:b], w[e], out=hb)
             else:
-                torch.addmm(bias[e], x[a:b], w[e], out=h[a:b])
+                torch.addmm(bias[e], x[a:b], w[e], out=hb)
             if act != "none":
-                _act_fwd_block(h[a:b], out[a:b], act, save_h, n_out)
+                _act_fwd_block(hb, out[a:b], act, save_h, n_out)
     _zero_unused(out, lo, hi)
     if not save_h or act == "none":
         return out, None
@@ -314,10 +331,11 @@ def _act_bwd_block(dout, h, act, dh):
         return _ACT_BWD[act](dout, h, dh)
     f = dout.shape[1]
     g, u = h[:, :f], h[:, f:]
-    # dgate = dout * u * silu'(g): silu_backward of (dout * u); dup = dout * silu(g)
-    torch.mul(dout, u, out=dh[:, f:])
-    _ACT_BWD["silu"](dh[:, f:], g, dh[:, :f])
-    torch.mul(dout, torch.nn.functional.silu(g), out=dh[:, f:])
+    # dgate = dout * u * silu'(g): silu_backward of (dout * u), in place (full overlap: elementwise);
+    # dup = dout * silu(g), silu(g) recomputed into its half of dh (no temporary)
+    dgate, dup = dh[:, :f], dh[:, f:]
+    _ACT_BWD["silu"](torch.mul(dout, u, out=dgate), g, dgate)
+    _ACT_OUT["silu"](g, dup).mul_(dout)
     return dh
 
 
@@ -337,7 +355,12 @@ def _bwd_torch(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias, off=No
         dbias = dh3.sum(1) if need_dbias else x.new_empty(0)
         return dx, dw, dbias
     dbias = torch.empty((e_count, n), dtype=x.dtype, device=x.device) if need_dbias else x.new_empty(0)
-    if _whole(x, w, lo, hi, True) and (act != "none" or _aligned(dout)):
+    # swiglu with few experts: the blocked schedule's dh scratch of one block instead of an (R, N) dh
+    if (
+        _whole(x, w, lo, hi, True)
+        and (act != "none" or _aligned(dout))
+        and not (act == "swiglu" and _few_experts(off))
+    ):
         if act == "none":
             dh = dout
         else:
@@ -355,7 +378,7 @@ def _bwd_torch(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias, off=No
         # 16-bit dw / dbias are not accumulated over row blocks (one rounding each, as in one GEMM)
         rpb = _rows_per_block(x, n) if x.dtype in (torch.float32, torch.float64) else max(
             1, max(b - a for a, b in itertools.pairwise(off)))  # fmt: skip
-        scratch = None if act == "none" else torch.empty((min(rpb, max(hi - lo, 1)), n), dtype=x.dtype,
+        scratch = None if act == "none" else torch.empty((_scratch_rows(off, rpb), n), dtype=x.dtype,
                                                            device=x.device)  # fmt: skip
         for e in range(e_count):
             if off[e] == off[e + 1]:

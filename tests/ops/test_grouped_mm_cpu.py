@@ -155,3 +155,43 @@ def test_balanced_experts_one_bmm(monkeypatch, act, dtype):
     assert G._balanced(xt, offsets.tolist()) == 0 and G._balanced(x, [0, 16, 32, 48]) == 16
     assert G._balanced(x, [0, 16, 32, 47]) == 0 and G._balanced(x, [0, 8, 40, 48]) == 0
     assert G._balanced(x[:0], [0, 0, 0, 0]) == 0
+
+
+def _peak_bytes(fn) -> int:
+    """Peak CPU tensor bytes allocated during fn() above what was live before (torch.profiler's memory
+    events, as the benchmarks measure it)."""
+    from fastgen.bench import Impl
+    from fastgen.bench.harness import _cpu_peak_mib
+
+    return int(_cpu_peak_mib([Impl("fn", fn)])["fn"] * 2**20)
+
+
+def test_swiglu_few_experts_block_scratch_memory():
+    """swiglu over a few experts keeps one block of the pre-activation as scratch: no (R, N) h without a
+    gradient, and no (R, N) dh in the backward; values as the float64 loop (unused rows zero)."""
+    g = torch.Generator().manual_seed(8)
+    r, k, n = 1040, 16, 256
+    x = torch.randn(r, k, generator=g)
+    w = torch.randn(4, k, n, generator=g) / 4
+    bias = torch.randn(4, n, generator=g)
+    offsets = torch.tensor([0, 576, 800, 928, 1024], dtype=torch.int32)  # 16 unused tail rows
+    with torch.no_grad():
+        out = grouped_mm(x, w, offsets, bias=bias, activation="swiglu")
+    ref = grouped_mm_ref(x, w, offsets, bias=bias, activation="swiglu")
+    assert (out.double() - ref).abs().max().item() <= 2e-4 * (ref.abs().max().item() + 1)
+    f4, big, block = 4, r * n * 4, 576 * n * 4
+    with torch.no_grad():
+        peak = _peak_bytes(lambda: grouped_mm(x, w, offsets, activation="swiglu"))
+    assert peak <= r * n // 2 * f4 + block + (64 << 10) < r * n // 2 * f4 + big  # out + one block
+
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    dout = torch.randn(r, n // 2, generator=g)
+
+    def fwd_bwd():
+        o = grouped_mm(xg, wg, offsets, activation="swiglu")
+        return torch.autograd.grad(o, (xg, wg), dout)
+
+    # saved h + out, then the backward's dh block, dx and dw
+    limit = big + r * n // 2 * f4 + block + x.numel() * f4 + w.numel() * f4 + (64 << 10)
+    assert _peak_bytes(fwd_bwd) <= limit < limit - block + big
+    _check(x, w, offsets, bias, "swiglu", torch.float32)
