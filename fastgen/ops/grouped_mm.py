@@ -250,7 +250,7 @@ def _few_experts(off: list[int]) -> bool:
 
 def _scratch_rows(off: list[int], rows_per_block: int) -> int:
     """Rows of a scratch that holds any block: blocks never span experts."""
-    return max(1, min(rows_per_block, max(b - a for a, b in itertools.pairwise(off))))
+    return max(1, min(rows_per_block, max((b - a for a, b in itertools.pairwise(off)), default=1)))
 
 
 def _blocks(off, rows_per_block):
