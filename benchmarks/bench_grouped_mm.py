@@ -44,7 +44,10 @@ DENSE = "dense-gemm"
 def shapes(device: torch.device, quick: bool):
     """(E, d_model, tokens, activation, skewed) with d_ff = 4 d_model, R = 2 * tokens."""
     if device.type != "cuda":
-        return [(4, 64, 256, "gelu", False), (4, 64, 256, "swiglu", True)]
+        cpu = [(4, 64, 256, "gelu", False), (4, 64, 256, "swiglu", True)]
+        # issue 18's CPU rows: tiny balanced, a larger balanced one, many skewed experts
+        return cpu if quick else [*cpu, (4, 64, 64, "gelu", False), (8, 128, 1024, "gelu", False),
+                                  (64, 64, 1024, "gelu", True)]  # fmt: skip
     if quick:
         return [(8, 1024, 4096, "gelu", False), (64, 1024, 16384, "swiglu", True)]
     return [
