@@ -4,7 +4,10 @@
 // tasks; a BLAS call inside the parallel region runs on its own thread). A task walks the codebook in
 // blocks of KB codes; each (RB x KB) tile of dot products x.c comes from one sgemm (dgemm for float64)
 // into a thread-local buffer that stays in L2, and an epilogue folds the tile into per-row state while it
-// is hot. The epilogue ranks codes by the key
+// is hot. With the AVX-512 kernels (float32 compute) the BLAS is replaced by fastgen's own register-blocked
+// kernel (12 rows x 32 codes per tile, the codebook packed once per call in 32-code panels): exact mode
+// writes its tiles with it, fast mode folds the keys into the lanes straight from the registers (no tile).
+// The epilogue ranks codes by the key
 //     l2: ||c||^2 - 2 x.c        cosine (unit vectors): -x.c
 // (||x||^2 is the same for every code of a row, so it is left out of the ranking: one rounding fewer, and
 // 2 x.c is exact, so the key is one correctly rounded subtraction on every path, FMA or not).
@@ -30,14 +33,16 @@
 // and the re-rank, portable loops otherwise (and for float64). The BLAS picks its own instructions; the
 // candidate re-rank makes exact mode independent of how it rounds. 16-bit inputs are converted to
 // float32 (the codebook once, the rows per task: exact conversions). Extra memory: a float32 copy of a
-// 16-bit codebook, O(H K) norms, per thread RB x (D + KB + kLanes) values (kept across calls, ~1 MB), and
-// when rows are too few to give every thread a task, splits x H x N partial results: never N x K.
+// 16-bit codebook, with AVX-512 a packed float32 copy of the codebook, O(H K) norms, per thread
+// RB x (D + KB + kLanes) values (kept across calls, ~1 MB), and when rows are too few to give every
+// thread a task, splits x H x N partial results: never N x K.
 //
-// Measured (AMD EPYC Zen 4, 1 thread, float32, interleaved medians of the public call against
-// faiss-cpu 1.15.1 IndexFlatL2 on the same data, a shared machine at load ~2.5): N x K x D = 2048 x 512 x
-// 64: fast 1.02x faiss, exact 0.93x; 4096 x 1024 x 256: 0.99x / 0.95x; 4096 x 8192 x 256: 0.92-0.97x /
-// 0.92-0.94x. The sgemm runs at ~100 GFLOP/s, this core's FMA peak, as faiss's does: the epilogue and the
-// call overhead are all there is to win or lose. 1.4-1.9x cdist + argmin, 1.4-2.7x the expanded mm.
+// Measured (AMD EPYC Zen 4, 1 thread, float32, interleaved medians of the public call's thread CPU time
+// against faiss-cpu 1.15.1 IndexFlatL2 on the same data, a shared machine at load ~5): with the BLAS tiles
+// (MKL) N x K x D = 2048 x 512 x 64: fast 0.98x faiss, exact 0.96x; 4096 x 1024 x 256: 0.99x / 0.96x;
+// 4096 x 8192 x 256: 0.94x / 0.92x; MKL's sgemm alone runs at ~0.9x the speed of faiss's OpenBLAS one on
+// this CPU. With the own kernel: 1.18x / 1.05x; 1.11x / 1.05x; 1.12x / 1.08x. 1.4-1.9x cdist + argmin,
+// 1.4-2.7x the expanded mm.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #elif defined(__clang__)
@@ -52,12 +57,15 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -302,6 +310,11 @@ struct Epilogue {
   void (*scan_topr)(acc_t*, const acc_t*, int64_t, int64_t, acc_t, int32_t, acc_t*, int64_t*, int32_t*);
   void (*direct)(const acc_t*, const acc_t* const*, int, int64_t, bool, acc_t*);
   void (*finish_min)(const acc_t*, const int32_t*, acc_t*, int64_t*);
+  // fast mode from packed code panels (rows, D, panels, panel count, key offsets, scale, k0, lanes), or null
+  void (*fused_min)(const acc_t*, int64_t, int64_t, const acc_t*, int64_t, const acc_t*, acc_t, int32_t, acc_t*,
+                    int32_t*) = nullptr;
+  // the dots of rows x panels into a row-major tile (rows, D, panels, panel count, out, ldo), or null
+  void (*fused_dots)(const acc_t*, int64_t, int64_t, const acc_t*, int64_t, acc_t*, int64_t) = nullptr;
 };
 
 #ifdef FASTGEN_VQ_X86
@@ -464,6 +477,108 @@ __attribute__((target("avx512f"))) void direct_avx512(const float* x, const floa
                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[s]), 1)));
     out[s] = cosine ? 1.0f - t : t;
   }
+}
+
+// ---- AVX-512F fused fast mode (float32, rows whose keys are all ordered) ---------------------------------
+// The dot products come from a register-blocked kernel instead of the BLAS, and go straight from registers
+// into the lanes: no tile written and re-read. The codebook is packed per head in panels of kLanes codes,
+// coordinate-major (panel p, coordinate d: codes 32p .. 32p + 31, zeros past K, whose key offset is +inf),
+// so one coordinate of a panel is two vectors; a micro-tile of MR rows x 32 codes keeps 2 MR accumulators
+// in registers and each x value is broadcast once per coordinate. Each dot is the sum over d in ascending
+// order (one FMA per term); the key and the lane update are scan_min_avx512's.
+constexpr int kFusedRows = 12;  // 24 accumulators + 2 code vectors + 1 broadcast: within the 32 registers
+
+// kStore: write the MR x 32 dots to lb (row stride ldo) instead (exact mode's tile, in place of the sgemm).
+template <int MR, bool kStore>
+__attribute__((target("avx512f"))) inline void fused_tile(const float* x, int64_t D, const float* panel,
+                                                          const float* cn, __m512 s, __m512i c0, float* lb,
+                                                          int32_t* li, int64_t ldo) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 b0 = _mm512_loadu_ps(panel + d * kLanes), b1 = _mm512_loadu_ps(panel + d * kLanes + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * D + d]);
+      acc[r][0] = _mm512_fmadd_ps(xv, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xv, b1, acc[r][1]);
+    }
+  }
+  if constexpr (kStore) {
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(lb + r * ldo, acc[r][0]);
+      _mm512_storeu_ps(lb + r * ldo + 16, acc[r][1]);
+    }
+    return;
+  }
+  const __m512 n0 = _mm512_loadu_ps(cn), n1 = _mm512_loadu_ps(cn + 16);
+  const __m512i c1 = _mm512_add_epi32(c0, _mm512_set1_epi32(16));
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    float* b = lb + r * kLanes;
+    int32_t* i = li + r * kLanes;
+    const __m512 k_0 = _mm512_sub_ps(n0, _mm512_mul_ps(s, acc[r][0]));
+    const __m512 k_1 = _mm512_sub_ps(n1, _mm512_mul_ps(s, acc[r][1]));
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    const __mmask16 m0 = _mm512_cmp_ps_mask(k_0, b0, _CMP_LT_OQ), m1 = _mm512_cmp_ps_mask(k_1, b1, _CMP_LT_OQ);
+    _mm512_storeu_ps(b, _mm512_mask_mov_ps(b0, m0, k_0));
+    _mm512_storeu_ps(b + 16, _mm512_mask_mov_ps(b1, m1, k_1));
+    _mm512_storeu_si512(i, _mm512_mask_mov_epi32(_mm512_loadu_si512(i), m0, c0));
+    _mm512_storeu_si512(i + 16, _mm512_mask_mov_epi32(_mm512_loadu_si512(i + 16), m1, c1));
+  }
+}
+
+template <int MR, bool kStore>
+__attribute__((target("avx512f"))) void fused_rows(const float* x, int64_t D, const float* panels, int64_t np,
+                                                   const float* cn, float scale, int32_t k0, float* lb,
+                                                   int32_t* li, int64_t ldo) {
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(k0),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512i step = _mm512_set1_epi32(kLanes);
+  for (int64_t p = 0; p < np; ++p) {
+    if constexpr (kStore) {
+      fused_tile<MR, true>(x, D, panels + p * D * kLanes, cn, s, c0, lb + p * kLanes, li, ldo);
+    } else {
+      fused_tile<MR, false>(x, D, panels + p * D * kLanes, cn + p * kLanes, s, c0, lb, li, ldo);
+    }
+    c0 = _mm512_add_epi32(c0, step);
+  }
+}
+
+using FusedFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float, int32_t, float*,
+                         int32_t*, int64_t);
+
+template <bool kStore, int... R>
+constexpr std::array<FusedFn, sizeof...(R)> fused_table(std::integer_sequence<int, R...>) {
+  return {(R == 0 ? nullptr : &fused_rows<(R == 0 ? 1 : R), kStore>)...};
+}
+
+// Over `rows` rows (row-major, stride D) and the np panels from code k0 (a multiple of kLanes): the fast
+// mode's lanes (lb, li: kLanes per row), or (kStore) the dots, row r at lb + r * ldo.
+template <bool kStore>
+__attribute__((target("avx512f"))) void fused_avx512(const float* x, int64_t rows, int64_t D, const float* panels,
+                                                      int64_t np, const float* cn, float scale, int32_t k0,
+                                                      float* lb, int32_t* li, int64_t ldo) {
+  static constexpr auto tail = fused_table<kStore>(std::make_integer_sequence<int, kFusedRows>{});
+  const int64_t step = kStore ? ldo : kLanes;
+  int64_t r = 0;
+  for (; r + kFusedRows <= rows; r += kFusedRows) {
+    fused_rows<kFusedRows, kStore>(x + r * D, D, panels, np, cn, scale, k0, lb + r * step, li + r * kLanes, ldo);
+  }
+  if (r < rows) tail[rows - r](x + r * D, D, panels, np, cn, scale, k0, lb + r * step, li + r * kLanes, ldo);
+}
+
+void fused_min_avx512(const float* x, int64_t rows, int64_t D, const float* panels, int64_t np, const float* cn,
+                      float scale, int32_t k0, float* lb, int32_t* li) {
+  fused_avx512<false>(x, rows, D, panels, np, cn, scale, k0, lb, li, kLanes);
+}
+
+void fused_dots_avx512(const float* x, int64_t rows, int64_t D, const float* panels, int64_t np, float* out,
+                       int64_t ldo) {
+  fused_avx512<true>(x, rows, D, panels, np, nullptr, 1.0f, 0, out, nullptr, ldo);
 }
 
 #pragma GCC diagnostic pop
@@ -651,6 +766,30 @@ void nearest(const VqArgs& a, const Epilogue<acc_t>& ep) {
   const int64_t KS = round_up((K + want - 1) / want, kLanes);  // codes per split
   const int64_t splits = (K + KS - 1) / KS;                      // none empty
   const int64_t KB = std::min(KS, std::clamp<int64_t>((131072 / RB) / kLanes * kLanes, 128, 4096));
+  // With the AVX-512 kernels the dots come from fastgen's own register-blocked kernel, not the BLAS
+  // (measured, 1 thread, Zen 4: MKL's sgemm runs at ~0.9x the speed of faiss's OpenBLAS one, this kernel at
+  // ~1.1x): the codebook is packed in panels once per call (H x K x D values). Fast mode takes the keys
+  // from its registers (blocks of KBF codes: ~512 KB of panels, which stay in L2 while a task's rows pass
+  // over them), exact mode writes its tiles with it.
+  const bool fused = !exact && ep.fused_min != nullptr;
+  const bool own_dots = exact && ep.fused_dots != nullptr;
+  const int64_t KBF = std::min(KS, std::clamp<int64_t>((131072 / D) / kLanes * kLanes, kLanes, 8192));
+  std::unique_ptr<acc_t[]> cpack;
+  if (fused || own_dots) {
+    cpack.reset(new acc_t[static_cast<size_t>(H * Kp * D)]);
+    at::parallel_for(0, H * (Kp / kLanes), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t h = p / (Kp / kLanes), kp = p % (Kp / kLanes) * kLanes;
+        acc_t* o = cpack.get() + (h * Kp + kp) * D;
+        const acc_t* src = cg + (h * K + kp) * D;
+        const int64_t nk = std::min<int64_t>(kLanes, K - kp);
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t l = 0; l < nk; ++l) o[d * kLanes + l] = src[l * D + d];
+          for (int64_t l = nk; l < kLanes; ++l) o[d * kLanes + l] = acc_t(0);
+        }
+      }
+    });
+  }
   // splits > 1: per split and row, the fast mode's (key, index) or the exact mode's candidate list
   const int64_t part = splits > 1 ? splits * H * N : 0;
   std::vector<acc_t> part_d(static_cast<size_t>(part * (exact ? kRerank : 1)));
@@ -724,9 +863,22 @@ void nearest(const VqArgs& a, const Epilogue<acc_t>& ep) {
         }
       }
       const acc_t* ch = cg + h * K * D;
-      for (int64_t k0 = kbeg; k0 < kend; k0 += KB) {
+      // fused: every row of the task must be clean (else the portable epilogue takes the task's NaN rows)
+      const bool fuse = fused && std::all_of(row_ok.begin(), row_ok.begin() + rows, [](char ok) { return ok != 0; });
+      if (fuse) {
+        for (int64_t k0 = kbeg; k0 < kend; k0 += KBF) {
+          const int64_t kbp = round_up(std::min(KBF, kend - k0), kLanes);
+          ep.fused_min(xs, rows, D, cpack.get() + (h * Kp + k0) * D, kbp / kLanes, cnp.data() + h * Kp + k0, scale,
+                       static_cast<int32_t>(k0), lb.data(), li.data());
+        }
+      }
+      for (int64_t k0 = kbeg; k0 < (fuse ? kbeg : kend); k0 += KB) {
         const int64_t kb = std::min(KB, kend - k0), kbp = round_up(kb, kLanes);
-        tile_dots(xs, rows, ch + k0 * D, kb, D, dots.data(), KB);
+        if (own_dots) {
+          ep.fused_dots(xs, rows, D, cpack.get() + (h * Kp + k0) * D, kbp / kLanes, dots.data(), KB);
+        } else {
+          tile_dots(xs, rows, ch + k0 * D, kb, D, dots.data(), KB);
+        }
         const acc_t* cnk = cnp.data() + h * Kp + k0;
         const int32_t k0i = static_cast<int32_t>(k0);
         for (int64_t r = 0; r < rows; ++r) {
@@ -880,7 +1032,10 @@ void vq_nearest_cpu_impl(const VqArgs& a) {
     Epilogue<float> ep{&scan_min_ordered<float>, &scan_topr_clean_generic<float>, &direct_generic<float>,
                        &finish_min_generic<float>};
 #ifdef FASTGEN_VQ_X86
-    if (isa == cpu::Isa::kAvx512) ep = {&scan_min_avx512, &scan_topr_avx512, &direct_avx512, &finish_min_avx512};
+    if (isa == cpu::Isa::kAvx512) {
+      ep = {&scan_min_avx512, &scan_topr_avx512, &direct_avx512, &finish_min_avx512, &fused_min_avx512,
+            &fused_dots_avx512};
+    }
     if (isa == cpu::Isa::kAvx2) ep = {&scan_min_avx2, &scan_topr_avx2, &direct_avx2, &finish_min_avx2};
 #else
     (void)isa;

@@ -340,7 +340,7 @@ __global__ void vq_combine_kernel(const float* __restrict__ ws_d, const int* __r
   }
   k = (k >= 0 && k < K) ? k : 0;  // only reachable if every split saw no code: K >= 1 excludes it
   indices[i] = k;
-  dist[i] = (!cosine && d < 0.f) ? 0.f : d;
+  dist[i] = d < 0.f ? 0.f : (cosine && d > 2.f ? 2.f : d);  // as the CPU, Triton and torch paths clamp
   if (counts != nullptr) {
     const long long h = i / N;
     atomicAdd(reinterpret_cast<unsigned long long*>(counts + h * K + k), 1ull);

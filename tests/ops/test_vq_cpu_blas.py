@@ -110,6 +110,22 @@ def test_grid_exact(path, exact, cosine, shape, threads):
     assert torch.equal(counts, torch.stack([torch.bincount(i, minlength=shape[2]) for i in want_i]))
 
 
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cos"])
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+@pytest.mark.parametrize("path", PATHS)
+def test_grid_register_tiles(path, exact, cosine):
+    """The AVX-512 kernels' own dots (12-row register tiles over 32-code panels): every row tail 1..11
+    after 0, 1 and 2 whole tiles (N = 1..35), a last panel of 6 codes (K = 70); and at D = 300 (fast mode:
+    blocks of 416 codes) 416 + 416 + 68 codes, at 1 and 2 threads."""
+    for shape, threads in [((2, n, 70, 12), 1) for n in range(1, 36)] + [
+        ((1, 30, 900, 300), t) for t in (1, 2)
+    ]:
+        x, c, want_i, want_d = problem(shape, torch.float32, cosine, seed=5)
+        with setting(path, threads):
+            idx, dist, _ = run(x, c, cosine, exact)
+        assert torch.equal(idx, want_i) and torch.equal(dist, want_d), shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
 @pytest.mark.parametrize("path", PATHS)
@@ -158,13 +174,15 @@ def test_codebook_split(path, exact, cosine):
     assert torch.equal(counts, torch.stack([torch.bincount(i, minlength=2600) for i in want_i]))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("mode", V.MODES)
-def test_public_cosine_dist_in_range(mode):
+def test_public_cosine_dist_in_range(mode, device):
     """Rows equal to (normalised) codes: 1 - x.c rounds to about +-1e-7; the distance is clamped to [0, 2]
-    as on every other backend, and the index is the row's own code."""
+    as on every other backend (the CUDA kernel's fast mode too), and the index is the row's own code."""
     g = torch.Generator().manual_seed(3)
     c = torch.nn.functional.normalize(torch.randn(300, 48, generator=g), dim=-1)
     x = c[torch.randperm(300, generator=g)]
+    x, c = x.to(device), c.to(device)
     with fastgen.use_backend("cpp", op="vq_nearest"):
         out = V.vq_nearest(x, c, distance="cosine", mode=mode)
     assert (out.dist >= 0).all() and (out.dist <= 2).all()
