@@ -474,6 +474,7 @@ class _Block(NamedTuple):
     b: int
     offs: torch.Tensor | None
     onehot: torch.Tensor | None
+    ends: tuple[int, ...] = ()  # offs on the host
 
 
 def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> list[_Block]:
@@ -507,11 +508,12 @@ def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> lis
             while e1 < e_count and off[e1 + 1] - a <= gcap:
                 e1 += 1
             if e1 - e > 1:
-                ends = torch.tensor([off[j + 1] - a for j in range(e, e1)], dtype=torch.int32)
+                host = tuple(off[j + 1] - a for j in range(e, e1))
+                ends = torch.tensor(host, dtype=torch.int32)
                 counts = torch.tensor([off[j + 1] - off[j] for j in range(e, e1)])
                 local = torch.repeat_interleave(torch.arange(e1 - e), counts)
                 onehot = torch.nn.functional.one_hot(local, e1 - e).to(x.dtype)
-                blocks.append(_Block(e, e1, a, off[e1], ends, onehot))
+                blocks.append(_Block(e, e1, a, off[e1], ends, onehot, host))
                 e = e1
                 continue
         for r in range(a, off[e + 1], cap):
@@ -546,8 +548,14 @@ def _wgrad(out, a_t, g, blk: _Block, first: bool):
             torch.mm(a_t, g, out=out[blk.e0])
         else:
             out[blk.e0].addmm_(a_t, g)
-    else:  # the K-grouped form: zeros for an expert without rows
-        out[blk.e0 : blk.e1].copy_(torch._grouped_mm(a_t, g, offs=blk.offs))
+    else:  # one mm per expert straight into its out[e] (torch._grouped_mm's result would need a copy)
+        s = 0
+        for e, t in enumerate(blk.ends, blk.e0):
+            if t > s:
+                torch.mm(a_t[:, s:t], g[s:t], out=out[e])
+            else:
+                out[e].zero_()
+            s = t
 
 
 def _bgrad(out, g, blk: _Block, first: bool):

@@ -176,3 +176,41 @@ def test_layer_forward_has_no_padded_buffers():
         moe(x)  # warm-up
         peak = _peak_bytes(lambda: moe(x))
     assert 0 < peak < t * 2 * ff * 4 // 2, peak
+
+
+def test_grouped_block_weight_grads_in_place(monkeypatch):
+    """A grouped block's weight gradients go straight into dw[e] (one mm per expert, zeros for an expert
+    without rows inside the block): no K-grouped torch._grouped_mm whose (experts, K, N) result would be
+    copied; values as the float64 composition."""
+    monkeypatch.setattr(gm, "_FFN_GROUP_MIN_EXPERTS", 2)
+    calls = []
+    real = torch._grouped_mm
+
+    def spy(a, b, *args, **kwargs):
+        calls.append((a.dim(), b.dim()))
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    g = torch.Generator().manual_seed(9)
+    t, e, d, f = 40, 5, 16, 32
+    choice = torch.tensor([0, 1, 3, 4])  # expert 2 gets no rows: inside the block of experts 0 .. 4
+    idx = torch.stack([choice[torch.randperm(4, generator=g)[:2]] for _ in range(t)]).to(torch.int32)
+    routing = moe_route(idx, e, None)
+    x = torch.randn(t, d, generator=g)
+    gates = torch.rand(t, 2, generator=g)
+    w1, w2 = torch.randn(e, d, f, generator=g) / 4, torch.randn(e, f, d, generator=g) / 4
+    b1, b2 = torch.randn(e, f, generator=g), torch.randn(e, d, generator=g)
+    blocks = gm._ffn_blocks(routing.offsets.tolist(), x, d, f, f)
+    assert len(blocks) == 1 and blocks[0].e1 - blocks[0].e0 == 5
+    ins = leaves(x, gates, w1, b1, w2, b2)
+    y = moe_experts_cpu(ins[0], routing, *ins[1:], "gelu")
+    dy = torch.randn_like(y)
+    calls.clear()
+    got = torch.autograd.grad(y, ins, dy)
+    assert calls and (2, 2) not in calls  # only the (rows, K) x (E, K, N) forms in the backward
+    ref_ins = leaves(x, gates, w1, b1, w2, b2)
+    ref = composition(ref_ins[0], routing, ref_ins[1], *ref_ins[2:], "gelu", upcast=True)
+    want = torch.autograd.grad(ref, ref_ins, dy.double())
+    for name, a, b in zip(["x", "gates", "w1", "b1", "w2", "b2"], got, want, strict=True):
+        assert max_err(a, b) <= 1e-5 * (b.abs().max().item() + 1), name
+    assert torch.all(got[2][2] == 0) and torch.all(got[4][2] == 0)
