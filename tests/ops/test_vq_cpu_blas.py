@@ -114,12 +114,12 @@ def test_grid_exact(path, exact, cosine, shape, threads):
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
 @pytest.mark.parametrize("path", PATHS)
 def test_grid_register_tiles(path, exact, cosine):
-    """The AVX-512 kernels' own dots (12-row register tiles over 32-code panels): every row tail 1..11
-    after 0, 1 and 2 whole tiles (N = 1..35), a last panel of 6 codes (K = 70); and at D = 300 (fast mode:
-    blocks of 416 codes) 416 + 416 + 68 codes, at 1 and 2 threads."""
-    for shape, threads in [((2, n, 70, 12), 1) for n in range(1, 36)] + [
-        ((1, 30, 900, 300), t) for t in (1, 2)
-    ]:
+    """The AVX-512 kernels' own dots (12-row register tiles over 32-code panels, from 64 rows a head):
+    every row tail 0..11 after 5 whole tiles (N = 64..75, one task each), a last panel of 6 codes (K = 70);
+    at D = 300 (fast mode: blocks of 416 codes) 416 + 84 codes, at 1 and 2 threads; and 63 rows
+    (the BLAS tiles)."""
+    shapes = [((2, n, 70, 12), 1) for n in range(63, 76)] + [((1, 64, 500, 300), t) for t in (1, 2)]
+    for shape, threads in shapes:
         x, c, want_i, want_d = problem(shape, torch.float32, cosine, seed=5)
         with setting(path, threads):
             idx, dist, _ = run(x, c, cosine, exact)
