@@ -310,7 +310,7 @@ def test_isa_selection_and_errors():
 def test_parallel_chunks_match_single_thread(path):
     """Large calls split into chunks across threads: the same bits as one thread."""
     need(path)
-    args = make_args(torch.bfloat16, 3, 23_001, FEATURES["learned+rng+grad"], specials=False)  # 135 tiles
+    args = make_args(torch.bfloat16, 3, 23_001, FEATURES["learned+rng+grad"], specials=False)  # 540 tiles
     one = run(path, args)
     torch.set_num_threads(2)  # restored by the one_thread fixture
     many = run(path, args)
