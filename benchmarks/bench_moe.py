@@ -158,11 +158,14 @@ def make_case(device, dtype, e, d, tokens, act, mode):
             if not train:
                 with torch.no_grad():
                     return fn()
-            moe.zero_grad(set_to_none=True)
-            x.grad = None
             y = fn()
             y.backward(dout)
-            return y.detach(), x.grad, moe.w1.grad
+            out = y.detach(), x.grad, moe.w1.grad
+            # cleared after, not before: a call that freed the last call's gradients would count them
+            # against its own peak memory (and the next implementation's), and would not accumulate
+            moe.zero_grad(set_to_none=True)
+            x.grad = None
+            return out
 
         return run
 
