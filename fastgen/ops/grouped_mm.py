@@ -33,7 +33,9 @@ Backends: ``triton`` and ``torch`` (any device and dtype including float64; it r
 so it synchronises — the CPU path): ``torch._grouped_mm`` (float32 / bfloat16 / float16, where torch has it)
 or one ``torch.mm(out=)`` / ``torch.addmm(out=)`` per non-empty expert into a preallocated output, the
 activation once over all used rows (in place without autograd) and the backward's dh in one fused ATen
-kernel; see the section comment at ``_fwd_torch``. Small CPU calls that use every row and need a gradient
+kernel; see the section comment at ``_fwd_torch``. Experts with equal row counts covering x (balanced
+routing) run as one ``torch.bmm`` / ``baddbmm`` over (E, R / E, K), forward and backward; swiglu over a few
+experts goes through a one-block scratch (no (R, N) pre-activation without a gradient, no (R, N) dh). Small CPU calls that use every row and need a gradient
 (not swiglu) run ``torch._grouped_mm`` + the activation under torch's own autograd: its C++ nodes cost
 less per call than a Python autograd.Function and save the same tensors.
 For the MoE layer, :func:`moe_experts_cpu` runs gather -> both GEMMs -> combine block by block on CPU
