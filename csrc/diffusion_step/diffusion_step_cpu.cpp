@@ -1,10 +1,10 @@
 // Fused diffusion sampler step, C++ CPU kernel (at::parallel_for over tiles of a row), with runtime SIMD
 // dispatch.
 //
-// Each tile of kTile elements of one sample goes through a short pipeline of stages (guidance,
-// prediction + known-region replacement + clipping + update, prev_x0 term, guidance-gradient shift,
-// noise, stores), each a tight loop over float32 buffers that stay in L1. Every stage is templated on the
-// features it handles, so its loop has no branches and GCC / clang vectorize it (the RNG and the
+// Each tile of kTile (or kTileSmall) elements of one sample goes through a short pipeline of stages
+// (guidance, prediction + known-region replacement + clipping + update, prev_x0 term, guidance-gradient
+// shift, noise, stores), each a tight loop over float32 buffers that stay in L1. Every stage is templated
+// on the features it handles, so its loop has no branches and GCC / clang vectorize it (the RNG and the
 // learned-range exp included: see log_positive, sincos_turn and exp_approx in the header); the features
 // are resolved once per tile, not per element. Staging keeps the template instantiations additive in the
 // features (about 25 loops per dtype and path) instead of multiplicative.
@@ -69,15 +69,18 @@ namespace fastgen {
 namespace diffusion {
 namespace {
 
-// Elements per tile: even, so RNG pairs never straddle tiles; the stage buffers take ~6 KiB of stack. A
-// tile reads and writes up to ten streams (rows of page-aligned tensors, all at the same page offset);
-// at 512 B a stream they stay in L1 from one stage to the next, at 2 KiB they did not: 128 instead of 512
-// took 15-30% off the memory-bound rows (8 x 3 x 256 x 256 fp32, 1 thread: GLIDE inpainting 2.2-2.7 ->
-// 1.8 ms, a fixed-variance step with noise 1.5-1.65 -> 1.0-1.15 ms) and left the L2-resident ones as they
-// were.
-constexpr int64_t kTile = 128;
-// Tiles per parallel chunk at least (32K elements): smaller calls run on the calling thread.
-constexpr int64_t kGrainTiles = 32768 / kTile;
+// Elements per tile: even, so RNG pairs never straddle tiles; the stage buffers take ~22 KiB of stack. A
+// tile reads and writes up to ten streams (rows of page-aligned tensors, all at the same page offset). In
+// float32, and in 16 bits with inpainting or a guidance gradient (eight streams or more), 128-element
+// tiles (512 B a float32 stream) stay in L1 from one stage to the next, 512-element ones did not: 128 took
+// 15-30% off the memory-bound rows (8 x 3 x 256 x 256, 1 thread: fp32 GLIDE inpainting 2.2-2.7 -> 1.8 ms,
+// a fixed-variance step with noise 1.5-1.65 -> 1.0-1.15 ms; bf16 inpainting 2.0-2.1 -> 1.8 ms) and left
+// the L2-resident ones as they were. Other 16-bit steps are bound by the vector ALUs (see above), where
+// the shorter tiles' overhead cost ~5-10%: they keep 512.
+constexpr int64_t kTile = 512;
+constexpr int64_t kTileSmall = 128;
+// Elements per parallel chunk at least: smaller calls run on the calling thread.
+constexpr int64_t kGrainElems = 32768;
 
 // The code path of one instantiation (a template argument; the wrappers at the end set the target).
 // PATH_AVX512BF16 is the avx512 path on CPUs with cpu::has_avx512_bf16_set().
@@ -320,8 +323,8 @@ FASTGEN_ALWAYS_INLINE void abs_x0_any(int clip_mode, const StepCoeffs& k, const 
 // x0 and the whole x_prev of a learned-range step with noise and neither prev_x0 nor a guidance gradient
 // (GLIDE's DDPM and inpainting steps) in one loop: the same operations in the same order as stage_predict
 // followed by stage_add_noise<VAR_LEARNED_RANGE> (the same bits), but x_prev is stored once instead of
-// being written, read back and written again. With inpainting a tile touches nine 2 KiB streams at the
-// same page offset (rows of page-aligned tensors), which the 8-way L1 does not hold between two passes.
+// being written, read back and written again. With inpainting a tile touches nine streams at the same
+// page offset (rows of page-aligned tensors), so fewer passes over them save L1 misses.
 template <int CLIP, bool KNOWN, bool FMA, typename I, typename Z>
 FASTGEN_ALWAYS_INLINE void stage_predict_noise(const StepCoeffs& k, const I* __restrict__ xv,
                                                const float* __restrict__ m, const I* __restrict__ img,
@@ -418,6 +421,7 @@ struct Ctx {
   StepParams<T> p;
   StepCoeffs k;
   uint32_t rng_step;
+  int64_t tile;  // kTile or kTileSmall, even
   int64_t tiles_per_row;
 };
 
@@ -432,14 +436,15 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
   const bool learned = p.var_mode == VAR_LEARNED_RANGE;
   constexpr bool kF32 = std::is_same_v<T, float>;
   constexpr bool kFma = PATH != PATH_BASE;  // the learned-range exp's form (see exp_approx)
+  const int64_t tile = c.tile;
   alignas(64) float m[kTile], z[kTile], xpbuf[kTile], x0buf[kTile], u1[kTile / 2], u2[kTile / 2];
   // fp16 staging buffers (unused for float32 / bf16)
   constexpr int64_t kH = kBuffered ? kTile : 1;
   alignas(64) float hc[kH], hx[kH], hu[kH], hi[kH], hk[kH], hv[kH], hp[kH];
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / c.tiles_per_row;
-    const int64_t i0 = (t - b * c.tiles_per_row) * kTile;
-    const int64_t n = std::min(kTile, N - i0);
+    const int64_t i0 = (t - b * c.tiles_per_row) * tile;
+    const int64_t n = std::min(tile, N - i0);
     const int64_t row = b * N + i0;
     const float rs = p.rscale ? p.rscale[b] : 1.0f;
     const float s = p.thresh ? p.thresh[b] : 1.0f;
@@ -591,7 +596,9 @@ void run(const StepArgs& a, cpu::Isa isa) {
   if (c.p.B == 0 || c.p.N == 0) return;
   c.k = load_coeffs(c.p.coef);
   c.rng_step = rng_step_of(c.k[RNG_STEP]);
-  c.tiles_per_row = (c.p.N + kTile - 1) / kTile;
+  const bool many_streams = c.p.known != nullptr || c.p.grad != nullptr;
+  c.tile = std::is_same_v<T, float> || many_streams ? kTileSmall : kTile;
+  c.tiles_per_row = (c.p.N + c.tile - 1) / c.tile;
   void (*chunk)(const Ctx<T>&, int64_t, int64_t) = chunk_base<T>;
 #ifdef FASTGEN_STEP_X86
   if (isa == cpu::Isa::kAvx512) {
@@ -600,7 +607,7 @@ void run(const StepArgs& a, cpu::Isa isa) {
     chunk = chunk_avx2<T>;
   }
 #endif
-  at::parallel_for(0, c.p.B * c.tiles_per_row, kGrainTiles, [&](int64_t begin, int64_t end) { chunk(c, begin, end); });
+  at::parallel_for(0, c.p.B * c.tiles_per_row, kGrainElems / c.tile, [&](int64_t begin, int64_t end) { chunk(c, begin, end); });
 }
 
 }  // namespace
