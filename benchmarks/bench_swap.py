@@ -10,8 +10,9 @@ import, at small CPU sizes or attention-heavy GPU sizes (seq >= 1k).
 
 FLOPs are not counted (whole models): read the ms and the ratio against ``unswapped``.
 
-``python benchmarks/bench_swap.py --interleaved`` instead times the pairs interleaved (A, B, A, B, ...,
-1 thread on CPU) and prints the medians: what the ratios in RESULTS.md come from on a shared machine.
+``python benchmarks/bench_swap.py --interleaved [--control]`` instead times the pairs interleaved (A, B, A,
+B, ..., 1 thread on CPU) and prints the medians: what the ratios in RESULTS.md come from on a shared
+machine. ``--control`` adds an unswapped deep copy to each round: its A/A ratio is the noise floor.
 """
 
 from __future__ import annotations
@@ -163,9 +164,13 @@ def swap_cases(device: torch.device, quick: bool):
             )
 
 
-def interleaved(names=None, rounds: int = 15, threads: int = 1) -> list[tuple[str, str, float, float]]:
+def interleaved(
+    names=None, rounds: int = 15, threads: int = 1, control: bool = False
+) -> list[tuple[str, str, float, float]]:
     """Median ms of unswapped and swapped, timed alternately (one call each per round, after a warm-up)
-    with ``threads`` CPU threads: a shared machine's drift hits both alike."""
+    with ``threads`` CPU threads: a shared machine's drift hits both alike. ``control``: also time a
+    second unswapped deep copy in the same rounds (an A/A pair: its ratio is the measurement's own noise,
+    the yardstick for a swapped ratio near 1)."""
     torch.set_num_threads(threads)
     rows = []
     for name in names or MODELS:
@@ -174,12 +179,13 @@ def interleaved(names=None, rounds: int = 15, threads: int = 1) -> list[tuple[st
         except ImportError as e:
             print(f"{name}: skipped ({e})", flush=True)
             continue
+        models = (base, swapped, copy.deepcopy(base)) if control else (base, swapped)
         for backward in (False, True):
             fns = []
-            for m in (base, swapped):
+            for m in models:
                 m.train(backward)
                 fns.append(_fn(m, args, kwargs, pick, backward))
-            times: list[list[float]] = [[], []]
+            times: list[list[float]] = [[] for _ in models]
             for f in fns:
                 f()
             for _ in range(rounds):
@@ -190,8 +196,9 @@ def interleaved(names=None, rounds: int = 15, threads: int = 1) -> list[tuple[st
             a, b = statistics.median(times[0]), statistics.median(times[1])
             mode = "fwd+bwd" if backward else "fwd"
             rows.append((name, mode, a, b))
+            aa = f"  A/A control {a / statistics.median(times[2]):5.2f}x" if control else ""
             print(
-                f"{name:28s} {mode:8s} unswapped {a:9.2f} ms  swapped {b:9.2f} ms  ratio {a / b:5.2f}x",
+                f"{name:28s} {mode:8s} unswapped {a:9.2f} ms  swapped {b:9.2f} ms  ratio {a / b:5.2f}x{aa}",
                 flush=True,
             )
     return rows
@@ -199,6 +206,7 @@ def interleaved(names=None, rounds: int = 15, threads: int = 1) -> list[tuple[st
 
 if __name__ == "__main__":
     if "--interleaved" in sys.argv:
-        interleaved([a for a in sys.argv[1:] if a != "--interleaved"] or None)
+        flags = ("--interleaved", "--control")
+        interleaved([a for a in sys.argv[1:] if a not in flags] or None, control="--control" in sys.argv)
         raise SystemExit(0)
     raise SystemExit(main(only=["swap"]))
