@@ -70,13 +70,12 @@ namespace diffusion {
 namespace {
 
 // Elements per tile: even, so RNG pairs never straddle tiles; the stage buffers take ~22 KiB of stack. A
-// tile reads and writes up to ten streams (rows of page-aligned tensors, all at the same page offset). In
-// float32, and in 16 bits with inpainting or a guidance gradient (eight streams or more), 128-element
-// tiles (512 B a float32 stream) stay in L1 from one stage to the next, 512-element ones did not: 128 took
-// 15-30% off the memory-bound rows (8 x 3 x 256 x 256, 1 thread: fp32 GLIDE inpainting 2.2-2.7 -> 1.8 ms,
-// a fixed-variance step with noise 1.5-1.65 -> 1.0-1.15 ms; bf16 inpainting 2.0-2.1 -> 1.8 ms) and left
-// the L2-resident ones as they were. Other 16-bit steps are bound by the vector ALUs (see above), where
-// the shorter tiles' overhead cost ~5-10%: they keep 512.
+// tile reads and writes up to eleven streams (rows of page-aligned tensors, all at the same page offset).
+// With many of them (7 in float32, 8 in 16 bits: learned-range steps with noise, inpainting, guidance
+// gradients) 128-element tiles stay in L1 from one stage to the next, 512-element ones did not: 128 took
+// 15-35% off those rows at 8 x 3 x 256 x 256 (1 thread: fp32 GLIDE inpainting 2.5 -> 1.8 ms, with the
+// guidance gradient 2.2 -> 1.4 ms; bf16 inpainting 2.0-2.1 -> 1.8 ms). With fewer streams the shorter
+// tiles' overhead cost 5-10% (DDIM / DPM-Solver rows), so those keep 512.
 constexpr int64_t kTile = 512;
 constexpr int64_t kTileSmall = 128;
 // Elements per parallel chunk at least: smaller calls run on the calling thread.
@@ -596,8 +595,11 @@ void run(const StepArgs& a, cpu::Isa isa) {
   if (c.p.B == 0 || c.p.N == 0) return;
   c.k = load_coeffs(c.p.coef);
   c.rng_step = rng_step_of(c.k[RNG_STEP]);
-  const bool many_streams = c.p.known != nullptr || c.p.grad != nullptr;
-  c.tile = std::is_same_v<T, float> || many_streams ? kTileSmall : kTile;
+  // the streams of a tile (x, cond, x_prev and the optional ones)
+  const int streams = 3 + (c.p.uncond != nullptr) + (c.p.x0 != nullptr) + (c.p.prev != nullptr) +
+                      (c.p.noise != nullptr) + 2 * (c.p.known != nullptr) + (c.p.grad != nullptr) +
+                      (c.p.var_mode == VAR_LEARNED_RANGE && (c.p.noise_mode != NOISE_NONE || c.p.grad));
+  c.tile = streams >= (std::is_same_v<T, float> ? 7 : 8) ? kTileSmall : kTile;
   c.tiles_per_row = (c.p.N + c.tile - 1) / c.tile;
   void (*chunk)(const Ctx<T>&, int64_t, int64_t) = chunk_base<T>;
 #ifdef FASTGEN_STEP_X86
