@@ -486,6 +486,13 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
       }
       continue;
     }
+    // the step's noise: the given tensor's row (nullptr: the counter-based draw, staged in z)
+    auto noise_row = [&]() -> const I* {
+      if (p.noise_mode == NOISE_TENSOR) return in(p.noise + row, z);
+      const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
+      stage_rng(key, i0, u1, u2, z, n);
+      return nullptr;
+    };
     // float32 outputs are computed in place in the output rows (they stay in L1 until the tile ends);
     // 16-bit ones in xpbuf / x0buf, converted at the end
     float* xp = xpbuf;
@@ -496,13 +503,7 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
     }
     if (learned && p.noise_mode != NOISE_NONE && !p.grad && !p.prev) {
       const I* vf = in(crow + N, hv);
-      const I* zt = nullptr;
-      if (p.noise_mode == NOISE_TENSOR) {
-        zt = in(p.noise + row, z);
-      } else {
-        const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
-        stage_rng(key, i0, u1, u2, z, n);
-      }
+      const I* zt = noise_row();
       if (known && zt) {
         predict_noise_any<true, kFma>(p.clip_mode, k, xv, mm, img, keep, vf, zt, p.clip, s, x0, xp, n);
       } else if (known) {
@@ -542,13 +543,7 @@ FASTGEN_ALWAYS_INLINE void chunk_body(const Ctx<T>& c, int64_t begin, int64_t en
       }
     }
     if (p.noise_mode != NOISE_NONE) {
-      const I* zt = nullptr;
-      if (p.noise_mode == NOISE_TENSOR) {
-        zt = in(p.noise + row, z);
-      } else {
-        const RngKey key = rng_key(p.seed_lo, p.seed_hi, p.sample_offset + static_cast<uint32_t>(b), c.rng_step);
-        stage_rng(key, i0, u1, u2, z, n);
-      }
+      const I* zt = noise_row();
       if (sd_given) {
         add_noise_any<VAR_SD_GIVEN, kFma>(k, z, zt, static_cast<const float*>(m), xp, n);
       } else if (learned) {

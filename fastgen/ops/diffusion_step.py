@@ -1271,8 +1271,12 @@ _FAST_KEYWORDS = frozenset(
 )  # fmt: skip
 
 
-def _fast_public(coeffs, x_t, model_output, clip_sample, learned, needs_noise, noise, prev_x0, kwargs):
-    """``sampler_step`` through the fast lane for a per-step function whose coefficients were found."""
+def _fast_public(abar, key, x_t, model_output, clip_sample, learned, needs_noise, noise, prev_x0, kwargs):
+    """``sampler_step`` through the fast lane for a per-step call whose raw arguments ``key`` passed every
+    check before on this schedule (see :func:`_fast_coeffs`), or None: then the full path serves it."""
+    coeffs = _fast_coeffs(abar, x_t, key)
+    if coeffs is None:
+        return None
     if not kwargs:
         return _fast_step(x_t, model_output, coeffs, None, None, clip_sample, learned, needs_noise, noise, None, 0,
                           prev_x0, True)  # fmt: skip
@@ -1324,12 +1328,20 @@ def ddpm_step(
     fast = None
     if type(t) is int and type(prediction_type) is str and type(variance_type) is str:
         fast = ("ddpm", prediction_type, variance_type, t)
-        coeffs = _fast_coeffs(alphas_cumprod, x_t, fast)
-        if coeffs is not None:
-            out = _fast_public(coeffs, x_t, model_output, clip_sample, variance_type == "learned_range", True, noise,
-                               None, kwargs)  # fmt: skip
-            if out is not None:
-                return out
+        out = _fast_public(
+            alphas_cumprod,
+            fast,
+            x_t,
+            model_output,
+            clip_sample,
+            variance_type == "learned_range",
+            True,
+            noise,
+            None,
+            kwargs,
+        )
+        if out is not None:
+            return out
     pred = _norm_pred(prediction_type)
     if variance_type not in VARIANCE_TYPES:
         raise _err(f"unknown variance_type {variance_type!r}; expected one of {VARIANCE_TYPES}")
@@ -1365,11 +1377,11 @@ def ddim_step(
     fast = None
     if type(t) is int and type(t_prev) is int and _plain_real(eta) and type(prediction_type) is str:
         fast = ("ddim", prediction_type, eta, t, t_prev)
-        coeffs = _fast_coeffs(alphas_cumprod, x_t, fast)
-        if coeffs is not None:
-            out = _fast_public(coeffs, x_t, model_output, clip_sample, False, eta > 0, noise, None, kwargs)
-            if out is not None:
-                return out
+        out = _fast_public(
+            alphas_cumprod, fast, x_t, model_output, clip_sample, False, eta > 0, noise, None, kwargs
+        )
+        if out is not None:
+            return out
     kwargs = _common("ddim_step", kwargs)
     pred = _norm_pred(prediction_type)
     eta = _check_eta(eta)
@@ -1390,11 +1402,11 @@ def _euler(ancestral: bool, x_t, model_output, alphas_cumprod, t, t_prev, noise,
     fast = None
     if type(t) is int and type(t_prev) is int and type(prediction_type) is str:
         fast = ("euler", ancestral, prediction_type, t, t_prev)
-        coeffs = _fast_coeffs(alphas_cumprod, x_t, fast)
-        if coeffs is not None:
-            out = _fast_public(coeffs, x_t, model_output, clip_sample, False, ancestral, noise, None, kwargs)
-            if out is not None:
-                return out
+        out = _fast_public(
+            alphas_cumprod, fast, x_t, model_output, clip_sample, False, ancestral, noise, None, kwargs
+        )
+        if out is not None:
+            return out
     kwargs = _common("euler_ancestral_step" if ancestral else "euler_step", kwargs)
     pred = _norm_pred(prediction_type)
     st = _check_schedule(alphas_cumprod, x_t)
@@ -1468,11 +1480,11 @@ def dpm_solver_2m_step(
         and type(prediction_type) is str
     ):
         fast = ("dpm2m", prediction_type, t, t_prev, t_last)
-        coeffs = _fast_coeffs(alphas_cumprod, x_t, fast)
-        if coeffs is not None:
-            out = _fast_public(coeffs, x_t, model_output, clip_sample, False, False, None, prev_x0, kwargs)
-            if out is not None:
-                return out
+        out = _fast_public(
+            alphas_cumprod, fast, x_t, model_output, clip_sample, False, False, None, prev_x0, kwargs
+        )
+        if out is not None:
+            return out
     kwargs = _common("dpm_solver_2m_step", kwargs)
     pred = _norm_pred(prediction_type)
     if (prev_x0 is None) != (t_last is None):
