@@ -102,6 +102,14 @@ def plain_eager(x: Any) -> bool:
     )
 
 
+def host_values(t: torch.Tensor, limit: int = 4096) -> list | None:
+    """The values of a small CPU tensor as a list when a plain eager call may read them on the host (for
+    checks: cheaper than building boolean tensors to test), else None."""
+    if t.is_cpu and t.numel() <= limit and plain_eager(t):
+        return t.tolist()
+    return None
+
+
 def _launch_device(args: tuple) -> torch.device | None:
     """The CUDA device of the first tensor argument (None when it is not a CUDA tensor)."""
     for a in args:
@@ -138,6 +146,7 @@ class Op:
         self.name = name
         self.doc = doc
         self.backends: dict[str, Backend] = {}
+        self._remembered: dict[tuple, Backend] = {}
 
     def register(
         self,
@@ -178,6 +187,18 @@ class Op:
 
     def forced_backend(self) -> str | None:
         return forced_backend(self.name)
+
+    def dispatch_remembered(self, key: tuple, make_call: Callable[[], Call]) -> Backend:
+        """``dispatch(make_call())``, remembered per ``key`` (the facts of the call dispatch reads) plus what
+        it reads besides the call: a forced backend and the Triton interpreter. For eager hot paths whose
+        kernel costs a few microseconds on a CPU; at most 256 keys are kept."""
+        full = (*key, self.forced_backend(), triton_interpret())
+        backend = self._remembered.get(full)
+        if backend is None:
+            backend = self.dispatch(make_call())
+            if len(self._remembered) < 256:
+                self._remembered[full] = backend
+        return backend
 
     def dispatch(self, call: Call) -> Backend:
         forced = self.forced_backend()

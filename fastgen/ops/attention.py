@@ -1357,10 +1357,10 @@ def _check_cu(
         raise _err(f"{name} is on {cu.device} but q is on {device}")
     if total > torch.iinfo(torch.int32).max:
         raise _err(f"{name}: {total} total tokens do not fit the kernels' int32 offsets")
-    if device.type == "cpu" and cu.numel() <= 4096 and _backend.plain_eager(cu):
+    offs = _backend.host_values(cu) if device.type == "cpu" else None
+    if offs is not None:
         # the offsets are on the host: check the list (a few tensor ops per condition cost more than a
         # small attention call)
-        offs = cu.tolist()
         bad = None
         if offs[0] != 0:
             bad = f"{name}[0] must be 0"

@@ -85,17 +85,9 @@ def _assert_values(cond: torch.Tensor, msg: str, values: tuple[str, torch.Tensor
         torch._assert_async(cond.all(), f"fastgen.attention_decode: {msg}")
 
 
-def _host_lengths(t: torch.Tensor) -> list[int] | None:
-    """The values of a CPU ``t`` as a list when they can be read on the host (eager mode, a plain tensor,
-    a few of them: cheaper than building a boolean tensor to test), else None."""
-    if t.device.type == "cpu" and t.numel() <= 4096 and _backend.plain_eager(t):
-        return t.tolist()
-    return None
-
-
 def _check_range(t: torch.Tensor, name: str, lo: int, hi: int, msg: str) -> None:
     """Raise ValueError(msg) naming the first value of the 1-D ``t`` outside [lo, hi]."""
-    values = _host_lengths(t)
+    values = _backend.host_values(t)
     if values is None:
         _assert_values((t >= lo) & (t <= hi), msg, (name, t))
         return
@@ -300,20 +292,13 @@ def _make_call(q, k, v, paged: bool) -> Call:
     )
 
 
-_DISPATCHED: dict[tuple, _backend.Backend] = {}
-
-
 def _backend_for(q, k, v, paged: bool) -> _backend.Backend:
-    """OP.dispatch on the call, remembered per what the dispatch reads (device, dtype, the call's params, a
-    forced backend, the Triton interpreter): a decode step is a few microseconds of kernel on a CPU."""
+    """OP.dispatch on the call, remembered per what the dispatch reads (device, dtype, the call's params): a
+    decode step is a few microseconds of kernel on a CPU."""
     aligned = _aligned16(k) and _aligned16(v)
-    key = (q.device, q.dtype, paged, q.shape[-1], aligned, OP.forced_backend(), _backend.triton_interpret())
-    backend = _DISPATCHED.get(key)
-    if backend is None:
-        backend = OP.dispatch(_make_call(q, k, v, paged))
-        if len(_DISPATCHED) < 256:
-            _DISPATCHED[key] = backend
-    return backend
+    return OP.dispatch_remembered(
+        (q.device, q.dtype, paged, q.shape[-1], aligned), lambda: _make_call(q, k, v, paged)
+    )
 
 
 def _run(q, k, v, block_table, seqlens, scale, causal, num_splits):

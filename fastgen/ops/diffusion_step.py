@@ -602,19 +602,12 @@ def _(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thr
 # tensor subclasses), so compiled graphs still see one op.
 
 
-_DISPATCHED: dict[tuple, _backend.Backend] = {}
-
-
 def _dispatched(x: torch.Tensor) -> _backend.Backend:
-    """``OP.dispatch`` for a step on ``x`` (B, N), memoised on what dispatch depends on: device, dtype, the
-    size limit, a forced backend, the Triton interpreter."""
-    key = (x.device, x.dtype, x.shape[1] < 2**31, OP.forced_backend(), _backend.triton_interpret())
-    backend = _DISPATCHED.get(key)
-    if backend is None:
-        backend = OP.dispatch(Call(x.device, x.dtype, {"n": x.shape[1]}))
-        if len(_DISPATCHED) < 256:
-            _DISPATCHED[key] = backend
-    return backend
+    """``OP.dispatch`` for a step on ``x`` (B, N), remembered on what dispatch depends on: device, dtype, the
+    size limit (and a forced backend, the Triton interpreter)."""
+    return OP.dispatch_remembered(
+        (x.device, x.dtype, x.shape[1] < 2**31), lambda: Call(x.device, x.dtype, {"n": x.shape[1]})
+    )
 
 
 def eager_backend(x: torch.Tensor) -> _backend.Backend | None:

@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastgen import _backend
+from fastgen import _backend, _ext
 from fastgen._backend import Call
 
 try:  # triton is optional (not on every platform)
@@ -451,18 +451,6 @@ class _GroupedMMCPU(torch.autograd.Function):
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _gather_into(x, src, scale, k, out):
-    from fastgen import _ext
-
-    return _ext.C.moe_gather_cpu(x, src, scale, k, out)
-
-
-def _scatter_add(out, rows, src, scale, k):
-    from fastgen import _ext
-
-    _ext.C.moe_scatter_add_cpu(out, rows, src, scale, k)
-
-
 class _Block(NamedTuple):
     """Rows [a, b) of experts e0 .. e1 - 1 (whole experts when e1 - e0 > 1: one torch._grouped_mm call;
     else all or part of expert e0: torch.mm / addmm). offs / onehot: for grouped blocks, the experts' end
@@ -592,7 +580,7 @@ def _ffn_fwd(x, gates, w1, b1, w2, b2, dest, src, off, act, train: bool, keep_o:
     hs = []
     for blk in blocks:
         n, s = blk.b - blk.a, src[blk.a : blk.b]
-        xb = _gather_into(x, s, None, k, xb_s[:n])
+        xb = _ext.C.moe_gather_cpu(x, s, None, k, xb_s[:n])
         hb = _gemm(xb, w1, b1, blk, None if train else h_s[:n])
         if train:
             hs.append(hb)
@@ -604,7 +592,7 @@ def _ffn_fwd(x, gates, w1, b1, w2, b2, dest, src, off, act, train: bool, keep_o:
         ob = _gemm(ab, w2, b2, blk, o_all[blk.a : blk.b] if keep_o else o_s[:n])
         if keep_o and blk.offs is not None:
             o_all[blk.a : blk.b].copy_(ob)
-        _scatter_add(y, ob, s, gw, k)
+        _ext.C.moe_scatter_add_cpu(y, ob, s, gw, k)
     return y.to(x.dtype), (blocks, hs), o_all
 
 
@@ -631,8 +619,6 @@ class _MoEFFNCPU(torch.autograd.Function):
         k = dest.shape[1]
         f = w2.shape[1]
         acc = torch.promote_types(x.dtype, torch.float32)
-        from fastgen import _ext
-
         dgates = _ext.C.moe_gate_grad_cpu(dy, o_all, dest).to(gates.dtype) if need_g else None
         gw = gates.reshape(-1).to(acc).contiguous()
         dx = torch.zeros((t, d), dtype=acc if x.dtype in _HALF else x.dtype) if need_x else None
@@ -656,7 +642,7 @@ class _MoEFFNCPU(torch.autograd.Function):
             first = blk.e0 != last  # the first block of its expert(s): write, not accumulate
             last = blk.e0
             n, s = blk.b - blk.a, src[blk.a : blk.b]
-            dob = _gather_into(dy, s, gw, k, do_s[:n])  # gates[a] * dy[a // k]
+            dob = _ext.C.moe_gather_cpu(dy, s, gw, k, do_s[:n])  # gates[a] * dy[a // k]
             if need_w2:
                 if act == "none":
                     ab = hb
@@ -676,12 +662,12 @@ class _MoEFFNCPU(torch.autograd.Function):
             else:
                 dhb = _ACT_BWD[act](dab, hb, dab)  # in place: one elementwise pass
             if need_w1:
-                xb = _gather_into(x, s, None, k, xb_s[:n])
+                xb = _ext.C.moe_gather_cpu(x, s, None, k, xb_s[:n])
                 _wgrad(dw1, xb.transpose(0, 1), dhb, blk, first)
             if need_b1:
                 _bgrad(db1, dhb, blk, first)
             if need_x:
-                _scatter_add(dx, _gemm(dhb, w1.transpose(1, 2), None, blk), s, None, k)
+                _ext.C.moe_scatter_add_cpu(dx, _gemm(dhb, w1.transpose(1, 2), None, blk), s, None, k)
         if dx is not None:
             dx = dx.to(x.dtype)
         return dx, dgates, dw1, db1, dw2, db2, None, None, None, None
@@ -690,8 +676,6 @@ class _MoEFFNCPU(torch.autograd.Function):
 def moe_experts_cpu_usable(x: torch.Tensor) -> bool:
     """Whether :func:`moe_experts_cpu` serves a layer call on ``x``: a plain eager CPU call, fastgen._C
     built, and no backend forced away from the CPU paths (grouped_mm: torch, moe_permute: cpp)."""
-    from fastgen import _ext
-
     return (
         x.device.type == "cpu"
         and _ext.C is not None
