@@ -147,6 +147,15 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(bool cuda, const at::Tensor& x, 
   return {a.out, a.x0};
 }
 
+// An operand of more than two dims as the (rows, elements) matrix of its memory (it must be contiguous).
+at::Tensor as_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), "sampler_step: ", name, " must be contiguous (shape ", t.sizes(), ", strides ",
+              t.strides(), ")");
+  int64_t n = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return t.view({t.size(0), n});
+}
+
 template <bool CUDA>
 std::tuple<at::Tensor, at::Tensor> sampler_step_entry(const at::Tensor& x, const at::Tensor& cond,
                                                       const OptTensor& uncond, int64_t uncond_row_offset,
@@ -157,9 +166,34 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_entry(const at::Tensor& x, const
                                                       int64_t sample_offset, bool want_x0, bool x0_only,
                                                       const OptTensor& known, const OptTensor& keep,
                                                       const OptTensor& grad, double grad_scale) {
-  return sampler_step(CUDA, x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh,
-                      guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only, known,
-                      keep, grad, grad_scale);
+  if (!x.defined() || x.dim() <= 2) {
+    return sampler_step(CUDA, x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thresh,
+                        guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only, known,
+                        keep, grad, grad_scale);
+  }
+  // x of shape (B, ...): the Python fast lanes pass the caller's tensors as they are (a view costs ~1 us of
+  // Python per operand, a tenth of a small step). Operands like x must have x's exact shape; cond and uncond
+  // are the (rows, elements) matrices of theirs; the outputs take x's shape.
+  const auto like = [&](const OptTensor& t, const char* name) -> OptTensor {
+    if (!t.has_value()) return t;
+    TORCH_CHECK(t->sizes() == x.sizes(), "sampler_step: ", name, " has shape ", t->sizes(), ", expected ", x.sizes(),
+                " like x");
+    return as_rows(*t, name);
+  };
+  const auto rows = [](const OptTensor& t, const char* name) -> OptTensor {
+    return t.has_value() && t->dim() > 2 ? OptTensor(as_rows(*t, name)) : t;
+  };
+  // checked in argument order, as the 2-D path does
+  const at::Tensor xf = as_rows(x, "x");
+  const at::Tensor cf = *rows(cond, "cond");
+  const OptTensor uf = rows(uncond, "uncond"), pf = like(prev_x0, "prev_x0");
+  const OptTensor nf = noise_mode == NOISE_TENSOR ? like(noise, "noise") : OptTensor();
+  const OptTensor kf = like(known, "known"), mf = like(keep, "keep"), gf = like(grad, "grad");
+  auto [out, x0] = sampler_step(CUDA, xf, cf, uf, uncond_row_offset, coeffs, pf, nf, row_scale, thresh,
+                                guidance_scale, clip, var_mode, noise_mode, seed, sample_offset, want_x0, x0_only, kf,
+                                mf, gf, grad_scale);
+  const auto back = [&](const at::Tensor& t) { return t.dim() == 2 && t.numel() == x.numel() ? t.view(x.sizes()) : t; };
+  return {back(out), back(x0)};
 }
 
 constexpr const char* kStepDoc = R"doc(Fused diffusion sampler step on (B, N)-flattened tensors.
@@ -174,6 +208,8 @@ x: (B, N) float32/float16/bfloat16; cond: (Bc >= B, Lc >= N, or >= 2N with var_m
 (B, N); row_scale, thresh: optional float32 (B,). x_prev has x's dtype; pred_x0 too when want_x0, else
 empty. x0_only: x_prev is empty and the second output is float32 |x0|. known, keep: optional (B, N), x0 :=
 x0 (1 - keep) + known keep before clipping (inpainting); grad: optional (B, N), x_prev += var grad_scale grad.
+x may also be (B, ...) contiguous: then prev_x0, noise, known, keep and grad have x's shape, cond / uncond
+are read as (rows, elements) matrices and the outputs have x's shape.
 Math: fastgen/ops/diffusion_step.py.
 )doc";
 

@@ -256,6 +256,28 @@ def _parse_env(value: str) -> dict[str | None, str]:
     return out
 
 
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, read at call time, in ~0.1 us instead of ~0.7 us: CPython's ``os.environ``
+    keeps its variables in a dict of encoded keys (``_data``, updated by every ``os.environ`` write, as
+    ``monkeypatch.setenv`` makes); the dict is looked up directly where it exists, else the public mapping.
+    The hot dispatch paths read two variables per call (``FASTGEN_BACKEND``, ``TRITON_INTERPRET``)."""
+    env = os.environ
+    data = getattr(env, "_data", None)
+    key = _ENV_KEYS.get(name)
+    if type(data) is not dict or key is None:
+        return env.get(name)
+    v = data.get(key)
+    return None if v is None else env.decodevalue(v)
+
+
+def _encoded_keys(*names: str) -> dict[str, Any]:
+    enc = getattr(os.environ, "encodekey", None)
+    return {} if enc is None else {n: enc(n) for n in names}
+
+
+_ENV_KEYS = _encoded_keys(ENV_VAR, "TRITON_INTERPRET")
+
+
 def forced_backend(op: str) -> str | None:
     """The backend forced for ``op`` by ``use_backend`` or ``FASTGEN_BACKEND``, or None."""
     ctx = _forced.get()
@@ -264,7 +286,8 @@ def forced_backend(op: str) -> str | None:
             return ctx[op]
         if None in ctx:
             return ctx[None]
-    env = os.environ.get(ENV_VAR, "").strip()
+    env = getenv(ENV_VAR)
+    env = env.strip() if env else env
     if env:
         parsed = _parse_env(env)
         return parsed.get(op, parsed.get(None))
@@ -299,7 +322,7 @@ def _triton_import_error() -> str | None:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET") == "1"
 
 
 def triton_available() -> list[str]:

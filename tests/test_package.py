@@ -63,6 +63,31 @@ def test_forcing_by_context_and_env(monkeypatch):
         pass
 
 
+def test_environment_is_read_at_call_time(monkeypatch):
+    """The fast environment read sees every kind of os.environ write at once, and agrees with os.environ."""
+    from fastgen import _backend
+    from fastgen.ops.diffusion_step import OP as op
+
+    monkeypatch.delenv("FASTGEN_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    key = (torch.device("cpu"), torch.float32, True)
+    make = lambda: Call(torch.device("cpu"), torch.float32, {"n": 4})  # noqa: E731
+    assert _backend.getenv("FASTGEN_BACKEND") is None and not _backend.triton_interpret()
+    natural = op.dispatch_remembered(key, make).name
+    monkeypatch.setenv("FASTGEN_BACKEND", "diffusion_step:torch")
+    assert _backend.getenv("FASTGEN_BACKEND") == os.environ["FASTGEN_BACKEND"] == "diffusion_step:torch"
+    assert forced_backend("diffusion_step") == "torch" and op.dispatch_remembered(key, make).name == "torch"
+    os.environ["TRITON_INTERPRET"] = "1"  # a plain write, undone by the delenv below
+    assert _backend.triton_interpret()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not _backend.triton_interpret()
+    os.environ.update({"FASTGEN_BACKEND": " diffusion_step:cpp "})
+    assert forced_backend("diffusion_step") == "cpp"
+    monkeypatch.delenv("FASTGEN_BACKEND")
+    assert forced_backend("diffusion_step") is None and op.dispatch_remembered(key, make).name == natural
+    assert _backend.getenv("PATH") == os.environ.get("PATH")  # a name without a precomputed key
+
+
 def test_info_lists_every_op_and_backend():
     from fastgen.info import report
 

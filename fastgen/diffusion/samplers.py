@@ -216,7 +216,7 @@ class Sampler:
                 or not prev_x0.is_contiguous()
             ):
                 return None
-            prev = prev_x0.view(plan.b, plan.n)
+            prev = prev_x0
         if plan.noise_mode == 2:
             if seed is None or type(seed) is not int or type(sample_offset) is not int:
                 return None
@@ -224,15 +224,20 @@ class Sampler:
             sample_offset &= 0xFFFFFFFF
         else:
             seed, sample_offset = 0, 0
-        # int sizes and view_as: a torch.Size argument costs more to parse than the rest of the view
-        xf = x.view(plan.b, plan.n)
-        backend = D.eager_backend(xf)
+        backend = D.eager_backend(x, plan.n)
         if backend is None:
             return None
+        kernel = D.nd_kernel(backend)
+        if kernel is not None:  # the C++ entry: the tensors as they are, x_prev / pred_x0 shaped like x
+            return kernel(x, model_output, model_output if plan.uoff else None, plan.uoff, plan.rows[i], prev, None,
+                          None, None, plan.g, plan.clip, plan.var_mode, plan.noise_mode, seed, sample_offset, True,
+                          False, None, None, None, 0.0)  # fmt: skip
+        # int sizes and view_as: a torch.Size argument costs more to parse than the rest of the view
         cond = model_output.view(plan.out_rows, -1)
-        out, x0 = backend.fn(xf, cond, cond if plan.uoff else None, plan.uoff, plan.rows[i], prev, None, None,
-                             None, plan.g, plan.clip, plan.var_mode, plan.noise_mode, seed, sample_offset,
-                             True, False, None, None, None, 0.0)  # fmt: skip
+        out, x0 = backend.fn(x.view(plan.b, plan.n), cond, cond if plan.uoff else None, plan.uoff, plan.rows[i],
+                             None if prev is None else prev.view(plan.b, plan.n), None, None, None, plan.g,
+                             plan.clip, plan.var_mode, plan.noise_mode, seed, sample_offset, True, False, None, None,
+                             None, 0.0)  # fmt: skip
         return out.view_as(x), x0.view_as(x)
 
     def _make_plan(self, x: torch.Tensor, model_output: Any) -> None:

@@ -35,7 +35,6 @@ import functools
 import itertools
 import math
 import operator
-import os
 
 import torch
 
@@ -1098,7 +1097,7 @@ def _default_backend(device_type: str, dtype: torch.dtype, d: int, dv: int) -> s
     """The backend a call would get with nothing forced ("" when one is forced: it serves as asked)."""
     if OP.forced_backend() is not None:
         return ""
-    return _unforced_backend(device_type, dtype, d, dv, os.environ.get("TRITON_INTERPRET", ""))
+    return _unforced_backend(device_type, dtype, d, dv, _backend.getenv("TRITON_INTERPRET") or "")
 
 
 @functools.lru_cache(maxsize=256)

@@ -57,6 +57,7 @@ import math
 import numbers
 import operator
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -602,18 +603,29 @@ def _(x, cond, uncond, uncond_row_offset, coeffs, prev_x0, noise, row_scale, thr
 # tensor subclasses), so compiled graphs still see one op.
 
 
-def _dispatched(x: torch.Tensor) -> _backend.Backend:
-    """``OP.dispatch`` for a step on ``x`` (B, N), remembered on what dispatch depends on: device, dtype, the
-    size limit (and a forced backend, the Triton interpreter)."""
-    return OP.dispatch_remembered(
-        (x.device, x.dtype, x.shape[1] < 2**31), lambda: Call(x.device, x.dtype, {"n": x.shape[1]})
-    )
+def _dispatched(x: torch.Tensor, n: int | None = None) -> _backend.Backend:
+    """``OP.dispatch`` for a step on ``x`` (B, N) (or of ``n`` elements per sample), remembered on what
+    dispatch depends on: device, dtype, the size limit (and a forced backend, the Triton interpreter)."""
+    n = x.shape[1] if n is None else n
+    return OP.dispatch_remembered((x.device, x.dtype, n < 2**31), lambda: Call(x.device, x.dtype, {"n": n}))
 
 
-def eager_backend(x: torch.Tensor) -> _backend.Backend | None:
-    """The backend that serves a step on ``x`` (B, N) when the call can skip the custom op (plain eager
-    mode, a plain tensor); None when something traces it (then call ``_sampler_step_op``)."""
-    return _dispatched(x) if _backend.plain_eager(x) else None
+def nd_kernel(backend: _backend.Backend) -> Callable[..., Any] | None:
+    """The C++ entry behind ``backend`` when it takes the caller's (B, ...) tensors as they are (the cpp and
+    cuda backends: no view per operand, no Python frame), else None (then pass (B, N) views to its fn)."""
+    fn = backend.fn
+    if fn is _step_cpp:
+        return _ext.C.sampler_step_cpu
+    if fn is _step_cuda:
+        return _ext.C.sampler_step_cuda
+    return None
+
+
+def eager_backend(x: torch.Tensor, n: int | None = None) -> _backend.Backend | None:
+    """The backend that serves a step on ``x`` (B, N) (or ``n`` elements per sample) when the call can skip
+    the custom op (plain eager mode, a plain tensor); None when something traces it (then call
+    ``_sampler_step_op``)."""
+    return _dispatched(x, n) if _backend.plain_eager(x) else None
 
 
 def _run_step(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1000,8 +1012,6 @@ def _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, l
     ):
         return None
     n = numel // b
-    xf = x_t.view(b, n)
-    cond = model_output.view(rows, -1)
     uoff = 0
     if uncond is not None:
         us = uncond.shape if type(uncond) is torch.Tensor else ()
@@ -1015,25 +1025,31 @@ def _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, l
             or not uncond.is_contiguous()
         ):
             return None
-        uncond = uncond.view(b, -1)
     elif guidance_scale is not None:
-        uncond, uoff = cond, b
+        uncond, uoff = model_output, b
     noise_mode = 0
     if needs_noise:
         noise_mode = 1 if noise is not None else 2
     if noise_mode == 2 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, no device sync
     seed = op_seed(seed or 0)
-    known = keep = grad = None
-    if known_image is not None:
-        known, keep = known_image.view(b, n), known_mask.view(b, n)
-    if cond_grad is not None:
-        grad = cond_grad.view(b, n)
-    out, x0 = _dispatched(xf).fn(
-        xf, cond, uncond, uoff, coeffs, None if prev_x0 is None else prev_x0.view(b, n),
-        noise.view(b, n) if noise_mode == 1 else None, None, None, g, clip, 1 if learned else 0, noise_mode, seed,
-        sample_offset & _M32, return_x0, False, known, keep, grad, float(cond_grad_scale) if grad is not None else 0.0,
-    )  # fmt: skip
+    if noise_mode != 1:
+        noise = None
+    backend = _dispatched(x_t, n)
+    kernel = nd_kernel(backend)
+    var = 1 if learned else 0
+    gs = float(cond_grad_scale) if cond_grad is not None else 0.0
+    sample_offset &= _M32
+    if kernel is not None:  # the C++ entry takes the (B, ...) tensors and returns x_prev / pred_x0 shaped so
+        out, x0 = kernel(x_t, model_output, uncond, uoff, coeffs, prev_x0, noise, None, None, g, clip, var,
+                         noise_mode, seed, sample_offset, return_x0, False, known_image, known_mask, cond_grad,
+                         gs)  # fmt: skip
+        return out, (x0 if return_x0 else None)
+    flat = [None if t is None else t.view(b, n) for t in (prev_x0, noise, known_image, known_mask, cond_grad)]
+    if uncond is not None:
+        uncond = uncond.view(b if uoff == 0 else rows, -1)
+    out, x0 = backend.fn(x_t.view(b, n), model_output.view(rows, -1), uncond, uoff, coeffs, flat[0], flat[1], None,
+                         None, g, clip, var, noise_mode, seed, sample_offset, return_x0, False, *flat[2:], gs)  # fmt: skip
     return out.view_as(x_t), (x0.view_as(x_t) if return_x0 else None)
 
 

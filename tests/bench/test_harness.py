@@ -331,6 +331,14 @@ def test_backend_impls_force_each_backend_and_explain_refusals(fake_op):
     impls["fastgen[torch]"].fn()
     assert used == [("torch", "torch")]  # run with the backend forced, and only inside the call
     assert _backend.forced_backend(name) is None
+    with _backend.use_backend("cpp", op="other"):  # an outer forcing of another op stays, and is restored
+        impls["fastgen[torch]"].fn()
+        assert _backend.forced_backend("other") == "cpp" and _backend.forced_backend(name) is None
+    assert used[-1] == ("torch", "torch") and _backend.forced_backend("other") is None
+    failing = backend_impls(name, call, lambda b: lambda: 1 / 0)[-1]
+    with pytest.raises(ZeroDivisionError):
+        failing.fn()
+    assert _backend.forced_backend(name) is None  # reset on an exception too
 
     wrong_dtype = _backend.Call(torch.device("cpu"), torch.float16, {})
     assert "dtype float16 not supported" in backend_impls(name, wrong_dtype, make_fn)[-1].skip

@@ -417,7 +417,21 @@ def _bad(**changes):
 
 BAD_INPUTS = {
     "x float64": (dict(x=lambda a: a[0].double()), "x must be float32, float16 or bfloat16"),
-    "x 3-D": (dict(x=lambda a: a[0][None]), "x must be 2-D"),
+    "x 1-D": (dict(x=lambda a: a[0].flatten()), "x must be 2-D"),
+    # x of more than two dims: operands like x must have its exact shape, cond / uncond enough elements
+    "x 3-D, prev 2-D": (
+        dict(x=lambda a: a[0].view(3, 2, 5), noise=lambda a: a[6].view(3, 2, 5)),
+        r"prev_x0 has shape \[3, 10\], expected \[3, 2, 5\]",
+    ),
+    "x 3-D, noise other 3-D": (
+        dict(
+            x=lambda a: a[0].view(3, 2, 5),
+            prev=lambda a: a[5].view(3, 2, 5),
+            noise=lambda a: a[6].view(3, 5, 2),
+        ),
+        r"noise has shape \[3, 5, 2\]",
+    ),
+    "x 3-D non-contiguous": (dict(x=lambda a: torch.randn(3, 5, 2).transpose(1, 2)), "x must be contiguous"),
     "x non-contiguous": (dict(x=lambda a: torch.randn(10, 3).t()), "x must be contiguous"),
     "cond dtype": (dict(cond=lambda a: a[1].half()), "cond has dtype Half, expected Float"),
     "cond too few rows": (dict(cond=lambda a: a[1][:2].contiguous()), "cond has shape"),
@@ -446,6 +460,31 @@ def test_cpu_bad_input(case):
     changes, msg = BAD_INPUTS[case]
     with pytest.raises(RuntimeError, match=msg):
         C.sampler_step_cpu(*_bad(**changes))
+
+
+@pytest.mark.parametrize("x0_only", [False, True])
+@pytest.mark.parametrize("var_mode", [0, 1])
+def test_cpu_entry_takes_nd_tensors_as_their_rows(var_mode, x0_only):
+    """x (B, ...) and every operand as the caller's tensors (the fast lanes' call) gives exactly the (B, N)
+    result, shaped like x; cond / uncond are read as the (rows, elements) matrices of theirs."""
+    B, shape = 3, (3, 2, 4, 5)
+    args = make_case(torch.float32, B, 40, uncond="doubled", prev=True, noise_mode=1, var_mode=var_mode,
+                     clip_mode=1, pad=False, x0_only=x0_only)  # fmt: skip
+    known, keep, grad = torch.randn(B, 40), (torch.rand(B, 40) > 0.5).float(), torch.randn(B, 40)
+    flat_out, flat_x0 = C.sampler_step_cpu(*args, known, keep, grad, 0.5)
+    nd = list(args)
+    nd[0], nd[5], nd[6] = (t.view(shape) for t in (args[0], args[5], args[6]))
+    nd[1] = nd[2] = args[1].view(2 * B, -1, 4, 5)  # cond and uncond: [cond; uncond] rows, 2 or 4 channels
+    out, x0 = C.sampler_step_cpu(*nd, known.view(shape), keep.view(shape), grad.view(shape), 0.5)
+    if x0_only:
+        assert out.numel() == 0 and x0.shape == shape and x0.dtype == torch.float32
+        assert torch.equal(x0.view(B, -1), flat_x0)
+    else:
+        assert out.shape == x0.shape == shape
+        assert torch.equal(out.view(B, -1), flat_out) and torch.equal(x0.view(B, -1), flat_x0)
+    nd[15] = False  # no pred_x0 wanted: an empty second output
+    if not x0_only:
+        assert C.sampler_step_cpu(*nd)[1].numel() == 0
 
 
 def test_cpu_entry_rejects_cuda_only_and_meta():
