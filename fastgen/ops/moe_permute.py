@@ -471,6 +471,20 @@ MAX_CUDA_EXPERTS = 12288  # one shared-memory counter per expert (csrc/moe_permu
 MAX_TRITON_EXPERTS = 4096  # tl.histogram bins (next power of two of E + 1) and the sort keys
 
 
+def _route_backend(expert_idx: torch.Tensor, num_experts: int) -> _backend.Backend:
+    """``ROUTE.dispatch`` for a routing of ``expert_idx`` over ``num_experts``, remembered on what the backends'
+    checks read: device, dtype and which expert-count limits (Triton's, CUDA's) E fits."""
+    key = (
+        expert_idx.device,
+        expert_idx.dtype,
+        num_experts <= MAX_TRITON_EXPERTS,
+        num_experts <= MAX_CUDA_EXPERTS,
+    )
+    return ROUTE.dispatch_remembered(
+        key, lambda: Call(expert_idx.device, expert_idx.dtype, {"num_experts": num_experts})
+    )
+
+
 def _max_experts(limit: int, why: str):
     def check(call: Call) -> list[str]:
         e = call.get("num_experts", 1)
@@ -555,8 +569,7 @@ def _impl(t: torch.Tensor) -> _Impl:
 def _route_op(
     expert_idx: torch.Tensor, valid: torch.Tensor | None, num_experts: int, capacity: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    call = Call(expert_idx.device, expert_idx.dtype, {"num_experts": num_experts})
-    return tuple(ROUTE.dispatch(call).fn(expert_idx, valid, num_experts, capacity))
+    return tuple(_route_backend(expert_idx, num_experts).fn(expert_idx, valid, num_experts, capacity))
 
 
 @_route_op.register_fake
@@ -666,8 +679,7 @@ def route_trusted(
     router): no value checks, and plain eager calls skip the torch.library wrapper."""
     cap = -1 if capacity is None else capacity
     if _backend.plain_eager(expert_idx):
-        call = Call(expert_idx.device, expert_idx.dtype, {"num_experts": num_experts})
-        return Routing(*ROUTE.dispatch(call).fn(expert_idx, valid, num_experts, cap))
+        return Routing(*_route_backend(expert_idx, num_experts).fn(expert_idx, valid, num_experts, cap))
     return Routing(*_route_op(expert_idx, valid, num_experts, cap))
 
 

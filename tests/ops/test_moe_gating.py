@@ -318,3 +318,32 @@ def test_compile_fullgraph():
     sum(o.sum() for o in got).backward()
     sum(o.sum() for o in want).backward()
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_dispatch_remembered_honours_forcing(monkeypatch):
+    """Calls dispatch once per (device, dtype, E within the Triton limit); a backend forced after that
+    (use_backend, FASTGEN_BACKEND) is still honoured, and so is the Triton kernel's E limit."""
+    from fastgen._backend import BackendUnavailableError
+
+    monkeypatch.delenv("FASTGEN_BACKEND", raising=False)
+    logits = torch.randn(5, 8, device=DEV)
+    calls, dispatch = [], G.OP.dispatch
+    monkeypatch.setattr(G.OP, "dispatch", lambda call: calls.append(call) or dispatch(call))
+    ref = G.top2_gating(logits)
+    G.top2_gating(logits)
+    assert len(calls) <= 1
+    served = []
+    torch_fn = G.OP.backends["torch"].fn
+    monkeypatch.setattr(G.OP.backends["torch"], "fn", lambda x: served.append(1) or torch_fn(x))
+    with fastgen.use_backend("torch", op="moe_gating"):
+        assert_same_decisions(G.top2_gating(logits), ref, logits)
+    assert served == [1]
+    with fastgen.use_backend("cuda", op="moe_gating"), pytest.raises(BackendUnavailableError, match="cuda"):
+        G.top2_gating(logits)
+    monkeypatch.setenv("FASTGEN_BACKEND", "moe_gating:triton")
+    G.top2_gating(logits)  # remembers triton for E within its limit ...
+    with pytest.raises(BackendUnavailableError, match="num_experts 8193 > 8192"):
+        G.top2_gating(torch.randn(1, 8193, device=DEV))  # ... which is not E beyond it
+    monkeypatch.setenv("FASTGEN_BACKEND", "moe_gating:torch")
+    G.top2_gating(logits)
+    assert served == [1, 1]

@@ -315,3 +315,31 @@ def test_permute_unpermute_gpu(dtype):
         got = _forward_backward(moe_permute, moe_unpermute, r, x, w, gates, dy, dtype)
     for name, g_, o, s in zip(("buf", "y", "dx", "dgates"), got, oracle, same):
         assert _err(g_, o) <= 2 * _err(s, o) + 1e-3 * max(1.0, o.abs().max().item()), name
+
+
+def test_route_dispatch_remembered_honours_forcing(monkeypatch):
+    """route_trusted dispatches once per (device, dtype, E within each limit); a backend forced after that
+    (use_backend, FASTGEN_BACKEND) is still honoured, and so is the Triton backend's E limit."""
+    from fastgen.ops import moe_permute as P
+
+    monkeypatch.delenv("FASTGEN_BACKEND", raising=False)
+    idx = make_idx(6, 2, 8, "random", torch.int32, "cuda" if HAS_CUDA else "cpu")
+    ref = moe_route_ref(idx, 8)
+    calls, dispatch = [], P.ROUTE.dispatch
+    monkeypatch.setattr(P.ROUTE, "dispatch", lambda call: calls.append(call) or dispatch(call))
+    P.route_trusted(idx, 8, None, None)
+    P.route_trusted(idx, 8, None, None)
+    assert len(calls) <= 1
+    served = []
+    torch_fn = P.ROUTE.backends["torch"].fn
+    monkeypatch.setattr(P.ROUTE.backends["torch"], "fn", lambda *a: served.append(1) or torch_fn(*a))
+    with use_backend("torch", op="moe_route"):
+        got = P.route_trusted(idx, 8, None, None)
+    assert served == [1] and all(torch.equal(a, b) for a, b in zip(got, ref))
+    monkeypatch.setenv("FASTGEN_BACKEND", "moe_route:triton")
+    P.route_trusted(idx, 8, None, None)  # remembers triton for E within its limit ...
+    with pytest.raises(BackendUnavailableError, match="num_experts 4097 > 4096"):
+        P.route_trusted(idx, 4097, None, None)  # ... which is not E beyond it
+    monkeypatch.setenv("FASTGEN_BACKEND", "moe_route:torch")
+    P.route_trusted(idx, 8, None, None)
+    assert served == [1, 1]
