@@ -457,13 +457,13 @@ def _times_pow2(t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return t * torch.exp2((e - e1).to(t.dtype)) * torch.exp2(e1.to(t.dtype))
 
 
-def _absmax(t: torch.Tensor) -> torch.Tensor:
-    """max |t| over the last dim, NaN where a NaN is. CPU: amax and -amin (two vectorized passes; the inf-norm
-    reduction takes ~20x longer there: 3 ms for 4096 x 256 float32, a seventh of the lookup itself at
-    K = 1024). Elsewhere the inf-norm (one pass)."""
+def _absmax(t: torch.Tensor, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
+    """max |t| over ``dim`` (the last dim by default), NaN where a NaN is. CPU: amax and -amin (two vectorized
+    passes; the inf-norm reduction takes ~20x longer there: 3 ms for 4096 x 256 float32, a seventh of the
+    lookup itself at K = 1024). Elsewhere the inf-norm (one pass)."""
     if t.device.type == "cpu":
-        return torch.maximum(t.amax(-1), -t.amin(-1))
-    return torch.linalg.vector_norm(t, ord=float("inf"), dim=-1)
+        return torch.maximum(t.amax(dim), -t.amin(dim))
+    return torch.linalg.vector_norm(t, ord=float("inf"), dim=dim)
 
 
 def _host_checks(t: torch.Tensor) -> bool:
@@ -489,9 +489,7 @@ def _prepare(x: torch.Tensor, c: torch.Tensor, distance: str):
         # the common case (all finite, nothing to rescale) from per-head extremes and one readback: a third
         # of the small ops below, which cost ~0.1 ms a call (5% of a 2048 x 512 x 64 lookup)
         heads = (-2, -1)
-        mx = torch.maximum(
-            torch.maximum(x.amax(heads), -x.amin(heads)), torch.maximum(c.amax(heads), -c.amin(heads))
-        )
+        mx = torch.maximum(_absmax(x, heads), _absmax(c, heads))
         hi, lo = (2.0**lim, 2.0**-lim) if lim is not None else (math.inf, 0.0)
         if all(math.isfinite(v) and v <= hi and (distance != "l2" or v >= lo or v == 0) for v in mx.tolist()):
             return x, c, None

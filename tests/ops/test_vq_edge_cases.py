@@ -124,3 +124,15 @@ def test_device_path_bit_identical_on_ordinary_data(monkeypatch, backend, distan
     monkeypatch.setattr(V, "_host_checks", lambda t: False)
     got = run(backend, x, c, distance=distance, return_counts=True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("dim", [-1, (-2, -1)], ids=["rows", "heads"])
+def test_absmax_over_dims(dim):
+    """The max-abs reduction behind the finiteness check and the rescale: exact, NaN where a NaN is, over
+    rows or over whole heads (the fast host check)."""
+    t = torch.randn(3, 5, 7) * 4.0
+    t[0, 1, 2], t[1, 2, 3], t[2, 4, 6] = float("nan"), -float("inf"), -1e30
+    got = V._absmax(t, dim)
+    want = t.double().abs().amax(dim)
+    assert got.dtype == t.dtype and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.double().nan_to_num(), want.nan_to_num())
