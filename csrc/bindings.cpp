@@ -7,6 +7,7 @@
 #include "cpu_isa.h"
 #include "diffusion_step/diffusion_step.h"
 #include "moe_permute/moe_permute.h"
+#include "swiglu/swiglu.h"
 #include "vq/vq.h"
 
 namespace fastgen {
@@ -495,6 +496,50 @@ at::Tensor moe_gate_grad_cpu(const at::Tensor& dy, const at::Tensor& buf, const 
   return out;
 }
 
+// A float32 CPU (rows, cols) operand of swiglu_*_cpu: unit column stride, any row stride >= cols.
+void check_swiglu(const at::Tensor& t, const char* name, const char* fn, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2, fn, ": ", name,
+              " must be a 2-D float32 CPU tensor, got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, fn, ": ", name, " has shape ", t.sizes(), ", expected (",
+              rows, ", ", cols, ")");
+  TORCH_CHECK((cols <= 1 || t.stride(1) == 1) && (rows <= 1 || t.stride(0) >= cols), fn, ": ", name,
+              " needs unit column stride and rows >= ", cols, " elements apart (strides ", t.strides(), ")");
+}
+
+// The output must not share memory with an input: the kernel reads each row after writing others' (threads)
+// and a row's second half after writing its first. Judged on the address ranges the rows span (conservative
+// for interleaved views, which fastgen never passes).
+void check_apart(const at::Tensor& out, const char* oname, const at::Tensor& in, const char* iname, const char* fn) {
+  if (out.numel() == 0 || in.numel() == 0) return;
+  const auto span = [](const at::Tensor& t) {
+    const auto* p = static_cast<const char*>(t.data_ptr());
+    return std::make_pair(p, p + ((t.size(0) - 1) * t.stride(0) + t.size(1)) * t.element_size());
+  };
+  const auto [o0, o1] = span(out);
+  const auto [i0, i1] = span(in);
+  TORCH_CHECK(o1 <= i0 || i1 <= o0, fn, ": ", oname, " must not overlap ", iname, " in memory");
+}
+
+void swiglu_fwd_cpu(const at::Tensor& h, at::Tensor& out) {
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "swiglu_fwd_cpu: h must be (R, 2F), got ", h.sizes());
+  const int64_t r = h.size(0), f = h.size(1) / 2;
+  check_swiglu(h, "h", "swiglu_fwd_cpu", r, 2 * f);
+  check_swiglu(out, "out", "swiglu_fwd_cpu", r, f);
+  check_apart(out, "out", h, "h", "swiglu_fwd_cpu");
+  swiglu::swiglu_fwd_cpu_impl(h, out);
+}
+
+void swiglu_bwd_cpu(const at::Tensor& dout, const at::Tensor& h, at::Tensor& dh) {
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "swiglu_bwd_cpu: h must be (R, 2F), got ", h.sizes());
+  const int64_t r = h.size(0), f = h.size(1) / 2;
+  check_swiglu(h, "h", "swiglu_bwd_cpu", r, 2 * f);
+  check_swiglu(dout, "dout", "swiglu_bwd_cpu", r, f);
+  check_swiglu(dh, "dh", "swiglu_bwd_cpu", r, 2 * f);
+  check_apart(dh, "dh", h, "h", "swiglu_bwd_cpu");
+  check_apart(dh, "dh", dout, "dout", "swiglu_bwd_cpu");
+  swiglu::swiglu_bwd_cpu_impl(dout, h, dh);
+}
+
 void moe_scatter_add_cpu(at::Tensor& out, const at::Tensor& rows, const at::Tensor& src, const OptTensor& scale,
                          int64_t k) {
   check_data(rows, "rows", "moe_scatter_add_cpu");
@@ -614,6 +659,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("rows"), py::arg("src"), py::arg("scale"), py::arg("k"), nogil);
     m.def("moe_combine_cpu", &moe_combine_cpu, "out[t] = sum_j gates[t, j] * buf[dest[t, j]] (dest >= 0)",
           py::arg("buf"), py::arg("dest"), py::arg("gates"), nogil);
+    m.def("swiglu_fwd_cpu", &swiglu_fwd_cpu, "out = silu(h[:, :F]) * h[:, F:] (float32, in place into out)",
+          py::arg("h"), py::arg("out"), nogil);
+    m.def("swiglu_bwd_cpu", &swiglu_bwd_cpu,
+          "dh = [dout * h[:, F:] * silu'(h[:, :F]) | dout * silu(h[:, :F])] (float32, in place into dh)",
+          py::arg("dout"), py::arg("h"), py::arg("dh"), nogil);
     m.def("moe_gate_grad_cpu", &moe_gate_grad_cpu, "out[t, j] = <dy[t], buf[dest[t, j]]> (0 where dest < 0)",
           py::arg("dy"), py::arg("buf"), py::arg("dest"), nogil);
   }

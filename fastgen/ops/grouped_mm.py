@@ -266,10 +266,23 @@ def _rows_per_block(x, n):
     return max(16, _BLOCK_BYTES // max(1, n * x.element_size()))
 
 
+# fastgen._C's fused SwiGLU (csrc/swiglu): one pass with a vectorized exp where torch makes two (three in
+# the backward) with a libm-class exp; float32 CPU operands with unit column stride. None: not built.
+_SWIGLU_FWD = getattr(_ext.C, "swiglu_fwd_cpu", None)
+_SWIGLU_BWD = getattr(_ext.C, "swiglu_bwd_cpu", None)
+
+
+def _fused_swiglu(fn, *ts: torch.Tensor) -> bool:
+    return fn is not None and all(t.dtype is torch.float32 and t.is_cpu and t.stride(1) == 1 for t in ts)
+
+
 def _act_fwd_block(h, out, act, save_h, n_out):
     """out = act(h) for one block of rows; in place on h when h is not kept (then out may be h)."""
-    if act == "swiglu":  # out: never h; silu(g) into out, then times u: no temporary, h left intact
-        g, u = h[:, :n_out], h[:, n_out:]
+    if act == "swiglu":  # out: never h; h left intact
+        if _fused_swiglu(_SWIGLU_FWD, h, out):
+            _SWIGLU_FWD(h, out)
+            return
+        g, u = h[:, :n_out], h[:, n_out:]  # silu(g) into out, then times u: no temporary
         _ACT_OUT["silu"](g, out).mul_(u)
     elif save_h:
         _ACT_OUT[act](h, out)
@@ -331,6 +344,9 @@ def _act_bwd_block(dout, h, act, dh):
     """dh = dout * act'(h) for one block of rows (dh: a (rows, N) tensor of h's dtype)."""
     if act != "swiglu":
         return _ACT_BWD[act](dout, h, dh)
+    if _fused_swiglu(_SWIGLU_BWD, dout, h, dh):
+        _SWIGLU_BWD(dout, h, dh)
+        return dh
     f = dout.shape[1]
     g, u = h[:, :f], h[:, f:]
     # dgate = dout * u * silu'(g): silu_backward of (dout * u), in place (full overlap: elementwise);
