@@ -6,6 +6,7 @@
 #include "attention_decode/attention_decode.h"
 #include "cpu_isa.h"
 #include "diffusion_step/diffusion_step.h"
+#include "grouped_gemm/grouped_gemm.h"
 #include "moe_permute/moe_permute.h"
 #include "swiglu/swiglu.h"
 #include "vq/vq.h"
@@ -496,6 +497,56 @@ at::Tensor moe_gate_grad_cpu(const at::Tensor& dy, const at::Tensor& buf, const 
   return out;
 }
 
+// The host row offsets of a grouped GEMM: E + 1 values, non-decreasing, within [0, rows].
+void check_offsets(const std::vector<int64_t>& off, int64_t experts, int64_t rows, const char* fn) {
+  TORCH_CHECK(static_cast<int64_t>(off.size()) == experts + 1, fn, ": off must hold E + 1 = ", experts + 1,
+              " offsets, got ", off.size());
+  for (int64_t e = 0; e <= experts; ++e) {
+    TORCH_CHECK(off[e] >= (e ? off[e - 1] : 0) && off[e] <= rows, fn, ": off must be non-decreasing within [0, ",
+                rows, "], got off[", e, "] = ", off[e]);
+  }
+}
+
+void check_gemm_operand(const at::Tensor& t, const char* name, const at::Tensor& like, int64_t dim, const char* fn) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == dim && t.scalar_type() == like.scalar_type(), fn, ": ", name,
+              " must be a ", dim, "-D CPU tensor of dtype ", like.scalar_type(), ", got ", t.scalar_type(), " ",
+              t.sizes(), " on ", t.device());
+}
+
+void grouped_rows_cpu(const at::Tensor& a, const at::Tensor& b, const OptTensor& bias, const std::vector<int64_t>& off,
+                      at::Tensor& out) {
+  const char* fn = "grouped_rows_cpu";
+  check_gemm_operand(a, "a", a, 2, fn);
+  check_gemm_operand(b, "b", a, 3, fn);
+  check_gemm_operand(out, "out", a, 2, fn);
+  TORCH_CHECK(b.size(1) == a.size(1) && out.size(0) == a.size(0) && out.size(1) == b.size(2), fn,
+              ": shapes a ", a.sizes(), " b ", b.sizes(), " out ", out.sizes(), " do not match (R, K) (E, K, N) (R, N)");
+  if (bias.has_value()) {
+    check_gemm_operand(*bias, "bias", a, 2, fn);
+    TORCH_CHECK(bias->size(0) == b.size(0) && bias->size(1) == b.size(2), fn, ": bias must be (E, N), got ",
+                bias->sizes());
+  }
+  check_offsets(off, b.size(0), a.size(0), fn);
+  grouped_gemm::rows_cpu_impl(a, b, bias, off, out);
+}
+
+void grouped_wgrad_cpu(const at::Tensor& a, const at::Tensor& g, const std::vector<int64_t>& off, at::Tensor& out,
+                       const OptTensor& dbias) {
+  const char* fn = "grouped_wgrad_cpu";
+  check_gemm_operand(a, "a", a, 2, fn);
+  check_gemm_operand(g, "g", a, 2, fn);
+  check_gemm_operand(out, "out", a, 3, fn);
+  TORCH_CHECK(g.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == g.size(1), fn, ": shapes a ",
+              a.sizes(), " g ", g.sizes(), " out ", out.sizes(), " do not match (R, K) (R, N) (E, K, N)");
+  if (dbias.has_value()) {
+    check_gemm_operand(*dbias, "dbias", a, 2, fn);
+    TORCH_CHECK(dbias->size(0) == out.size(0) && dbias->size(1) == out.size(2), fn, ": dbias must be (E, N), got ",
+                dbias->sizes());
+  }
+  check_offsets(off, out.size(0), a.size(0), fn);
+  grouped_gemm::wgrad_cpu_impl(a, g, off, out, dbias);
+}
+
 // A float32 CPU (rows, cols) operand of swiglu_*_cpu: unit column stride, any row stride >= cols.
 void check_swiglu(const at::Tensor& t, const char* name, const char* fn, int64_t rows, int64_t cols) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2, fn, ": ", name,
@@ -659,6 +710,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("rows"), py::arg("src"), py::arg("scale"), py::arg("k"), nogil);
     m.def("moe_combine_cpu", &moe_combine_cpu, "out[t] = sum_j gates[t, j] * buf[dest[t, j]] (dest >= 0)",
           py::arg("buf"), py::arg("dest"), py::arg("gates"), nogil);
+    m.def("grouped_rows_cpu", &grouped_rows_cpu,
+          "out[r] = a[r] @ b[e] (+ bias[e]) for r in [off[e], off[e + 1]), the experts' GEMMs spread over the "
+          "threads in one parallel region; other rows untouched",
+          py::arg("a"), py::arg("b"), py::arg("bias"), py::arg("off"), py::arg("out"), nogil);
+    m.def("grouped_wgrad_cpu", &grouped_wgrad_cpu,
+          "out[e] = a[rows of e]^T @ g[rows of e] (zeros without rows), dbias[e] = sum of g over them",
+          py::arg("a"), py::arg("g"), py::arg("off"), py::arg("out"), py::arg("dbias") = py::none(), nogil);
     m.def("swiglu_fwd_cpu", &swiglu_fwd_cpu, "out = silu(h[:, :F]) * h[:, F:] (float32, in place into out)",
           py::arg("h"), py::arg("out"), nogil);
     m.def("swiglu_bwd_cpu", &swiglu_bwd_cpu,

@@ -199,6 +199,15 @@ def _use_gmm(x: torch.Tensor, w: torch.Tensor, lo: int, backward: bool) -> bool:
 
 
 _HAS_TORCH_GMM = hasattr(torch, "_grouped_mm")
+# fastgen._C's grouped GEMMs (csrc/grouped_gemm): every expert's GEMM in one parallel region, each on one
+# thread, where torch._grouped_mm forks the pool inside each expert's GEMM. Used for calls with more than
+# _SCRATCH_MAX_EXPERTS experts with rows (small ones, many fork/joins); None: not built.
+_GROUPED_ROWS = getattr(_ext.C, "grouped_rows_cpu", None)
+_GROUPED_WGRAD = getattr(_ext.C, "grouped_wgrad_cpu", None)
+
+
+def _grouped_c(x: torch.Tensor, off: list[int]) -> bool:
+    return _GROUPED_ROWS is not None and x.is_cpu and not _few_experts(off)
 
 
 def _zero_unused(t: torch.Tensor, lo: int, hi: int) -> None:
@@ -312,11 +321,15 @@ def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
     # swiglu without h kept: per expert into a scratch of one block's rows (peak memory below a loop's)
     scratch = swiglu and not save_h and _few_experts(off)
     if not scratch and _whole(x, w, lo, hi, False):
-        h = torch._grouped_mm(x, w, offs=offsets[1:])  # rows >= hi are left unset by the op
-        if bias is not None:
-            for e in range(e_count):
-                if off[e] < off[e + 1]:
-                    h[off[e] : off[e + 1]].add_(bias[e])
+        if _grouped_c(x, off):  # rows outside [lo, hi) are left unset, as by torch._grouped_mm
+            h = torch.empty((r, n), dtype=x.dtype, device=x.device)
+            _GROUPED_ROWS(x, w, bias, off, h)
+        else:
+            h = torch._grouped_mm(x, w, offs=offsets[1:])  # rows >= hi are left unset by the op
+            if bias is not None:
+                for e in range(e_count):
+                    if off[e] < off[e + 1]:
+                        h[off[e] : off[e + 1]].add_(bias[e])
         out = torch.empty((r, n_out), dtype=x.dtype, device=x.device) if separate else h
         if act != "none":
             every = lo == 0 and hi == r  # no views to make (a few us: this path serves small calls)
@@ -384,10 +397,21 @@ def _bwd_torch(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias, off=No
         else:
             dh = torch.empty_like(h)
             _act_bwd_block(dout[lo:hi], h[lo:hi], act, dh[lo:hi])
-        if need_dx:
-            dx = torch._grouped_mm(dh, w.transpose(1, 2), offs=offsets[1:])
-        # the K-grouped form: a reduction over each expert's rows; zeros for an empty expert
-        dw = torch._grouped_mm(x.transpose(0, 1), dh, offs=offsets[1:]) if need_dw else x.new_empty(0)
+        if _grouped_c(x, off):
+            if need_dx:
+                _GROUPED_ROWS(dh, w.transpose(1, 2), None, off, dx)
+            dw = torch.empty_like(w) if need_dw else x.new_empty(0)
+            if need_dw:
+                _GROUPED_WGRAD(x, dh, off, dw, dbias if need_dbias else None)
+            elif need_dbias:
+                for e in range(e_count):
+                    torch.sum(dh[off[e] : off[e + 1]], 0, out=dbias[e])
+            need_dbias = False
+        else:
+            if need_dx:
+                dx = torch._grouped_mm(dh, w.transpose(1, 2), offs=offsets[1:])
+            # the K-grouped form: a reduction over each expert's rows; zeros for an empty expert
+            dw = torch._grouped_mm(x.transpose(0, 1), dh, offs=offsets[1:]) if need_dw else x.new_empty(0)
         if need_dbias:
             for e in range(e_count):
                 torch.sum(dh[off[e] : off[e + 1]], 0, out=dbias[e])  # float32 accumulation; 0 when empty
@@ -1242,7 +1266,13 @@ def grouped_mm(
             x3 = x.view(e, g, x.shape[1])
             h = torch.bmm(x3, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, w)
             return activation_ref(h.view(x.shape[0], w.shape[2]), act)
-        if act != "swiglu" and off[0] == 0 and off[-1] == x.shape[0] and _whole(x, w, 0, off[-1], True):
+        if (
+            act != "swiglu"
+            and off[0] == 0
+            and off[-1] == x.shape[0]
+            and _whole(x, w, 0, off[-1], True)
+            and not _grouped_c(x, off)
+        ):
             # small calls whose rows are all used: torch's own autograd nodes (C++) over torch._grouped_mm
             # cost less per call than a Python autograd.Function, and save the same tensors (x, w, h);
             # swiglu keeps the Function, which saves h alone (autograd would also save silu(gate))
