@@ -565,6 +565,16 @@ def _gemm(xb, w, bias, blk: _Block, out=None):
         if bias is None:
             return torch.mm(xb, w[e], out=out) if out is not None else torch.mm(xb, w[e])
         return torch.addmm(bias[e], xb, w[e], out=out) if out is not None else torch.addmm(bias[e], xb, w[e])
+    if _GROUPED_ROWS is not None:  # into out when it has the rows (scratch), bias fused
+        h = (
+            out
+            if out is not None and out.shape[0] == xb.shape[0]
+            else xb.new_empty((xb.shape[0], w.shape[2]))
+        )
+        _GROUPED_ROWS(
+            xb, w[blk.e0 : blk.e1], None if bias is None else bias[blk.e0 : blk.e1], [0, *blk.ends], h
+        )
+        return h
     h = torch._grouped_mm(xb, w[blk.e0 : blk.e1], offs=blk.offs)
     if bias is not None:
         h.addmm_(blk.onehot, bias[blk.e0 : blk.e1])
@@ -578,6 +588,8 @@ def _wgrad(out, a_t, g, blk: _Block, first: bool):
             torch.mm(a_t, g, out=out[blk.e0])
         else:
             out[blk.e0].addmm_(a_t, g)
+    elif _GROUPED_WGRAD is not None:  # grouped blocks hold whole experts: written, zeros for empty ones
+        _GROUPED_WGRAD(a_t.transpose(0, 1), g, [0, *blk.ends], out[blk.e0 : blk.e1], None)
     else:  # one mm per expert straight into its out[e] (torch._grouped_mm's result would need a copy)
         s = 0
         for e, t in enumerate(blk.ends, blk.e0):
@@ -609,8 +621,10 @@ def _ffn_fwd(x, gates, w1, b1, w2, b2, dest, src, off, act, train: bool, keep_o:
     y = torch.zeros((t, d), dtype=acc if x.dtype in _HALF else x.dtype)
     blocks = _ffn_blocks(off, x, d, n1, f)
     rows = max((blk.b - blk.a for blk in blocks), default=1)
-    # scratch for the GEMM outputs of one-expert blocks (grouped blocks get torch._grouped_mm's outputs)
-    out_rows = max((blk.b - blk.a for blk in blocks if blk.offs is None), default=0)
+    # scratch for the GEMM outputs (of one-expert blocks only when torch._grouped_mm serves grouped ones: it
+    # returns its own)
+    grouped_c = _GROUPED_ROWS is not None
+    out_rows = max((blk.b - blk.a for blk in blocks if blk.offs is None or grouped_c), default=0)
     new = x.new_empty
     o_all = new((off[-1], d)) if keep_o else None
     xb_s = new((rows, d))
@@ -629,9 +643,10 @@ def _ffn_fwd(x, gates, w1, b1, w2, b2, dest, src, off, act, train: bool, keep_o:
         else:
             ab = hb if a_s is None else a_s[:n]
             _act_fwd_block(hb, ab, act, train, f)
-        ob = _gemm(ab, w2, b2, blk, o_all[blk.a : blk.b] if keep_o else o_s[:n])
-        if keep_o and blk.offs is not None:
-            o_all[blk.a : blk.b].copy_(ob)
+        dest = o_all[blk.a : blk.b] if keep_o else o_s[:n]
+        ob = _gemm(ab, w2, b2, blk, dest)
+        if keep_o and ob is not dest:
+            dest.copy_(ob)
         _ext.C.moe_scatter_add_cpu(y, ob, s, gw, k)
     return y.to(x.dtype), (blocks, hs), o_all
 

@@ -179,9 +179,9 @@ def test_layer_forward_has_no_padded_buffers():
 
 
 def test_grouped_block_weight_grads_in_place(monkeypatch):
-    """A grouped block's weight gradients go straight into dw[e] (one mm per expert, zeros for an expert
-    without rows inside the block): no K-grouped torch._grouped_mm whose (experts, K, N) result would be
-    copied; values as the float64 composition."""
+    """A grouped block's weight gradients go straight into dw[e] (fastgen._C's grouped kernels where built,
+    else one mm per expert; zeros for an expert without rows inside the block): no K-grouped
+    torch._grouped_mm whose (experts, K, N) result would be copied; values as the float64 composition."""
     monkeypatch.setattr(gm, "_FFN_GROUP_MIN_EXPERTS", 2)
     calls = []
     real = torch._grouped_mm
@@ -191,6 +191,10 @@ def test_grouped_block_weight_grads_in_place(monkeypatch):
         return real(a, b, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_grouped_mm", spy)
+    for name in ("_GROUPED_ROWS", "_GROUPED_WGRAD"):
+        fn = getattr(gm, name)
+        if fn is not None:
+            monkeypatch.setattr(gm, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
     g = torch.Generator().manual_seed(9)
     t, e, d, f = 40, 5, 16, 32
     choice = torch.tensor([0, 1, 3, 4])  # expert 2 gets no rows: inside the block of experts 0 .. 4
@@ -208,6 +212,8 @@ def test_grouped_block_weight_grads_in_place(monkeypatch):
     calls.clear()
     got = torch.autograd.grad(y, ins, dy)
     assert calls and (2, 2) not in calls  # only the (rows, K) x (E, K, N) forms in the backward
+    if gm._GROUPED_ROWS is not None:  # the grouped kernels serve every GEMM of the block
+        assert set(calls) == {"_GROUPED_ROWS", "_GROUPED_WGRAD"} and calls.count("_GROUPED_WGRAD") == 2
     ref_ins = leaves(x, gates, w1, b1, w2, b2)
     ref = composition(ref_ins[0], routing, ref_ins[1], *ref_ins[2:], "gelu", upcast=True)
     want = torch.autograd.grad(ref, ref_ins, dy.double())
