@@ -207,7 +207,9 @@ _GROUPED_WGRAD = getattr(_ext.C, "grouped_wgrad_cpu", None)
 
 
 def _grouped_c(x: torch.Tensor, off: list[int]) -> bool:
-    return _GROUPED_ROWS is not None and x.is_cpu and not _few_experts(off)
+    """The grouped kernels for this call: built, many experts with rows, and more than one thread (on one
+    thread their GEMMs are torch._grouped_mm's, and torch's own autograd nodes cost less per call)."""
+    return _GROUPED_ROWS is not None and x.is_cpu and not _few_experts(off) and torch.get_num_threads() > 1
 
 
 def _zero_unused(t: torch.Tensor, lo: int, hi: int) -> None:
@@ -281,6 +283,9 @@ _SWIGLU_FWD = getattr(_ext.C, "swiglu_fwd_cpu", None)
 _SWIGLU_BWD = getattr(_ext.C, "swiglu_bwd_cpu", None)
 
 
+_SWIGLU_WHOLE_BYTES = 1 << 20
+
+
 def _fused_swiglu(fn, *ts: torch.Tensor) -> bool:
     return fn is not None and all(t.dtype is torch.float32 and t.is_cpu and t.stride(1) == 1 for t in ts)
 
@@ -319,7 +324,14 @@ def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
             _act_fwd_block(h, out, act, save_h, n_out)
         return out, (h if save_h and act != "none" else None)
     # swiglu without h kept: per expert into a scratch of one block's rows (peak memory below a loop's)
-    scratch = swiglu and not save_h and _few_experts(off)
+    # (not when the whole h is at most _SWIGLU_WHOLE_BYTES: one torch._grouped_mm call and one fused pass
+    # then cost less than a GEMM and an activation call per expert, for 0.5 MiB more at most)
+    scratch = (
+        swiglu
+        and not save_h
+        and _few_experts(off)
+        and not ((hi - lo) * n * x.element_size() <= _SWIGLU_WHOLE_BYTES and _fused_swiglu(_SWIGLU_FWD, x))
+    )
     if not scratch and _whole(x, w, lo, hi, False):
         if _grouped_c(x, off):  # rows outside [lo, hi) are left unset, as by torch._grouped_mm
             h = torch.empty((r, n), dtype=x.dtype, device=x.device)
