@@ -461,6 +461,41 @@ def _bwd_torch(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias, off=No
     return dx, dw, dbias
 
 
+class _GroupedGemmC(torch.autograd.Function):
+    """h = x_e @ w[e] (+ bias[e]) on fastgen._C's grouped kernels, every row used (offsets 0 .. R), for eager
+    CPU calls with many experts that need a gradient; the activation then runs under torch's autograd, whose
+    node frees h as soon as dh is made, before this node allocates dx and dw (peak memory as
+    torch._grouped_mm's autograd path, not h + dh + dw at once)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, off):
+        h = x.new_empty((x.shape[0], w.shape[2]))
+        _GROUPED_ROWS(x, w, bias, off, h)
+        ctx.save_for_backward(x, w)
+        ctx.off, ctx.has_bias = off, bias is not None
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, w = ctx.saved_tensors
+        off = ctx.off
+        dh = dh.contiguous()
+        need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dx = dw = db = None
+        if need_dx:
+            dx = torch.empty_like(x)
+            _GROUPED_ROWS(dh, w.transpose(1, 2), None, off, dx)
+        if need_db:
+            db = dh.new_empty((w.shape[0], w.shape[2]))
+        if need_dw:
+            dw = torch.empty_like(w)
+            _GROUPED_WGRAD(x, dh, off, dw, db)
+        elif need_db:
+            for e in range(w.shape[0]):
+                torch.sum(dh[off[e] : off[e + 1]], 0, out=db[e])
+        return dx, dw, db, None
+
+
 class _GroupedMMCPU(torch.autograd.Function):
     """The torch backend on CPU tensors in eager mode, without the torch.library op's per-call wrapping
     (same functions, same results; torch.compile traces the library op instead). ``off``: host offsets."""
@@ -1293,13 +1328,9 @@ def grouped_mm(
             x3 = x.view(e, g, x.shape[1])
             h = torch.bmm(x3, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, w)
             return activation_ref(h.view(x.shape[0], w.shape[2]), act)
-        if (
-            act != "swiglu"
-            and off[0] == 0
-            and off[-1] == x.shape[0]
-            and _whole(x, w, 0, off[-1], True)
-            and not _grouped_c(x, off)
-        ):
+        if act != "swiglu" and off[0] == 0 and off[-1] == x.shape[0] and _grouped_c(x, off):
+            return activation_ref(_GroupedGemmC.apply(x, w, bias, off), act)
+        if act != "swiglu" and off[0] == 0 and off[-1] == x.shape[0] and _whole(x, w, 0, off[-1], True):
             # small calls whose rows are all used: torch's own autograd nodes (C++) over torch._grouped_mm
             # cost less per call than a Python autograd.Function, and save the same tensors (x, w, h);
             # swiglu keeps the Function, which saves h alone (autograd would also save silu(gate))

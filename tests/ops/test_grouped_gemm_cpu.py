@@ -105,6 +105,21 @@ def test_grouped_mm_many_experts_uses_the_grouped_kernels(act, bias, monkeypatch
     for name in ("_GROUPED_ROWS", "_GROUPED_WGRAD"):
         fn = getattr(G, name)
         monkeypatch.setattr(G, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the grouped kernels serve calls on more than one thread
+    try:
+        _many_experts(act, bias, calls)
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # one thread: torch._grouped_mm's path, the same values
+    try:
+        calls.clear()
+        _many_experts(act, bias, calls, expect_grouped=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _many_experts(act, bias, calls, expect_grouped=True):
     sizes = [*SIZES, 2, 3, 4]  # 18 experts with rows
     off = torch.tensor(offsets_of(sizes))
     e, k, n = len(sizes), 16, 32
@@ -124,6 +139,9 @@ def test_grouped_mm_many_experts_uses_the_grouped_kernels(act, bias, monkeypatch
     assert torch.equal(w.grad[torch.tensor(sizes) == 0], torch.zeros_like(w.grad[torch.tensor(sizes) == 0]))
     if bias:
         torch.testing.assert_close(b.grad.double(), br.grad, atol=1e-5, rtol=1e-5)
+    if not expect_grouped:
+        assert calls == []
+        return
     assert calls.count("_GROUPED_ROWS") == 2 and calls.count("_GROUPED_WGRAD") == 1
     with torch.no_grad():
         calls.clear()
