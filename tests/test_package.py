@@ -71,7 +71,7 @@ def test_environment_is_read_at_call_time(monkeypatch):
     monkeypatch.delenv("FASTGEN_BACKEND", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     key = (torch.device("cpu"), torch.float32, True)
-    make = lambda: Call(torch.device("cpu"), torch.float32, {"n": 4})  # noqa: E731
+    make = lambda: Call(torch.device("cpu"), torch.float32, {"n": 4})
     assert _backend.getenv("FASTGEN_BACKEND") is None and not _backend.triton_interpret()
     natural = op.dispatch_remembered(key, make).name
     monkeypatch.setenv("FASTGEN_BACKEND", "diffusion_step:torch")
