@@ -73,36 +73,32 @@ FASTGEN_SWIGLU_INLINE void bwd_rows(const Rows& a, int64_t r0, int64_t r1) {
   }
 }
 
+template <bool BWD, bool FMA>
+FASTGEN_SWIGLU_INLINE void rows(const Rows& a, int64_t r0, int64_t r1) {
+  if constexpr (BWD) {
+    bwd_rows<FMA>(a, r0, r1);
+  } else {
+    fwd_rows<FMA>(a, r0, r1);
+  }
+}
+
+// The three compilations of the row loop (the target attribute sets the instruction set of the inlined body).
 template <bool BWD>
 void rows_base(const Rows& a, int64_t r0, int64_t r1) {
-  if constexpr (BWD) {
-    bwd_rows<false>(a, r0, r1);
-  } else {
-    fwd_rows<false>(a, r0, r1);
-  }
+  rows<BWD, false>(a, r0, r1);
 }
-
 template <bool BWD>
 __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& a, int64_t r0, int64_t r1) {
-  if constexpr (BWD) {
-    bwd_rows<true>(a, r0, r1);
-  } else {
-    fwd_rows<true>(a, r0, r1);
-  }
+  rows<BWD, true>(a, r0, r1);
 }
-
 template <bool BWD>
 __attribute__((target("avx512f"))) void rows_avx512(const Rows& a, int64_t r0, int64_t r1) {
-  if constexpr (BWD) {
-    bwd_rows<true>(a, r0, r1);
-  } else {
-    fwd_rows<true>(a, r0, r1);
-  }
+  rows<BWD, true>(a, r0, r1);
 }
 
 template <bool BWD>
-void run(const Rows& a, int64_t rows) {
-  if (rows == 0 || a.f == 0) return;
+void run(const Rows& a, int64_t n_rows) {
+  if (n_rows == 0 || a.f == 0) return;
   void (*body)(const Rows&, int64_t, int64_t) = rows_base<BWD>;
   switch (cpu::selected_isa()) {
     case cpu::Isa::kAvx512:
@@ -116,7 +112,7 @@ void run(const Rows& a, int64_t rows) {
   }
   // ~32K elements of F per task: smaller calls stay on the calling thread (a fork costs more than them)
   const int64_t grain = std::max<int64_t>(1, (BWD ? 16384 : 32768) / a.f);
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { body(a, r0, r1); });
+  at::parallel_for(0, n_rows, grain, [&](int64_t r0, int64_t r1) { body(a, r0, r1); });
 }
 
 }  // namespace
