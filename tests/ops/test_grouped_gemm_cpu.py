@@ -147,3 +147,33 @@ def _many_experts(act, bias, calls, expect_grouped=True):
         calls.clear()
         torch.testing.assert_close(G.grouped_mm(x, w, off, bias=b, activation=act), y.detach())
         assert calls == ["_GROUPED_ROWS"]
+
+
+@pytest.mark.parametrize("act,tail", [("swiglu", 0), ("gelu", 5)])
+def test_grouped_mm_many_experts_function_path(act, tail, monkeypatch):
+    """Many experts through grouped_mm's own autograd Function (swiglu, or rows past the last expert): the
+    forward, dx, dw and dbias on the grouped kernels, values and gradients as the float64 reference."""
+    calls = []
+    for name in ("_GROUPED_ROWS", "_GROUPED_WGRAD"):
+        fn = getattr(G, name)
+        monkeypatch.setattr(G, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    sizes = [*SIZES, 2, 3, 4]
+    off = torch.tensor(offsets_of(sizes))
+    e, k, n = len(sizes), 16, 32
+    x = torch.randn(int(off[-1]) + tail, k, requires_grad=True)
+    w = (torch.randn(e, k, n) * 0.3).requires_grad_()
+    b = torch.randn(e, n, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = G.grouped_mm(x, w, off, bias=b, activation=act)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    finally:
+        torch.set_num_threads(threads)
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    yr = G.grouped_mm_ref(xr, wr, off, bias=br, activation=act)
+    yr.backward(dy.double())
+    for got, want in ((y, yr), (x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert calls.count("_GROUPED_ROWS") == 2 and calls.count("_GROUPED_WGRAD") == 1
