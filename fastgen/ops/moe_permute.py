@@ -559,7 +559,9 @@ OP.register("torch", devices=("cpu", "cuda", "mps", "xpu"), dtypes=ALL_DTYPES,
 
 
 def _impl(t: torch.Tensor) -> _Impl:
-    return OP.dispatch(Call(t.device, t.dtype, {"d": t.shape[-1]})).fn
+    """The dispatched backend's functions for a call on ``t``, remembered on what the backends' checks read
+    (device and dtype; dispatch_remembered adds a forced backend and the Triton interpreter)."""
+    return OP.dispatch_remembered((t.device, t.dtype), lambda: Call(t.device, t.dtype, {"d": t.shape[-1]})).fn
 
 
 # ---- torch.library ops: traced by torch.compile without graph breaks -----------------------------------

@@ -343,3 +343,32 @@ def test_route_dispatch_remembered_honours_forcing(monkeypatch):
     monkeypatch.setenv("FASTGEN_BACKEND", "moe_route:torch")
     P.route_trusted(idx, 8, None, None)
     assert served == [1, 1]
+
+
+def test_permute_dispatch_remembered_honours_forcing(monkeypatch):
+    """The gather / combine / gate-grad dispatch runs once per (device, dtype); a backend forced after that
+    (use_backend, FASTGEN_BACKEND) is still the one that serves the call."""
+    from fastgen.ops import moe_permute as P
+
+    monkeypatch.delenv("FASTGEN_BACKEND", raising=False)
+    idx = make_idx(6, 2, 4, "random", torch.int32, "cpu")
+    routing = moe_route(idx, 4)
+    x = torch.randn(6, 8)
+    calls, dispatch = [], P.OP.dispatch
+    monkeypatch.setattr(P.OP, "dispatch", lambda call: calls.append(call) or dispatch(call))
+    want = moe_permute(x, routing)
+    moe_permute(x, routing)
+    assert len(calls) <= 1
+    served = []
+    torch_impl = P.OP.backends["torch"].fn
+    spy = torch_impl._replace(gather=lambda *a: served.append(1) or torch_impl.gather(*a))
+    monkeypatch.setattr(P.OP.backends["torch"], "fn", spy)
+    with use_backend("torch", op="moe_permute"):
+        assert torch.equal(moe_permute(x, routing), want)
+    assert served == [1]
+    monkeypatch.setenv("FASTGEN_BACKEND", "moe_permute:torch")
+    assert torch.equal(moe_permute(x, routing), want)
+    assert served == [1, 1]
+    monkeypatch.delenv("FASTGEN_BACKEND")
+    moe_permute(x, routing)
+    assert served == [1, 1]  # back on the natural backend
