@@ -252,6 +252,19 @@ def _balanced(x: torch.Tensor, off: list[int]) -> int:
     return g if off == list(range(0, r + 1, g)) else 0
 
 
+def _bmm_experts(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, g: int) -> torch.Tensor:
+    """h (R, N) of balanced experts (``g`` = _balanced(x, off) rows each): one bmm / baddbmm over (E, g, K)."""
+    x3 = x.view(w.shape[0], g, x.shape[1])
+    h = torch.bmm(x3, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, w)
+    return h.view(x.shape[0], w.shape[2])
+
+
+def _expert_sums(dh: torch.Tensor, off: list[int], out: torch.Tensor) -> None:
+    """out[e] = the sum of dh over the rows of expert e (float32 accumulation; 0 for an expert without rows)."""
+    for e in range(out.shape[0]):
+        torch.sum(dh[off[e] : off[e + 1]], 0, out=out[e])
+
+
 _SCRATCH_MAX_EXPERTS = 16
 
 
@@ -317,8 +330,7 @@ def _fwd_torch(x, w, offsets, bias, act, save_h, off=None):
     separate = act != "none" and (save_h or swiglu)
     g = _balanced(x, off)
     if g:
-        x3 = x.view(e_count, g, x.shape[1])
-        h = (torch.bmm(x3, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, w)).view(r, n)
+        h = _bmm_experts(x, w, bias, g)
         out = torch.empty((r, n_out), dtype=x.dtype, device=x.device) if separate else h
         if act != "none":
             _act_fwd_block(h, out, act, save_h, n_out)
@@ -413,20 +425,16 @@ def _bwd_torch(dout, x, w, offsets, h, act, need_dx, need_dw, need_dbias, off=No
             if need_dx:
                 _GROUPED_ROWS(dh, w.transpose(1, 2), None, off, dx)
             dw = torch.empty_like(w) if need_dw else x.new_empty(0)
-            if need_dw:
+            if need_dw:  # dbias in the same pass over dh
                 _GROUPED_WGRAD(x, dh, off, dw, dbias if need_dbias else None)
-            elif need_dbias:
-                for e in range(e_count):
-                    torch.sum(dh[off[e] : off[e + 1]], 0, out=dbias[e])
-            need_dbias = False
+                need_dbias = False
         else:
             if need_dx:
                 dx = torch._grouped_mm(dh, w.transpose(1, 2), offs=offsets[1:])
             # the K-grouped form: a reduction over each expert's rows; zeros for an empty expert
             dw = torch._grouped_mm(x.transpose(0, 1), dh, offs=offsets[1:]) if need_dw else x.new_empty(0)
         if need_dbias:
-            for e in range(e_count):
-                torch.sum(dh[off[e] : off[e + 1]], 0, out=dbias[e])  # float32 accumulation; 0 when empty
+            _expert_sums(dh, off, dbias)
     else:
         dw = torch.empty_like(w) if need_dw else x.new_empty(0)
         # 16-bit dw / dbias are not accumulated over row blocks (one rounding each, as in one GEMM)
@@ -487,12 +495,11 @@ class _GroupedGemmC(torch.autograd.Function):
             _GROUPED_ROWS(dh, w.transpose(1, 2), None, off, dx)
         if need_db:
             db = dh.new_empty((w.shape[0], w.shape[2]))
-        if need_dw:
+        if need_dw:  # db in the same pass over dh
             dw = torch.empty_like(w)
             _GROUPED_WGRAD(x, dh, off, dw, db)
         elif need_db:
-            for e in range(w.shape[0]):
-                torch.sum(dh[off[e] : off[e + 1]], 0, out=db[e])
+            _expert_sums(dh, off, db)
         return dx, dw, db, None
 
 
@@ -551,7 +558,7 @@ class _Block(NamedTuple):
     b: int
     offs: torch.Tensor | None
     onehot: torch.Tensor | None
-    ends: tuple[int, ...] = ()  # offs on the host
+    host_offs: list[int] | None = None  # grouped blocks: [0, *offs] on the host
 
 
 def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> list[_Block]:
@@ -585,9 +592,9 @@ def _ffn_blocks(off: list[int], x: torch.Tensor, d: int, n1: int, f: int) -> lis
             while e1 < e_count and off[e1 + 1] - a <= gcap:
                 e1 += 1
             if e1 - e > 1:
-                host = tuple(off[j + 1] - a for j in range(e, e1))
-                ends = torch.tensor(host, dtype=torch.int32)
-                counts = torch.tensor([off[j + 1] - off[j] for j in range(e, e1)])
+                host = [off[j] - a for j in range(e, e1 + 1)]
+                ends = torch.tensor(host[1:], dtype=torch.int32)
+                counts = torch.tensor(host).diff()
                 local = torch.repeat_interleave(torch.arange(e1 - e), counts)
                 onehot = torch.nn.functional.one_hot(local, e1 - e).to(x.dtype)
                 blocks.append(_Block(e, e1, a, off[e1], ends, onehot, host))
@@ -619,7 +626,7 @@ def _gemm(xb, w, bias, blk: _Block, out=None):
             else xb.new_empty((xb.shape[0], w.shape[2]))
         )
         _GROUPED_ROWS(
-            xb, w[blk.e0 : blk.e1], None if bias is None else bias[blk.e0 : blk.e1], [0, *blk.ends], h
+            xb, w[blk.e0 : blk.e1], None if bias is None else bias[blk.e0 : blk.e1], blk.host_offs, h
         )
         return h
     h = torch._grouped_mm(xb, w[blk.e0 : blk.e1], offs=blk.offs)
@@ -636,15 +643,13 @@ def _wgrad(out, a_t, g, blk: _Block, first: bool):
         else:
             out[blk.e0].addmm_(a_t, g)
     elif _GROUPED_WGRAD is not None:  # grouped blocks hold whole experts: written, zeros for empty ones
-        _GROUPED_WGRAD(a_t.transpose(0, 1), g, [0, *blk.ends], out[blk.e0 : blk.e1], None)
+        _GROUPED_WGRAD(a_t.transpose(0, 1), g, blk.host_offs, out[blk.e0 : blk.e1], None)
     else:  # one mm per expert straight into its out[e] (torch._grouped_mm's result would need a copy)
-        s = 0
-        for e, t in enumerate(blk.ends, blk.e0):
+        for e, (s, t) in enumerate(itertools.pairwise(blk.host_offs), blk.e0):
             if t > s:
                 torch.mm(a_t[:, s:t], g[s:t], out=out[e])
             else:
                 out[e].zero_()
-            s = t
 
 
 def _bgrad(out, g, blk: _Block, first: bool):
@@ -1325,9 +1330,7 @@ def grouped_mm(
             return _fwd_torch(x, w, offsets, bias, act, False, off)[0]
         g = 0 if act == "swiglu" else _balanced(x, off)
         if g:  # torch's autograd nodes (C++) over one bmm: see _balanced and the next comment
-            x3 = x.view(e, g, x.shape[1])
-            h = torch.bmm(x3, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, w)
-            return activation_ref(h.view(x.shape[0], w.shape[2]), act)
+            return activation_ref(_bmm_experts(x, w, bias, g), act)
         if act != "swiglu" and off[0] == 0 and off[-1] == x.shape[0] and _grouped_c(x, off):
             return activation_ref(_GroupedGemmC.apply(x, w, bias, off), act)
         if act != "swiglu" and off[0] == 0 and off[-1] == x.shape[0] and _whole(x, w, 0, off[-1], True):
