@@ -227,18 +227,9 @@ class Sampler:
         backend = D.eager_backend(x, plan.n)
         if backend is None:
             return None
-        kernel = D.nd_kernel(backend)
-        if kernel is not None:  # the C++ entry: the tensors as they are, x_prev / pred_x0 shaped like x
-            return kernel(x, model_output, model_output if plan.uoff else None, plan.uoff, plan.rows[i], prev, None,
-                          None, None, plan.g, plan.clip, plan.var_mode, plan.noise_mode, seed, sample_offset, True,
-                          False, None, None, None, 0.0)  # fmt: skip
-        # int sizes and view_as: a torch.Size argument costs more to parse than the rest of the view
-        cond = model_output.view(plan.out_rows, -1)
-        out, x0 = backend.fn(x.view(plan.b, plan.n), cond, cond if plan.uoff else None, plan.uoff, plan.rows[i],
-                             None if prev is None else prev.view(plan.b, plan.n), None, None, None, plan.g,
-                             plan.clip, plan.var_mode, plan.noise_mode, seed, sample_offset, True, False, None, None,
-                             None, 0.0)  # fmt: skip
-        return out.view_as(x), x0.view_as(x)
+        return D.run_eager(backend, x, model_output, plan.out_rows, model_output if plan.uoff else None, plan.uoff,
+                           plan.rows[i], prev, None, plan.g, plan.clip, plan.var_mode, plan.noise_mode, seed,
+                           sample_offset, True)  # fmt: skip
 
     def _make_plan(self, x: torch.Tensor, model_output: Any) -> None:
         """After a full step validated these shapes: the plan for the fast path (None when the step

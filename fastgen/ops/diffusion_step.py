@@ -610,7 +610,7 @@ def _dispatched(x: torch.Tensor, n: int | None = None) -> _backend.Backend:
     return OP.dispatch_remembered((x.device, x.dtype, n < 2**31), lambda: Call(x.device, x.dtype, {"n": n}))
 
 
-def nd_kernel(backend: _backend.Backend) -> Callable[..., Any] | None:
+def _nd_kernel(backend: _backend.Backend) -> Callable[..., Any] | None:
     """The C++ entry behind ``backend`` when it takes the caller's (B, ...) tensors as they are (the cpp and
     cuda backends: no view per operand, no Python frame), else None (then pass (B, N) views to its fn)."""
     fn = backend.fn
@@ -619,6 +619,30 @@ def nd_kernel(backend: _backend.Backend) -> Callable[..., Any] | None:
     if fn is _step_cuda:
         return _ext.C.sampler_step_cuda
     return None
+
+
+def run_eager(backend, x, mo, rows, uncond, uoff, coeffs, prev, noise, g, clip, var_mode, noise_mode, seed,
+              sample_offset, want_x0, known=None, keep=None, grad=None, grad_scale=0.0):  # fmt: skip
+    """One checked step on the dispatched ``backend`` (see :func:`eager_backend`) for x (B, ...) and the model
+    output ``mo`` (``rows``, ...); the other operands like x (uncond: b rows, or ``mo`` with ``uoff`` = b).
+    The C++ entries take the tensors as they are and return x_prev / pred_x0 shaped like x; the other
+    backends get (B, N) views, and their outputs are viewed back."""
+    kernel = _nd_kernel(backend)
+    if kernel is not None:
+        return kernel(x, mo, uncond, uoff, coeffs, prev, noise, None, None, g, clip, var_mode, noise_mode, seed,
+                      sample_offset, want_x0, False, known, keep, grad, grad_scale)  # fmt: skip
+    b = x.shape[0]
+    n = x.numel() // b
+    # int sizes and view_as: a torch.Size argument costs more to parse than the rest of the view
+    prev, noise, known, keep, grad = (
+        None if t is None else t.view(b, n) for t in (prev, noise, known, keep, grad)
+    )
+    if uncond is not None:
+        uncond = uncond.view(b if uoff == 0 else rows, -1)
+    out, x0 = backend.fn(x.view(b, n), mo.view(rows, -1), uncond, uoff, coeffs, prev, noise, None, None, g,
+                         clip, var_mode, noise_mode, seed, sample_offset, want_x0, False, known, keep, grad,
+                         grad_scale)  # fmt: skip
+    return out.view_as(x), (x0.view_as(x) if want_x0 else x0)
 
 
 def eager_backend(x: torch.Tensor, n: int | None = None) -> _backend.Backend | None:
@@ -1035,22 +1059,11 @@ def _fast_step(x_t, model_output, coeffs, uncond, guidance_scale, clip_sample, l
     seed = op_seed(seed or 0)
     if noise_mode != 1:
         noise = None
-    backend = _dispatched(x_t, n)
-    kernel = nd_kernel(backend)
-    var = 1 if learned else 0
     gs = float(cond_grad_scale) if cond_grad is not None else 0.0
-    sample_offset &= _M32
-    if kernel is not None:  # the C++ entry takes the (B, ...) tensors and returns x_prev / pred_x0 shaped so
-        out, x0 = kernel(x_t, model_output, uncond, uoff, coeffs, prev_x0, noise, None, None, g, clip, var,
-                         noise_mode, seed, sample_offset, return_x0, False, known_image, known_mask, cond_grad,
-                         gs)  # fmt: skip
-        return out, (x0 if return_x0 else None)
-    flat = [None if t is None else t.view(b, n) for t in (prev_x0, noise, known_image, known_mask, cond_grad)]
-    if uncond is not None:
-        uncond = uncond.view(b if uoff == 0 else rows, -1)
-    out, x0 = backend.fn(x_t.view(b, n), model_output.view(rows, -1), uncond, uoff, coeffs, flat[0], flat[1], None,
-                         None, g, clip, var, noise_mode, seed, sample_offset, return_x0, False, *flat[2:], gs)  # fmt: skip
-    return out.view_as(x_t), (x0.view_as(x_t) if return_x0 else None)
+    out, x0 = run_eager(_dispatched(x_t, n), x_t, model_output, rows, uncond, uoff, coeffs, prev_x0, noise, g,
+                        clip, 1 if learned else 0, noise_mode, seed, sample_offset & _M32, return_x0, known_image,
+                        known_mask, cond_grad, gs)  # fmt: skip
+    return out, (x0 if return_x0 else None)
 
 
 def sampler_step(

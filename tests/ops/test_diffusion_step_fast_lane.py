@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import fastgen
 from fastgen.ops import diffusion_step as D
 
 AX = D.AX
@@ -103,9 +104,21 @@ def full_path_only(monkeypatch):
     monkeypatch.setattr(D, "_fast_coeffs", lambda *a: None)
 
 
+@pytest.mark.parametrize(
+    "backend", ["cpp", "torch"]
+)  # the C++ entry takes (B, ...) tensors; torch gets views
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CALLS))
-def test_repeated_call_takes_the_lane_with_the_full_paths_bits(name, dtype, full_path_calls, monkeypatch):
+def test_repeated_call_takes_the_lane_with_the_full_paths_bits(
+    name, dtype, backend, full_path_calls, monkeypatch
+):
+    if backend == "cpp" and D.OP.why_not("cpp", D.Call(torch.device("cpu"), dtype, {"n": 1}), forced=True):
+        pytest.skip("fastgen._C is not built")
+    with fastgen.use_backend(backend, op="diffusion_step"):
+        _lane_vs_full(name, dtype, full_path_calls, monkeypatch)
+
+
+def _lane_vs_full(name, dtype, full_path_calls, monkeypatch):
     D.clear_schedule_cache()
     abar, v = schedule(), tensors(dtype)
     # a per-step function's first call validates the schedule and caches the coefficients; sampler_step
