@@ -241,7 +241,7 @@ def backend_impls(
         if reasons:
             impls.append(Impl.skipped(name, "; ".join(reasons)))
             continue
-        impls.append(Impl(name, _forced(backend.name, op, make_fn(backend.name))))
+        impls.append(Impl(name, _backend.forced_call(backend.name, op, make_fn(backend.name))))
     return impls
 
 
@@ -314,25 +314,6 @@ def _cpu_peak_mib(impls: Sequence[Impl]) -> dict[str, float | str]:
             start = mem[0][1]["Total Allocated"] - mem[0][1]["Bytes"]
             out[impl.name] = round((max(a["Total Allocated"] for _, a in mem) - start) / 2**20, 2)
     return out
-
-
-def _forced(backend: str, op: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` under ``use_backend(backend, op=op)``, set and reset on the context variable directly: the
-    context manager's own ~2 us per call would be timed as fastgen's (a 60 us CPU step would pay 3%)."""
-    from fastgen import _backend
-
-    var = _backend._forced
-    alone = {op: backend}
-
-    def run() -> Any:
-        outer = var.get()
-        token = var.set(alone if outer is None else {**outer, op: backend})
-        try:
-            return fn()
-        finally:
-            var.reset(token)
-
-    return run
 
 
 # =====================================================================================================
