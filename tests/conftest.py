@@ -44,6 +44,22 @@ def _seed():
 
 
 @pytest.fixture
+def record_calls(monkeypatch):
+    """``record(module, *names, into=None)``: each named callable attribute of ``module`` (None: left alone)
+    appends its name to the returned list (``into`` when given) on every call, then runs as before."""
+
+    def record(module, *names, into=None):
+        calls = [] if into is None else into
+        for name in names:
+            fn = getattr(module, name)
+            if fn is not None:
+                monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+        return calls
+
+    return record
+
+
+@pytest.fixture
 def poison_empty():
     """torch.empty / at::empty fill with NaN (ints: their max), so any element a kernel forgets to write
     shows up. Turns on deterministic mode (warn only) for the test, which that fill needs."""

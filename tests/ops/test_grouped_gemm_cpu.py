@@ -98,13 +98,10 @@ def test_grouped_gemm_bad_arguments(call, msg):
 
 @pytest.mark.parametrize("act", [None, "gelu", "relu"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_grouped_mm_many_experts_uses_the_grouped_kernels(act, bias, monkeypatch):
+def test_grouped_mm_many_experts_uses_the_grouped_kernels(act, bias, record_calls):
     """More than 16 experts with rows: grouped_mm's forward and backward run on the grouped kernels, with the
     reference's values and gradients (float64 loop), empty experts included (zero dw / dbias)."""
-    calls = []
-    for name in ("_GROUPED_ROWS", "_GROUPED_WGRAD"):
-        fn = getattr(G, name)
-        monkeypatch.setattr(G, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    calls = record_calls(G, "_GROUPED_ROWS", "_GROUPED_WGRAD")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the grouped kernels serve calls on more than one thread
     try:
@@ -150,13 +147,10 @@ def _many_experts(act, bias, calls, expect_grouped=True):
 
 
 @pytest.mark.parametrize("act,tail", [("swiglu", 0), ("gelu", 5)])
-def test_grouped_mm_many_experts_function_path(act, tail, monkeypatch):
+def test_grouped_mm_many_experts_function_path(act, tail, record_calls):
     """Many experts through grouped_mm's own autograd Function (swiglu, or rows past the last expert): the
     forward, dx, dw and dbias on the grouped kernels, values and gradients as the float64 reference."""
-    calls = []
-    for name in ("_GROUPED_ROWS", "_GROUPED_WGRAD"):
-        fn = getattr(G, name)
-        monkeypatch.setattr(G, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    calls = record_calls(G, "_GROUPED_ROWS", "_GROUPED_WGRAD")
     sizes = [*SIZES, 2, 3, 4]
     off = torch.tensor(offsets_of(sizes))
     e, k, n = len(sizes), 16, 32

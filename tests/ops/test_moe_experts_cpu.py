@@ -178,7 +178,7 @@ def test_layer_forward_has_no_padded_buffers():
     assert 0 < peak < t * 2 * ff * 4 // 2, peak
 
 
-def test_grouped_block_weight_grads_in_place(monkeypatch):
+def test_grouped_block_weight_grads_in_place(monkeypatch, record_calls):
     """A grouped block's weight gradients go straight into dw[e] (fastgen._C's grouped kernels where built,
     else one mm per expert; zeros for an expert without rows inside the block): no K-grouped
     torch._grouped_mm whose (experts, K, N) result would be copied; values as the float64 composition."""
@@ -191,10 +191,7 @@ def test_grouped_block_weight_grads_in_place(monkeypatch):
         return real(a, b, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_grouped_mm", spy)
-    for name in ("_GROUPED_ROWS", "_GROUPED_WGRAD"):
-        fn = getattr(gm, name)
-        if fn is not None:
-            monkeypatch.setattr(gm, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    record_calls(gm, "_GROUPED_ROWS", "_GROUPED_WGRAD", into=calls)
     g = torch.Generator().manual_seed(9)
     t, e, d, f = 40, 5, 16, 32
     choice = torch.tensor([0, 1, 3, 4])  # expert 2 gets no rows: inside the block of experts 0 .. 4

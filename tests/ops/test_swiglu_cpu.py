@@ -151,13 +151,10 @@ def test_swiglu_fused_refuses_overlap():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_mm_swiglu_uses_the_fused_kernel_for_float32_only(dtype, monkeypatch):
+def test_grouped_mm_swiglu_uses_the_fused_kernel_for_float32_only(dtype, record_calls):
     """grouped_mm's swiglu calls the fused kernel for float32 CPU tensors (values against the reference), and
     torch's ops otherwise."""
-    calls = []
-    for name in ("_SWIGLU_FWD", "_SWIGLU_BWD"):
-        fn = getattr(G, name)
-        monkeypatch.setattr(G, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+    calls = record_calls(G, "_SWIGLU_FWD", "_SWIGLU_BWD")
     x = torch.randn(40, 16, dtype=dtype, requires_grad=True)
     w = (torch.randn(3, 16, 24) * 0.3).to(dtype).requires_grad_()
     offsets = torch.tensor([0, 10, 10, 40])
